@@ -1,0 +1,41 @@
+# iacn-torchrec: every command a user or CI needs. `make demo` / `make test` set up .venv first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-v1
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install demo test test-all test-slow lint bench plan-bench reproduce clean
+
+install: $(STAMP)
+
+# The pinned CPU stack (DEVELOPERS.md). torchrec's metadata requires the CUDA fbgemm-gpu, so it and
+# our own package go in with --no-deps after their real dependencies.
+$(STAMP): pyproject.toml Makefile
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q fbgemm-gpu-cpu==1.8.0
+	$(VPY) -m pip install -q --no-deps torchrec==1.8.0
+	$(VPY) -m pip install -q tensordict torchmetrics==1.0.3 tqdm pyre-extensions iopath torchx==0.7.0 \
+		numpy pyyaml matplotlib pytest pytest-timeout ruff
+	$(VPY) -m pip install -q --no-deps -e .
+	$(VPY) -c "import torch, torchrec, fbgemm_gpu, torchx, torchmetrics, iopath; print('stack ok: torch', torch.__version__, 'torchrec', torchrec.__version__)"
+	touch $(STAMP)
+
+demo: install
+	$(VPY) -m iacn_torchrec.cli demo
+
+test: install
+	$(VPY) -m pytest -q -m "not slow" tests
+
+test-all: install
+	$(VPY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check iacn_torchrec apps tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache
