@@ -1,0 +1,344 @@
+"""Prepared dataset -> ``Batch(KeyedJaggedTensor, labels)``.
+
+``PreparedDataset.open(DIR)`` memory-maps every array (``np.load(mmap_mode="r")``): a dataset
+larger than RAM streams from the page cache. ``BatchLoader`` walks one split in batches:
+
+* **Order.** ``shuffle=True``: the permutation ``default_rng([seed, epoch]).permutation(N)``
+  (call :meth:`BatchLoader.set_epoch` each epoch); ``shuffle=False``: file order.
+* **Ranks.** The epoch is cut into *global* batches of ``world_size × batch_size`` samples; rank
+  ``r`` reads the contiguous slice ``[r·batch_size, (r+1)·batch_size)`` of each. A last partial
+  global batch of ``n`` samples is split evenly and contiguously: rank ``r`` takes
+  ``[⌊r·n/W⌋, ⌊(r+1)·n/W⌋)``, so local sizes differ by at most one (a rank gets an empty batch,
+  ``B = 0``, only when ``n < world_size``); ``drop_last=True`` drops it on every rank. Every
+  sample is read exactly once per epoch over all ranks, and every rank yields ``len(loader)``
+  batches.
+* **Resume.** :meth:`state_dict` holds the epoch and the index of the next batch;
+  :meth:`load_state_dict` makes the next ``iter()`` continue from there with the same order and
+  the same sampled negatives.
+
+KJT keys, in order: ``uid``, ``item``, ``cate`` (length 1), ``hist_item``, ``hist_cate`` (length =
+history length, oldest first), with ``with_neg_hist`` ``neg_hist_item``, ``neg_hist_cate`` (same
+lengths), with an IaCN sampler ``iacn_neg_item``, ``iacn_neg_cate`` (length S each). Values and
+lengths are int64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from iacn_torchrec.data.negatives import NegativeSampler
+from iacn_torchrec.data.protocols import SPLIT_ARRAYS
+from iacn_torchrec.data.sources import DataError
+from iacn_torchrec.data.store import META, content_hash, read_meta
+
+__all__ = [
+    "Batch",
+    "SplitData",
+    "PreparedDataset",
+    "BatchLoader",
+    "BASE_KEYS",
+    "NEG_HIST_KEYS",
+    "IACN_NEG_KEYS",
+]
+
+BASE_KEYS = ["uid", "item", "cate", "hist_item", "hist_cate"]
+NEG_HIST_KEYS = ["neg_hist_item", "neg_hist_cate"]
+IACN_NEG_KEYS = ["iacn_neg_item", "iacn_neg_cate"]
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One batch: ``sparse_features`` (KJT, keys above) and ``labels`` float32 ``[B]``."""
+
+    sparse_features: KeyedJaggedTensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return Batch(
+            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sparse_features.record_stream(stream)
+        self.labels.record_stream(stream)
+
+    def pin_memory(self) -> Batch:
+        return Batch(sparse_features=self.sparse_features.pin_memory(), labels=self.labels.pin_memory())
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class SplitData:
+    """One split's arrays (memory-mapped, read-only), see :class:`protocols.SplitArrays`."""
+
+    uid: np.ndarray
+    item: np.ndarray
+    cate: np.ndarray
+    label: np.ndarray
+    hist_offsets: np.ndarray
+    hist_item: np.ndarray
+    hist_cate: np.ndarray
+    neg_hist_item: np.ndarray
+    neg_hist_cate: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def hist_lengths(self) -> np.ndarray:
+        return np.diff(self.hist_offsets)
+
+
+def _load(path: Path, spec: dict[str, Any] | None) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(
+            f"{path}: missing array file (half-written or damaged dataset; prepare it again with --force)"
+        )
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable array ({e}); prepare the dataset again with --force") from e
+    if spec is not None and (str(a.dtype) != spec["dtype"] or list(a.shape) != list(spec["shape"])):
+        raise DataError(
+            f"{path}: dtype/shape {a.dtype}{list(a.shape)} differ from {META} "
+            f"({spec['dtype']}{spec['shape']}); prepare the dataset again with --force"
+        )
+    # a plain ndarray view of the map: fancy indexing on np.memmap goes through slow subclass hooks
+    return np.asarray(a)
+
+
+class PreparedDataset:
+    """A prepared dataset directory, memory-mapped. ``meta``, ``num_users``/``num_items``/
+    ``num_cates``, ``max_len``, ``item2cate`` (int64 ``[num_items + 1]``), ``item_count``."""
+
+    def __init__(self, path: Path, meta: dict) -> None:
+        self.path = path
+        self.meta = meta
+        counts = meta["counts"]
+        self.num_users = int(counts["users"])
+        self.num_items = int(counts["items"])
+        self.num_cates = int(counts["categories"])
+        self.max_len = int(meta.get("max_len", 0))
+        self.protocol = meta["protocol"]
+        self.item2cate = np.array(self._array("item2cate.npy"))  # small: keep in RAM
+        self.item_count = np.array(self._array("item_count.npy"))
+        self._splits: dict[str, SplitData] = {}
+
+    def _array(self, rel: str) -> np.ndarray:
+        return _load(self.path / rel, self.meta["arrays"].get(rel))
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = False) -> PreparedDataset:
+        """Open ``path`` after checking ``meta.json`` and that every listed array is present with
+        the listed dtype/shape; ``verify=True`` also recomputes the content hash (reads it all)."""
+        d = Path(path)
+        meta = read_meta(d)
+        missing = [n for n in meta["arrays"] if not (d / n).is_file()]
+        if missing:
+            raise DataError(
+                f"{d}: array file(s) {missing} listed in {META} are missing; prepare it again with --force"
+            )
+        ds = cls(d, meta)
+        for name in ("train", "test"):
+            if any(n.startswith(f"{name}/") for n in meta["arrays"]):
+                ds.split(name)
+        if verify:
+            ds.verify()
+        return ds
+
+    def split(self, name: str) -> SplitData:
+        if name not in self._splits:
+            if f"{name}/label.npy" not in self.meta["arrays"]:
+                splits = sorted({n.split("/")[0] for n in self.meta["arrays"] if "/" in n})
+                raise DataError(f"{self.path}: no split {name!r} (has {splits})")
+            self._splits[name] = SplitData(**{a: self._array(f"{name}/{a}.npy") for a in SPLIT_ARRAYS})
+        return self._splits[name]
+
+    def verify(self) -> None:
+        """Recompute the content hash and compare it with ``meta.json``."""
+        arrays = {n: self._array(n) for n in self.meta["arrays"]}
+        vocab = {k: (self.path / "vocab" / f"{k}.tsv").read_bytes() for k in ("uid", "item", "cate")}
+        got = content_hash(arrays, vocab)
+        if got != self.meta["content_hash"]:
+            raise DataError(
+                f"{self.path}: content hash {got} differs from {META}'s {self.meta['content_hash']}"
+            )
+
+    def vocab(self, kind: str) -> list[str]:
+        """Raw ids of ``kind`` (``uid``/``item``/``cate``) in index order (entry ``i - 1`` is index ``i``)."""
+        lines = (self.path / "vocab" / f"{kind}.tsv").read_text().splitlines()
+        return [ln.split("\t", 1)[0] for ln in lines]
+
+    def __repr__(self) -> str:
+        c = self.meta["counts"]
+        return (
+            f"PreparedDataset({str(self.path)!r}, protocol={self.protocol!r}, users={self.num_users}, "
+            f"items={self.num_items}, cates={self.num_cates}, train={c.get('train_samples')}, "
+            f"test={c.get('test_samples')})"
+        )
+
+
+class BatchLoader:
+    """Iterates ``Batch``es of one split (see the module docstring for order, ranks and resume).
+
+    Args:
+        ds: the dataset; split: ``"train"`` or ``"test"``; batch_size: samples per rank and batch.
+        shuffle, seed: epoch order ``default_rng([seed, epoch]).permutation``; file order if False.
+        rank, world_size: this process's slice of each global batch.
+        drop_last: drop the last partial global batch.
+        with_neg_hist: add DIEN's ``neg_hist_item``/``neg_hist_cate``.
+        iacn_negatives: a :class:`NegativeSampler` adding ``iacn_neg_item``/``iacn_neg_cate``.
+        limit: use only the first ``limit`` samples of the split (a fixed subset, e.g. for a quick
+            evaluation; shuffling then permutes that subset); ``None`` = all.
+    """
+
+    def __init__(
+        self,
+        ds: PreparedDataset,
+        split: str,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        with_neg_hist: bool = False,
+        iacn_negatives: NegativeSampler | None = None,
+        limit: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if iacn_negatives is not None and iacn_negatives.num_items != ds.num_items:
+            raise ValueError(f"sampler has num_items={iacn_negatives.num_items}, the dataset {ds.num_items}")
+        self.ds, self.split_name = ds, split
+        self.data = ds.split(split)
+        self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
+        self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
+        self.with_neg_hist = bool(with_neg_hist)
+        self.iacn_negatives = iacn_negatives
+        self.num_samples = len(self.data) if limit is None else max(0, min(int(limit), len(self.data)))
+        self.keys = (
+            BASE_KEYS + (NEG_HIST_KEYS if with_neg_hist else []) + (IACN_NEG_KEYS if iacn_negatives else [])
+        )
+        self.epoch = 0
+        self._next = 0
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    # ---- epochs, length, resume
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._next = 0
+
+    def __len__(self) -> int:
+        g = self.batch_size * self.world_size
+        full, rem = divmod(self.num_samples, g)
+        return full + (1 if rem and not self.drop_last else 0)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batch"}``: ``batch`` is the index of the next batch to yield
+        (``len(self)`` once the epoch is done), plus the settings a resume must match."""
+        return {
+            "epoch": self.epoch,
+            "batch": self._next,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("seed", "batch_size", "world_size", "num_samples"):
+            mine = self.state_dict()[key]
+            if key in state and int(state[key]) != mine:
+                raise ValueError(f"cannot resume: state has {key}={state[key]}, this loader {mine}")
+        self.epoch = int(state["epoch"])
+        self._next = int(state["batch"])
+
+    def order(self) -> np.ndarray:
+        """This epoch's sample order (int64 ``[N]``), shared by all ranks."""
+        if self._order_cache is None or self._order_cache[0] != self.epoch:
+            n = self.num_samples
+            o = (
+                np.random.default_rng([self.seed, self.epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
+            self._order_cache = (self.epoch, o.astype(np.int64, copy=False))
+        return self._order_cache[1]
+
+    def rank_range(self, b: int) -> tuple[int, int]:
+        """Positions ``[start, end)`` in :meth:`order` that this rank reads in batch ``b``."""
+        g = self.batch_size * self.world_size
+        lo = b * g
+        n = min(g, self.num_samples - lo)
+        if n == g:
+            s = lo + self.rank * self.batch_size
+            return s, s + self.batch_size
+        return lo + self.rank * n // self.world_size, lo + (self.rank + 1) * n // self.world_size
+
+    def __iter__(self):
+        order = self.order()
+        n_batches = len(self)
+        start = self._next if self._next < n_batches else 0
+        for b in range(start, n_batches):
+            s, e = self.rank_range(b)
+            batch = self.make_batch(order[s:e], b)
+            self._next = b + 1
+            yield batch
+
+    # ---- batch assembly
+
+    def make_batch(self, idx: np.ndarray, batch_index: int = 0) -> Batch:
+        """Assemble the samples ``idx`` (int64 ``[B]``) into a :class:`Batch` (vectorised gathers)."""
+        d = self.data
+        B = len(idx)
+        starts = d.hist_offsets[idx]
+        lens = d.hist_offsets[idx + 1] - starts
+        ends = np.cumsum(lens)
+        T = int(ends[-1]) if B else 0
+        # flat history positions: start of each sample repeated over its length, plus 0..len-1
+        pos = np.repeat(starts - (ends - lens), lens) + np.arange(T, dtype=np.int64)
+
+        hist_arrays = [d.hist_item, d.hist_cate] + (
+            [d.neg_hist_item, d.neg_hist_cate] if self.with_neg_hist else []
+        )
+        S = self.iacn_negatives.num_negatives if self.iacn_negatives is not None else 0
+        n_sparse = 3 * B + len(hist_arrays) * T + (2 * B * S if S else 0)
+        values = np.empty(n_sparse, dtype=np.int64)
+        np.take(d.uid, idx, out=values[:B])
+        np.take(d.item, idx, out=values[B : 2 * B])
+        np.take(d.cate, idx, out=values[2 * B : 3 * B])
+        o = 3 * B
+        for a in hist_arrays:
+            np.take(a, pos, out=values[o : o + T])
+            o += T
+        lengths = np.empty(len(self.keys) * B, dtype=np.int64)
+        lengths[: 3 * B] = 1
+        for k in range(len(hist_arrays)):
+            lengths[(3 + k) * B : (4 + k) * B] = lens
+        if S:
+            rng = np.random.default_rng(
+                [self.iacn_negatives.seed, self.seed, self.epoch, batch_index, self.rank]
+            )
+            neg = self.iacn_negatives.sample(rng, B).reshape(-1)
+            values[o : o + B * S] = neg
+            np.take(self.ds.item2cate, neg, out=values[o + B * S : o + 2 * B * S])
+            lengths[(3 + len(hist_arrays)) * B :] = S
+        kjt = KeyedJaggedTensor(
+            keys=self.keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+        )
+        labels = torch.from_numpy(d.label[idx].astype(np.float32))
+        return Batch(sparse_features=kjt, labels=labels)

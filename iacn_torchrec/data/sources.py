@@ -1,0 +1,569 @@
+"""Readers of raw interaction data: ``tsv``, ``amazon-json``, ``dien`` and ``movielens``.
+
+Every reader returns either
+
+* :class:`Interactions`: one row per (user, item, timestamp) event with raw ids, plus an item
+  table (raw item id -> raw category); :mod:`iacn_torchrec.data.protocols` turns it into
+  time-ordered per-user sequences and CTR samples (``din`` or ``dien`` protocol); or
+* :class:`PrebuiltSamples`: samples already built by someone else (DIEN's ``local_train`` /
+  ``local_test`` files hold their own split and negatives), only to be re-indexed.
+
+Bad input raises :class:`DataError` naming the file, the line and the field; tolerated oddities
+(blank lines, items without a category, ...) are counted in a :class:`Report` that ends up in
+``meta.json``. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import io
+import json
+import pickle
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "Report",
+    "Interactions",
+    "PrebuiltSamples",
+    "read_table",
+    "read_tsv",
+    "read_amazon_json",
+    "read_dien",
+    "read_movielens",
+]
+
+
+class DataError(ValueError):
+    """Bad or unreadable input data. The message names the file, the line and the field."""
+
+
+@dataclass
+class Report:
+    """Skipped and repaired inputs, by key: ``{key: {"count": n, "reason": text}}``."""
+
+    skipped: dict[str, dict] = field(default_factory=dict)
+    repaired: dict[str, dict] = field(default_factory=dict)
+
+    @staticmethod
+    def _add(table: dict[str, dict], key: str, count: int, reason: str) -> None:
+        if count <= 0:
+            return
+        entry = table.setdefault(key, {"count": 0, "reason": reason})
+        entry["count"] += int(count)
+
+    def skip(self, key: str, count: int, reason: str) -> None:
+        self._add(self.skipped, key, count, reason)
+
+    def repair(self, key: str, count: int, reason: str) -> None:
+        self._add(self.repaired, key, count, reason)
+
+    def as_dict(self) -> dict:
+        return {"skipped": self.skipped, "repaired": self.repaired}
+
+
+@dataclass
+class Interactions:
+    """Raw events and item metadata as read from the files (no sorting, no remapping yet).
+
+    ``user``, ``item``: raw ids ``[M]`` (int64 when every id is an integer, else str);
+    ``timestamp``: int64 ``[M]``; ``item_ids`` / ``item_cate``: the item table (raw item id and
+    its raw category, items without a category left out: they get category 0 later).
+    """
+
+    user: np.ndarray
+    item: np.ndarray
+    timestamp: np.ndarray
+    item_ids: np.ndarray
+    item_cate: np.ndarray
+    files: dict[str, str]
+    report: Report
+
+
+@dataclass
+class PrebuiltSamples:
+    """Samples built upstream (DIEN files): per split a dict of raw columns.
+
+    ``label`` int8 ``[N]``; ``uid``/``item``/``cate`` str ``[N]``; ``hist_len`` int64 ``[N]``;
+    ``hist_item``/``hist_cate`` str ``[sum(hist_len)]`` (oldest first). ``item_info``: optional
+    raw item -> category table; ``vocabs``: optional DIEN vocabularies (``uid``/``item``/``cate``
+    -> {raw: DIEN index}).
+    """
+
+    splits: dict[str, dict[str, np.ndarray]]
+    files: dict[str, str]
+    report: Report
+    item_info: tuple[np.ndarray, np.ndarray] | None = None
+    vocabs: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# low-level file access
+
+
+def read_text(path: str | Path) -> str:
+    """The whole file as text (``.gz`` decompressed, CRLF turned into LF)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: file not found")
+    if not p.is_file():
+        raise DataError(f"{p}: not a regular file")
+    try:
+        if p.name.endswith(".gz"):
+            with gzip.open(p, "rb") as f:
+                data = f.read()
+        else:
+            data = p.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{p}: cannot read ({e})") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{p}: line {line}: not valid UTF-8 ({e.reason})") from e
+    if "\r" in text:  # DIEN's files (and Windows exports) end lines with CRLF
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def _lines(path: str | Path) -> list[str]:
+    """The file's lines (a final newline does not make an extra empty line)."""
+    text = read_text(path)
+    return (text[:-1] if text.endswith("\n") else text).split("\n")
+
+
+def _to_ids(values: list[str]) -> np.ndarray:
+    """Raw id tokens -> int64 when every token is a plain integer (numeric sort order, as the
+    reference builder uses), else a str array."""
+    arr = np.array(values, dtype=str)
+    try:
+        out = arr.astype(np.int64)
+    except (ValueError, OverflowError):
+        return arr
+    # "007" and "7" must stay different ids: only convert when the round trip is exact.
+    if np.array_equal(out.astype(str), arr):
+        return out
+    return arr
+
+
+def _int_field(tok: str, path: Path | str, line: int, name: str) -> int:
+    try:
+        return int(tok)
+    except ValueError:
+        pass
+    try:
+        v = float(tok)
+    except ValueError:
+        raise DataError(f"{path}: line {line}: field '{name}': {tok!r} is not a number") from None
+    if not np.isfinite(v) or v != int(v):
+        raise DataError(f"{path}: line {line}: field '{name}': {tok!r} is not an integer")
+    return int(v)
+
+
+_LEADING_ZERO = re.compile(r"(?:^|\t)[-+]?0\d", re.M)
+
+
+def read_table(
+    path: str | Path,
+    columns: list[str],
+    *,
+    names: list[str] | None = None,
+    int_columns: Iterable[str] = (),
+    allow_empty: Iterable[str] = (),
+    report: Report | None = None,
+) -> dict[str, np.ndarray]:
+    """Read ``columns`` of a tab-separated file.
+
+    With ``names=None`` the first line is a header (RecBole ``name:type`` headers are accepted:
+    the ``:type`` part is dropped); otherwise the file has no header and ``names`` names its
+    fields. ``int_columns`` must hold integers (a float-formatted integer such as ``"5.0"`` is
+    accepted); other columns are ids (int64 when all integral, else str). An empty field is an
+    error except in ``allow_empty`` columns (an item row without a category).
+
+    Fast path: one ``np.loadtxt`` call in C when every requested column is an integer. Any
+    irregularity falls back to a line-by-line reader that raises :class:`DataError` with the
+    file, the line and the field of the first bad line.
+    """
+    text = read_text(path)
+    int_columns = set(int_columns)
+    if names is None:
+        nl = text.find("\n")
+        head, body = (text, "") if nl < 0 else (text[:nl], text[nl + 1 :])
+        names = [h.split(":")[0].strip() for h in head.split("\t")]
+        first_line = 2
+        what = f"header {names}"
+    else:
+        body, first_line = text, 1
+        what = f"expected fields {names}"
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(f"{path}: line 1: missing column(s) {missing} ({what})")
+    idx = [names.index(c) for c in columns]
+    body = body.rstrip("\n")
+    if not body.strip():
+        raise DataError(f"{path}: no data lines")
+
+    # ids such as "0042" must keep their spelling (and stay apart from "42"): leading zeros anywhere
+    # send the file to the slow path, whose id conversion is exact
+    if "\n\n" not in body and not body.startswith("\n") and not _LEADING_ZERO.search(body):
+        try:
+            arr = np.loadtxt(
+                io.StringIO(body),
+                dtype=np.int64,
+                delimiter="\t",
+                usecols=idx,
+                ndmin=2,
+                comments=None,
+                quotechar=None,
+            )
+        except ValueError:
+            pass  # not all-integer or malformed: the slow path says which line and field
+        else:
+            if arr.shape[0] == body.count("\n") + 1:
+                return {c: np.ascontiguousarray(arr[:, k]) for k, c in enumerate(columns)}
+
+    need = max(idx) + 1
+    cols: list[list[str]] = [[] for _ in columns]
+    line_no: list[int] = []
+    blank = 0
+    for n, line in enumerate(body.split("\n"), start=first_line):
+        if not line.strip():
+            blank += 1
+            continue
+        f = line.split("\t")
+        if len(f) < need:
+            absent = [c for c, i in zip(columns, idx) if i >= len(f)]
+            raise DataError(
+                f"{path}: line {n}: malformed line: {len(f)} tab-separated field(s), expected {len(names)}; "
+                f"missing field(s) {absent}"
+            )
+        for k, i in enumerate(idx):
+            cols[k].append(f[i].strip())
+        line_no.append(n)
+    if report is not None:
+        report.skip("blank_lines", blank, "blank lines in input files")
+    out: dict[str, np.ndarray] = {}
+    for k, c in enumerate(columns):
+        vals = cols[k]
+        if c in int_columns:
+            try:
+                out[c] = np.array(vals, dtype=np.int64)
+            except (ValueError, OverflowError):
+                out[c] = np.array([_int_field(v, path, line_no[r], c) for r, v in enumerate(vals)], np.int64)
+        else:
+            empty = [r for r, v in enumerate(vals) if not v] if c not in allow_empty and not all(vals) else []
+            if empty:
+                raise DataError(f"{path}: line {line_no[empty[0]]}: field '{c}' is empty")
+            out[c] = _to_ids(vals)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# readers
+
+
+def _item_table(
+    ids: np.ndarray, cates: np.ndarray, path: str | Path, report: Report
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop rows without a category (counted) and duplicate item rows (first wins, counted)."""
+    if cates.dtype.kind == "U":
+        has = cates != ""
+        report.repair(
+            "meta_rows_without_category",
+            int((~has).sum()),
+            f"{path}: item rows without a category (the item gets category 0 'unknown')",
+        )
+        ids, cates = ids[has], _to_ids(list(cates[has]))
+    _, first = np.unique(ids, return_index=True)
+    if len(first) < len(ids):
+        first.sort()
+        report.repair(
+            "duplicate_item_rows",
+            len(ids) - len(first),
+            f"{path}: repeated item rows (the first row's category is kept)",
+        )
+        ids, cates = ids[first], cates[first]
+    return ids, cates
+
+
+def read_tsv(interactions: str | Path, items: str | Path, category_column: str = "cate_leaf") -> Interactions:
+    """``interactions.tsv`` (``user_id, item_id, timestamp``) + ``items.tsv`` (``item_id`` and
+    ``category_column``), each with a header line, plain or ``.gz``."""
+    report = Report()
+    inter = read_table(
+        interactions, ["user_id", "item_id", "timestamp"], int_columns={"timestamp"}, report=report
+    )
+    tab = read_table(items, ["item_id", category_column], allow_empty={category_column}, report=report)
+    ids, cates = _item_table(tab["item_id"], tab[category_column], items, report)
+    return Interactions(
+        user=inter["user_id"],
+        item=inter["item_id"],
+        timestamp=inter["timestamp"],
+        item_ids=ids,
+        item_cate=cates,
+        files={"interactions": str(interactions), "items": str(items)},
+        report=report,
+    )
+
+
+def _records(path: str | Path, report: Report):
+    """(line number, dict) per non-blank line: strict JSON, else a Python literal (the 2014 Amazon
+    metadata is written with Python's repr). ``ast.literal_eval`` only, never ``eval``."""
+    blank = 0
+    for n, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            blank += 1
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            try:
+                rec = ast.literal_eval(line)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+                raise DataError(
+                    f"{path}: line {n}: malformed line: neither JSON nor a Python literal ({e})"
+                ) from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: line {n}: malformed line: expected an object, got {type(rec).__name__}")
+        yield n, rec
+    report.skip("blank_lines", blank, "blank lines in input files")
+
+
+def read_amazon_json(reviews: str | Path, meta: str | Path) -> Interactions:
+    """Amazon 2014 ``reviews_<Cat>_5.json(.gz)`` (``reviewerID``, ``asin``, ``unixReviewTime``) and
+    ``meta_<Cat>.json(.gz)`` (``asin``, ``categories``: list of category paths; the item's
+    category is the last element of the first path)."""
+    report = Report()
+    users: list[str] = []
+    items: list[str] = []
+    ts: list[int] = []
+    for n, rec in _records(reviews, report):
+        for f in ("reviewerID", "asin", "unixReviewTime"):
+            if f not in rec:
+                raise DataError(f"{reviews}: line {n}: missing field '{f}'")
+        t = rec["unixReviewTime"]
+        if isinstance(t, bool) or not isinstance(t, (int, float, str)):
+            raise DataError(f"{reviews}: line {n}: field 'unixReviewTime': {t!r} is not a number")
+        users.append(str(rec["reviewerID"]))
+        items.append(str(rec["asin"]))
+        ts.append(_int_field(str(t), reviews, n, "unixReviewTime"))
+    if not users:
+        raise DataError(f"{reviews}: no data lines")
+    m_ids: list[str] = []
+    m_cat: list[str] = []
+    for n, rec in _records(meta, report):
+        if "asin" not in rec:
+            raise DataError(f"{meta}: line {n}: missing field 'asin'")
+        cats = rec.get("categories")
+        cat = ""
+        if isinstance(cats, (list, tuple)) and cats and isinstance(cats[0], (list, tuple)) and cats[0]:
+            cat = str(cats[0][-1])
+        elif cats not in (None, [], [[]]) and not isinstance(cats, (list, tuple)):
+            raise DataError(f"{meta}: line {n}: field 'categories': expected a list of category paths")
+        m_ids.append(str(rec["asin"]))
+        m_cat.append(cat)
+    ids, cates = _item_table(np.array(m_ids, dtype=str), np.array(m_cat, dtype=str), meta, report)
+    return Interactions(
+        user=np.array(users, dtype=str),
+        item=np.array(items, dtype=str),
+        timestamp=np.array(ts, dtype=np.int64),
+        item_ids=ids,
+        item_cate=cates,
+        files={"reviews": str(reviews), "meta": str(meta)},
+        report=report,
+    )
+
+
+def read_movielens(path: str | Path, category_column: str = "class") -> Interactions:
+    """RecBole atomic files ``<name>.inter`` (``user_id, item_id, timestamp``) and ``<name>.item``
+    (``item_id`` and a genre column, default ``class``; category = its first genre) in ``path``."""
+    d = Path(path)
+    if not d.is_dir():
+        raise DataError(f"{d}: not a directory (expected RecBole <name>.inter and <name>.item)")
+    inter_files, item_files = sorted(d.glob("*.inter")), sorted(d.glob("*.item"))
+    if len(inter_files) != 1 or len(item_files) != 1:
+        raise DataError(
+            f"{d}: expected exactly one *.inter and one *.item file, found "
+            f"{[p.name for p in inter_files + item_files]}"
+        )
+    report = Report()
+    inter = read_table(
+        inter_files[0], ["user_id", "item_id", "timestamp"], int_columns={"timestamp"}, report=report
+    )
+    head = read_text(item_files[0]).split("\n", 1)[0]
+    col = category_column if category_column in [h.split(":")[0] for h in head.split("\t")] else "class"
+    tab = read_table(item_files[0], ["item_id", col], allow_empty={col}, report=report)
+    genres = tab[col].astype(str)
+    first = np.array([g.split(" ", 1)[0] for g in genres], dtype=str)  # 1,682 rows: fine in Python
+    ids, cates = _item_table(tab["item_id"], first, item_files[0], report)
+    return Interactions(
+        user=inter["user_id"],
+        item=inter["item_id"],
+        timestamp=inter["timestamp"],
+        item_ids=ids,
+        item_cate=cates,
+        files={"interactions": str(inter_files[0]), "items": str(item_files[0])},
+        report=report,
+    )
+
+
+# ---- DIEN
+
+DIEN_SPLITS = (("local_train_splitByUser", "local_test_splitByUser"), ("local_train", "local_test"))
+DIEN_DEFAULTS = {"uid": "default_uid", "item": "default_mid", "cate": "default_cat"}
+
+
+class _VocabUnpickler(pickle.Unpickler):
+    """DIEN's ``*_voc.pkl`` are plain dicts: refuse any class (a pickle can run code)."""
+
+    def find_class(self, module: str, name: str):  # noqa: D401
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a vocabulary holds only str -> int")
+
+
+def _load_voc(path: Path) -> dict[str, int]:
+    try:
+        with open(path, "rb") as f:
+            voc = _VocabUnpickler(f, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the vocabulary ({e})") from e
+    if not isinstance(voc, dict):
+        raise DataError(f"{path}: expected a dict raw id -> index, got {type(voc).__name__}")
+    out = {}
+    for k, v in voc.items():
+        k = k.decode("utf-8") if isinstance(k, bytes) else str(k)
+        if not isinstance(v, int):
+            raise DataError(f"{path}: entry {k!r}: index {v!r} is not an integer")
+        out[k] = v
+    return out
+
+
+def _read_dien_samples(path: Path, max_len: int, report: Report) -> dict[str, np.ndarray]:
+    """One DIEN ``local_*`` file: ``label, uid, mid, cat, hist_mids, hist_cats`` per line,
+    histories joined by ``\\x02``; histories longer than ``max_len`` keep their last items."""
+    label: list[int] = []
+    uid: list[str] = []
+    item: list[str] = []
+    cate: list[str] = []
+    hlen: list[int] = []
+    hitem: list[str] = []
+    hcate: list[str] = []
+    empty = blank = truncated = 0
+    names = ("label", "uid", "mid", "cat", "hist_mids", "hist_cats")
+    for n, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            blank += 1
+            continue
+        f = line.split("\t")
+        if len(f) != 6:
+            miss = f" missing field(s) {list(names[len(f) :])}" if len(f) < 6 else ""
+            raise DataError(
+                f"{path}: line {n}: malformed line: {len(f)} tab-separated fields, expected 6 "
+                f"{list(names)};{miss}"
+            )
+        if f[0] not in ("0", "1"):
+            raise DataError(f"{path}: line {n}: field 'label': {f[0]!r} is not 0 or 1")
+        for k in (1, 2, 3):
+            if not f[k]:
+                raise DataError(f"{path}: line {n}: field '{names[k]}' is empty")
+        if not f[4]:
+            empty += 1  # a target without any behaviour before it: nothing to learn a sequence from
+            continue
+        hm, hc = f[4].split("\x02"), f[5].split("\x02")
+        if len(hm) != len(hc):
+            raise DataError(
+                f"{path}: line {n}: field 'hist_cats' has {len(hc)} entries but 'hist_mids' has {len(hm)}"
+            )
+        if len(hm) > max_len:
+            truncated += 1
+            hm, hc = hm[-max_len:], hc[-max_len:]
+        label.append(int(f[0]))
+        uid.append(f[1])
+        item.append(f[2])
+        cate.append(f[3])
+        hlen.append(len(hm))
+        hitem.extend(hm)
+        hcate.extend(hc)
+    report.skip("blank_lines", blank, "blank lines in input files")
+    report.skip("empty_history", empty, "DIEN rows with an empty history (no behaviour before the target)")
+    report.repair(
+        "history_truncated", truncated, f"DIEN rows whose history was cut to the last max_len={max_len} items"
+    )
+    return {
+        "label": np.array(label, dtype=np.int8),
+        "uid": np.array(uid, dtype=str),
+        "item": np.array(item, dtype=str),
+        "cate": np.array(cate, dtype=str),
+        "hist_len": np.array(hlen, dtype=np.int64),
+        "hist_item": np.array(hitem, dtype=str),
+        "hist_cate": np.array(hcate, dtype=str),
+    }
+
+
+def read_dien(path: str | Path, max_len: int = 20) -> PrebuiltSamples | Interactions:
+    """DIEN's preprocessed files in directory ``path``.
+
+    * ``local_train_splitByUser`` + ``local_test_splitByUser`` (preferred) or ``local_train`` +
+      ``local_test``: samples with DIEN's own split and negatives -> :class:`PrebuiltSamples`;
+      optional ``uid_voc.pkl``/``mid_voc.pkl``/``cat_voc.pkl`` fix the id order; optional
+      ``item-info`` gives item categories.
+    * else ``reviews-info`` (user, item, rating, time) + ``item-info`` (item, category), no
+      headers -> raw :class:`Interactions` for our own protocols.
+    """
+    d = Path(path)
+    if not d.is_dir():
+        raise DataError(
+            f"{d}: not a directory (expected DIEN's local_train/local_test or reviews-info/item-info)"
+        )
+    report = Report()
+    item_info = None
+    if (d / "item-info").exists():
+        tab = read_table(
+            d / "item-info", ["item", "cate"], names=["item", "cate"], allow_empty={"cate"}, report=report
+        )
+        item_info = _item_table(tab["item"].astype(str), tab["cate"].astype(str), d / "item-info", report)
+    for train, test in DIEN_SPLITS:
+        if (d / train).exists() or (d / test).exists():
+            splits = {
+                "train": _read_dien_samples(d / train, max_len, report),
+                "test": _read_dien_samples(d / test, max_len, report),
+            }
+            vocabs = {}
+            for key, fname in (("uid", "uid_voc.pkl"), ("item", "mid_voc.pkl"), ("cate", "cat_voc.pkl")):
+                if (d / fname).exists():
+                    vocabs[key] = _load_voc(d / fname)
+            files = {"train": str(d / train), "test": str(d / test)}
+            files.update({k: str(d / f"{k}_voc.pkl") for k in vocabs})
+            if item_info is not None:
+                files["item-info"] = str(d / "item-info")
+            return PrebuiltSamples(
+                splits=splits, files=files, report=report, item_info=item_info, vocabs=vocabs
+            )
+    if (d / "reviews-info").exists():
+        if item_info is None:
+            raise DataError(f"{d / 'item-info'}: file not found (needed with reviews-info)")
+        rev = read_table(
+            d / "reviews-info",
+            ["user", "item", "timestamp"],
+            names=["user", "item", "rating", "timestamp"],
+            int_columns={"timestamp"},
+            report=report,
+        )
+        return Interactions(
+            user=rev["user"].astype(str),
+            item=rev["item"].astype(str),
+            timestamp=rev["timestamp"],
+            item_ids=item_info[0],
+            item_cate=item_info[1],
+            files={"reviews-info": str(d / "reviews-info"), "item-info": str(d / "item-info")},
+            report=report,
+        )
+    raise DataError(
+        f"{d}: no DIEN files found (looked for {[a for p in DIEN_SPLITS for a in p]} and reviews-info)"
+    )

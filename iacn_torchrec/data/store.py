@@ -1,0 +1,192 @@
+"""The prepared dataset directory: atomic writing, validation and the content hash.
+
+Layout (docs/architecture.md, "Prepared dataset directory")::
+
+    DIR/
+      meta.json            written last; its presence marks a complete directory
+      vocab/uid.tsv        raw id <TAB> index (index 0 = padding/unknown is not listed)
+      vocab/item.tsv, vocab/cate.tsv
+      item2cate.npy        int64 [num_items + 1]; item2cate[0] = 0
+      item_count.npy       int64 [num_items + 1]; train-split occurrences
+      train/ test/         uid item cate label hist_offsets hist_item hist_cate neg_hist_item neg_hist_cate
+
+Writing goes to a hidden temporary sibling (``.DIR.tmp-<pid>-<rand>``) renamed onto ``DIR`` at
+the end, ``meta.json`` being the last file written, so an interrupted run never leaves anything
+at ``DIR`` that passes :func:`read_meta`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import secrets
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from iacn_torchrec.data.protocols import SPLIT_ARRAYS, BuiltDataset
+from iacn_torchrec.data.sources import DataError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "META",
+    "write_dataset",
+    "check_target",
+    "read_meta",
+    "is_prepared",
+    "content_hash",
+    "array_files",
+]
+
+FORMAT = "iacn-prepared-dataset"
+FORMAT_VERSION = 1
+META = "meta.json"
+VOCABS = ("uid", "item", "cate")
+
+
+def array_files(splits=("train", "test")) -> list[str]:
+    """Relative paths of every array of a prepared directory, in hashing order."""
+    return ["item2cate.npy", "item_count.npy"] + [f"{s}/{a}.npy" for s in splits for a in SPLIT_ARRAYS]
+
+
+def content_hash(arrays: dict[str, np.ndarray], vocab_bytes: dict[str, bytes]) -> str:
+    """``sha256`` over (relative path, dtype, shape, raw bytes) of every array in
+    :func:`array_files` order, then over every vocabulary file: equal hashes <=> equal content."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{a.dtype.str}\0{list(a.shape)}\0".encode())
+        h.update(memoryview(a).cast("B"))
+    for name in sorted(vocab_bytes):
+        h.update(f"vocab/{name}.tsv\0".encode())
+        h.update(vocab_bytes[name])
+    return "sha256:" + h.hexdigest()
+
+
+def is_prepared(path: str | Path) -> bool:
+    try:
+        read_meta(path)
+    except DataError:
+        return False
+    return True
+
+
+def read_meta(path: str | Path) -> dict:
+    """``meta.json`` of a complete prepared directory, or a :class:`DataError` saying what is wrong."""
+    d = Path(path)
+    if not d.is_dir():
+        raise DataError(f"{d}: no such prepared dataset directory (run `iacn prepare ... --out {d}`)")
+    mp = d / META
+    if not mp.is_file():
+        raise DataError(
+            f"{d}: no {META}: not a prepared dataset, or a half-written one (an interrupted `iacn prepare`); "
+            f"prepare it again with `iacn prepare ... --out {d} --force`"
+        )
+    try:
+        meta = json.loads(mp.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{mp}: unreadable or truncated ({e}); prepare the dataset again with --force") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{mp}: not an iacn prepared-dataset meta.json (field 'format' is not {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{mp}: field 'format_version' is {meta.get('format_version')!r}, this code reads "
+            f"{FORMAT_VERSION}; prepare the dataset again"
+        )
+    for key in ("content_hash", "arrays", "counts", "protocol"):
+        if key not in meta:
+            raise DataError(f"{mp}: missing field '{key}'")
+    return meta
+
+
+def check_target(out: str | Path, overwrite: bool) -> None:
+    """Refuse to replace an existing directory unless ``overwrite`` (an empty one is fine)."""
+    d = Path(out)
+    if not d.exists() or overwrite:
+        return
+    if not d.is_dir():
+        raise DataError(f"{d}: exists and is not a directory")
+    if is_prepared(d):
+        raise DataError(
+            f"{d}: a prepared dataset already exists; pass --force (overwrite=True) to replace it"
+        )
+    if any(d.iterdir()):
+        raise DataError(
+            f"{d}: exists, is not empty and is not a prepared dataset (no valid {META}); "
+            "pass --force (overwrite=True) to replace it"
+        )
+
+
+def _vocab_bytes(tokens: np.ndarray, kind: str) -> bytes:
+    toks = tokens.astype(str).tolist()
+    bad = next((t for t in toks if "\t" in t or "\n" in t), None)
+    if bad is not None:
+        raise DataError(
+            f"{kind} id {bad!r} contains a tab or newline: it cannot be written to vocab/{kind}.tsv"
+        )
+    return "".join(f"{t}\t{i}\n" for i, t in enumerate(toks, start=1)).encode()
+
+
+def _versions() -> dict[str, str]:
+    from iacn_torchrec import __version__ as ours  # noqa: PLC0415 (tiny, avoids a cycle at import)
+
+    return {
+        "iacn_torchrec": ours,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "format_version": str(FORMAT_VERSION),
+    }
+
+
+def write_dataset(built: BuiltDataset, out: str | Path, meta: dict, *, overwrite: bool = False) -> Path:
+    """Write ``built`` to ``out`` atomically; ``meta`` gets counts, report, arrays, hash, versions."""
+    out = Path(out).absolute()
+    check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {"item2cate.npy": built.item2cate, "item_count.npy": built.item_count}
+    for split, sa in built.splits.items():
+        for name, a in sa.arrays().items():
+            arrays[f"{split}/{name}.npy"] = a
+    vocab = {k: _vocab_bytes(built.vocabs[k], k) for k in VOCABS}
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        (tmp / "vocab").mkdir(parents=True)
+        for split in built.splits:
+            (tmp / split).mkdir()
+        for name, a in arrays.items():
+            np.save(tmp / name, np.ascontiguousarray(a), allow_pickle=False)
+        for k, b in vocab.items():
+            (tmp / "vocab" / f"{k}.tsv").write_bytes(b)
+        full = dict(meta)
+        full.update(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "protocol": built.protocol,
+                "counts": built.counts,
+                **built.report.as_dict(),
+                "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape)} for n, a in arrays.items()},
+                "content_hash": content_hash(arrays, vocab),
+                "versions": _versions(),
+            }
+        )
+        (tmp / META).write_text(
+            json.dumps(full, indent=2, sort_keys=False) + "\n"
+        )  # last: marks completeness
+        old = None
+        if out.exists():
+            check_target(out, overwrite)  # re-check: someone may have written there meanwhile
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,376 @@
+"""Store -> BatchLoader: round trip, rank slicing, resume, IaCN negatives, atomic writing, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from iacn_torchrec.cli import main as iacn_main
+from iacn_torchrec.data import protocols, sources
+from iacn_torchrec.data.loader import Batch, BatchLoader, PreparedDataset
+from iacn_torchrec.data.negatives import LogUniformNegatives, UniformNegatives
+from iacn_torchrec.data.prepare import prepare_dataset
+from iacn_torchrec.data.sources import DataError
+
+
+def synthetic_tsv(d: Path, n_users: int = 40, n_items: int = 30, seed: int = 0) -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed)
+    rows = ["user_id\titem_id\ttimestamp"]
+    for u in range(n_users):
+        for t in range(int(rng.integers(2, 12))):
+            rows.append(f"{u}\t{rng.integers(0, n_items)}\t{1000 + t}")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "i.tsv").write_text("\n".join(rows) + "\n")
+    (d / "m.tsv").write_text("item_id\tcate_leaf\n" + "".join(f"{i}\t{i % 4}\n" for i in range(n_items)))
+    return d / "i.tsv", d / "m.tsv"
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("small")
+    inter, items = synthetic_tsv(d)
+    return prepare_dataset(
+        "tsv", interactions=inter, items=items, max_len=5, seed=1, out=d / "ds", progress=False
+    )
+
+
+def rows_of(batch: Batch) -> list[tuple]:
+    """Per-sample tuples of every KJT feature (as lists) and the label."""
+    kjt = batch.sparse_features
+    per_key = {k: [t.tolist() for t in jt.to_dense()] for k, jt in kjt.to_dict().items()}
+    return [
+        tuple(per_key[k][i] for k in kjt.keys()) + (batch.labels[i].item(),) for i in range(batch.batch_size)
+    ]
+
+
+def source_rows(split: protocols.SplitArrays, idx, neg_hist: bool) -> list[tuple]:
+    o = split.hist_offsets
+    out = []
+    for i in idx:
+        h = slice(o[i], o[i + 1])
+        r = (
+            [split.uid[i]],
+            [split.item[i]],
+            [split.cate[i]],
+            split.hist_item[h].tolist(),
+            split.hist_cate[h].tolist(),
+        )
+        if neg_hist:
+            r += (split.neg_hist_item[h].tolist(), split.neg_hist_cate[h].tolist())
+        out.append(tuple(list(map(int, x)) for x in r) + (float(split.label[i]),))
+    return out
+
+
+def test_round_trip_equals_source_samples(small):
+    ds = PreparedDataset.open(small)
+    m = ds.meta
+    raw = sources.read_tsv(m["source"]["files"]["interactions"], m["source"]["files"]["items"])
+    built = protocols.build_din(
+        protocols.index_interactions(raw), max_len=5, seed=1
+    )  # in memory, not from disk
+    for split in ("train", "test"):
+        loader = BatchLoader(ds, split, batch_size=7, shuffle=False, with_neg_hist=True)
+        got = [r for b in loader for r in rows_of(b)]
+        assert got == source_rows(built.splits[split], range(len(built.splits[split])), True)
+        b = next(iter(loader))
+        assert b.sparse_features.keys() == [
+            "uid",
+            "item",
+            "cate",
+            "hist_item",
+            "hist_cate",
+            "neg_hist_item",
+            "neg_hist_cate",
+        ]
+        assert b.labels.dtype == torch.float32 and b.sparse_features.values().dtype == torch.int64
+
+
+def test_shuffled_batches_follow_the_epoch_permutation(small):
+    ds = PreparedDataset.open(small)
+    loader = BatchLoader(ds, "train", batch_size=16, shuffle=True, seed=3)
+    loader.set_epoch(2)
+    order = np.random.default_rng([3, 2]).permutation(len(ds.split("train")))
+    got = [r for b in loader for r in rows_of(b)]
+    assert got == source_rows(ds.split("train"), order, False)
+    loader.set_epoch(3)
+    assert [r for b in loader for r in rows_of(b)] != got
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_rank_slicing_covers_epoch_once(small, world_size, drop_last):
+    ds = PreparedDataset.open(small)
+    n = len(ds.split("train"))
+    bs = 11
+    assert n % (bs * world_size) != 0  # a partial last global batch exists
+    seen, lengths = [], []
+    for rank in range(world_size):
+        loader = BatchLoader(
+            ds, "train", bs, shuffle=True, seed=0, rank=rank, world_size=world_size, drop_last=drop_last
+        )
+        loader.set_epoch(1)
+        order = loader.order()
+        batches = list(loader)
+        lengths.append(len(batches))
+        assert len(batches) == len(loader)
+        for b_i, b in enumerate(batches):
+            s, e = loader.rank_range(b_i)
+            assert rows_of(b) == source_rows(ds.split("train"), order[s:e], False)
+            seen.append(order[s:e])
+    assert len(set(lengths)) == 1
+    seen = np.concatenate(seen)
+    assert len(seen) == len(np.unique(seen))  # nothing read twice
+    full = (n // (bs * world_size)) * bs * world_size
+    assert len(seen) == (full if drop_last else n)  # nothing skipped (but the dropped tail)
+    if not drop_last:  # the last partial global batch is split evenly: sizes differ by at most one
+        g = bs * world_size
+        sizes = [
+            BatchLoader(ds, "train", bs, rank=r, world_size=world_size).rank_range(n // g)
+            for r in range(world_size)
+        ]
+        widths = [e - s for s, e in sizes]
+        assert sum(widths) == n - full and max(widths) - min(widths) <= 1
+
+
+def test_resume_mid_epoch(small):
+    ds = PreparedDataset.open(small)
+    neg = UniformNegatives(ds.num_items, 4, seed=9)
+
+    def make():
+        lo = BatchLoader(
+            ds, "train", 8, shuffle=True, seed=5, rank=1, world_size=2, with_neg_hist=True, iacn_negatives=neg
+        )
+        lo.set_epoch(4)
+        return lo
+
+    full = [rows_of(b) for b in make()]
+    a = make()
+    it = iter(a)
+    for _ in range(3):
+        next(it)
+    state = a.state_dict()
+    assert state["epoch"] == 4 and state["batch"] == 3
+    b = BatchLoader(
+        ds, "train", 8, shuffle=True, seed=5, rank=1, world_size=2, with_neg_hist=True, iacn_negatives=neg
+    )
+    b.load_state_dict(json.loads(json.dumps(state)))
+    rest = [rows_of(x) for x in b]
+    assert rest == full[3:] and len(rest) == len(full) - 3
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchLoader(ds, "train", 9, seed=5, world_size=2).load_state_dict(state)
+
+
+def test_iacn_negatives_features(small):
+    ds = PreparedDataset.open(small)
+    neg = LogUniformNegatives(ds.item_count, 6, seed=2)
+    loader = BatchLoader(ds, "train", 10, shuffle=True, seed=0, iacn_negatives=neg)
+    batches = list(loader)
+    kjt = batches[0].sparse_features
+    assert kjt.keys()[-2:] == ["iacn_neg_item", "iacn_neg_cate"]
+    ni = kjt["iacn_neg_item"]
+    assert (ni.lengths() == 6).all()
+    assert torch.equal(kjt["iacn_neg_cate"].values(), torch.from_numpy(ds.item2cate)[ni.values()])
+    assert ni.values().min() >= 1 and ni.values().max() <= ds.num_items
+    again = [b.sparse_features["iacn_neg_item"].values() for b in loader]  # same (seed, epoch, batch, rank)
+    assert all(torch.equal(x, b.sparse_features["iacn_neg_item"].values()) for x, b in zip(again, batches))
+    loader.set_epoch(1)
+    assert not torch.equal(next(iter(loader)).sparse_features["iacn_neg_item"].values(), ni.values())
+
+
+def test_samplers_match_their_log_q():
+    count = np.array([0, 5, 50, 1, 20, 0, 9], dtype=np.int64)
+    rng = np.random.default_rng(0)
+    for sampler in (UniformNegatives(6, 50, seed=0), LogUniformNegatives(count, 50, seed=0)):
+        q = sampler.log_q.double().exp()
+        assert sampler.log_q.shape == (7,) and sampler.log_q[0] == 0
+        assert abs(q[1:].sum().item() - 1) < 1e-6
+        draws = sampler.sample(rng, 4000)
+        assert draws.shape == (4000, 50) and draws.min() >= 1 and draws.max() <= 6
+        freq = np.bincount(draws.ravel(), minlength=7)[1:] / draws.size
+        assert np.abs(freq - q[1:].numpy()).max() < 0.005
+    lu = LogUniformNegatives(count, 1)
+    # ranks by popularity: item 2 (50) -> rank 0: q = log(2)/log(7); item 5 (0) ties item... last ranks
+    assert lu.rank_to_item.tolist() == [2, 4, 6, 1, 3, 5]
+    assert abs(lu.log_q[2].exp().item() - np.log(2) / np.log(7)) < 1e-6
+    assert abs(lu.log_q[5].exp().item() - np.log(7 / 6) / np.log(7)) < 1e-6
+
+
+def test_batch_feeds_a_real_embedding_collection(small):
+    ds = PreparedDataset.open(small)
+    b = next(iter(BatchLoader(ds, "train", 6, with_neg_hist=True)))
+    b = b.to(torch.device("cpu"), non_blocking=False)
+    ec = EmbeddingCollection(
+        tables=[
+            EmbeddingConfig(
+                name="uid", embedding_dim=4, num_embeddings=ds.num_users + 1, feature_names=["uid"]
+            ),
+            EmbeddingConfig(
+                name="item",
+                embedding_dim=4,
+                num_embeddings=ds.num_items + 1,
+                feature_names=["item", "hist_item", "neg_hist_item"],
+            ),
+            EmbeddingConfig(
+                name="cate",
+                embedding_dim=4,
+                num_embeddings=ds.num_cates + 1,
+                feature_names=["cate", "hist_cate", "neg_hist_cate"],
+            ),
+        ]
+    )
+    out = ec(b.sparse_features)
+    lens = b.sparse_features["hist_item"].lengths()
+    assert out["hist_item"].values().shape == (int(lens.sum()), 4)
+    assert torch.equal(out["item"].values(), ec.embeddings["item"].weight[b.sparse_features["item"].values()])
+    assert isinstance(b.sparse_features, KeyedJaggedTensor)
+
+
+# ---- store: atomic writing, half-written directories, overwrite
+
+
+def test_half_written_and_damaged_dirs(small, tmp_path, monkeypatch):
+    d = tmp_path / "copy"
+    shutil.copytree(small, d)
+    (d / "meta.json").unlink()
+    with pytest.raises(
+        DataError, match=r"copy: no meta\.json: not a prepared dataset, or a half-written one"
+    ):
+        PreparedDataset.open(d)
+    shutil.rmtree(d)
+    shutil.copytree(small, d)
+    (d / "train" / "hist_item.npy").unlink()
+    with pytest.raises(
+        DataError, match=r"array file\(s\) \['train/hist_item\.npy'\] listed in meta\.json are missing"
+    ):
+        PreparedDataset.open(d)
+    shutil.rmtree(d)
+    shutil.copytree(small, d)
+    np.save(d / "train" / "label.npy", np.zeros(3, dtype=np.int8))
+    with pytest.raises(DataError, match=r"label\.npy: dtype/shape int8\[3\] differ from meta\.json"):
+        PreparedDataset.open(d)
+    with pytest.raises(DataError, match=r"no such prepared dataset directory"):
+        PreparedDataset.open(tmp_path / "absent")
+    # a crash while writing leaves neither the target nor anything that looks valid
+    inter, items = synthetic_tsv(tmp_path / "raw")
+    calls = {"n": 0}
+    real_save = np.save
+
+    def failing_save(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full")
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(np, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_dataset("tsv", interactions=inter, items=items, out=tmp_path / "crash", progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "crash").exists() and not list(tmp_path.glob(".crash*"))
+
+
+def test_overwrite_rules(tmp_path):
+    inter, items = synthetic_tsv(tmp_path / "raw")
+    kw = dict(interactions=inter, items=items, progress=False)
+    out = prepare_dataset("tsv", out=tmp_path / "o", **kw)
+    h0 = json.loads((out / "meta.json").read_text())["content_hash"]
+    with pytest.raises(DataError, match=r"a prepared dataset already exists; pass --force"):
+        prepare_dataset("tsv", out=out, seed=1, **kw)
+    prepare_dataset("tsv", out=out, seed=1, overwrite=True, **kw)
+    assert json.loads((out / "meta.json").read_text())["content_hash"] != h0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match=r"exists, is not empty and is not a prepared dataset"):
+        prepare_dataset("tsv", out=tmp_path / "mine", **kw)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "o", "raw"]  # no temp siblings left
+    ds = PreparedDataset.open(out, verify=True)
+    np.asarray(ds.split("train").item)  # mapped read-only
+    assert not ds.split("train").item.flags.writeable
+
+
+# ---- CLI
+
+
+def test_cli_prepare_and_bench(tmp_path, capsys):
+    inter, items = synthetic_tsv(tmp_path / "raw")
+    rc = iacn_main(
+        [
+            "prepare",
+            "--source",
+            "tsv",
+            "--interactions",
+            str(inter),
+            "--items",
+            str(items),
+            "--protocol",
+            "dien",
+            "--max-len",
+            "4",
+            "--seed",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert (
+        rc == 0
+        and "protocol dien" in out
+        and "users 40" in out
+        and "skipped:" in out
+        and "content sha256:" in out
+    )
+    rc = iacn_main(
+        [
+            "prepare",
+            "--source",
+            "tsv",
+            "--interactions",
+            str(inter),
+            "--items",
+            str(items),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    rc = iacn_main(
+        [
+            "bench",
+            "data",
+            "--data",
+            str(tmp_path / "o"),
+            "--batch-size",
+            "16",
+            "--min-seconds",
+            "0.05",
+            "--json",
+        ]
+    )
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and res["loader_samples_per_s"] > 0 and "prepare_s" in res and res["batch_size"] == 16
+
+
+def test_limit_and_tiny_last_batch(small):
+    ds = PreparedDataset.open(small)
+    item = ds.split("test").item
+    sizes = []
+    for rank in range(4):
+        lo = BatchLoader(ds, "test", 2, rank=rank, world_size=4, limit=3)
+        (b,) = list(lo)  # one global batch of 3 < 4 ranks: rank 0 gets an empty batch
+        sizes.append(b.batch_size)
+        s, e = lo.rank_range(0)
+        assert b.sparse_features["item"].values().tolist() == item[s:e].tolist()
+        assert b.sparse_features.keys()[:3] == ["uid", "item", "cate"] and b.labels.shape == (e - s,)
+    assert sizes == [0, 1, 1, 1]
+    assert len(BatchLoader(ds, "test", 4, limit=10, drop_last=True)) == 2

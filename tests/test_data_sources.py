@@ -1,0 +1,356 @@
+"""Readers (tsv, amazon-json, dien, movielens) and every bad-input case."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iacn_torchrec.data.loader import PreparedDataset
+from iacn_torchrec.data.prepare import prepare_dataset
+from iacn_torchrec.data.sources import DataError, read_amazon_json, read_dien, read_tsv
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DIEN_SAMPLE = SHARED / "data" / "dien-books-sample"
+MOVIELENS = SHARED / "data" / "movielens-100k"
+
+INTER = "user_id\titem_id\ttimestamp\n1\t10\t100\n1\t11\t200\n1\t12\t300\n2\t10\t50\n2\t12\t60\n2\t13\t70\n"
+ITEMS = "item_id\tcate_leaf\n10\t5\n11\t5\n12\t6\n13\t7\n"
+
+
+def prep(tmp: Path, inter: str = INTER, items: str = ITEMS, **kw) -> Path:
+    (tmp / "i.tsv").write_text(inter)
+    (tmp / "m.tsv").write_text(items)
+    return prepare_dataset(
+        "tsv", interactions=tmp / "i.tsv", items=tmp / "m.tsv", out=tmp / "out", progress=False, **kw
+    )
+
+
+def arrays(out: Path) -> dict[str, bytes]:
+    meta = json.loads((out / "meta.json").read_text())
+    return {k: (out / k).read_bytes() for k in meta["arrays"]}
+
+
+# ---- tsv
+
+
+def test_tsv_gzip_and_crlf_read_the_same(tmp_path):
+    base = prep(tmp_path)
+    for variant, text in (("gz", INTER), ("crlf", INTER.replace("\n", "\r\n"))):
+        d = tmp_path / variant
+        d.mkdir()
+        if variant == "gz":
+            with gzip.open(d / "i.tsv.gz", "wt") as f:
+                f.write(text)
+            inter = d / "i.tsv.gz"
+        else:
+            inter = d / "i.tsv"
+            inter.write_bytes(text.encode())
+        (d / "m.tsv").write_text(ITEMS)
+        out = prepare_dataset("tsv", interactions=inter, items=d / "m.tsv", out=d / "out", progress=False)
+        assert arrays(out) == arrays(base), variant
+
+
+def test_tsv_string_ids_and_category_column(tmp_path):
+    inter = "user_id\titem_id\ttimestamp\nbob\tB07\t3\nbob\tA01\t1\nbob\tC9\t2\n"
+    items = "item_id\tcate_leaf\tcate_l1\nA01\tlip\tmakeup\nB07\teye\tmakeup\nC9\tsoap\tbath\n"
+    out = prep(tmp_path, inter, items, category_column="cate_l1")
+    ds = PreparedDataset.open(out)
+    assert ds.vocab("item") == ["A01", "B07", "C9"] and ds.vocab("cate") == ["bath", "makeup"]
+    assert ds.item2cate.tolist() == [0, 2, 2, 1]
+    te = ds.split("test")
+    assert te.item[0] == 2 and te.hist_item.tolist() == [1, 3, 1, 3]  # bob: A01(t1) C9(t2) B07(t3)
+
+
+def test_tsv_ids_keep_leading_zeros(tmp_path):
+    inter = "user_id\titem_id\ttimestamp\n1\t007\t1\n1\t7\t2\n1\t0070\t3\n"
+    out = prep(tmp_path, inter, "item_id\tcate_leaf\n7\t1\n007\t2\n0070\t2\n")
+    ds = PreparedDataset.open(out)
+    assert ds.vocab("item") == ["007", "0070", "7"] and ds.item2cate.tolist() == [0, 2, 2, 1]
+
+
+def test_item_without_metadata_gets_category_zero(tmp_path):
+    out = prep(tmp_path, items="item_id\tcate_leaf\n10\t5\n11\t5\n12\t\n")  # 12: empty category, 13: no row
+    ds = PreparedDataset.open(out)
+    assert ds.item2cate.tolist() == [0, 1, 1, 0, 0]
+    rep = ds.meta["repaired"]
+    assert rep["item_without_metadata"]["count"] == 2
+    assert "category 0" in rep["item_without_metadata"]["reason"]
+    assert rep["meta_rows_without_category"]["count"] == 1
+
+
+def test_bad_malformed_line(tmp_path):
+    with pytest.raises(
+        DataError, match=r"i\.tsv: line 4: malformed line: 2 tab-separated field\(s\).*'timestamp'"
+    ):
+        prep(tmp_path, INTER.replace("1\t12\t300", "1\t12"))
+
+
+def test_bad_missing_column(tmp_path):
+    with pytest.raises(DataError, match=r"i\.tsv: line 1: missing column\(s\) \['timestamp'\]"):
+        prep(tmp_path, INTER.replace("timestamp", "time"))
+    with pytest.raises(DataError, match=r"m\.tsv: line 1: missing column\(s\) \['cate_l1'\]"):
+        prep(tmp_path, category_column="cate_l1")
+
+
+def test_bad_non_numeric_timestamp(tmp_path):
+    with pytest.raises(DataError, match=r"i\.tsv: line 3: field 'timestamp': 'noon' is not a number"):
+        prep(tmp_path, INTER.replace("200", "noon"))
+    with pytest.raises(DataError, match=r"line 2: field 'timestamp': '1.5' is not an integer"):
+        prep(tmp_path, INTER.replace("\t100\n", "\t1.5\n"))
+
+
+def test_bad_empty_id_field(tmp_path):
+    with pytest.raises(DataError, match=r"i\.tsv: line 5: field 'user_id' is empty"):
+        prep(tmp_path, INTER.replace("2\t10\t50", "\t10\t50"))
+
+
+def test_bad_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.tsv: file not found"):
+        prepare_dataset(
+            "tsv",
+            interactions=tmp_path / "nope.tsv",
+            items=tmp_path / "m.tsv",
+            out=tmp_path / "o",
+            progress=False,
+        )
+    (tmp_path / "bad.tsv.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "m.tsv").write_text(ITEMS)
+    with pytest.raises(DataError, match=r"bad\.tsv\.gz: cannot read"):
+        prepare_dataset(
+            "tsv",
+            interactions=tmp_path / "bad.tsv.gz",
+            items=tmp_path / "m.tsv",
+            out=tmp_path / "o",
+            progress=False,
+        )
+    with pytest.raises(DataError, match=r"needs --items"):
+        prepare_dataset("tsv", interactions=tmp_path / "m.tsv", out=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_short_users_skipped_and_counted(tmp_path):
+    out = prep(tmp_path, INTER + "3\t10\t1\n4\t11\t1\n4\t12\t2\n")
+    sk = PreparedDataset.open(out).meta["skipped"]
+    assert sk["users_below_min_len"]["count"] == 2 and sk["interactions_of_skipped_users"]["count"] == 3
+
+
+def test_read_tsv_returns_raw_columns(tmp_path):
+    (tmp_path / "i.tsv").write_text(INTER)
+    (tmp_path / "m.tsv").write_text(ITEMS)
+    r = read_tsv(tmp_path / "i.tsv", tmp_path / "m.tsv")
+    assert r.user.tolist() == [1, 1, 1, 2, 2, 2] and r.timestamp.dtype == np.int64
+    assert r.item_ids.tolist() == [10, 11, 12, 13] and r.item_cate.tolist() == [5, 5, 6, 7]
+
+
+# ---- amazon-json
+
+
+def write_amazon(tmp: Path, reviews: list[str], meta: list[str]) -> tuple[Path, Path]:
+    rp, mp = tmp / "reviews_Beauty_5.json.gz", tmp / "meta_Beauty.json.gz"
+    with gzip.open(rp, "wt") as f:
+        f.write("\n".join(reviews) + "\n")
+    with gzip.open(mp, "wt") as f:
+        f.write("\n".join(meta) + "\n")
+    return rp, mp
+
+
+REVIEWS = [  # strict JSON, as the 2014 review files are
+    '{"reviewerID": "U1", "asin": "B01", "overall": 5.0, "unixReviewTime": 1300000000}',
+    '{"reviewerID": "U1", "asin": "B02", "unixReviewTime": 1200000000}',
+    '{"reviewerID": "U1", "asin": "B03", "unixReviewTime": 1400000000}',
+    '{"reviewerID": "U2", "asin": "B01", "unixReviewTime": 1100000000}',
+    '{"reviewerID": "U2", "asin": "B04", "unixReviewTime": 1100000001}',
+    '{"reviewerID": "U2", "asin": "B02", "unixReviewTime": 1100000002}',
+]
+META = [  # Python literals, as the 2014 metadata files are
+    "{'asin': 'B01', 'categories': [['Beauty', 'Skin Care', 'Face'], ['Beauty', 'Bath']], 'price': 9.5}",
+    "{'asin': 'B02', 'categories': [['Beauty', 'Makeup']], 'title': \"L'Or\\u00e9al\"}",
+    '{"asin": "B03", "categories": [["Beauty", "Skin Care", "Face"]]}',
+    "{'asin': 'B05', 'categories': []}",
+]
+
+
+def test_amazon_json_reader(tmp_path):
+    rp, mp = write_amazon(tmp_path, REVIEWS, META)
+    raw = read_amazon_json(rp, mp)
+    assert raw.user.tolist() == ["U1"] * 3 + ["U2"] * 3
+    assert raw.timestamp.tolist()[:2] == [1300000000, 1200000000]
+    assert dict(zip(raw.item_ids.tolist(), raw.item_cate.tolist())) == {
+        "B01": "Face",
+        "B02": "Makeup",
+        "B03": "Face",
+    }
+    assert raw.report.repaired["meta_rows_without_category"]["count"] == 1  # B05
+    out = prepare_dataset("amazon-json", reviews=rp, meta=mp, out=tmp_path / "out", progress=False)
+    ds = PreparedDataset.open(out)
+    assert ds.vocab("item") == ["B01", "B02", "B03", "B04"] and ds.vocab("cate") == ["Face", "Makeup"]
+    assert ds.item2cate.tolist() == [0, 1, 2, 1, 0]  # B04 has no metadata
+    assert ds.meta["repaired"]["item_without_metadata"]["count"] == 1
+    te = ds.split("test")  # U1: B02 B01 B03 ; U2: B01 B04 B02
+    assert te.item[0::2].tolist() == [3, 2] and te.hist_item.tolist() == [2, 1, 2, 1, 1, 4, 1, 4]
+
+
+def test_amazon_json_bad_lines(tmp_path):
+    rp, mp = write_amazon(tmp_path, REVIEWS[:2] + ['{"reviewerID": "U3", "asin": "B01"}'], META)
+    with pytest.raises(
+        DataError, match=r"reviews_Beauty_5\.json\.gz: line 3: missing field 'unixReviewTime'"
+    ):
+        read_amazon_json(rp, mp)
+    rp, mp = write_amazon(
+        tmp_path, REVIEWS[:2] + ['{"reviewerID": "U3", "asin": "B01", "unixReviewTime": "x"}'], META
+    )
+    with pytest.raises(DataError, match=r"line 3: field 'unixReviewTime': 'x' is not a number"):
+        read_amazon_json(rp, mp)
+    # code is never evaluated: ast.literal_eval refuses calls
+    evil = "{'asin': __import__('os').getcwd(), 'categories': [['x']]}"
+    rp, mp = write_amazon(tmp_path, REVIEWS, META[:1] + [evil])
+    with pytest.raises(
+        DataError, match=r"meta_Beauty\.json\.gz: line 2: malformed line: neither JSON nor a Python"
+    ):
+        read_amazon_json(rp, mp)
+
+
+# ---- dien
+
+
+needs_dien = pytest.mark.skipif(not DIEN_SAMPLE.exists(), reason="shared DIEN sample absent")
+
+
+@needs_dien
+def test_dien_sample_rows(tmp_path):
+    out = prepare_dataset("dien", path=DIEN_SAMPLE, seed=0, out=tmp_path / "d", progress=False)
+    ds = PreparedDataset.open(out, verify=True)
+    assert ds.meta["protocol"] == "dien-files"
+    uid, item, cate = ds.vocab("uid"), ds.vocab("item"), ds.vocab("cate")
+    assert cate == ["Books"] and not any("\r" in t for t in uid + item)  # CRLF stripped
+
+    def row(split: str, i: int):
+        s = ds.split(split)
+        o = s.hist_offsets
+        names = lambda ids, voc: [voc[j - 1] if j else 0 for j in ids]  # noqa: E731
+        return (
+            int(s.label[i]),
+            uid[s.uid[i] - 1],
+            item[s.item[i] - 1],
+            names([s.cate[i]], cate)[0],
+            names(s.hist_item[o[i] : o[i + 1]], item),
+            names(s.hist_cate[o[i] : o[i + 1]], cate),
+        )
+
+    # local_train line 1: 1 A38AAPXSJN4C5G 0000230022 Books 0000015393 default_cat
+    assert row("train", 0) == (1, "A38AAPXSJN4C5G", "0000230022", "Books", ["0000015393"], [0])
+    # local_test line 1: 0 A38AAPXSJN4C5G 0001714384 Books 0000015393^B0000230022 default_cat^BBooks
+    assert row("test", 0) == (
+        0,
+        "A38AAPXSJN4C5G",
+        "0001714384",
+        "Books",
+        ["0000015393", "0000230022"],
+        [0, "Books"],
+    )
+    # local_test line 6: 1 A39J92OJUYHVNK 0001857029 default_cat 000102521X Books
+    assert row("test", 5) == (1, "A39J92OJUYHVNK", "0001857029", 0, ["000102521X"], ["Books"])
+    c = ds.meta["counts"]
+    assert (c["train_samples"], c["train_positives"], c["test_samples"], c["test_positives"]) == (
+        1,
+        1,
+        38,
+        19,
+    )
+    assert c["users"] == 19 and c["categories"] == 1
+    assert "blank_lines" not in ds.meta["skipped"]
+    assert ds.meta["repaired"]["dien_default_cat"]["count"] > 0
+    for s in ("train", "test"):
+        sp = ds.split(s)
+        assert (sp.neg_hist_item != sp.hist_item).all() and (sp.neg_hist_item >= 1).all()
+
+
+@needs_dien
+def test_dien_reviews_info_path(tmp_path):
+    d = tmp_path / "raw"
+    d.mkdir()
+    for f in ("reviews-info", "item-info"):
+        shutil.copy(DIEN_SAMPLE / f, d / f)
+    raw = read_dien(d)
+    assert len(raw.user) == 1000 and raw.item_ids.dtype.kind == "U"
+    out = prepare_dataset("dien", path=d, protocol="din", out=tmp_path / "o", progress=False)
+    ds = PreparedDataset.open(out)
+    lines = [ln.split("\t") for ln in (d / "reviews-info").read_text().splitlines()]
+    info = {ln.split("\t")[0] for ln in (d / "item-info").read_text().splitlines()}
+    assert ds.num_users == len({ln[0] for ln in lines}) and ds.num_items == len({ln[1] for ln in lines})
+    assert ds.meta["repaired"]["item_without_metadata"]["count"] == len({ln[1] for ln in lines} - info)
+
+
+def write_dien(d: Path, train: list[str], test: list[str]) -> None:
+    d.mkdir(exist_ok=True)
+    (d / "local_train_splitByUser").write_bytes(("\r\n".join(train) + "\r\n").encode())
+    (d / "local_test_splitByUser").write_bytes(("\r\n".join(test) + "\r\n").encode())
+
+
+def test_dien_vocab_pkl_unknown_ids_and_empty_history(tmp_path):
+    d = tmp_path / "dien"
+    write_dien(
+        d,
+        ["1\tu1\tm2\tc1\tm1\x02m3\tc1\x02c2", "0\tu1\tm9\tc1\tm1\x02m3\tc1\x02c2", "1\tu2\tm1\tc1\t\t"],
+        ["1\tu2\tm3\tc2\tm1\tc1", "0\tu2\tm2\tc1\tm1\tc1"],
+    )
+    with open(d / "mid_voc.pkl", "wb") as f:
+        pickle.dump({"default_mid": 0, "m3": 1, "m1": 2, "m2": 3}, f)  # DIEN order: by frequency
+    ds = PreparedDataset.open(prepare_dataset("dien", path=d, out=tmp_path / "o", progress=False))
+    assert ds.vocab("item") == ["m3", "m1", "m2"]  # the pkl's order, default_mid -> 0
+    tr = ds.split("train")
+    assert tr.item.tolist() == [3, 0]  # m9 is not in mid_voc.pkl -> 0 (unknown)
+    assert tr.hist_item.tolist() == [2, 1, 2, 1]
+    m = ds.meta
+    assert m["repaired"]["unknown_item_ids"]["count"] == 1
+    assert m["skipped"]["empty_history"]["count"] == 1
+    assert "empty history" in m["skipped"]["empty_history"]["reason"]
+
+
+def test_dien_bad_rows_and_pickles(tmp_path):
+    d = tmp_path / "dien"
+    write_dien(d, ["1\tu1\tm2\tc1\tm1"], ["1\tu2\tm3\tc2\tm1\tc1"])
+    with pytest.raises(
+        DataError,
+        match=r"local_train_splitByUser: line 1: malformed line: 5 tab-separated fields.*"
+        r"missing field\(s\) \['hist_cats'\]",
+    ):
+        read_dien(d)
+    write_dien(d, ["1\tu1\tm2\tc1\tm1\x02m2\tc1"], ["1\tu2\tm3\tc2\tm1\tc1"])
+    with pytest.raises(DataError, match=r"line 1: field 'hist_cats' has 1 entries but 'hist_mids' has 2"):
+        read_dien(d)
+    write_dien(d, ["yes\tu1\tm2\tc1\tm1\tc1"], ["1\tu2\tm3\tc2\tm1\tc1"])
+    with pytest.raises(DataError, match=r"line 1: field 'label': 'yes' is not 0 or 1"):
+        read_dien(d)
+    write_dien(d, ["1\tu1\tm2\tc1\tm1\tc1"], ["1\tu2\tm3\tc2\tm1\tc1"])
+    (d / "uid_voc.pkl").write_bytes(pickle.dumps(Path("x")))  # a class, not a plain dict
+    with pytest.raises(DataError, match=r"uid_voc\.pkl: cannot read the vocabulary \(refusing to load"):
+        read_dien(d)
+    with pytest.raises(DataError, match=r"no DIEN files found"):
+        read_dien(tmp_path)
+
+
+# ---- movielens
+
+
+@pytest.mark.skipif(not MOVIELENS.exists(), reason="shared MovieLens copy absent")
+def test_movielens(tmp_path):
+    ds = PreparedDataset.open(
+        prepare_dataset("movielens", path=MOVIELENS, out=tmp_path / "m", progress=False)
+    )
+    c = ds.meta["counts"]
+    assert (c["users"], c["items"], c["interactions"]) == (943, 1682, 100000)
+    assert c["test_samples"] == 2 * 943 and c["train_samples"] == 2 * (100000 - 2 * 943)
+    cate = ds.vocab("cate")
+    items = ds.vocab("item")
+    # 1 Toy Story: "Animation Children's Comedy" -> Animation
+    # 2 GoldenEye: "Action Adventure Thriller" -> Action
+    assert cate[ds.item2cate[items.index("1") + 1] - 1] == "Animation"
+    assert cate[ds.item2cate[items.index("2") + 1] - 1] == "Action"
+    assert items[:3] == ["1", "2", "3"]  # numeric ids, numeric order
