@@ -1,0 +1,171 @@
+"""Atomic, verified, resumable checkpoints through iopath's ``PathManager``.
+
+Layout (one folder per checkpoint, every rank writes its own file)::
+
+    RUN_DIR/checkpoints/step_00000120/
+        rank0.pt  rank1.pt ...       torch.save payloads (model, optimizer, step, data position, RNG)
+        manifest.json                written last: step, world_size, and size + sha256 of every file
+
+A checkpoint is written into ``step_N.tmp/`` and renamed to ``step_N/`` only once every rank's
+file and the manifest are complete, so a crash leaves nothing that looks valid. Loading picks
+the newest complete checkpoint and verifies sizes and hashes: a truncated or corrupted file
+raises `CheckpointError` naming the file, never loads silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import PurePosixPath
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from iopath.common.file_io import PathManager
+
+path_manager = PathManager()
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or does not match this run."""
+
+
+def _join(*parts: str) -> str:
+    return str(PurePosixPath(parts[0]).joinpath(*parts[1:]))
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _gather(obj: Any, world_size: int) -> list[Any]:
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(
+    root: str, step: int, state: dict[str, Any], rank: int = 0, world_size: int = 1, keep: int = 2
+) -> str:
+    """Write ``state`` of this rank as checkpoint ``step`` under ``root``; all ranks must call it.
+
+    Returns the final checkpoint directory. Keeps the newest ``keep`` checkpoints.
+    """
+    final = _join(root, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        if path_manager.exists(tmp):
+            path_manager.rm(tmp) if path_manager.isfile(tmp) else _rmtree(tmp)
+        path_manager.mkdirs(tmp)
+    _barrier()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    name = f"rank{rank}.pt"
+    with path_manager.open(_join(tmp, name), "wb") as f:
+        f.write(payload)
+    entry = {"file": name, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    entries = _gather(entry, world_size)
+    if rank == 0:
+        manifest = {"step": step, "world_size": world_size, "files": entries}
+        with path_manager.open(_join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        if path_manager.exists(final):  # a rerun of the same step (e.g. after a resume)
+            _rmtree(final)
+        if not path_manager.mv(tmp, final):
+            raise CheckpointError(f"could not rename {tmp} to {final}")
+        for old in sorted(_complete_steps(root))[:-keep] if keep > 0 else []:
+            _rmtree(_join(root, f"step_{old:08d}"))
+    _barrier()
+    return final
+
+
+def _rmtree(path: str) -> None:
+    for child in path_manager.ls(path):
+        p = _join(path, child)
+        if path_manager.isdir(p):
+            _rmtree(p)
+        else:
+            path_manager.rm(p)
+    local = path_manager.get_local_path(path)
+    import os
+
+    os.rmdir(local)
+
+
+def _complete_steps(root: str) -> list[int]:
+    if not path_manager.exists(root):
+        return []
+    steps = []
+    for name in path_manager.ls(root):
+        m = _STEP_DIR.match(name)
+        if m and path_manager.exists(_join(root, name, MANIFEST)):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_step(root: str) -> int | None:
+    steps = _complete_steps(root)
+    return steps[-1] if steps else None
+
+
+def load_checkpoint(root: str, step: int | None = None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Load this rank's state of checkpoint ``step`` (default: the newest complete one), verified.
+
+    Raises `CheckpointError` when there is none, when it was written by another world size (the
+    per-rank files hold that run's shards), or when a file's size or sha256 does not match.
+    """
+    if step is None:
+        step = latest_step(root)
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint under {root}")
+    d = _join(root, f"step_{step:08d}")
+    mpath = _join(d, MANIFEST)
+    if not path_manager.exists(mpath):
+        raise CheckpointError(f"{d}: no {MANIFEST}; the checkpoint is incomplete")
+    try:
+        with path_manager.open(mpath, "r") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mpath}: corrupted manifest ({e})") from None
+    if manifest.get("world_size") != world_size:
+        raise CheckpointError(
+            f"{d} was written by {manifest.get('world_size')} rank(s) and this run has {world_size}: "
+            "sharded per-rank states cannot be re-sharded by this format; resume with the same world size"
+        )
+    entry = manifest["files"][rank]
+    fpath = _join(d, entry["file"])
+    if not path_manager.exists(fpath):
+        raise CheckpointError(f"{fpath}: missing")
+    with path_manager.open(fpath, "rb") as f:
+        payload = f.read()
+    if len(payload) != entry["bytes"]:
+        raise CheckpointError(f"{fpath}: truncated ({len(payload)} bytes, manifest says {entry['bytes']})")
+    if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"{fpath}: corrupted (sha256 does not match the manifest)")
+    return torch.load(io.BytesIO(payload), weights_only=False)
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])

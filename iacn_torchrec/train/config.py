@@ -1,0 +1,196 @@
+"""Training configuration: dataclasses, loadable from YAML and overridable from the command line.
+
+Precedence: dataclass defaults < ``--config FILE.yaml`` < explicit flags (``--lr``, ``--delta`` ...)
+< ``--set section.field=value`` overrides. The resolved config is written into every run's
+``config.yaml`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from iacn_torchrec.modules.iacn import IaCNConfig
+
+MODELS = ("din", "dien", "wide_deep", "dlrm")
+# Embedding-table optimizers. "adam": dense kernel + torch.optim.Adam (the peers' choice);
+# the others are TorchRec/FBGEMM fused in-backward optimizers (sparse row updates).
+EMBEDDING_OPTIMIZERS = ("adam", "sgd", "rowwise_adagrad")
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # prepared dataset directory (`iacn prepare --out`)
+    batch_size: int = 128  # per rank
+    eval_batch_size: int = 4096
+    drop_last: bool = False
+    num_test_samples: int | None = None  # evaluate on the first N test samples only (smoke runs)
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "din"
+    emb_dim: int = 18  # per table (orig part); DIEN reference code uses 18
+    user_dim: int = 18
+    dien_aux_loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise ConfigError(f"model.name={self.name!r}: choose one of {', '.join(MODELS)}")
+        if self.emb_dim <= 0:
+            raise ConfigError("model.emb_dim must be positive")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # Adam for dense parameters (DIEN code: 1e-3; paper: 1e-4)
+    embedding_optimizer: str = "adam"
+    embedding_lr: float | None = None  # defaults to lr for adam, 0.05 for fused sgd/adagrad
+    aux_embedding_optimizer: str | None = None  # aux tables may use another one (None: same)
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_optimizer", "aux_embedding_optimizer"):
+            v = getattr(self, name)
+            if v is not None and v not in EMBEDDING_OPTIMIZERS:
+                raise ConfigError(f"optim.{name}={v!r}: choose one of {', '.join(EMBEDDING_OPTIMIZERS)}")
+        if self.lr <= 0:
+            raise ConfigError("optim.lr must be positive")
+
+    @property
+    def fused(self) -> bool:
+        """Whether any table uses a TorchRec fused (in-backward) optimizer, which needs DMP."""
+        return any(o not in (None, "adam") for o in (self.embedding_optimizer, self.aux_embedding_optimizer))
+
+    def table_lr(self, optimizer: str) -> float:
+        if self.embedding_lr is not None:
+            return self.embedding_lr
+        return self.lr if optimizer == "adam" else 0.05
+
+
+@dataclass
+class DistributedConfig:
+    # Per-table sharding types, e.g. {"item_orig": "row_wise", "item_aux": "column_wise"};
+    # tables not named are left to the planner.
+    sharding_types: dict[str, str] = field(default_factory=dict)
+    backend: str | None = None  # gloo on CPU, nccl on CUDA (default from the device)
+    pipeline: bool = True  # TrainPipelineSparseDist when sharded
+
+    def __post_init__(self) -> None:
+        for table, st in self.sharding_types.items():
+            if st not in SHARDING_TYPES:
+                raise ConfigError(
+                    f"distributed.sharding_types[{table!r}]={st!r}: choose one of {', '.join(SHARDING_TYPES)}"
+                )
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    iacn: IaCNConfig = field(default_factory=IaCNConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    out: str = "runs/default"
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    seed: int = 0
+    threads: int | None = 2  # torch.set_num_threads; None leaves torch's default
+    eval_every: int = 0  # evaluate on the test split every N steps (0: only at the end)
+    checkpoint_every: int = 0  # checkpoint every N steps (0: only at the end)
+    log_every: int = 50
+    progress: bool = True
+    resume: bool = True  # resume from OUT/checkpoint if present
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ConfigError("epochs must be positive")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError("max_steps must be positive")
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return _build(cls, d, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def override(self, assignments: list[str]) -> TrainConfig:
+        """Apply ``section.field=value`` overrides (values parsed as YAML scalars)."""
+        d = self.to_dict()
+        for a in assignments:
+            if "=" not in a:
+                raise ConfigError(f"--set {a!r}: expected section.field=value")
+            key, raw = a.split("=", 1)
+            node = d
+            parts = key.strip().split(".")
+            for p in parts[:-1]:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"--set {a!r}: unknown section {p!r}")
+                node = node[p]
+            if parts[-1] not in node and not (isinstance(node, dict) and parts[0] == "distributed"):
+                raise ConfigError(f"--set {a!r}: unknown field {key!r}")
+            node[parts[-1]] = yaml.safe_load(raw)
+        return TrainConfig.from_dict(d)
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {', '.join(prefix + u for u in unknown)}")
+    kwargs = {}
+    for name, value in d.items():
+        f = fields[name]
+        sub = _DATACLASS_FIELDS.get((cls, name))
+        kwargs[name] = _build(sub, value, f"{prefix}{name}.") if sub is not None else value
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+_DATACLASS_FIELDS: dict[tuple[type, str], type] = {
+    (TrainConfig, "data"): DataConfig,
+    (TrainConfig, "model"): ModelConfig,
+    (TrainConfig, "iacn"): IaCNConfig,
+    (TrainConfig, "optim"): OptimConfig,
+    (TrainConfig, "distributed"): DistributedConfig,
+}

@@ -1,0 +1,272 @@
+"""The training / evaluation loop, single process or one rank of a distributed run.
+
+`train(config)` is what ``iacn train`` runs: it builds data, model and optimizers, resumes from
+the newest checkpoint of ``config.out`` when there is one, trains with a progress bar,
+evaluates on the test split, checkpoints, and writes ``OUT/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
+from iacn_torchrec.train.checkpoint import (
+    CheckpointError,
+    latest_step,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from iacn_torchrec.train.config import TrainConfig
+from iacn_torchrec.train.metrics import CTRMetrics
+
+logger = logging.getLogger("iacn")
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded with every result."""
+    import fbgemm_gpu
+    import torchmetrics
+    import torchrec
+
+    import iacn_torchrec
+
+    return {
+        "iacn_torchrec": iacn_torchrec.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchrec": torchrec.__version__,
+        "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?"),
+        "torchmetrics": torchmetrics.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches trained in the current epoch (the loader may have read ahead)
+    train_time_s: float = 0.0
+    train_samples: int = 0
+
+
+def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size: int):
+    """Train and test loaders; the train loader carries DIEN's negative behaviours and the IaCN
+    sampler's negatives when the configuration needs them."""
+    from iacn_torchrec.data.negatives import LogUniformNegatives, UniformNegatives
+
+    sampler = None
+    item_log_q = None
+    if config.iacn.enabled and config.iacn.sampler != "in_batch":
+        if config.iacn.sampler == "uniform":
+            sampler = UniformNegatives(ds.num_items, config.iacn.num_negatives, seed=config.seed)
+        else:
+            sampler = LogUniformNegatives(ds.item_count, config.iacn.num_negatives, seed=config.seed)
+            item_log_q = sampler.log_q
+    with_neg_hist = config.model.name == "dien"
+    train_loader = BatchLoader(
+        ds,
+        "train",
+        batch_size=config.data.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=config.data.drop_last,
+        with_neg_hist=with_neg_hist,
+        iacn_negatives=sampler,
+    )
+    test_loader = BatchLoader(
+        ds,
+        "test",
+        batch_size=config.data.eval_batch_size,
+        shuffle=False,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        with_neg_hist=with_neg_hist,
+        limit=config.data.num_test_samples,
+    )
+    return train_loader, test_loader, item_log_q
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: BatchLoader, device: torch.device | None = None) -> dict[str, float]:
+    """AUC, log-loss and GAUC of ``model.predict`` over the loader's split (all ranks together)."""
+    was_training = model.training
+    model.eval()
+    metrics = CTRMetrics()
+    for batch in loader:
+        if device is not None:
+            batch = batch.to(device)
+        probs = model.predict(batch)
+        metrics.update(probs, batch.labels, batch.sparse_features["uid"].values())
+    model.train(was_training)
+    return metrics.compute()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Train ``config``; returns (and on rank 0 writes) the metrics dictionary."""
+    from iacn_torchrec.distributed.setup import build_training
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    out = Path(config.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config.to_yaml())
+    ds = PreparedDataset.open(config.data.path)
+    train_loader, test_loader, item_log_q = make_loaders(config, ds, rank, world_size)
+    setup = build_training(config, ds, item_log_q=item_log_q, rank=rank, world_size=world_size)
+    model, optimizer, device = setup.model, setup.optimizer, setup.device
+
+    state = TrainState()
+    ckpt_root = str(out / "checkpoints")
+    if config.resume and latest_step(ckpt_root) is not None:
+        ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
+        if ck.get("config_fingerprint") != _fingerprint(config):
+            raise CheckpointError(
+                f"{ckpt_root}: the checkpoint was written by a different configuration; "
+                "use another --out or --no-resume"
+            )
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        state = TrainState(**ck["train_state"])
+        # the position trained so far, not the loader's read-ahead position (pipelining prefetches)
+        train_loader.load_state_dict({"epoch": state.epoch, "batch": state.batch_in_epoch})
+        set_rng_state(ck["rng"])
+        if rank == 0:
+            logger.info("resumed from step %d (epoch %d)", state.step, state.epoch)
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_root,
+            state.step,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "train_state": vars(state).copy(),
+                "rng": rng_state(),
+                "config_fingerprint": _fingerprint(config),
+            },
+            rank=rank,
+            world_size=world_size,
+        )
+
+    history: list[dict[str, Any]] = []
+    max_steps = config.max_steps
+    steps_per_epoch = len(train_loader)
+    total = steps_per_epoch * config.epochs if max_steps is None else min(max_steps, steps_per_epoch * config.epochs)
+    bar = tqdm(total=total, initial=state.step, disable=not (config.progress and rank == 0), unit="step",
+               dynamic_ncols=True)
+    model.train()
+    done = max_steps is not None and state.step >= max_steps
+    loss_ema = None
+    while state.epoch < config.epochs and not done:
+        if state.batch_in_epoch == 0:
+            train_loader.set_epoch(state.epoch)
+        t0 = time.perf_counter()
+        for loss, (logits, main_loss, iacn_loss) in setup.train_steps(train_loader):
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.train_samples += int(logits.numel()) * world_size
+            lv = float(loss.detach())
+            if not np.isfinite(lv):
+                raise FloatingPointError(f"loss became {lv} at step {state.step}; lower the learning rate")
+            loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
+            if state.step % config.log_every == 0 or state.step == 1:
+                elapsed = state.train_time_s + time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss_ema:.4f}", iacn=f"{float(iacn_loss):.3f}",
+                                sps=f"{state.train_samples / max(elapsed, 1e-9):,.0f}")
+            bar.update(1)
+            stop = max_steps is not None and state.step >= max_steps
+            periodic_eval = config.eval_every and state.step % config.eval_every == 0
+            periodic_ckpt = config.checkpoint_every and state.step % config.checkpoint_every == 0
+            if periodic_eval or periodic_ckpt or stop:
+                state.train_time_s += time.perf_counter() - t0
+                if periodic_ckpt and not stop:
+                    checkpoint()
+                if periodic_eval and not stop:
+                    m = evaluate(_unwrap_for_eval(model), test_loader, device)
+                    history.append({"step": state.step, "epoch": state.epoch, **m})
+                    if rank == 0:
+                        bar.write(f"step {state.step}: test auc {m['auc']:.4f} gauc {m['gauc']:.4f} "
+                                  f"logloss {m['logloss']:.4f}")
+                t0 = time.perf_counter()
+            if stop:
+                done = True
+                break
+        else:
+            state.train_time_s += time.perf_counter() - t0
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            continue
+    bar.close()
+    checkpoint()
+    t_eval = time.perf_counter()
+    test = evaluate(_unwrap_for_eval(model), test_loader, device)
+    eval_s = time.perf_counter() - t_eval
+    result = {
+        "test": test,
+        "history": history,
+        "steps": state.step,
+        "epochs_completed": state.epoch,
+        "train_samples": state.train_samples,
+        "train_time_s": state.train_time_s,
+        "train_samples_per_s": state.train_samples / max(state.train_time_s, 1e-9),
+        "eval_samples_per_s": test["samples"] / max(eval_s, 1e-9),
+        "world_size": world_size,
+        "parameters": setup.num_parameters,
+        "config": config.to_dict(),
+        "dataset": {k: ds.meta.get(k) for k in ("source", "protocol", "max_len", "seed", "counts", "content_hash")},
+        "versions": versions(),
+    }
+    if rank == 0:
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(tmp, out / "metrics.json")
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        dist.barrier()
+    return result
+
+
+def _unwrap_for_eval(model: torch.nn.Module) -> torch.nn.Module:
+    """`predict` lives on our framework module; DMP wraps it as ``.module``."""
+    return model if hasattr(model, "predict") else _unwrap(model)
+
+
+def _fingerprint(config: TrainConfig) -> str:
+    """What must match for a checkpoint to be resumable: everything but run-control fields."""
+    d = config.to_dict()
+    for k in ("out", "epochs", "max_steps", "eval_every", "checkpoint_every", "log_every", "progress", "resume",
+              "threads"):
+        d.pop(k, None)
+    d["data"].pop("num_test_samples", None)
+    d["data"].pop("eval_batch_size", None)
+    return json.dumps(d, sort_keys=True, default=str)

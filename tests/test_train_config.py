@@ -1,0 +1,37 @@
+"""Config: YAML round trip, overrides, and clear errors naming the field."""
+
+import pytest
+
+from iacn_torchrec.train.config import ConfigError, TrainConfig
+
+
+def test_yaml_round_trip_and_override(tmp_path):
+    cfg = TrainConfig().override(["model.name=dien", "iacn.enabled=true", "iacn.delta=0.5", "optim.lr=0.0001"])
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg.to_yaml())
+    back = TrainConfig.from_yaml(p)
+    assert back == cfg
+    assert back.model.name == "dien" and back.iacn.enabled and back.iacn.delta == 0.5 and back.optim.lr == 1e-4
+
+
+@pytest.mark.parametrize(
+    "assignment, needle",
+    [
+        ("model.name=dlrm2", "model.name"),
+        ("iacn.delta=1.5", "delta"),
+        ("optim.embedding_optimizer=adamw", "optim.embedding_optimizer"),
+        ("model.nope=1", "model.nope"),
+        ("epochs=0", "epochs"),
+        ("distributed.sharding_types={item_aux: diagonal}", "item_aux"),
+    ],
+)
+def test_bad_values_name_the_field(assignment, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        TrainConfig().override([assignment])
+
+
+def test_unknown_yaml_field_names_file_and_field(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("iacn:\n  lamda: 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*iacn\.lamda"):
+        TrainConfig.from_yaml(p)
