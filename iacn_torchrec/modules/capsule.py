@@ -1,0 +1,258 @@
+"""MIND Behaviour-to-Interest (B2I) dynamic routing: a user's history → K interest capsules.
+
+Symbols follow MIND (Li et al., CIKM'19) and IaCN (Jaiswal & Xiong, RecSys'23):
+
+- ``c_i`` ``[h]``: the aux representation of history item i (``E_aux(item) ⊕ E_aux(cate)``);
+- ``S`` ``[h, h]``: one bilinear map shared by all capsules (B2I, unlike the per-capsule maps of
+  the original capsule networks);
+- ``b_ij``: routing logit of item i to capsule j, ``w_ij = softmax_j(b_ij)`` over the live capsules;
+- ``u_j = squash(Σ_i w_ij S c_i)``: interest capsule j; ``b_ij += u_j · S c_i`` between iterations;
+- ``K_u = clamp(ceil(log2 n_u), 1, K_max)``: number of live capsules of a user with n_u items.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+# Added under the square root of squash so that a zero vector maps to zero with a finite gradient.
+SQUASH_EPS = 1e-9
+
+
+def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
+    """Capsule non-linearity ``squash(s) = |s|² / (1 + |s|²) · s / |s|``.
+
+    Args:
+        s: ``[..., h, ...]``; squashed along ``dim``.
+        eps: added to ``|s|²`` under the square root; ``squash(0) = 0`` with a finite (zero) gradient.
+
+    Returns:
+        a tensor shaped like ``s`` whose vectors along ``dim`` have norm in ``[0, 1)``.
+    """
+    sq_norm = (s * s).sum(dim=dim, keepdim=True)
+    return s * (sq_norm * torch.rsqrt(sq_norm + eps) / (1.0 + sq_norm))
+
+
+def ceil_log2(n: int) -> int:
+    """``ceil(log2 n)`` for a positive int, exactly (no floating point); 0 for n ≤ 1."""
+    return max(int(n) - 1, 0).bit_length()
+
+
+class RoutingOutput(NamedTuple):
+    """Result of :meth:`InterestCapsuleRouting.route`.
+
+    capsules: ``[B, K_max, h]`` interest capsules ``u_j`` (after the user-profile layer when there
+        is one); dead capsules (``j ≥ K_u``) are zero.
+    capsule_mask: ``[B, K_max]`` bool, True for the first ``K_u`` (live) capsules.
+    routing_weights: ``[B, K_max, L]`` the last iteration's ``w_ij`` (zero for dead capsules and
+        padded items); for each real item the weights over live capsules sum to 1.
+    """
+
+    capsules: torch.Tensor
+    capsule_mask: torch.Tensor
+    routing_weights: torch.Tensor
+
+
+class InterestCapsuleRouting(nn.Module):
+    """MIND B2I dynamic routing with a dynamic number of interests and an optional user-profile layer.
+
+    Args:
+        item_dim: h, the dimension of the behaviour vectors ``c_i`` and of the capsules.
+        max_len: L_max, the longest history this module accepts (fixes the eval logits buffer).
+        k_max: K_max, the most interests per user; default ``ceil(log2 L_max)`` (at least 1).
+        routing_iters: r, the number of routing iterations (MIND: 3).
+        user_dim: Du; when given, MIND's H-layer is added: each capsule is concatenated with the
+            user embedding and mapped back to h by a ReLU MLP ``Linear(h+Du, 2h) → ReLU → Linear(2h, h)``.
+        seed: seeds the fixed routing logits used in eval mode (``[K_max, L_max]`` drawn once from
+            N(0, 1)): eval is deterministic, and the capsules still differ from each other, which
+            all-zero logits would not allow (every capsule would receive the same weights).
+
+    In training mode the initial logits are drawn from N(0, 1) on every call, from the ``generator``
+    passed to :meth:`forward` or else the global RNG (seeded by the trainer).
+
+    Example::
+
+        routing = InterestCapsuleRouting(item_dim=36, max_len=20)
+        capsules, capsule_mask = routing(hist, lengths)    # [B, 20, 36], [B] -> [B, 5, 36], [B, 5]
+    """
+
+    def __init__(
+        self,
+        item_dim: int,
+        max_len: int,
+        k_max: int | None = None,
+        routing_iters: int = 3,
+        user_dim: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("item_dim", item_dim), ("max_len", max_len), ("routing_iters", routing_iters)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"InterestCapsuleRouting: {name} must be a positive int, got {value!r}")
+        if k_max is None:
+            k_max = max(ceil_log2(max_len), 1)
+        if not isinstance(k_max, int) or isinstance(k_max, bool) or k_max < 1:
+            raise ValueError(f"InterestCapsuleRouting: k_max must be a positive int or None, got {k_max!r}")
+        if user_dim is not None and (not isinstance(user_dim, int) or user_dim < 1):
+            raise ValueError(
+                f"InterestCapsuleRouting: user_dim must be a positive int or None, got {user_dim!r}"
+            )
+        self.item_dim = item_dim
+        self.max_len = max_len
+        self.k_max = k_max
+        self.routing_iters = routing_iters
+        self.user_dim = user_dim
+
+        # S: x ↦ x @ S.T, i.e. S c_i. Scaled so that |S c| ≈ |c| at initialisation (MIND's N(0, 1)
+        # would blow the capsules up by sqrt(h) and saturate squash).
+        self.bilinear = nn.Parameter(torch.empty(item_dim, item_dim))
+        nn.init.normal_(self.bilinear, std=item_dim**-0.5)
+
+        self.user_profile: nn.Module | None = None
+        if user_dim is not None:
+            self.user_profile = nn.Sequential(
+                nn.Linear(item_dim + user_dim, 2 * item_dim),
+                nn.ReLU(),
+                nn.Linear(2 * item_dim, item_dim),
+            )
+
+        gen = torch.Generator().manual_seed(int(seed))
+        # Not persistent: a pure function of the seed, so checkpoints need not carry it.
+        self.register_buffer("eval_logits", torch.randn(k_max, max_len, generator=gen), persistent=False)
+        # Index buffers, so that no tensor is created from Python on every call.
+        self.register_buffer("_positions", torch.arange(max_len), persistent=False)
+        self.register_buffer("_capsule_ids", torch.arange(k_max), persistent=False)
+        # K_u = #{j < K_max : n_u > 2^j} equals ceil(log2 n_u) clamped to K_max, exactly, in ints.
+        self.register_buffer("_pow2", 2 ** torch.arange(k_max), persistent=False)
+
+    def num_interests(self, lengths: torch.Tensor) -> torch.Tensor:
+        """``K_u = clamp(ceil(log2 n_u), 1, K_max)`` for ``lengths`` ``[B]`` (int) → ``[B]`` int64."""
+        return (lengths.unsqueeze(-1) > self._pow2).sum(-1).clamp_min(1)
+
+    def _as_padded(
+        self, hist: torch.Tensor | JaggedTensor, lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(hist, JaggedTensor):
+            if lengths is not None:
+                raise ValueError(
+                    "InterestCapsuleRouting: pass lengths only with a padded tensor, not with a JaggedTensor"
+                )
+            lengths = hist.lengths()
+            hist = hist.to_padded_dense(desired_length=self.max_len, padding_value=0.0)
+        if lengths is None:
+            raise ValueError("InterestCapsuleRouting: lengths [B] is required with a padded hist [B, L, h]")
+        if hist.dim() != 3 or hist.size(-1) != self.item_dim:
+            raise ValueError(
+                f"InterestCapsuleRouting: hist must be [B, L, {self.item_dim}], got {list(hist.shape)}"
+            )
+        if hist.size(1) > self.max_len:
+            raise ValueError(
+                f"InterestCapsuleRouting: history length L={hist.size(1)} exceeds max_len={self.max_len}"
+            )
+        if lengths.shape != hist.shape[:1]:
+            raise ValueError(
+                f"InterestCapsuleRouting: lengths must be [B]={list(hist.shape[:1])}, "
+                f"got {list(lengths.shape)}"
+            )
+        return hist, lengths
+
+    def route(
+        self,
+        hist: torch.Tensor | JaggedTensor,
+        lengths: torch.Tensor | None = None,
+        user: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        init_logits: torch.Tensor | None = None,
+    ) -> RoutingOutput:
+        """Route a batch of histories into interest capsules.
+
+        Args:
+            hist: ``[B, L, h]`` padded behaviour vectors ``c_i`` (L ≤ L_max, oldest first, real items
+                first), or a ``JaggedTensor`` with values ``[N, h]`` (then ``lengths`` must be None; it is
+                padded to L_max, so histories must already be truncated to the last L_max items).
+                Values past a user's length are ignored (no weight, zero gradient) as long as they and
+                their ``S c`` are finite (lookups and ``to_padded_dense`` put zeros there).
+            lengths: ``[B]`` int, the (truncated) history lengths n_u; clamped to ``[0, L]``.
+            user: ``[B, Du]`` user embedding, required iff the module has a user-profile layer.
+            generator: RNG for the training-mode initial logits (default: the global RNG).
+            init_logits: ``[B, K_max, L]`` or ``[K_max, L]`` initial routing logits overriding both
+                the random (train) and the fixed (eval) ones; for tests and explanations.
+
+        Returns:
+            :class:`RoutingOutput` (capsules ``[B, K_max, h]``, capsule_mask ``[B, K_max]``,
+            routing_weights ``[B, K_max, L]``).
+        """
+        hist, lengths = self._as_padded(hist, lengths)
+        batch, seq_len, _ = hist.shape
+        lengths = lengths.clamp(0, seq_len)
+
+        item_mask = self._positions[:seq_len].unsqueeze(0) < lengths.unsqueeze(-1)  # [B, L]
+        capsule_mask = self._capsule_ids.unsqueeze(0) < self.num_interests(lengths).unsqueeze(-1)  # [B, K]
+
+        mapped = torch.matmul(hist, self.bilinear.t())  # S c_i: [B, L, h]
+        mapped_sg = mapped.detach()  # logits updates carry no gradient (MIND's stop-gradient)
+
+        if init_logits is not None:
+            if init_logits.shape[-2:] != (self.k_max, seq_len):
+                raise ValueError(
+                    f"InterestCapsuleRouting: init_logits must be [B, {self.k_max}, {seq_len}] or "
+                    f"[{self.k_max}, {seq_len}], got {list(init_logits.shape)}"
+                )
+            logits = init_logits.detach().to(hist.dtype).expand(batch, self.k_max, seq_len)
+        elif self.training:
+            logits = torch.randn(
+                batch, self.k_max, seq_len, generator=generator, device=hist.device, dtype=hist.dtype
+            )
+        else:
+            logits = self.eval_logits[:, :seq_len].to(hist.dtype).expand(batch, self.k_max, seq_len)
+
+        # Dead capsules start at -inf and stay there (the updates are finite), so the softmax over
+        # capsules gives them no weight; K_u ≥ 1, so a column is never all -inf. Padded items get
+        # weight 0 after the softmax: whatever finite values the padding holds, it adds exact zeros to
+        # the capsules and receives a zero gradient (masking the [B, K, L] weights, not the 7x larger
+        # [B, L, h] history). The weights carry no gradient (the logits are detached), so all but the
+        # last iteration run on the detached S c_i and record nothing for autograd.
+        dead = ~capsule_mask.unsqueeze(-1)  # [B, K, 1]
+        real = item_mask.unsqueeze(1)  # [B, 1, L]; where(), not a product: padded logits may overflow
+        logits = logits.masked_fill(dead, float("-inf"))
+        for _ in range(self.routing_iters - 1):
+            weights = torch.where(real, torch.softmax(logits, dim=1), 0.0)
+            capsules = squash(torch.bmm(weights, mapped_sg))  # u_j = squash(Σ_i w_ij S c_i)
+            logits = logits + torch.bmm(capsules, mapped_sg.transpose(1, 2))  # b_ij += u_j · S c_i
+        weights = torch.where(real, torch.softmax(logits, dim=1), 0.0)
+        capsules = squash(torch.bmm(weights, mapped))  # [B, K, h]
+
+        if self.user_profile is not None:
+            if user is None:
+                raise ValueError(
+                    "InterestCapsuleRouting: this module has a user-profile layer; pass user [B, Du]"
+                )
+            if user.shape != (batch, self.user_dim):
+                raise ValueError(
+                    f"InterestCapsuleRouting: user must be [{batch}, {self.user_dim}], got {list(user.shape)}"
+                )
+            # Linear(u_j ⊕ user) = W_u u_j + (W_user user + b): the user half once per user, no concat.
+            first, act, last = self.user_profile
+            w = first.weight
+            per_user = F.linear(user, w[:, self.item_dim :], first.bias).unsqueeze(1)  # [B, 1, 2h]
+            hidden = F.linear(capsules, w[:, : self.item_dim]) + per_user  # [B, K, 2h]
+            capsules = last(act(hidden)).masked_fill(dead, 0.0)
+        return RoutingOutput(capsules, capsule_mask, weights)
+
+    def forward(
+        self,
+        hist: torch.Tensor | JaggedTensor,
+        lengths: torch.Tensor | None = None,
+        user: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route ``hist [B, L, h]`` (or a JaggedTensor) with ``lengths [B]``.
+
+        Returns ``(capsules [B, K_max, h], capsule_mask [B, K_max])``; see :meth:`route` for the arguments.
+        """
+        out = self.route(hist, lengths, user=user, generator=generator)
+        return out.capsules, out.capsule_mask

@@ -1,0 +1,99 @@
+"""Label-aware attention vs a per-user reference; sign-preserving pow; hard attention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from iacn_torchrec.modules.attention import label_aware_attention, label_aware_attention_weights
+
+
+def ref_attention(capsules, mask, target, p):
+    B, K, h = capsules.shape
+    out, weights = [], []
+    for b in range(B):
+        live = [j for j in range(K) if bool(mask[b, j])]
+        scores = {j: float(torch.dot(capsules[b, j], target[b])) for j in live}
+        if math.isinf(p):
+            best = max(live, key=lambda j: scores[j])
+            w = {j: float(j == best) for j in live}
+        else:
+            powed = {j: math.copysign(abs(s) ** p, s) for j, s in scores.items()}
+            top = max(powed.values())
+            z = sum(math.exp(v - top) for v in powed.values())
+            w = {j: math.exp(powed[j] - top) / z for j in live}
+        weights.append([w.get(j, 0.0) for j in range(K)])
+        out.append(sum(w[j] * capsules[b, j] for j in live))
+    return torch.stack(out), torch.tensor(weights, dtype=capsules.dtype)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    capsules = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    target = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    return capsules, mask, target
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 3.0, math.inf])
+def test_matches_reference(p: float) -> None:
+    capsules, mask, target = _inputs()
+    capsules[~mask] = 50.0  # dead capsules with a huge score must still get no weight
+    v = label_aware_attention(capsules, mask, target, p)
+    w = label_aware_attention_weights(capsules, mask, target, p)
+    ref_v, ref_w = ref_attention(capsules, mask, target, p)
+    assert torch.allclose(w, ref_w, atol=1e-12)
+    assert torch.allclose(v, ref_v, atol=1e-12)
+    assert torch.all(w[~mask] == 0)
+    assert torch.allclose(w.sum(1), torch.ones(4, dtype=w.dtype))
+
+
+def test_negative_score_never_becomes_a_large_weight() -> None:
+    # Scores -3 and 1: a plain square would give the -3 capsule weight softmax(9, 1) ≈ 0.9997.
+    capsules = torch.tensor([[[-3.0, 0.0], [1.0, 0.0]]], dtype=torch.float64)
+    target = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    w = label_aware_attention_weights(capsules, mask, target, p=2.0)
+    assert torch.allclose(w, torch.softmax(torch.tensor([[-9.0, 1.0]], dtype=torch.float64), 1))
+    assert w[0, 0] < 1e-4
+
+
+def test_hard_attention_picks_argmax_and_routes_gradient_to_it() -> None:
+    capsules, mask, target = _inputs(1)
+    capsules.requires_grad_(True)
+    v = label_aware_attention(capsules, mask, target, math.inf)
+    scores = torch.einsum("bkh,bh->bk", capsules.detach(), target).masked_fill(~mask, -math.inf)
+    best = scores.argmax(1)
+    assert torch.equal(v, capsules.detach()[torch.arange(4), best])
+    v.sum().backward()
+    chosen = torch.zeros(4, 3, dtype=torch.bool)
+    chosen[torch.arange(4), best] = True
+    assert torch.all(capsules.grad[chosen] == 1) and torch.all(capsules.grad[~chosen] == 0)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_gradcheck(p: float) -> None:
+    capsules, mask, target = _inputs(2)
+    capsules.requires_grad_(True)
+    target.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c, t: label_aware_attention(c, mask, t, p), (capsules, target))
+
+
+def test_zero_scores_give_finite_gradients_for_small_p() -> None:
+    capsules = torch.zeros(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    label_aware_attention(capsules, mask, target, 0.5).sum().backward()
+    assert torch.isfinite(capsules.grad).all() and torch.isfinite(target.grad).all()
+
+
+def test_bad_inputs() -> None:
+    capsules, mask, target = _inputs()
+    with pytest.raises(ValueError, match="p must be"):
+        label_aware_attention(capsules, mask, target, 0.0)
+    with pytest.raises(ValueError, match="capsule_mask"):
+        label_aware_attention(capsules, mask[:, :2], target, 2.0)
+    with pytest.raises(ValueError, match="target"):
+        label_aware_attention(capsules, mask, target[:, :3], 2.0)
