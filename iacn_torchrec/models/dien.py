@@ -1,0 +1,182 @@
+"""Deep Interest Evolution Network (Zhou et al., AAAI'19) with the defaults of its reference code."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iacn_torchrec.models.layers import MLP, AttentionUnit, effective_length, masked_sum, sequence_mask
+from iacn_torchrec.modules.embeddings import EmbeddedBatch
+
+__all__ = ["DIENConfig", "DIEN", "AUGRUCell", "AUGRU", "next_behaviour_aux_loss"]
+
+
+@dataclass
+class DIENConfig:
+    """DIEN hyper-parameters (defaults: ``Model_DIN_V2_Gru_Vec_attGru_Neg`` of the reference code).
+
+    The GRU hidden size is the item representation width D (as in the reference code).
+
+    Attributes:
+        att_hidden / att_activation: attention unit over the GRU outputs (80 → 40, sigmoid).
+        aux_hidden / aux_activation: auxiliary-loss MLP on ``[h_t, e]`` (100 → 50 → 1, sigmoid).
+        aux_loss_weight: weight of the next-behaviour auxiliary loss (reference: 1).
+        tower_hidden / tower_activation / tower_input_bn / dropout: as :class:`DINConfig`.
+    """
+
+    att_hidden: tuple[int, ...] = (80, 40)
+    att_activation: str = "sigmoid"
+    aux_hidden: tuple[int, ...] = (100, 50)
+    aux_activation: str = "sigmoid"
+    aux_loss_weight: float = 1.0
+    tower_hidden: tuple[int, ...] = (200, 80)
+    tower_activation: str = "dice"
+    tower_input_bn: bool = True
+    dropout: float = 0.0
+
+
+class AUGRUCell(nn.Module):
+    """GRU with attentional update gate (DIEN eq. 6–7): ``ũ = a·u``, ``h = (1-ũ)·h_prev + ũ·h̃``.
+
+    Parameters use :class:`torch.nn.GRUCell`'s layout and init (``weight_ih [3H, Din]`` with gates
+    ordered r, z, n). PyTorch's z is the weight on ``h_prev``, so the update gate is ``u = 1 - z``;
+    with ``a = 1`` the cell is exactly ``nn.GRUCell``; with ``a = 0`` the state is carried unchanged.
+    (DIEN's TF code scales the *keep* gate instead, ``(1-a)·u_keep``; we follow the paper.)
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(3 * hidden_size))
+        self.bias_hh = nn.Parameter(torch.empty(3 * hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for w in self.parameters():
+            nn.init.uniform_(w, -bound, bound)
+
+    def input_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W_ihᵀ + b_ih`` for all steps at once: ``[..., Din] → [..., 3H]``."""
+        return F.linear(x, self.weight_ih, self.bias_ih)
+
+    def step(self, gi: torch.Tensor, h: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        """One step from a precomputed input projection ``gi [B, 3H]``, state ``h [B, H]``, ``att [B]``."""
+        H = self.hidden_size
+        gh = torch.addmm(self.bias_hh, h, self.weight_hh.t())
+        rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
+        r, z = rz[:, :H], rz[:, H:]
+        n = torch.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
+        u = att.unsqueeze(1) * (1.0 - z)
+        return h + u * (n - h)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        """``x [B, Din]``, ``h [B, H]``, ``att [B]`` → next state ``[B, H]``."""
+        return self.step(self.input_projection(x), h, att)
+
+
+class AUGRU(nn.Module):
+    """Runs :class:`AUGRUCell` over a sequence; attention 0 at padded steps leaves the state untouched,
+    so the result is each user's state after its last real behaviour (zero for an empty history).
+
+    Shapes: inputs ``[B, T, Din]``, att ``[B, T]`` (zero past the history length) → ``[B, H]``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.cell = AUGRUCell(input_size, hidden_size)
+
+    def forward(self, inputs: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        B, T, _ = inputs.shape
+        gi = self.cell.input_projection(inputs)  # one matmul for all T steps
+        h = inputs.new_zeros(B, self.cell.hidden_size)
+        # unbind, not gi[:, t]: its backward is one stack instead of T full-size zero-filled scatters
+        for gi_t, a_t in zip(gi.unbind(1), att.unbind(1), strict=True):
+            h = self.cell.step(gi_t, h, a_t)
+        return h
+
+
+def next_behaviour_aux_loss(
+    net: nn.Module,
+    states: torch.Tensor,
+    hist: torch.Tensor,
+    neg_hist: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """DIEN's auxiliary loss: the state after behaviour t must tell the next real behaviour t+1 from a
+    sampled negative at t+1.
+
+    ``L_aux = (1/V) Σ_{b, t < n_b - 1} [-log σ(f(h_t, e_{t+1})) - log(1 - σ(f(h_t, ê_{t+1})))]`` with V the
+    number of such positions (padding never counts; DIEN's code averages over padded slots too).
+
+    Shapes: states ``[B, T, H]``, hist / neg_hist ``[B, T, D]``, mask ``[B, T]`` (real positions).
+    """
+    valid = mask[:, 1:]  # position t is used iff t+1 is a real behaviour
+    h = states[:, :-1][valid]  # [V, H]: only valid rows reach the MLP
+    if h.shape[0] == 0:
+        return states.sum() * 0.0
+    pos = hist[:, 1:][valid]
+    neg = neg_hist[:, 1:][valid]
+    logits = net(torch.cat([torch.cat([h, pos], 1), torch.cat([h, neg], 1)], 0)).squeeze(-1)  # [2V]
+    V = h.shape[0]
+    targets = torch.cat([logits.new_ones(V), logits.new_zeros(V)])
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / V
+
+
+class DIEN(nn.Module):
+    """DIEN on an :class:`EmbeddedBatch`.
+
+    Interest extractor: ``nn.GRU`` (hidden D) over the history. The GRU is causal and histories are
+    left-aligned (oldest first), so the outputs at real positions never see padding; outputs past
+    the length are zeroed. Next-behaviour auxiliary loss on the extractor states (needs
+    ``emb.neg_hist``; computed in training mode only). Interest evolution: attention of the target
+    over the extractor states (masked softmax) drives an :class:`AUGRU`; its final state ``h'``
+    joins the tower input ``[user, e_t, Σ e_i, e_t·Σ e_i, h']`` → BN → 200 → 80 → 1.
+
+    ``forward`` returns (logits ``[B]``, ``aux_loss_weight · L_aux`` or None).
+    """
+
+    def __init__(self, user_dim: int, item_dim: int, max_len: int, config: DIENConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or DIENConfig()
+        self.user_dim, self.item_dim, self.max_len = user_dim, item_dim, max_len
+        H = item_dim
+        self.gru = nn.GRU(item_dim, H, batch_first=True)
+        self.aux_net = MLP(H + item_dim, config.aux_hidden, 1, activation=config.aux_activation)
+        self.attention = AttentionUnit(item_dim, H, config.att_hidden, config.att_activation,
+                                       softmax=True, query_proj=True)
+        self.augru = AUGRU(H, H)
+        self.tower = MLP(user_dim + 3 * item_dim + H, config.tower_hidden, 1,
+                         activation=config.tower_activation, input_bn=config.tower_input_bn,
+                         dropout=config.dropout)
+
+    def forward(self, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        T = effective_length(emb.hist_lengths, emb.hist.shape[1])
+        hist = emb.hist[:, :T]
+        mask = sequence_mask(emb.hist_lengths, T)
+        states, _ = self.gru(hist)
+        states = states * mask.unsqueeze(-1)  # [B, T, H], zero past n
+
+        aux_loss = None
+        if self.training and self.config.aux_loss_weight != 0:
+            if emb.neg_hist is None:
+                raise ValueError(
+                    f"{__file__}: DIEN's auxiliary loss needs EmbeddedBatch.neg_hist "
+                    "(build the embeddings with with_neg_hist=True and a loader with with_neg_hist=True), "
+                    "or set DIENConfig.aux_loss_weight=0"
+                )
+            aux_loss = self.config.aux_loss_weight * next_behaviour_aux_loss(
+                self.aux_net, states, hist, emb.neg_hist[:, :T], mask
+            )
+
+        _, att = self.attention(emb.target, states, mask)  # att [B, T], zero at padding
+        final = self.augru(states, att)
+        hist_sum = masked_sum(hist, mask)
+        x = torch.cat([emb.user, emb.target, hist_sum, emb.target * hist_sum, final], dim=1)
+        return self.tower(x).squeeze(-1), aux_loss

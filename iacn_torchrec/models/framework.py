@@ -1,0 +1,211 @@
+"""Joins a main CTR model with the IaCN auxiliary task: ``L = L_main + λ·L_IaCN``.
+
+The framework owns no maths of its own: :class:`InterestAwareEmbeddings` does the lookups and the
+δ / 1-δ gradient split, the main model turns :class:`EmbeddedBatch` into logits (and, for DIEN, its
+auxiliary loss), :class:`IaCNTask` turns the aux views into ``L_IaCN``. With IaCN off there are no
+aux tables and no IaCN module, so the model is parameter-for-parameter the plain main model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iacn_torchrec.models.dien import DIEN, DIENConfig
+from iacn_torchrec.models.din import DIN, DINConfig
+from iacn_torchrec.models.wide_deep import WideDeep, WideDeepConfig
+from iacn_torchrec.modules.embeddings import EmbeddedBatch, InterestAwareEmbeddings
+from iacn_torchrec.modules.iacn import IaCNConfig, IaCNTask
+
+__all__ = ["CTRWithIaCN", "build_model", "MODEL_NAMES"]
+
+MODEL_NAMES = ("din", "dien", "wide_deep")
+_MODELS: dict[str, tuple[type[nn.Module], type]] = {
+    "din": (DIN, DINConfig),
+    "dien": (DIEN, DIENConfig),
+    "wide_deep": (WideDeep, WideDeepConfig),
+}
+
+
+class CTRWithIaCN(nn.Module):
+    """A main CTR model trained with the IaCN auxiliary task.
+
+    Args:
+        embeddings: the interest-aware embeddings (``aux_dim > 0`` iff IaCN is on).
+        main_model: ``forward(EmbeddedBatch) -> (logits [B], model_aux_loss | None)``.
+        iacn: the IaCN task, or None (the plain main model).
+        lam: λ. With λ = 0 IaCN is not run at all (its loss cannot reach any parameter) and
+            ``iacn_loss`` is reported as 0.
+        delta: δ, the main model's share of the gradient reaching ``E_aux``.
+        item_log_q: ``[num_items + 1]`` log sampling probability of every item id (the log-uniform
+            sampler's logQ correction), or None.
+
+    ``forward(batch)`` (``batch.sparse_features``: KJT, ``batch.labels``: ``[B]``) returns
+    ``(loss, (logits, main_loss, iacn_loss))`` with ``main_loss = BCE(logits, labels) +
+    model_aux_loss`` and ``loss = main_loss + λ·iacn_loss``; the second element is detached (for
+    logging and metrics, as TorchRec's ``DLRMTrain`` does).
+    """
+
+    def __init__(
+        self,
+        embeddings: InterestAwareEmbeddings,
+        main_model: nn.Module,
+        iacn: IaCNTask | None = None,
+        lam: float = 1.0,
+        delta: float = 0.3,
+        item_log_q: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if iacn is not None and embeddings.aux is None:
+            raise ValueError("CTRWithIaCN: an IaCN task needs aux tables (aux_dim > 0)")
+        if not 0.0 <= float(delta) <= 1.0:
+            raise ValueError(f"CTRWithIaCN: delta must be in [0, 1], got {delta}")
+        if float(lam) < 0:
+            raise ValueError(f"CTRWithIaCN: lam must be >= 0, got {lam}")
+        if iacn is not None and iacn.config.sampler != "in_batch" and not embeddings.with_iacn_negatives:
+            raise ValueError(
+                f"CTRWithIaCN: sampler {iacn.config.sampler!r} needs InterestAwareEmbeddings("
+                "with_iacn_negatives=True) and a loader that adds iacn_neg_item / iacn_neg_cate"
+            )
+        self.embeddings = embeddings
+        self.main_model = main_model
+        self.iacn = iacn
+        self.lam = float(lam)
+        self.delta = float(delta)
+        self.item_log_q: torch.Tensor | None
+        if item_log_q is not None:
+            if item_log_q.dim() != 1 or item_log_q.numel() != embeddings.num_items + 1:
+                raise ValueError(
+                    f"CTRWithIaCN: item_log_q must be [num_items + 1] = [{embeddings.num_items + 1}]; "
+                    f"got {list(item_log_q.shape)}"
+                )
+            # a buffer so .to(device) moves it; not persistent: it is data, not a learned state
+            self.register_buffer("item_log_q", item_log_q.detach().float().clone(), persistent=False)
+        else:
+            self.item_log_q = None
+
+    @property
+    def runs_iacn(self) -> bool:
+        return self.iacn is not None and self.lam != 0.0
+
+    def iacn_loss(self, emb: EmbeddedBatch, labels: torch.Tensor) -> torch.Tensor:
+        """``L_IaCN`` on the aux views of ``emb`` (built with ``aux_views=True``).
+
+        Item ids go along for accidental-hit masking, log Q of targets / negatives for the
+        log-uniform sampler's correction. The user embedding is passed detached (``E_orig``, the
+        ``uid`` table included, is trained by the main loss only)."""
+        assert self.iacn is not None
+        neg_log_q = target_log_q = None
+        if self.item_log_q is not None:
+            target_log_q = self.item_log_q[emb.target_ids]
+            if emb.negative_ids is not None:
+                neg_log_q = self.item_log_q[emb.negative_ids]
+        return self.iacn(
+            emb.aux_hist,
+            emb.hist_lengths,
+            emb.aux_target,
+            labels,
+            # the user table belongs to E_orig, which gets g_main only: IaCN's user-profile layer
+            # reads the user embedding as a feature
+            user=emb.user.detach(),
+            aux_negatives=emb.aux_negatives,
+            neg_log_q=neg_log_q,
+            target_log_q=target_log_q,
+            target_ids=emb.target_ids,
+            negative_ids=emb.negative_ids,
+        )
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        labels = batch.labels.float()
+        run_iacn = self.runs_iacn
+        emb = self.embeddings(batch.sparse_features, self.delta, aux_views=run_iacn)
+        logits, model_aux_loss = self.main_model(emb)
+        main_loss = F.binary_cross_entropy_with_logits(logits, labels)
+        if model_aux_loss is not None:
+            main_loss = main_loss + model_aux_loss
+        if run_iacn:
+            iacn_loss = self.iacn_loss(emb, labels)
+            loss = main_loss + self.lam * iacn_loss
+        else:
+            iacn_loss = torch.zeros((), device=logits.device)
+            loss = main_loss
+        return loss, (logits.detach(), main_loss.detach(), iacn_loss.detach())
+
+    @torch.no_grad()
+    def predict(self, batch: Any) -> torch.Tensor:
+        """Click probabilities ``[B]`` from ``E_orig ⊕ E_aux`` and the main model only (IaCN is not
+        run; call ``eval()`` first so BatchNorm / Dice use their running statistics)."""
+        emb = self.embeddings(batch.sparse_features, self.delta, aux_views=False)
+        logits, _ = self.main_model(emb)
+        return torch.sigmoid(logits)
+
+
+def build_model(
+    model_name: str,
+    num_users: int,
+    num_items: int,
+    num_cates: int,
+    max_len: int,
+    iacn: IaCNConfig | None = None,
+    emb_dim: int = 18,
+    user_dim: int | None = None,
+    item_log_q: torch.Tensor | None = None,
+    dien_aux_loss_weight: float | None = None,
+    model_config: Any = None,
+    init_bound: float | None = None,
+    device: torch.device | None = None,
+) -> CTRWithIaCN:
+    """Builds ``model_name`` ∈ {din, dien, wide_deep} with IaCN as configured.
+
+    Parameters are created from torch's global RNG in a fixed order (tables ``uid, item_orig,
+    cate_orig[, item_aux, cate_aux]``, then the main model, then IaCN), so ``torch.manual_seed``
+    before the call fixes the model. With ``iacn`` None or disabled: no aux tables, no IaCN module.
+
+    Args:
+        emb_dim: per-table dimension of ``E_orig`` (the aux tables get ``iacn.aux_dim``).
+        user_dim: user table dimension (default ``emb_dim``).
+        item_log_q: ``[num_items + 1]`` log sampling probabilities (required for the log-uniform
+            sampler, used for logQ correction).
+        dien_aux_loss_weight: overrides ``DIENConfig.aux_loss_weight``.
+        model_config: a ``DINConfig`` / ``DIENConfig`` / ``WideDeepConfig`` (defaults otherwise).
+        init_bound: see :class:`InterestAwareEmbeddings`.
+    """
+    if model_name not in _MODELS:
+        raise ValueError(f"build_model: model_name={model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    cls, cfg_cls = _MODELS[model_name]
+    cfg = model_config if model_config is not None else cfg_cls()
+    if not isinstance(cfg, cfg_cls):
+        raise TypeError(f"build_model: {model_name} takes a {cfg_cls.__name__}, got {type(cfg).__name__}")
+    if dien_aux_loss_weight is not None and isinstance(cfg, DIENConfig):
+        cfg = replace(cfg, aux_loss_weight=float(dien_aux_loss_weight))
+    on = iacn is not None and iacn.enabled
+    if on and iacn.sampler == "log_uniform" and item_log_q is None:
+        raise ValueError("build_model: IaCN sampler 'log_uniform' needs item_log_q (log Q per item id)")
+    user_dim = emb_dim if user_dim is None else user_dim
+
+    embeddings = InterestAwareEmbeddings(
+        num_users, num_items, num_cates, max_len,
+        orig_dim=emb_dim,
+        aux_dim=iacn.aux_dim if on else 0,
+        user_dim=user_dim,
+        with_neg_hist=model_name == "dien",
+        with_iacn_negatives=on and iacn.sampler != "in_batch",
+        device=device,
+        init_bound=init_bound,
+    )
+    main_model = cls(user_dim, embeddings.item_dim, max_len, cfg)
+    task = None
+    if on:
+        task = IaCNTask(iacn, item_dim=embeddings.aux_item_dim, max_len=max_len, user_dim=user_dim)
+    model = CTRWithIaCN(
+        embeddings, main_model, task,
+        lam=iacn.lam if on else 0.0,
+        delta=iacn.delta if on else 1.0,
+        item_log_q=item_log_q if on else None,
+    )
+    return model.to(device) if device is not None else model
+

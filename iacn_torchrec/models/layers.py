@@ -1,0 +1,186 @@
+"""Building blocks shared by the main models: Dice, MLPs, the DIN attention unit, masked pooling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Dice",
+    "MLP",
+    "AttentionUnit",
+    "activation_layer",
+    "masked_sum",
+    "sequence_mask",
+    "effective_length",
+    "MASK_FILL",
+]
+
+#: score given to padded positions before the softmax (DIEN's code uses -2**32 + 1: finite, so a row
+#: with no real behaviour yields no NaN).
+MASK_FILL = -(2.0**32) + 1
+
+
+class Dice(nn.Module):
+    """Data-adaptive activation of DIN (Zhou et al., KDD'18, eq. 8).
+
+    ``f(s) = p(s)·s + (1 - p(s))·α·s`` with ``p(s) = sigmoid(BN(s))``; BN without affine terms and
+    ``eps = 1e-8`` (DIEN's code), α initialised to 0 (so Dice starts as a smooth ReLU). DIEN's TF
+    code normalises with the batch statistics even at inference; here BatchNorm keeps running
+    statistics for eval, as DeepCTR-Torch does.
+
+    Shapes: ``[B, H]`` or ``[B, T, H]`` (statistics over every axis but the last).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features, eps=eps, affine=False)
+        self.alpha = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        p = torch.sigmoid(self.bn(flat)).view_as(x)
+        return x * (p + (1.0 - p) * self.alpha)
+
+
+def activation_layer(name: str, num_features: int) -> nn.Module:
+    """``dice`` | ``prelu`` (per-channel, α init 0.25 as PyTorch) | ``relu`` | ``sigmoid`` | ``none``."""
+    name = name.lower()
+    if name == "dice":
+        return Dice(num_features)
+    if name == "prelu":
+        return nn.PReLU(num_features)
+    if name == "relu":
+        return nn.ReLU()
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name in ("none", "linear", "identity"):
+        return nn.Identity()
+    raise ValueError(f"unknown activation {name!r}; expected dice, prelu, relu, sigmoid or none")
+
+
+class _PReLULast(nn.PReLU):
+    """PReLU whose channel axis is the last one (nn.PReLU uses axis 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() <= 2:
+            return super().forward(x)
+        return torch.where(x >= 0, x, self.weight * x)
+
+
+class MLP(nn.Module):
+    """``[BN] → (Linear → act)×len(hidden) → Linear(out_dim)`` (no activation on the output).
+
+    Args:
+        in_dim: input width.
+        hidden: hidden widths, e.g. ``(200, 80)``.
+        out_dim: output width (1 for a logit); None ⇒ no output layer.
+        activation: see :func:`activation_layer`.
+        input_bn: BatchNorm1d on the input (DIEN's tower starts with one).
+        dropout: dropout after each hidden activation.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int],
+        out_dim: int | None = 1,
+        activation: str = "relu",
+        input_bn: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        if input_bn:
+            layers.append(nn.BatchNorm1d(in_dim))
+        d = in_dim
+        for h in hidden:
+            layers.append(nn.Linear(d, h))
+            act = activation_layer(activation, h)
+            if isinstance(act, nn.PReLU):
+                act = _PReLULast(h)
+            layers.append(act)
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = h
+        if out_dim is not None:
+            layers.append(nn.Linear(d, out_dim))
+            d = out_dim
+        self.out_dim = d
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in_dim] → [..., out_dim]`` (input BN needs a 2-D ``[B, in_dim]`` input)."""
+        return self.net(x)
+
+
+def sequence_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``[B]`` lengths → ``[B, max_len]`` bool, True at real positions ``t < n``."""
+    return torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def masked_sum(seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``Σ_t mask[b,t]·seq[b,t]``: ``[B, L, D], [B, L] → [B, D]`` (padded slots never count)."""
+    return torch.bmm(mask.unsqueeze(1).to(seq.dtype), seq).squeeze(1)
+
+
+def effective_length(hist_lengths: torch.Tensor, max_len: int) -> int:
+    """Longest history in the batch (CPU: saves the work on all-padding columns); L on accelerators,
+    where reading the max would stall the stream."""
+    if hist_lengths.device.type == "cpu" and hist_lengths.numel() > 0:
+        return max(1, min(max_len, int(hist_lengths.max())))
+    return max_len
+
+
+class AttentionUnit(nn.Module):
+    """DIN's local activation unit, as in the DIEN reference code (``din_attention`` /
+    ``din_fcn_attention``).
+
+    ``score_t = MLP([q, k_t, q-k_t, q·k_t])`` (hidden 80 → 40, sigmoid, → 1), masked to real
+    positions, normalised with a softmax over t (DIEN's code default ``softmax_stag=1``; DIN's paper
+    leaves the scores unnormalised, ``softmax=False`` gives that), output ``Σ_t a_t k_t``.
+    ``query_proj=True`` first maps the query to the key width with Linear + PReLU (DIEN's
+    ``din_fcn_attention``, used for interest evolution).
+
+    Shapes: query ``[B, Dq]``, keys ``[B, T, Dk]``, mask ``[B, T]`` → (output ``[B, Dk]``,
+    weights ``[B, T]``, zero at padded positions; a row without real positions gets all-zero weights).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        key_dim: int,
+        hidden: Sequence[int] = (80, 40),
+        activation: str = "sigmoid",
+        softmax: bool = True,
+        query_proj: bool = False,
+    ) -> None:
+        super().__init__()
+        if not query_proj and query_dim != key_dim:
+            raise ValueError(f"AttentionUnit: query_dim {query_dim} != key_dim {key_dim} needs query_proj")
+        self.query_proj = (
+            nn.Sequential(nn.Linear(query_dim, key_dim), nn.PReLU(key_dim)) if query_proj else None
+        )
+        self.mlp = MLP(4 * key_dim, hidden, 1, activation=activation)
+        self.softmax = softmax
+
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.query_proj(query) if self.query_proj is not None else query
+        # First layer W·[q, k, q-k, q·k] + b = (W_q + W_d)·q + b  +  [W_k - W_d, W_p]·[k, q·k]:
+        # the query part is computed once per row instead of once per position (same function and
+        # parameters, ~half the FLOPs, no [B, T, 4D] concatenation).
+        first = self.mlp.net[0]
+        w_q, w_k, w_d, w_p = first.weight.split(keys.shape[-1], dim=1)
+        h_q = torch.addmm(first.bias, q, (w_q + w_d).t())  # [B, H1]
+        h_k = torch.cat([keys, q.unsqueeze(1) * keys], dim=-1) @ torch.cat([w_k - w_d, w_p], 1).t()
+        scores = self.mlp.net[1:](h_k + h_q.unsqueeze(1)).squeeze(-1)  # [B, T]
+        if self.softmax:
+            weights = torch.softmax(scores.masked_fill(~mask, MASK_FILL), dim=1) * mask
+        else:
+            weights = scores * mask
+        out = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)
+        return out, weights

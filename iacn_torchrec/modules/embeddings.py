@@ -1,0 +1,322 @@
+"""Interest-aware embeddings: every item-side feature gets an ``E_orig`` and an ``E_aux`` table.
+
+The main model sees ``E = E_orig ⊕ E_aux`` (the aux half with its gradient scaled by δ); IaCN sees
+``E_aux`` alone (gradient scaled by 1-δ). With the two scalings the gradient reaching ``E_aux`` is
+``(1-δ)·g_IaCN + δ·g_main`` while ``E_orig`` only ever gets ``g_main`` (DESIGN.md, "Gradient split").
+
+Both halves live in TorchRec :class:`~torchrec.modules.embedding_modules.EmbeddingCollection` s
+(``self.orig``: ``uid``, ``item_orig``, ``cate_orig``; ``self.aux``: ``item_aux``, ``cate_aux``) so
+the planner can place them independently and fused optimizers update them inside backward: the
+gradient split is an autograd op on the lookup output, not an optimizer trick.
+
+Initialisation: TorchRec's default for every table, ``U(-sqrt(1/N), sqrt(1/N))`` with N the number
+of rows (the same distribution the sharded, fused kernels draw from, so a model initialises alike
+sharded or not); ``init_bound=a`` switches to ``U(-a, a)`` for all tables. Draws come from torch's
+global RNG in table order (``uid``, ``item_orig``, ``cate_orig``, ``item_aux``, ``cate_aux``), so a
+seeded ``torch.manual_seed`` gives the same tables; with ``aux_dim=0`` the ``orig`` tables are
+drawn exactly as in the plain model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.fx
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from iacn_torchrec.modules.gradient_split import scale_grad
+
+__all__ = ["EmbeddedBatch", "InterestAwareEmbeddings", "TABLE_NAMES"]
+
+#: every table this module can hold, in creation order.
+TABLE_NAMES: tuple[str, ...] = ("uid", "item_orig", "cate_orig", "item_aux", "cate_aux")
+
+
+@dataclass
+class EmbeddedBatch:
+    """Dense views of one batch (docs/architecture.md, "Embeddings").
+
+    Attributes:
+        user: ``[B, Du]`` user embedding.
+        target: ``[B, D]`` target item ``item ⊕ cate``, each ``E_orig ⊕ E_aux`` (aux grad × δ);
+            ``D = 2·(orig_dim + aux_dim)``.
+        hist: ``[B, L, D]`` behaviour sequence, oldest first, zero past ``hist_lengths``.
+        hist_lengths: ``[B]`` int64 number of real behaviours ``n_u ≤ L``.
+        neg_hist: ``[B, L, D]`` DIEN's sampled negative behaviours (zero past ``hist_lengths``) or None.
+        aux_target: ``[B, h]`` ``c_t = E_aux(item) ⊕ E_aux(cate)`` (grad × (1-δ)), ``h = 2·aux_dim``;
+            None without aux tables or when aux views were not requested.
+        aux_hist: ``[B, L, h]`` ``c_i`` of the history (grad × (1-δ)), zero past ``hist_lengths``, or None.
+        aux_negatives: ``[B, S, h]`` sampled-softmax negatives (grad × (1-δ)) or None.
+        target_ids: ``[B]`` target item ids (IaCN collision masking / logQ lookup).
+        negative_ids: ``[B, S]`` sampled negative item ids, or None.
+    """
+
+    user: torch.Tensor
+    target: torch.Tensor
+    hist: torch.Tensor
+    hist_lengths: torch.Tensor
+    neg_hist: torch.Tensor | None = None
+    aux_target: torch.Tensor | None = None
+    aux_hist: torch.Tensor | None = None
+    aux_negatives: torch.Tensor | None = None
+    target_ids: torch.Tensor | None = None
+    negative_ids: torch.Tensor | None = None
+
+
+def _table(
+    name: str, num_embeddings: int, dim: int, features: list[str], init_bound: float | None
+) -> EmbeddingConfig:
+    if init_bound is None:
+        return EmbeddingConfig(name=name, num_embeddings=num_embeddings, embedding_dim=dim,
+                               feature_names=features)
+    return EmbeddingConfig(
+        name=name, num_embeddings=num_embeddings, embedding_dim=dim, feature_names=features,
+        weight_init_min=-init_bound, weight_init_max=init_bound,
+        init_fn=partial(nn.init.uniform_, a=-init_bound, b=init_bound),
+    )
+
+
+class InterestAwareEmbeddings(nn.Module):
+    """Looks up ``E_orig`` / ``E_aux`` for a batch and returns padded dense views.
+
+    Args:
+        num_users, num_items, num_cates: largest id of each kind (ids are ``1..n``, 0 = padding), so
+            each table has ``n + 1`` rows.
+        max_len: L, the padded history length (the loader truncates histories to at most L).
+        orig_dim: per-table dimension of ``E_orig`` (the main model's own embedding).
+        aux_dim: per-table dimension of ``E_aux``; 0 ⇒ no aux tables (the plain main model).
+        user_dim: dimension of the ``uid`` table. TorchRec requires equal dims within one
+            ``EmbeddingCollection``: when ``user_dim != orig_dim`` the ``uid`` table moves to its own
+            collection ``self.user`` (otherwise it sits in ``self.orig`` as the contract says).
+        with_neg_hist: also embed ``neg_hist_item`` / ``neg_hist_cate`` (DIEN's auxiliary loss).
+        with_iacn_negatives: also embed ``iacn_neg_item`` / ``iacn_neg_cate`` into the aux tables.
+        init_bound: None ⇒ TorchRec's default init; ``a`` ⇒ ``U(-a, a)`` for every table.
+        device: where the tables are allocated.
+
+    Example::
+
+        emb = InterestAwareEmbeddings(100, 500, 20, max_len=20, aux_dim=18)
+        out = emb(batch.sparse_features, delta=0.5)   # EmbeddedBatch; out.hist: [B, 20, 72]
+    """
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        num_cates: int,
+        max_len: int,
+        orig_dim: int = 18,
+        aux_dim: int = 0,
+        user_dim: int = 18,
+        with_neg_hist: bool = False,
+        with_iacn_negatives: bool = False,
+        device: torch.device | None = None,
+        init_bound: float | None = None,
+    ) -> None:
+        super().__init__()
+        for field_name, value in (("num_users", num_users), ("num_items", num_items),
+                                  ("num_cates", num_cates), ("max_len", max_len),
+                                  ("orig_dim", orig_dim), ("user_dim", user_dim)):
+            if int(value) < 1:
+                raise ValueError(f"InterestAwareEmbeddings: {field_name} must be >= 1, got {value}")
+        if aux_dim < 0:
+            raise ValueError(f"InterestAwareEmbeddings: aux_dim must be >= 0, got {aux_dim}")
+        if with_iacn_negatives and aux_dim == 0:
+            raise ValueError("InterestAwareEmbeddings: with_iacn_negatives=True needs aux_dim > 0")
+        self.num_users, self.num_items, self.num_cates = num_users, num_items, num_cates
+        self.max_len = max_len
+        self.orig_dim, self.aux_dim, self.user_dim = orig_dim, aux_dim, user_dim
+        self.with_neg_hist = with_neg_hist
+        self.with_iacn_negatives = with_iacn_negatives
+
+        item_feats = ["item", "hist_item"] + (["neg_hist_item"] if with_neg_hist else [])
+        cate_feats = ["cate", "hist_cate"] + (["neg_hist_cate"] if with_neg_hist else [])
+        uid_table = _table("uid", num_users + 1, user_dim, ["uid"], init_bound)
+        orig_tables = [
+            _table("item_orig", num_items + 1, orig_dim, list(item_feats), init_bound),
+            _table("cate_orig", num_cates + 1, orig_dim, list(cate_feats), init_bound),
+        ]
+        # Table creation order fixes the RNG draw order: uid, item_orig, cate_orig, then aux.
+        self.user: EmbeddingCollection | None = None
+        if user_dim == orig_dim:
+            self.orig = EmbeddingCollection(tables=[uid_table] + orig_tables, device=device)
+        else:
+            self.user = EmbeddingCollection(tables=[uid_table], device=device)
+            self.orig = EmbeddingCollection(tables=orig_tables, device=device)
+        self.aux: EmbeddingCollection | None = None
+        if aux_dim > 0:
+            extra_i = ["iacn_neg_item"] if with_iacn_negatives else []
+            extra_c = ["iacn_neg_cate"] if with_iacn_negatives else []
+            self.aux = EmbeddingCollection(
+                tables=[
+                    _table("item_aux", num_items + 1, aux_dim, item_feats + extra_i, init_bound),
+                    _table("cate_aux", num_cates + 1, aux_dim, cate_feats + extra_c, init_bound),
+                ],
+                device=device,
+            )
+
+    # ----------------------------------------------------------------------------------- metadata
+    @property
+    def item_dim(self) -> int:
+        """D: dimension of the main model's item representation ``item ⊕ cate``."""
+        return 2 * (self.orig_dim + self.aux_dim)
+
+    @property
+    def aux_item_dim(self) -> int:
+        """h: dimension of IaCN's item representation ``c = E_aux(item) ⊕ E_aux(cate)``."""
+        return 2 * self.aux_dim
+
+    def collections(self) -> dict[str, EmbeddingCollection]:
+        """The ``EmbeddingCollection`` submodules by attribute name ([``user``], ``orig``, [``aux``])."""
+        out: dict[str, EmbeddingCollection] = {"user": self.user} if self.user is not None else {}
+        out["orig"] = self.orig
+        if self.aux is not None:
+            out["aux"] = self.aux
+        return out
+
+    def table_configs(self) -> list[EmbeddingConfig]:
+        """Every table's ``EmbeddingConfig`` (names from :data:`TABLE_NAMES`) for planners/sharders."""
+        return [cfg for ec in self.collections().values() for cfg in ec.embedding_configs()]
+
+    def table_names(self) -> list[str]:
+        return [cfg.name for cfg in self.table_configs()]
+
+    def feature_names(self) -> list[str]:
+        """KJT keys this module reads."""
+        names: list[str] = []
+        for cfg in self.table_configs():
+            names += [f for f in cfg.feature_names if f not in names]
+        return names
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(
+        self, kjt: KeyedJaggedTensor, delta: float = 1.0, aux_views: bool = True
+    ) -> EmbeddedBatch:
+        """Embeds ``kjt`` (keys in docs/architecture.md, "Batches").
+
+        Args:
+            kjt: ``uid, item, cate`` (length 1), ``hist_item, hist_cate`` (length n ≤ L) [,
+                ``neg_hist_item, neg_hist_cate``] [, ``iacn_neg_item, iacn_neg_cate`` (length S)].
+            delta: δ, the share of the main model's gradient reaching ``E_aux``; IaCN's views carry
+                1-δ.
+            aux_views: build ``aux_target`` / ``aux_hist`` / ``aux_negatives`` (skip at eval or when
+                no IaCN task reads them).
+
+        The collections are called on ``kjt`` itself and everything after the lookups is one
+        ``torch.fx.wrap``-ed function, so TorchRec's train pipelines can trace this module and
+        pipeline the (sharded) collections' input distribution.
+        """
+        _check_features(kjt, self.feature_names())
+        orig = self.orig(kjt)
+        user = self.user(kjt) if self.user is not None else orig
+        aux = self.aux(kjt) if self.aux is not None else None
+        return _assemble(
+            kjt, orig, user, aux, float(delta), bool(aux_views), self.max_len, self.aux_dim,
+            self.with_neg_hist, self.with_iacn_negatives,
+        )
+
+
+def _check_features(kjt: KeyedJaggedTensor, names: list[str]) -> None:
+    missing = [k for k in names if k not in kjt.keys()]
+    if missing:
+        raise KeyError(f"{__file__}: InterestAwareEmbeddings: the batch KJT lacks feature(s) {missing} "
+                       f"(keys: {kjt.keys()})")
+
+
+def _pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``[N, d]`` jagged values → ``[B, L, d]`` zero-padded (one fbgemm kernel)."""
+    return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], 0.0)
+
+
+def _fixed_length(jt: JaggedTensor, B: int, name: str) -> torch.Tensor:
+    """Ids of a feature with the same length S for every sample → ``[B, S]``."""
+    values = jt.values()
+    if B == 0 or values.numel() % B:
+        raise ValueError(f"{__file__}: feature {name!r} must have the same length S for every sample "
+                         f"(batch {B}, {values.numel()} ids)")
+    S = values.numel() // B
+    lengths = jt.lengths()
+    if lengths.device.type == "cpu" and bool((lengths != S).any()):
+        raise ValueError(f"{__file__}: feature {name!r} must have the same length S={S} for every sample")
+    return values.view(B, S)
+
+
+def _assemble(
+    kjt: KeyedJaggedTensor,
+    orig: dict[str, JaggedTensor],
+    user_out: dict[str, JaggedTensor],
+    aux: dict[str, JaggedTensor] | None,
+    delta: float,
+    aux_views: bool,
+    max_len: int,
+    aux_dim: int,
+    with_neg_hist: bool,
+    with_iacn_negatives: bool,
+) -> EmbeddedBatch:
+    """Lookups → :class:`EmbeddedBatch`: concatenation, δ / 1-δ gradient scaling, padding.
+
+    All features sharing the history lengths are concatenated on the jagged values first
+    (``[N, D]``) and padded once per view, not once per feature or table.
+    """
+    jt = kjt.to_dict()  # cached on the KJT (the unsharded collections built it already)
+    B = kjt.stride()
+    for key in ("uid", "item", "cate"):
+        n = jt[key].values().numel()
+        if n != B:
+            raise ValueError(f"{__file__}: feature {key!r} must have exactly one id per sample "
+                             f"(batch {B}, got {n} ids)")
+    hist_jt = jt["hist_item"]
+    hist_lengths = hist_jt.lengths().long()
+    hist_offsets = hist_jt.offsets()
+    n_hist = hist_jt.values().numel()
+    if hist_lengths.device.type == "cpu" and hist_lengths.numel() and int(hist_lengths.max()) > max_len:
+        raise ValueError(
+            f"{__file__}: feature 'hist_item' has a history of length {int(hist_lengths.max())} > "
+            f"max_len={max_len}; truncate histories in the loader"
+        )
+    for key in ("hist_cate",) + (("neg_hist_item", "neg_hist_cate") if with_neg_hist else ()):
+        if jt[key].values().numel() != n_hist:
+            raise ValueError(f"{__file__}: feature {key!r} must have the lengths of 'hist_item'")
+
+    def main_values(item_f: str, cate_f: str) -> torch.Tensor:
+        # [N, D] = item_orig ⊕ item_aux ⊕ cate_orig ⊕ cate_aux, aux halves with grad × δ
+        if aux is None:
+            return torch.cat([orig[item_f].values(), orig[cate_f].values()], dim=1)
+        return torch.cat([
+            orig[item_f].values(), scale_grad(aux[item_f].values(), delta),
+            orig[cate_f].values(), scale_grad(aux[cate_f].values(), delta),
+        ], dim=1)
+
+    def aux_values(item_f: str, cate_f: str) -> torch.Tensor:
+        # [N, h] = item_aux ⊕ cate_aux with grad × (1-δ)
+        assert aux is not None
+        return scale_grad(torch.cat([aux[item_f].values(), aux[cate_f].values()], dim=1), 1.0 - delta)
+
+    out = EmbeddedBatch(
+        user=user_out["uid"].values(),
+        target=main_values("item", "cate"),
+        hist=_pad(main_values("hist_item", "hist_cate"), hist_offsets, max_len),
+        hist_lengths=hist_lengths,
+        target_ids=jt["item"].values(),
+    )
+    if with_neg_hist:
+        out.neg_hist = _pad(main_values("neg_hist_item", "neg_hist_cate"), hist_offsets, max_len)
+    if with_iacn_negatives:
+        out.negative_ids = _fixed_length(jt["iacn_neg_item"], B, "iacn_neg_item")
+    if aux is not None and aux_views:
+        out.aux_target = aux_values("item", "cate")
+        out.aux_hist = _pad(aux_values("hist_item", "hist_cate"), hist_offsets, max_len)
+        if with_iacn_negatives:
+            S = out.negative_ids.shape[1]
+            out.aux_negatives = aux_values("iacn_neg_item", "iacn_neg_cate").view(B, S, 2 * aux_dim)
+    return out
+
+
+# One call_function node under torch.fx: TorchRec's pipeline tracer never runs the checks on proxies.
+torch.fx.wrap("_assemble")
+torch.fx.wrap("_check_features")

@@ -1,0 +1,210 @@
+"""InterestAwareEmbeddings: table layout, dense views against hand-gathered rows, gradient scaling
+through the real TorchRec EmbeddingCollection tables, input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from iacn_torchrec.modules.embeddings import EmbeddedBatch, InterestAwareEmbeddings
+
+NU, NI, NC, L = 7, 30, 5, 6
+
+
+def make_kjt(B: int, seed: int, S: int = 0, neg_hist: bool = False, max_len: int = L,
+             min_len: int = 0) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
+    """A hand-built batch KJT in the loader's key order, plus its raw ids and lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (B,), generator=g)
+    N = int(lengths.sum())
+    i2c = torch.randint(1, NC + 1, (NI + 1,), generator=g)
+    ones = torch.ones(B, dtype=torch.long)
+    raw = {"uid": torch.randint(1, NU + 1, (B,), generator=g),
+           "item": torch.randint(1, NI + 1, (B,), generator=g)}
+    raw["cate"] = i2c[raw["item"]]
+    raw["hist_item"] = torch.randint(1, NI + 1, (N,), generator=g)
+    raw["hist_cate"] = i2c[raw["hist_item"]]
+    lens = {"uid": ones, "item": ones, "cate": ones, "hist_item": lengths, "hist_cate": lengths}
+    if neg_hist:
+        raw["neg_hist_item"] = torch.randint(1, NI + 1, (N,), generator=g)
+        raw["neg_hist_cate"] = i2c[raw["neg_hist_item"]]
+        lens.update(neg_hist_item=lengths, neg_hist_cate=lengths)
+    if S:
+        raw["iacn_neg_item"] = torch.randint(1, NI + 1, (B * S,), generator=g)
+        raw["iacn_neg_cate"] = i2c[raw["iacn_neg_item"]]
+        lens.update(iacn_neg_item=ones * S, iacn_neg_cate=ones * S)
+    keys = list(raw)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys, torch.cat([raw[k] for k in keys]),
+                                              torch.cat([lens[k] for k in keys]))
+    raw["lengths"] = lengths
+    return kjt, raw
+
+
+def W(emb: InterestAwareEmbeddings, table: str) -> torch.Tensor:
+    for ec in emb.collections().values():
+        if table in ec.embeddings:
+            return ec.embeddings[table].weight
+    raise KeyError(table)
+
+
+def padded_rows(table: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reference [B, L, d] by a per-sample loop."""
+    out = torch.zeros(len(lengths), L, table.shape[1])
+    start = 0
+    for b, n in enumerate(lengths.tolist()):
+        out[b, :n] = table[ids[start:start + n]]
+        start += n
+    return out
+
+
+def test_tables_and_features():
+    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=3, user_dim=4, with_neg_hist=True,
+                                  with_iacn_negatives=True)
+    assert isinstance(emb.orig, EmbeddingCollection) and isinstance(emb.aux, EmbeddingCollection)
+    assert emb.table_names() == ["uid", "item_orig", "cate_orig", "item_aux", "cate_aux"]
+    cfg = {c.name: c for c in emb.table_configs()}
+    assert cfg["item_orig"].feature_names == ["item", "hist_item", "neg_hist_item"]
+    assert cfg["item_aux"].feature_names == ["item", "hist_item", "neg_hist_item", "iacn_neg_item"]
+    assert cfg["cate_aux"].feature_names == ["cate", "hist_cate", "neg_hist_cate", "iacn_neg_cate"]
+    assert cfg["item_aux"].num_embeddings == NI + 1 and cfg["cate_orig"].num_embeddings == NC + 1
+    assert (emb.item_dim, emb.aux_item_dim) == (14, 6)
+
+    plain = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=0, user_dim=4)
+    assert plain.aux is None and plain.table_names() == ["uid", "item_orig", "cate_orig"]
+    assert {c.name: c.feature_names for c in plain.table_configs()}["item_orig"] == ["item", "hist_item"]
+    # a user table of another width moves to its own collection (TorchRec: one dim per EC)
+    wide_user = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=3, user_dim=5)
+    assert wide_user.user is not None and wide_user.table_names()[0] == "uid"
+
+
+def test_init_is_seeded_and_orig_tables_do_not_depend_on_aux():
+    torch.manual_seed(3)
+    a = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=3, user_dim=4)
+    torch.manual_seed(3)
+    b = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=3, user_dim=4)
+    torch.manual_seed(3)
+    plain = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=0, user_dim=4)
+    for t in a.table_names():
+        assert torch.equal(W(a, t), W(b, t))
+    for t in plain.table_names():
+        assert torch.equal(W(a, t), W(plain, t))
+    # TorchRec's default U(-sqrt(1/N), sqrt(1/N)) unless init_bound is given
+    assert W(a, "item_orig").abs().max() <= (1 / (NI + 1)) ** 0.5
+    c = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=3, user_dim=4, init_bound=0.01)
+    assert W(c, "item_aux").abs().max() <= 0.01
+
+
+@pytest.mark.parametrize("aux_dim", [0, 3])
+def test_views_match_hand_gathered_rows(aux_dim):
+    torch.manual_seed(0)
+    B, S = 5, 4
+    with_neg = aux_dim > 0
+    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=aux_dim, user_dim=4,
+                                  with_neg_hist=True, with_iacn_negatives=with_neg)
+    kjt, raw = make_kjt(B, seed=1, S=S if with_neg else 0, neg_hist=True)
+    out = emb(kjt, delta=0.3)
+    assert isinstance(out, EmbeddedBatch)
+    n = raw["lengths"]
+
+    def full(prefix: str) -> tuple[torch.Tensor, ...]:
+        parts = (W(emb, "item_orig"), *([W(emb, "item_aux")] if aux_dim else []))
+        cparts = (W(emb, "cate_orig"), *([W(emb, "cate_aux")] if aux_dim else []))
+        return torch.cat(parts, 1), torch.cat(cparts, 1)
+
+    item_t, cate_t = full("")
+    D = 2 * (4 + aux_dim)
+    assert out.target.shape == (B, D) and out.hist.shape == (B, L, D) and out.neg_hist.shape == (B, L, D)
+    torch.testing.assert_close(out.user, W(emb, "uid")[raw["uid"]])
+    torch.testing.assert_close(out.target, torch.cat([item_t[raw["item"]], cate_t[raw["cate"]]], 1))
+    ref_hist = torch.cat([padded_rows(item_t, raw["hist_item"], n),
+                          padded_rows(cate_t, raw["hist_cate"], n)], 2)
+    torch.testing.assert_close(out.hist, ref_hist)
+    ref_neg = torch.cat([padded_rows(item_t, raw["neg_hist_item"], n),
+                         padded_rows(cate_t, raw["neg_hist_cate"], n)], 2)
+    torch.testing.assert_close(out.neg_hist, ref_neg)
+    torch.testing.assert_close(out.hist_lengths, n)
+    assert out.hist_lengths.dtype == torch.int64
+    assert torch.equal(out.target_ids, raw["item"])
+    if aux_dim == 0:
+        assert out.aux_target is None and out.aux_hist is None and out.aux_negatives is None
+        return
+    ia, ca = W(emb, "item_aux"), W(emb, "cate_aux")
+    torch.testing.assert_close(out.aux_target, torch.cat([ia[raw["item"]], ca[raw["cate"]]], 1))
+    torch.testing.assert_close(out.aux_hist, torch.cat([padded_rows(ia, raw["hist_item"], n),
+                                                        padded_rows(ca, raw["hist_cate"], n)], 2))
+    ref_negs = torch.cat([ia[raw["iacn_neg_item"]], ca[raw["iacn_neg_cate"]]], 1).view(B, S, 2 * aux_dim)
+    torch.testing.assert_close(out.aux_negatives, ref_negs)
+    assert torch.equal(out.negative_ids, raw["iacn_neg_item"].view(B, S))
+    # eval / no-IaCN path skips the aux views
+    lean = emb(kjt, delta=0.3, aux_views=False)
+    assert lean.aux_hist is None and lean.aux_target is None
+    torch.testing.assert_close(lean.hist, out.hist)
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.3, 1.0])
+def test_gradient_split_on_tables(delta):
+    """grad(E_aux) = δ·(grad through the main views) + (1-δ)·(grad through the aux views);
+    grad(E_orig) untouched by the aux views."""
+    torch.manual_seed(0)
+    B, S, o, a = 6, 3, 4, 3
+    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=o, aux_dim=a, user_dim=o, with_iacn_negatives=True)
+    kjt, raw = make_kjt(B, seed=2, S=S)
+    g = torch.Generator().manual_seed(5)
+    w_t, w_h = torch.randn(B, 2 * (o + a), generator=g), torch.randn(B, L, 2 * (o + a), generator=g)
+    v_t, v_h, v_n = torch.randn(B, 2 * a, generator=g), torch.randn(B, L, 2 * a, generator=g), \
+        torch.randn(B, S, 2 * a, generator=g)
+    out = emb(kjt, delta=delta)
+    loss = (out.target * w_t).sum() + (out.hist * w_h).sum() \
+        + (out.aux_target * v_t).sum() + (out.aux_hist * v_h).sum() + (out.aux_negatives * v_n).sum()
+    loss.backward()
+
+    # reference: scatter the upstream weights onto table rows by hand
+    n = raw["lengths"]
+    mask = torch.arange(L).unsqueeze(0) < n.unsqueeze(1)
+    ref = torch.zeros(NI + 1, a)
+    ref_orig = torch.zeros(NI + 1, o)
+    # the item block of the main views is [item_orig (o) | item_aux (a)]
+    ref.index_add_(0, raw["item"], delta * w_t[:, o:o + a])
+    ref.index_add_(0, raw["hist_item"], delta * w_h[mask][:, o:o + a])
+    ref.index_add_(0, raw["item"], (1 - delta) * v_t[:, :a])
+    ref.index_add_(0, raw["hist_item"], (1 - delta) * v_h[mask][:, :a])
+    ref.index_add_(0, raw["iacn_neg_item"], (1 - delta) * v_n.reshape(B * S, 2 * a)[:, :a])
+    ref_orig.index_add_(0, raw["item"], w_t[:, :o])
+    ref_orig.index_add_(0, raw["hist_item"], w_h[mask][:, :o])
+    torch.testing.assert_close(W(emb, "item_aux").grad, ref)
+    torch.testing.assert_close(W(emb, "item_orig").grad, ref_orig)
+
+
+def test_bad_input_errors():
+    emb = InterestAwareEmbeddings(NU, NI, NC, 3, orig_dim=4, aux_dim=3, user_dim=4, with_neg_hist=True)
+    kjt, _ = make_kjt(4, seed=0, max_len=3, neg_hist=False)
+    with pytest.raises(KeyError, match="neg_hist_item"):
+        emb(kjt)
+    emb = InterestAwareEmbeddings(NU, NI, NC, 3, orig_dim=4, aux_dim=3, user_dim=4)
+    long_kjt, _ = make_kjt(4, seed=0, max_len=6, min_len=5)
+    with pytest.raises(ValueError, match="max_len=3"):
+        emb(long_kjt)
+    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=3, user_dim=4, with_iacn_negatives=True)
+    ones = torch.ones(2, dtype=torch.long)
+    bad = KeyedJaggedTensor.from_lengths_sync(
+        ["uid", "item", "cate", "hist_item", "hist_cate", "iacn_neg_item", "iacn_neg_cate"],
+        torch.ones(2 * 3 + 2 * 2 + 2 * 4, dtype=torch.long),
+        torch.cat([ones, ones, ones, ones, ones, torch.tensor([1, 3]), torch.tensor([1, 3])]),
+    )
+    with pytest.raises(ValueError, match="same length S"):
+        emb(bad)
+    with pytest.raises(ValueError, match="with_iacn_negatives"):
+        InterestAwareEmbeddings(NU, NI, NC, L, aux_dim=0, with_iacn_negatives=True)
+
+
+def test_empty_history_rows_are_zero():
+    torch.manual_seed(0)
+    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=3, user_dim=4)
+    kjt, raw = make_kjt(8, seed=4, min_len=0)
+    out = emb(kjt, delta=0.5)
+    empty = raw["lengths"] == 0
+    assert empty.any()  # the seed gives at least one empty history
+    assert out.hist[empty].abs().sum() == 0 and out.aux_hist[empty].abs().sum() == 0
+

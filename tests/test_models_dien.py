@@ -1,0 +1,155 @@
+"""DIEN: AUGRU against nn.GRUCell and the paper's formula, the whole forward and the next-behaviour
+auxiliary loss against per-sample Python-loop references, padding invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iacn_torchrec.models.dien import AUGRU, DIEN, AUGRUCell, DIENConfig
+from iacn_torchrec.modules.embeddings import EmbeddedBatch
+
+B, L, DU, D = 6, 7, 5, 8
+
+
+def rand_emb(seed: int, min_len: int = 0, garbage: float | None = None, extra: int = 0) -> EmbeddedBatch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, L + 1, (B,), generator=g)
+    hist = torch.cat([torch.randn(B, L, D, generator=g), torch.zeros(B, extra, D)], 1)
+    neg = torch.cat([torch.randn(B, L, D, generator=g), torch.zeros(B, extra, D)], 1)
+    pad = torch.arange(L + extra).unsqueeze(0) >= lengths.unsqueeze(1)
+    hist[pad] = 0.0 if garbage is None else garbage
+    neg[pad] = 0.0 if garbage is None else -garbage
+    return EmbeddedBatch(user=torch.randn(B, DU, generator=g), target=torch.randn(B, D, generator=g),
+                         hist=hist,
+                         hist_lengths=lengths, neg_hist=neg)
+
+
+def test_augru_cell_is_gru_cell_when_attention_is_one():
+    torch.manual_seed(0)
+    gru = torch.nn.GRUCell(4, 6)
+    cell = AUGRUCell(4, 6)
+    cell.load_state_dict(gru.state_dict())
+    x = torch.randn(5, 10, 4)
+    h_ref = h = torch.zeros(5, 6)
+    for t in range(10):
+        h_ref = gru(x[:, t], h_ref)
+        h = cell(x[:, t], h, torch.ones(5))
+        torch.testing.assert_close(h, h_ref)
+    # attention 0 keeps the state; general a follows ũ = a·u, h = (1-ũ)h + ũ·h̃ with u = 1 - z
+    torch.testing.assert_close(cell(x[:, 0], h, torch.zeros(5)), h)
+    a = torch.rand(5)
+    gi, gh = x[:, 0] @ gru.weight_ih.T + gru.bias_ih, h @ gru.weight_hh.T + gru.bias_hh
+    r = torch.sigmoid(gi[:, :6] + gh[:, :6])
+    z = torch.sigmoid(gi[:, 6:12] + gh[:, 6:12])
+    cand = torch.tanh(gi[:, 12:] + r * gh[:, 12:])
+    u = a[:, None] * (1 - z)
+    torch.testing.assert_close(cell(x[:, 0], h, a), (1 - u) * h + u * cand)
+
+
+def test_augru_stops_at_each_users_last_real_step():
+    torch.manual_seed(0)
+    augru = AUGRU(4, 6)
+    x = torch.randn(5, 8, 4)
+    lengths = torch.tensor([0, 1, 3, 8, 5])
+    att = torch.rand(5, 8) * (torch.arange(8)[None] < lengths[:, None])
+    out = augru(x, att)
+    for b in range(5):
+        h = torch.zeros(1, 6)
+        for t in range(int(lengths[b])):
+            h = augru.cell(x[b:b + 1, t], h, att[b:b + 1, t])
+        torch.testing.assert_close(out[b:b + 1], h)
+
+
+def reference_dien(model: DIEN, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample loop: tower input and the auxiliary loss, on the unpadded sequences only."""
+    xs, pos_terms, neg_terms = [], [], []
+    for b in range(B):
+        n = int(emb.hist_lengths[b])
+        seq = emb.hist[b:b + 1, :n]
+        h = torch.zeros(1, D)
+        s = seq.sum(1)
+        if n > 0:
+            states, _ = model.gru(seq)  # [1, n, H]
+            _, att = model.attention(emb.target[b:b + 1], states, torch.ones(1, n, dtype=torch.bool))
+            for t in range(n):
+                h = model.augru.cell(states[:, t], h, att[:, t])
+            for t in range(n - 1):  # state after behaviour t vs the real / sampled behaviour t+1
+                p = model.aux_net(torch.cat([states[0, t], emb.hist[b, t + 1]])[None])
+                q = model.aux_net(torch.cat([states[0, t], emb.neg_hist[b, t + 1]])[None])
+                pos_terms.append(-F.logsigmoid(p).squeeze())
+                neg_terms.append(-F.logsigmoid(-q).squeeze())
+        xs.append(torch.cat([emb.user[b:b + 1], emb.target[b:b + 1], s, emb.target[b:b + 1] * s, h], 1))
+    aux = (torch.stack(pos_terms).sum() + torch.stack(neg_terms).sum()) / len(pos_terms)
+    return torch.cat(xs), aux
+
+
+def test_dien_forward_and_aux_loss_against_loop():
+    torch.manual_seed(0)
+    model = DIEN(DU, D, L, DIENConfig(aux_loss_weight=0.7))
+    emb = rand_emb(1)
+    seen = {}
+    model.tower.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
+    logits, aux = model(emb)
+    x_ref, aux_ref = reference_dien(model, emb)
+    torch.testing.assert_close(seen["x"], x_ref)
+    torch.testing.assert_close(aux, 0.7 * aux_ref)
+    assert logits.shape == (B,)
+
+
+def test_dien_aux_loss_ignores_negatives_it_must_not_see():
+    """neg_hist is read at positions 1..n-1 only: position 0 and anything past the last real
+    behaviour change nothing; a negative inside the range does."""
+    torch.manual_seed(0)
+    model = DIEN(DU, D, L)
+    emb = rand_emb(2, min_len=2)
+    _, aux = model(emb)
+    changed = EmbeddedBatch(emb.user, emb.target, emb.hist, emb.hist_lengths, emb.neg_hist.clone())
+    changed.neg_hist[:, 0] += 5.0
+    for b in range(B):
+        changed.neg_hist[b, int(emb.hist_lengths[b]):] = 9.0
+    logits2, aux2 = model(changed)
+    torch.testing.assert_close(aux2, aux)
+    changed.neg_hist[:, 1] += 1.0
+    _, aux3 = model(changed)
+    assert not torch.allclose(aux3, aux)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dien_padding_has_no_effect(train):
+    torch.manual_seed(0)
+    model = DIEN(DU, D, L).train(train)
+    ref_logits, ref_aux = model(rand_emb(3))
+    for garbage, extra in ((50.0, 0), (-3.0, 3)):
+        logits, aux = model(rand_emb(3, garbage=garbage, extra=extra))
+        torch.testing.assert_close(logits, ref_logits)
+        if train:
+            torch.testing.assert_close(aux, ref_aux)
+        else:
+            assert aux is None and ref_aux is None
+
+
+def test_dien_needs_neg_hist_only_for_training():
+    torch.manual_seed(0)
+    model = DIEN(DU, D, L)
+    emb = rand_emb(4)
+    emb.neg_hist = None
+    with pytest.raises(ValueError, match="neg_hist"):
+        model(emb)
+    model.eval()
+    logits, aux = model(emb)
+    assert aux is None and torch.isfinite(logits).all()
+    no_aux = DIEN(DU, D, L, DIENConfig(aux_loss_weight=0.0))
+    assert no_aux(emb)[1] is None
+
+
+def test_dien_single_behaviour_histories_give_zero_aux_loss():
+    torch.manual_seed(0)
+    model = DIEN(DU, D, L)
+    emb = rand_emb(5)
+    emb.hist_lengths.clamp_(max=1)
+    emb.hist[:, 1:] = 0
+    logits, aux = model(emb)
+    assert aux.item() == 0.0 and torch.isfinite(logits).all()
+    (logits.sum() + aux).backward()

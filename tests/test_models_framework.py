@@ -1,0 +1,226 @@
+"""CTRWithIaCN / build_model: IaCN off is the plain model, the δ/λ gradient split on the real EC
+tables, logQ wiring, prediction, pipeline tracing, and every model training with IaCN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchrec.distributed.train_pipeline.tracing import Tracer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from iacn_torchrec.models.din import DIN
+from iacn_torchrec.models.framework import CTRWithIaCN, build_model
+from iacn_torchrec.modules.embeddings import InterestAwareEmbeddings
+from iacn_torchrec.modules.iacn import IaCNConfig
+
+NU, NI, NC, L, S = 20, 60, 6, 8, 5
+
+
+@dataclass
+class Batch:
+    sparse_features: KeyedJaggedTensor
+    labels: torch.Tensor
+
+
+def make_batch(B: int, seed: int, S: int = 0, neg_hist: bool = False) -> Batch:
+    """A batch with a planted signal: each user's history comes from one category; label-1 targets
+    share it, label-0 targets are uniform. Items 1..NI map to categories in contiguous blocks."""
+    g = torch.Generator().manual_seed(seed)
+    per = NI // NC
+    i2c = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(NI) // per + 1])
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    user_cate = torch.randint(0, NC, (B,), generator=g)
+    labels = torch.randint(0, 2, (B,), generator=g)
+    in_cate = user_cate * per + 1 + torch.randint(0, per, (B,), generator=g)
+    item = torch.where(labels.bool(), in_cate, torch.randint(1, NI + 1, (B,), generator=g))
+    owner = torch.repeat_interleave(torch.arange(B), lengths)
+    hist = user_cate[owner] * per + 1 + torch.randint(0, per, (len(owner),), generator=g)
+    ones = torch.ones(B, dtype=torch.long)
+    keys = ["uid", "item", "cate", "hist_item", "hist_cate"]
+    vals = [torch.randint(1, NU + 1, (B,), generator=g), item, i2c[item], hist, i2c[hist]]
+    lens = [ones, ones, ones, lengths, lengths]
+    if neg_hist:
+        nh = torch.randint(1, NI + 1, (len(owner),), generator=g)
+        keys += ["neg_hist_item", "neg_hist_cate"]
+        vals += [nh, i2c[nh]]
+        lens += [lengths, lengths]
+    if S:
+        neg = torch.randint(1, NI + 1, (B * S,), generator=g)
+        keys += ["iacn_neg_item", "iacn_neg_cate"]
+        vals += [neg, i2c[neg]]
+        lens += [ones * S, ones * S]
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(vals), torch.cat(lens))
+    return Batch(kjt, labels.float())
+
+
+def table(model: CTRWithIaCN, name: str) -> torch.Tensor:
+    for ec in model.embeddings.collections().values():
+        if name in ec.embeddings:
+            return ec.embeddings[name].weight
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["din", "dien", "wide_deep"])
+def test_iacn_off_is_the_plain_model(name):
+    torch.manual_seed(0)
+    model = build_model(name, NU, NI, NC, L, IaCNConfig(enabled=False), emb_dim=4)
+    assert model.iacn is None and model.embeddings.aux is None
+    batch = make_batch(16, seed=1, neg_hist=name == "dien")
+    if name == "din":  # same seed, built by hand: identical parameters, outputs and gradients
+        torch.manual_seed(0)
+        emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=0, user_dim=4)
+        din = DIN(4, 8, L)
+        plain = [*emb.parameters(), *din.parameters()]
+        assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain)
+        for p, q in zip(model.parameters(), plain, strict=True):
+            assert torch.equal(p, q)
+        logits_ref, _ = din(emb(batch.sparse_features))
+        loss_ref = F.binary_cross_entropy_with_logits(logits_ref, batch.labels)
+        loss_ref.backward()
+        loss, (logits, main_loss, iacn_loss) = model(batch)
+        loss.backward()
+        torch.testing.assert_close(logits, logits_ref.detach())
+        torch.testing.assert_close(loss, loss_ref)
+        assert iacn_loss.item() == 0.0 and not iacn_loss.requires_grad
+        for p, q in zip(model.parameters(), plain, strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
+    else:
+        loss, (logits, main_loss, iacn_loss) = model(batch)
+        assert torch.equal(loss.detach(), main_loss) and iacn_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("lam", [0.0, 1.0, 2.0])
+def test_gradient_split_through_real_tables(delta, lam, name="din"):
+    torch.manual_seed(0)
+    cfg = IaCNConfig(enabled=True, lam=lam, delta=delta, aux_dim=3, num_negatives=S)
+    model = build_model(name, NU, NI, NC, L, cfg, emb_dim=4)
+    batch = make_batch(16, seed=2, S=S, neg_hist=name == "dien")
+    kjt, labels = batch.sparse_features, batch.labels
+    w_aux, w_orig = table(model, "item_aux"), table(model, "item_orig")
+
+    # references from δ-free graphs: δ = 1 leaves the main path unscaled, δ = 0 the IaCN path
+    emb = model.embeddings(kjt, 1.0, aux_views=False)
+    logits, aux = model.main_model(emb)
+    l_main = F.binary_cross_entropy_with_logits(logits, labels) + (aux if aux is not None else 0.0)
+    g_main, g_main_orig = torch.autograd.grad(l_main, [w_aux, w_orig])
+    emb = model.embeddings(kjt, 0.0, aux_views=True)
+    torch.manual_seed(7)  # IaCN's training-mode routing logits
+    l_iacn = model.iacn_loss(emb, labels)
+    (g_iacn,) = torch.autograd.grad(l_iacn, [w_aux])
+    assert g_iacn.abs().sum() > 0 and g_main.abs().sum() > 0
+
+    torch.manual_seed(7)
+    loss, (_, main_loss, iacn_loss) = model(batch)
+    loss.backward()
+    torch.testing.assert_close(w_aux.grad, (1 - delta) * lam * g_iacn + delta * g_main)
+    torch.testing.assert_close(w_orig.grad, g_main_orig)  # L_IaCN never reaches E_orig
+    torch.testing.assert_close(loss.detach(), main_loss + lam * iacn_loss)
+    if lam:
+        torch.testing.assert_close(iacn_loss, l_iacn.detach())
+
+
+def test_orig_gradient_is_the_same_for_any_lambda_dien():
+    grads = []
+    for lam in (0.0, 2.0):
+        torch.manual_seed(0)
+        model = build_model("dien", NU, NI, NC, L, IaCNConfig(enabled=True, lam=lam, delta=0.3, aux_dim=3,
+                                                               num_negatives=S), emb_dim=4)
+        torch.manual_seed(1)
+        loss, _ = model(make_batch(16, seed=3, S=S, neg_hist=True))
+        loss.backward()
+        grads.append((table(model, "item_orig").grad.clone(), table(model, "cate_orig").grad.clone(),
+                      table(model, "uid").grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_log_q_and_ids_reach_iacn():
+    torch.manual_seed(0)
+    log_q = torch.log(torch.linspace(1.0, 2.0, NI + 1) / 100)
+    cfg = IaCNConfig(enabled=True, lam=1.0, aux_dim=3, sampler="log_uniform", num_negatives=S)
+    with pytest.raises(ValueError, match="item_log_q"):
+        build_model("din", NU, NI, NC, L, cfg, emb_dim=4)
+    model = build_model("din", NU, NI, NC, L, cfg, emb_dim=4, item_log_q=log_q)
+    batch = make_batch(16, seed=4, S=S)
+    torch.manual_seed(3)
+    _, (_, _, iacn_loss) = model(batch)
+    emb = model.embeddings(batch.sparse_features, model.delta)
+    ids = batch.sparse_features["iacn_neg_item"].values().view(16, S)
+    torch.manual_seed(3)
+    ref = model.iacn(emb.aux_hist, emb.hist_lengths, emb.aux_target, batch.labels, user=emb.user.detach(),
+                     aux_negatives=emb.aux_negatives, neg_log_q=log_q[ids],
+                     target_log_q=log_q[batch.sparse_features["item"].values()],
+                     target_ids=batch.sparse_features["item"].values(), negative_ids=ids)
+    torch.testing.assert_close(iacn_loss, ref.detach())
+    torch.manual_seed(3)
+    without_q = model.iacn(emb.aux_hist, emb.hist_lengths, emb.aux_target, batch.labels, user=emb.user,
+                           aux_negatives=emb.aux_negatives, neg_log_q=torch.zeros(16, S))
+    assert not torch.allclose(iacn_loss, without_q.detach())  # the correction is applied
+    with pytest.raises(ValueError, match="item_log_q"):
+        CTRWithIaCN(model.embeddings, model.main_model, model.iacn, item_log_q=torch.zeros(3))
+
+
+def test_sampler_needs_matching_embeddings():
+    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=3, user_dim=4)
+    torch.manual_seed(0)
+    model = build_model("din", NU, NI, NC, L, IaCNConfig(enabled=True, aux_dim=3), emb_dim=4)
+    with pytest.raises(ValueError, match="with_iacn_negatives"):
+        CTRWithIaCN(emb, model.main_model, model.iacn)
+    with pytest.raises(ValueError, match="model_name"):
+        build_model("dlrm9", NU, NI, NC, L)
+
+
+def test_predict_skips_iacn_and_matches_forward():
+    torch.manual_seed(0)
+    model = build_model("dien", NU, NI, NC, L, IaCNConfig(enabled=True, aux_dim=3, sampler="in_batch"),
+                        emb_dim=4)
+    batch = make_batch(16, seed=5, neg_hist=True)
+    model(batch)[0].backward()  # one step's BN statistics
+    model.eval()
+    calls = []
+    model.iacn.register_forward_hook(lambda *a: calls.append(1))
+    probs = model.predict(batch)
+    assert not calls and probs.shape == (16,) and ((probs > 0) & (probs < 1)).all()
+    _, (logits, _, _) = model(batch)
+    torch.testing.assert_close(probs, torch.sigmoid(logits))
+
+
+def test_forward_traces_for_torchrec_pipelines():
+    """TorchRec's sparse-dist pipeline fx-traces the model (sharded modules as leaves) and needs the
+    collections' input to be ``batch.sparse_features`` unchanged."""
+    torch.manual_seed(0)
+    cfg = IaCNConfig(enabled=True, aux_dim=3, num_negatives=S)
+    model = build_model("dien", NU, NI, NC, L, cfg, emb_dim=4)
+    graph = Tracer(leaf_modules=["embeddings.orig", "embeddings.aux", "main_model", "iacn"]).trace(model)
+    ec_nodes = [n for n in graph.nodes if n.op == "call_module" and n.target.startswith("embeddings.")]
+    assert sorted(n.target for n in ec_nodes) == ["embeddings.aux", "embeddings.orig"]
+    for n in ec_nodes:
+        (arg,) = n.args
+        assert arg.op == "call_function" and arg.args[1] == "sparse_features"
+        assert arg.args[0].op == "placeholder"
+
+
+@pytest.mark.parametrize("name,sampler", [("din", "uniform"), ("dien", "in_batch"), ("wide_deep", "uniform")])
+def test_each_model_with_iacn_trains(name, sampler):
+    torch.manual_seed(0)
+    cfg = IaCNConfig(enabled=True, lam=1.0, delta=0.3, aux_dim=4, sampler=sampler, num_negatives=S)
+    model = build_model(name, NU, NI, NC, L, cfg, emb_dim=4)
+    s = S if sampler != "in_batch" else 0
+    batches = [make_batch(32, seed=10 + i, S=s, neg_hist=name == "dien") for i in range(3)]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    hist = []
+    for step in range(30):
+        loss, (_, main_loss, iacn_loss) = model(batches[step % 3])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hist.append((loss.item(), main_loss.item(), iacn_loss.item()))
+    first = torch.tensor(hist[:3]).mean(0)
+    last = torch.tensor(hist[-3:]).mean(0)
+    assert torch.isfinite(torch.tensor(hist)).all()
+    assert last[0] < 0.8 * first[0], (first, last)
+    assert last[1] < first[1] and last[2] < first[2], (first, last)
