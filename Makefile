@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-v1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-all test-slow lint bench plan-bench reproduce clean
+.PHONY: install demo test test-all lint bench plan-bench reproduce clean
 
 install: $(STAMP)
 
@@ -39,3 +39,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Sharding-planner benchmarks: IaCN's aux tables at public and industrial scale (docs/results/planner.md)
+plan-bench: install
+	$(VPY) apps/plan_bench.py

@@ -1,0 +1,295 @@
+"""Inputs of the sharding planner benchmarks: model specs, topologies, plan options.
+
+A :class:`ModelSpec` describes the embedding tables of a CTR model with or without IaCN, named as
+in ``docs/architecture.md``: the user table ``uid`` and the item-side tables ``item_orig``,
+``cate_orig`` (module ``orig``) plus, with IaCN, their twins ``item_aux``, ``cate_aux`` (module
+``aux``). Specs come from a dict (YAML/JSON scenario files) or from a prepared dataset's
+``meta.json``; bad input raises :class:`SpecError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+GBPS = 1e9 / 1000  # 1 GB/s in bytes/ms, TorchRec's bandwidth unit
+
+# optimizer name -> (TorchRec/torch optimizer class path, state floats per row, state floats per element)
+OPTIMIZERS: dict[str, tuple[str, int, int]] = {
+    "sgd": ("torch.optim.SGD", 0, 0),
+    "rowwise_adagrad": ("torchrec.optim.RowWiseAdagrad", 1, 0),
+    "adagrad": ("torch.optim.Adagrad", 0, 1),
+    "adam": ("torch.optim.Adam", 0, 2),
+}
+
+
+class SpecError(ValueError):
+    """A model spec, topology or meta.json that cannot be used; the message names where and what."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One embedding table as the planner sees it.
+
+    ``pooling_factors[i]`` is the mean number of ids per sample of ``feature_names[i]`` (for a
+    sequence feature: the mean history length).
+    """
+
+    name: str
+    module: str  # "orig" or "aux": the EmbeddingCollection that holds it
+    num_embeddings: int
+    embedding_dim: int
+    feature_names: tuple[str, ...]
+    pooling_factors: tuple[float, ...]
+
+    @property
+    def param_bytes(self) -> int:
+        """fp32 weights: rows × dim × 4."""
+        return self.num_embeddings * self.embedding_dim * 4
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Embedding tables of a DIN/DIEN-style model (plus IaCN's aux twins when ``aux_dim > 0``).
+
+    Counts exclude the padding row: a table has ``count + 1`` rows (index 0 = padding/unknown).
+    ``hist_len`` is the mean behaviour-history length per sample (the pooling factor of the
+    ``hist_*`` sequence features); ``neg_hist`` adds DIEN's negative behaviours (same length);
+    ``iacn_negatives`` is S_neg, the sampled-softmax negatives IaCN looks up per sample in the aux
+    tables (0 for the in-batch sampler). ``pooled=True`` builds DLRM-style EmbeddingBagCollections
+    (one pooled lookup per feature) instead of sequence EmbeddingCollections.
+    """
+
+    name: str
+    num_users: int
+    num_items: int
+    num_cates: int
+    orig_dim: int = 18
+    aux_dim: int = 18
+    user_dim: int = 18
+    hist_len: float = 10.0
+    neg_hist: bool = False
+    iacn_negatives: int = 0
+    pooled: bool = False
+
+    def __post_init__(self) -> None:
+        for f in ("num_users", "num_items", "num_cates", "orig_dim", "user_dim"):
+            if int(getattr(self, f)) <= 0:
+                raise SpecError(f"model spec {self.name!r}: field {f!r} must be > 0, got {getattr(self, f)}")
+        if not self.pooled and self.user_dim != self.orig_dim:
+            # uid shares the "orig" EmbeddingCollection, which requires one embedding dim
+            raise SpecError(
+                f"model spec {self.name!r}: user_dim ({self.user_dim}) must equal orig_dim ({self.orig_dim}) "
+                "for sequence EmbeddingCollections (uid lives in the orig collection)"
+            )
+        if self.aux_dim < 0 or self.iacn_negatives < 0 or self.hist_len < 0:
+            raise SpecError(f"model spec {self.name!r}: aux_dim, iacn_negatives and hist_len must be >= 0")
+
+    def with_aux_dim(self, aux_dim: int) -> ModelSpec:
+        return dataclasses.replace(self, aux_dim=aux_dim)
+
+    def tables(self, with_iacn: bool = True) -> list[TableSpec]:
+        """The tables in architecture order: orig (uid, item_orig, cate_orig), then aux when asked."""
+        L = float(self.hist_len)
+        item_f, item_p = ["item", "hist_item"], [1.0, L]
+        cate_f, cate_p = ["cate", "hist_cate"], [1.0, L]
+        if self.neg_hist:
+            item_f, item_p = item_f + ["neg_hist_item"], item_p + [L]
+            cate_f, cate_p = cate_f + ["neg_hist_cate"], cate_p + [L]
+        out = [
+            TableSpec("uid", "orig", self.num_users + 1, self.user_dim, ("uid",), (1.0,)),
+            TableSpec("item_orig", "orig", self.num_items + 1, self.orig_dim, tuple(item_f), tuple(item_p)),
+            TableSpec("cate_orig", "orig", self.num_cates + 1, self.orig_dim, tuple(cate_f), tuple(cate_p)),
+        ]
+        if with_iacn and self.aux_dim > 0:
+            s = float(self.iacn_negatives)
+            ia_f, ia_p = list(item_f), list(item_p)
+            ca_f, ca_p = list(cate_f), list(cate_p)
+            if s > 0:
+                ia_f, ia_p = ia_f + ["iacn_neg_item"], ia_p + [s]
+                ca_f, ca_p = ca_f + ["iacn_neg_cate"], ca_p + [s]
+            out += [
+                TableSpec("item_aux", "aux", self.num_items + 1, self.aux_dim, tuple(ia_f), tuple(ia_p)),
+                TableSpec("cate_aux", "aux", self.num_cates + 1, self.aux_dim, tuple(ca_f), tuple(ca_p)),
+            ]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "<spec>") -> ModelSpec:
+        """Build from a mapping (a scenario's ``model:`` section); unknown or bad fields name ``where``."""
+        if not isinstance(d, dict):
+            raise SpecError(f"{where}: model spec must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SpecError(f"{where}: unknown model field(s) {unknown}; known: {sorted(names)}")
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                if f.default is dataclasses.MISSING:
+                    raise SpecError(f"{where}: missing required model field {f.name!r}")
+                continue
+            v = d[f.name]
+            try:
+                if f.name == "name":
+                    kw[f.name] = str(v)
+                elif f.name in ("neg_hist", "pooled"):
+                    if not isinstance(v, bool):
+                        raise TypeError
+                    kw[f.name] = v
+                elif f.name == "hist_len":
+                    kw[f.name] = float(v)
+                else:
+                    fv = float(v)  # allows 1e9 in YAML
+                    if fv != int(fv):
+                        raise TypeError
+                    kw[f.name] = int(fv)
+            except (TypeError, ValueError):
+                raise SpecError(f"{where}: model field {f.name!r} has a bad value {v!r}") from None
+        try:
+            return cls(**kw)
+        except SpecError as e:
+            raise SpecError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_meta(cls, path: str | Path, **overrides: Any) -> ModelSpec:
+        """Read a prepared dataset's ``meta.json`` (``counts.users/items/categories``, ``max_len``).
+
+        ``path`` is the dataset directory or the meta.json itself. The history length defaults to
+        ``max_len`` (an upper bound: pass ``hist_len=`` for the mean); other fields via overrides.
+        """
+        p = Path(path)
+        if p.is_dir():
+            p = p / "meta.json"
+        if not p.is_file():
+            raise SpecError(
+                f"{p}: no such meta.json (expected a prepared dataset directory or its meta.json)"
+            )
+        try:
+            meta = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        counts = meta.get("counts") if isinstance(meta, dict) else None
+        if not isinstance(counts, dict):
+            raise SpecError(
+                f"{p}: missing object field 'counts' (need counts.users, counts.items, counts.categories)"
+            )
+
+        def need(key: str, obj: dict[str, Any], label: str) -> int:
+            v = obj.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or v != int(v):
+                raise SpecError(f"{p}: field {label!r} must be a positive integer, got {v!r}")
+            return int(v)
+
+        kw: dict[str, Any] = dict(
+            name=str(meta.get("source", p.parent.name)),
+            num_users=need("users", counts, "counts.users"),
+            num_items=need("items", counts, "counts.items"),
+            num_cates=need("categories", counts, "counts.categories"),
+        )
+        if "hist_len" not in overrides:
+            kw["hist_len"] = float(need("max_len", meta, "max_len"))
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class TopologySpec:
+    """A simulated cluster (TorchRec ``Topology``); capacities per rank in GiB, bandwidths in GB/s."""
+
+    world_size: int
+    local_world_size: int = 8
+    compute_device: str = "cuda"
+    hbm_gib: float = 80.0
+    ddr_gib: float = 256.0
+    intra_host_bw_gbps: float | None = None  # None: TorchRec's defaults (600 / 12.5 GiB/s)
+    inter_host_bw_gbps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or self.local_world_size < 1:
+            raise SpecError(f"topology: world_size and local_world_size must be >= 1, got {self}")
+        if self.compute_device not in ("cuda", "cpu"):
+            raise SpecError(f"topology: compute_device must be 'cuda' or 'cpu', got {self.compute_device!r}")
+
+    def build(self):  # -> torchrec Topology
+        from torchrec.distributed.planner import Topology
+
+        kw: dict[str, Any] = {}
+        if self.intra_host_bw_gbps is not None:
+            kw["intra_host_bw"] = self.intra_host_bw_gbps * GBPS
+        if self.inter_host_bw_gbps is not None:
+            kw["inter_host_bw"] = self.inter_host_bw_gbps * GBPS
+        return Topology(
+            world_size=self.world_size,
+            compute_device=self.compute_device,
+            local_world_size=min(self.local_world_size, self.world_size),
+            hbm_cap=int(self.hbm_gib * GIB) if self.compute_device == "cuda" else None,
+            ddr_cap=int(self.ddr_gib * GIB),
+            **kw,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "<topology>") -> TopologySpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SpecError(f"{where}: unknown topology field(s) {unknown}; known: {sorted(names)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise SpecError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """How to plan: batch size per rank, optimizer, kernels, storage reservation, sharding types.
+
+    ``sharding_types=None`` picks per table: data-parallel (cuda only) + table-wise + row-wise for
+    tables under ``small_table_bytes``; table-wise + row-wise (+ column-wise up to
+    ``column_wise_max_world`` ranks) otherwise; table-wise only up to ``table_wise_max_world``
+    ranks. This keeps the planner's search space, and so its run time, bounded at 1024 ranks.
+    ``offload``: "never" (HBM kernels only), "auto" (retry with
+    fused_uvm_caching when the HBM-only plan does not fit) or "always".
+    """
+
+    batch_size: int = 512
+    optimizer: str = "rowwise_adagrad"
+    offload: str = "auto"
+    cache_load_factor: float = 0.2
+    reserve_fraction: float = 0.15
+    sharding_types: tuple[str, ...] | None = None
+    small_table_bytes: int = 1 * GIB
+    column_wise_max_world: int = 256
+    table_wise_max_world: int = 256
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise SpecError(
+                f"plan options: optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        if self.offload not in ("never", "auto", "always"):
+            raise SpecError(f"plan options: offload must be never|auto|always, got {self.offload!r}")
+        if self.batch_size < 1:
+            raise SpecError(f"plan options: batch_size must be >= 1, got {self.batch_size}")
+
+    def optimizer_state_bytes(self, rows: int, cols: int) -> int:
+        """Optimizer state of a (rows × cols) fp32 shard: per-row and per-element floats."""
+        _, per_row, per_elem = OPTIMIZERS[self.optimizer]
+        return 4 * (rows * per_row + rows * cols * per_elem)
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable bytes (GiB/MiB/KiB)."""
+    if not math.isfinite(n):
+        return str(n)
+    a = abs(n)
+    for unit, scale in (("TiB", 1024**4), ("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if a >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"

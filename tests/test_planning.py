@@ -1,0 +1,157 @@
+"""Sharding-planner benchmarks: plan validity, the aux tables' exact bytes, does-not-fit errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from iacn_torchrec.distributed.plan_cli import load_scenario
+from iacn_torchrec.distributed.plan_specs import GIB, SpecError
+from iacn_torchrec.distributed.planning import (
+    ModelSpec,
+    PlanDoesNotFitError,
+    PlanOptions,
+    TopologySpec,
+    compare_iacn,
+    measure_sharded_embeddings,
+    plan_tables,
+)
+
+SMALL = ModelSpec(
+    "small", num_users=1000, num_items=5000, num_cates=50, orig_dim=16, aux_dim=8, user_dim=16, hist_len=4
+)
+
+
+def test_small_plan_is_valid():
+    topo = TopologySpec(world_size=4, local_world_size=2, compute_device="cuda", hbm_gib=1.0)
+    opts = PlanOptions(batch_size=32)
+    res, plan = plan_tables(SMALL, topo, opts, with_iacn=True)
+    assert res.fits
+    assert [t.name for t in res.tables] == ["uid", "item_orig", "cate_orig", "item_aux", "cate_aux"]
+    cap = int(GIB * (1 - opts.reserve_fraction))
+    assert len(res.rank_hbm) == 4 and max(res.rank_hbm) <= cap
+    for t, spec_t in zip(res.tables, SMALL.tables(True)):
+        assert (t.rows, t.dim) == (spec_t.num_embeddings, spec_t.embedding_dim)
+        assert all(0 <= r < 4 for r in t.ranks)
+        if t.sharding_type != "data_parallel":  # the shards tile the table exactly once
+            assert t.param_bytes == t.rows * t.dim * 4
+    # the ShardingPlan TorchRec returns covers both collections and every table
+    assert set(plan.plan) == {"orig", "aux"}
+    assert set(plan.plan["aux"]) == {"item_aux", "cate_aux"}
+    assert math.isfinite(res.step_estimate_ms) and res.step_estimate_ms > 0
+
+
+@pytest.mark.parametrize("optimizer,row_floats", [("rowwise_adagrad", 1), ("sgd", 0)])
+def test_iacn_adds_exactly_the_aux_table_bytes(optimizer, row_floats):
+    # CPU topology, table-wise only: each table is one shard whose DDR estimate is
+    # weights + optimizer state + input ids (int64) + output rows (fp32), all computable by hand.
+    W, B = 2, 16
+    topo = TopologySpec(world_size=W, local_world_size=W, compute_device="cpu", ddr_gib=4)
+    opts = PlanOptions(batch_size=B, optimizer=optimizer, sharding_types=("table_wise",))
+    c = compare_iacn(SMALL, topo, opts)
+    base, iacn, delta = c["baseline"], c["iacn"], c["delta"]
+    assert base.fits and iacn.fits
+    aux = [t for t in SMALL.tables(True) if t.module == "aux"]
+    state = sum(t.num_embeddings * t.embedding_dim * 4 + row_floats * t.num_embeddings * 4 for t in aux)
+    # item_aux: 5001 rows x 8 -> 160,032 B weights (+ 20,004 B row-wise state); cate_aux: 51 x 8
+    assert state == (5001 * 8 * 4 + 51 * 8 * 4) + row_floats * (5001 + 51) * 4
+    assert delta["state_bytes"] == state == delta["aux_state_bytes"]
+    ids = sum(sum(t.pooling_factors) * B for t in aux)  # lookups per rank per step
+    io = sum(
+        math.ceil(sum(t.pooling_factors) * B * W * 8)
+        + math.ceil(sum(t.pooling_factors) * B * W * t.embedding_dim * 4)
+        for t in aux
+    )
+    assert ids == (1 + 4) * B * 2
+    assert delta["total_ddr"] == state + io
+    assert delta["total_hbm"] == 0
+    # and the baseline tables are planned the same way in both runs
+    for t in base.tables:
+        t2 = iacn.table(t.name)
+        assert (t2.sharding_type, t2.param_bytes, t2.optimizer_bytes) == (
+            t.sharding_type,
+            t.param_bytes,
+            t.optimizer_bytes,
+        )
+
+
+def test_aux_tables_that_do_not_fit_name_table_and_shortfall():
+    # item tables 2,000,001 x 32 (256 MB) fit 2 x 0.3 GiB HBM; an aux twin of dim 256 (2 GB) does not.
+    spec = ModelSpec("tight", 1000, 2_000_000, 100, orig_dim=32, aux_dim=256, user_dim=32, hist_len=2)
+    topo = TopologySpec(world_size=2, local_world_size=2, compute_device="cuda", hbm_gib=0.3)
+    opts = PlanOptions(batch_size=8, offload="never")
+    c = compare_iacn(spec, topo, opts)
+    assert c["baseline"].fits
+    iacn = c["iacn"]
+    assert not iacn.fits and not c["delta"]
+    assert "'item_aux'" in iacn.error and "short by" in iacn.error
+    # its smallest shard: row-wise over 2 ranks, 1,000,001 rows x 256 x 4 B (+ row-wise state, I/O)
+    avail = int(0.3 * GIB * 0.85)
+    assert iacn.shortfall["item_aux"] >= 1_000_001 * 256 * 4 + 1_000_001 * 4 - avail
+    with pytest.raises(PlanDoesNotFitError, match="item_aux"):
+        plan_tables(spec, topo, opts, with_iacn=True)
+
+
+def test_offload_falls_back_to_uvm_caching():
+    spec = ModelSpec("uvm", 1000, 2_000_000, 100, orig_dim=64, aux_dim=64, user_dim=64, hist_len=2)
+    topo = TopologySpec(world_size=2, local_world_size=2, compute_device="cuda", hbm_gib=0.5, ddr_gib=8)
+    res = compare_iacn(spec, topo, PlanOptions(batch_size=8, offload="auto"))["iacn"]
+    assert res.fits and res.mode == "uvm_caching" and "HBM-only" in res.error
+    assert any(t.compute_kernel == "fused_uvm_caching" for t in res.tables)
+    assert res.max_rank_ddr > 0
+
+
+def test_meta_json_read_defensively(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"counts": {"users": 10, "items": 20}, "max_len": 5}))
+    with pytest.raises(SpecError, match="counts.categories"):
+        ModelSpec.from_meta(tmp_path)
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"source": "x", "counts": {"users": 10, "items": 20, "categories": 3}, "max_len": 5})
+    )
+    spec = ModelSpec.from_meta(tmp_path, orig_dim=8, user_dim=8, aux_dim=4)
+    rows = {t.name: t.num_embeddings for t in spec.tables(True)}
+    assert rows == {"uid": 11, "item_orig": 21, "cate_orig": 4, "item_aux": 21, "cate_aux": 4}
+    assert spec.hist_len == 5.0
+    with pytest.raises(SpecError, match="no such meta.json"):
+        ModelSpec.from_meta(tmp_path / "missing")
+
+
+def test_scenario_errors_name_file_and_field(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(
+        "name: x\nmodel: {num_users: 1, num_items: 2, num_cates: 3, orig_dims: 4}\nworld_sizes: [2]\n"
+    )
+    with pytest.raises(SpecError, match=r"bad.yaml.*orig_dims"):
+        load_scenario(p)
+
+
+def test_cli_writes_json_and_markdown(tmp_path):
+    from iacn_torchrec.cli import main
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(
+        "name: tiny\n"
+        "model: {num_users: 100, num_items: 500, num_cates: 10, orig_dim: 8, user_dim: 8, hist_len: 3}\n"
+        "aux_dims: [8, 4]\n"
+        "world_sizes: [2]\n"
+        "topology: {local_world_size: 2, hbm_gib: 1}\n"
+        "plan: {batch_size: 8}\n"
+    )
+    out = tmp_path / "out"
+    assert main(["plan", "--spec", str(spec), "--out", str(out)]) == 0
+    data = json.loads((out / "plan.json").read_text())
+    assert [(r["variant"], r["aux_dim"]) for r in data["rows"]] == [("baseline", 0), ("iacn", 8), ("iacn", 4)]
+    names = [t["name"] for t in data["rows"][1]["result"]["tables"]]
+    assert names == ["uid", "item_orig", "cate_orig", "item_aux", "cate_aux"]
+    assert data["rows"][2]["delta"]["aux_state_bytes"] == (501 * 4 * 4 + 501 * 4) + (11 * 4 * 4 + 11 * 4)
+    md = (out / "plan.md").read_text()
+    assert "IaCN aux=4" in md and "item_aux" in md
+
+
+@pytest.mark.slow
+def test_measured_state_bytes_match_plan_on_cpu_rank():
+    spec = ModelSpec("m", 1000, 20_000, 50, orig_dim=16, aux_dim=8, user_dim=16, hist_len=4)
+    (r,) = measure_sharded_embeddings(spec, True, 1, PlanOptions(batch_size=32), steps=2, warmup=1)
+    assert r["measured_weight_bytes"] + r["measured_optimizer_bytes"] == r["planned_state_bytes"]
