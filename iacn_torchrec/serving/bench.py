@@ -1,0 +1,160 @@
+"""Exported vs eager model: samples/s and p50/p99 latency per batch size, in one run.
+
+``iacn bench serve --run RUN_DIR [--model MODEL_DIR] [--batch-sizes 1,64,1024] [--json]``
+
+*eager*: the trained ``CTRWithIaCN.predict`` on the loader's ``Batch`` (KJT → TorchRec
+``EmbeddingCollection`` lookups of ``E_orig`` and ``E_aux`` → padding → main model; IaCN is not run).
+*exported*: the TorchScript artefact on padded id tensors (merged tables, same main model); with
+``model_int8.pt`` present, also the int8-table variant. Inputs are built before timing (test-split
+samples, cycled), so only the model call is timed; the variants are called in turn (round robin)
+so that noise from other processes hits them alike. Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["time_interleaved", "bench_serve", "add_arguments", "run"]
+
+
+def time_interleaved(
+    fns: dict[str, Any],
+    inputs: dict[str, list[Any]],
+    batch_size: int,
+    min_seconds: float,
+    min_rounds: int = 20,
+    warmup: int = 10,
+) -> dict[str, dict[str, float]]:
+    """Time every ``fns[name](x)`` over its ``inputs[name]``, interleaved: each round calls every
+    variant once, so load from other processes hits all variants alike (these boxes are shared).
+
+    Returns per variant: samples/s (``batch_size · calls / Σ latency``), p50 / p99 / mean latency (ms).
+    """
+    lat: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for i in range(warmup):
+            for k, fn in fns.items():
+                fn(inputs[k][i % len(inputs[k])])
+        start = time.perf_counter()
+        i = 0
+        while i < min_rounds or time.perf_counter() - start < min_seconds * len(fns):
+            for k, fn in fns.items():
+                x = inputs[k][i % len(inputs[k])]
+                t0 = time.perf_counter()
+                fn(x)
+                lat[k].append(time.perf_counter() - t0)
+            i += 1
+    out = {}
+    for k, v in lat.items():
+        a = np.array(v) * 1e3
+        out[k] = {
+            "samples_per_s": batch_size * len(a) / (a.sum() / 1e3),
+            "p50_ms": float(np.percentile(a, 50)),
+            "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean()),
+            "calls": len(a),
+        }
+    return out
+
+
+def bench_serve(
+    run_dir: str,
+    model_dir: str | None = None,
+    batch_sizes: tuple[int, ...] = (1, 64, 1024),
+    min_seconds: float = 1.0,
+    max_batches: int = 32,
+    data: str | None = None,
+) -> dict:
+    """Benchmark rows ``{variant, batch_size, samples_per_s, p50_ms, p99_ms, ...}`` plus the setup."""
+    from iacn_torchrec.data.loader import BatchLoader
+    from iacn_torchrec.serving.artifact import ServingArtifact
+    from iacn_torchrec.serving.export import export_run, load_run, split_inputs
+
+    run = load_run(run_dir, data=data)
+    tmp = None
+    if model_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="iacn-bench-serve-")
+        model_dir = str(Path(tmp.name) / "model")
+        export_run(run_dir, model_dir, data=data, check_samples=1024)
+    variants = {"exported": ServingArtifact.load(model_dir).model}
+    if (Path(model_dir) / "model_int8.pt").is_file():
+        variants["exported_int8"] = ServingArtifact.load(model_dir, int8=True).model
+    tl = run.test_loader
+    need = max(batch_sizes) * max_batches
+    inputs, _ = split_inputs(run.ds, limit=need)
+    n = inputs[0].shape[0]
+    rows = []
+    for B in batch_sizes:
+        nb = max(1, min(max_batches, n // B))
+        loader = BatchLoader(
+            run.ds,
+            "test",
+            batch_size=B,
+            with_neg_hist=tl.with_neg_hist,
+            iacn_negatives=tl.iacn_negatives,
+            limit=nb * B,
+        )
+        eager_batches = list(loader)
+        padded = [tuple(t[i * B : (i + 1) * B] for t in inputs) for i in range(nb)]
+        fns = {"eager": run.model.predict} | {name: (lambda x, m=m: m(*x)) for name, m in variants.items()}
+        ins = {"eager": eager_batches} | {name: padded for name in variants}
+        for name, r in time_interleaved(fns, ins, B, min_seconds).items():
+            rows.append({"variant": name, "batch_size": B, **r})
+    if tmp is not None:
+        tmp.cleanup()
+    for row in rows:
+        base = next(x for x in rows if x["variant"] == "eager" and x["batch_size"] == row["batch_size"])
+        row["speedup_vs_eager"] = row["samples_per_s"] / base["samples_per_s"]
+    return {
+        "run": str(run_dir),
+        "model": run.config.model.name,
+        "iacn_trained": bool(run.config.iacn.enabled),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="training run directory")
+    parser.add_argument("--model", help="its exported model directory (default: export to a temp dir)")
+    parser.add_argument("--data", help="prepared dataset (default: the run's data.path)")
+    parser.add_argument("--batch-sizes", default="1,64,1024")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="time per (variant, batch size)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    try:
+        sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+    except ValueError:
+        print(
+            f"iacn bench serve: --batch-sizes {args.batch_sizes!r}: expected e.g. 1,64,1024", file=sys.stderr
+        )
+        return 2
+    res = bench_serve(args.run, args.model, sizes, args.min_seconds, data=args.data)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(
+        f"{res['model']} ({'IaCN-trained' if res['iacn_trained'] else 'plain'}), {res['threads']} thread(s), "
+        f"torch {res['torch']}"
+    )
+    print(f"{'variant':<15}{'batch':>7}{'samples/s':>13}{'p50 ms':>10}{'p99 ms':>10}{'vs eager':>10}")
+    for r in res["rows"]:
+        print(
+            f"{r['variant']:<15}{r['batch_size']:>7}{r['samples_per_s']:>13,.0f}{r['p50_ms']:>10.3f}"
+            f"{r['p99_ms']:>10.3f}{r['speedup_vs_eager']:>9.2f}x"
+        )
+    return 0

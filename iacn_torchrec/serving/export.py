@@ -1,0 +1,509 @@
+"""Export a trained run for serving: the main model and the merged ``E_orig ⊕ E_aux`` tables only.
+
+``iacn export --run RUN_DIR --out MODEL_DIR [--int8]``
+
+IaCN costs nothing at inference (DESIGN.md): the main model only ever reads ``E = E_orig ⊕ E_aux``,
+so each item-side feature's two tables are merged into one table whose rows are the concatenation
+(``[N + 1, orig_dim + aux_dim]``) and the IaCN task is dropped. :class:`ServingModel` does the lookups
+with plain tensor indexing on padded ids (no KJT, no TorchRec collections, no fbgemm) and calls the
+trained main model; it is traced to TorchScript with :func:`torch.jit.trace`.
+
+Why TorchScript tracing and not ``torch.export``: the main models trim the padded history to the
+batch's longest one on CPU (``models.layers.effective_length`` reads ``int(hist_lengths.max())``),
+a data-dependent size that ``torch.export`` refuses (``GuardOnDataDependentSymNode``). Tracing with
+an example whose longest history is L fixes that slice to the full L: padded positions are masked
+in every main model, so the scores are the eager ones (up to float summation order; the export
+checks this on the test split and records the largest difference in the manifest). The trace keeps
+the batch size dynamic.
+
+Why the graph does not depend on IaCN: an IaCN-trained model (``orig_dim + aux_dim``) and a plain
+model of the same width (``emb_dim = orig_dim + aux_dim``) produce the same :class:`ServingModel`
+code path and tensor shapes, hence the same TorchScript graph (``manifest["graph_sha256"]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iacn_torchrec.modules.embeddings import EmbeddedBatch
+from iacn_torchrec.serving.artifact import FORMAT, FORMAT_VERSION, INPUT_NAMES, auc, file_sha256
+
+__all__ = [
+    "MergedTable",
+    "ServingModel",
+    "LoadedRun",
+    "load_run",
+    "trace_serving_model",
+    "export_run",
+    "split_inputs",
+    "add_arguments",
+    "run",
+]
+
+
+# --------------------------------------------------------------------------------------- modules
+class MergedTable(nn.Module):
+    """One embedding table for serving: float32 rows, or int8 row-wise quantised rows.
+
+    int8 (fbgemm's row-wise scheme): ``w ≈ q·scale + bias`` per row with ``q ∈ [-128, 127]``,
+    ``scale = (max - min) / 255``, ``bias = min + 128·scale`` (error ≤ scale / 2 per entry).
+
+    Shapes: ``weight [N, d]``; ``forward(ids [...]) -> [..., d]`` float32.
+    """
+
+    def __init__(self, weight: torch.Tensor, int8: bool = False) -> None:
+        super().__init__()
+        weight = weight.detach().float().contiguous()
+        self.int8 = bool(int8)
+        self.num_embeddings, self.embedding_dim = weight.shape
+        if self.int8:
+            lo = weight.min(dim=1).values
+            scale = (weight.max(dim=1).values - lo).clamp_min(1e-12) / 255.0
+            q = torch.round((weight - lo[:, None]) / scale[:, None]) - 128.0
+            self.register_buffer("weight_q", q.clamp(-128, 127).to(torch.int8))
+            self.register_buffer("scale", scale)
+            self.register_buffer("bias", lo + 128.0 * scale)
+        else:
+            self.register_buffer("weight", weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.int8:
+            return self.weight_q[ids].float() * self.scale[ids].unsqueeze(-1) + self.bias[ids].unsqueeze(-1)
+        return F.embedding(ids, self.weight)
+
+
+class ServingModel(nn.Module):
+    """Lookups in the merged tables + the trained main model → click probabilities.
+
+    Args:
+        user_table: ``[num_users + 1, Du]`` (the ``uid`` table).
+        item_table: ``[num_items + 1, orig_dim + aux_dim]`` rows ``E_orig(i) ⊕ E_aux(i)``.
+        cate_table: ``[num_cates + 1, orig_dim + aux_dim]`` likewise.
+        main_model: the trained DIN / DIEN / W&D (``forward(EmbeddedBatch) -> (logits, aux)``), eval mode.
+        max_len: L.
+
+    ``forward(uid [B], item [B], cate [B], hist_item [B, L], hist_cate [B, L], hist_lengths [B])``
+    returns ``sigmoid(logits)`` ``[B]``. The main model sees the :class:`EmbeddedBatch` the training
+    embeddings build: ``target = item ⊕ cate`` ``[B, D]``, ``hist`` ``[B, L, D]`` zero past
+    ``hist_lengths`` (whatever ids sit there), ``D = 2·(orig_dim + aux_dim)``.
+    """
+
+    def __init__(
+        self,
+        user_table: MergedTable,
+        item_table: MergedTable,
+        cate_table: MergedTable,
+        main_model: nn.Module,
+        max_len: int,
+    ) -> None:
+        super().__init__()
+        self.user_table, self.item_table, self.cate_table = user_table, item_table, cate_table
+        self.main_model = main_model
+        self.max_len = int(max_len)
+        self.register_buffer("positions", torch.arange(self.max_len))
+
+    @classmethod
+    def from_model(cls, model: nn.Module, int8: bool = False) -> ServingModel:
+        """From a trained (unsharded) ``CTRWithIaCN``: merge its ``orig``/``aux`` tables, drop IaCN."""
+        emb = model.embeddings
+        w = {n: t.detach() for n, t in _table_weights(emb).items()}
+        item = w["item_orig"] if "item_aux" not in w else torch.cat([w["item_orig"], w["item_aux"]], 1)
+        cate = w["cate_orig"] if "cate_aux" not in w else torch.cat([w["cate_orig"], w["cate_aux"]], 1)
+        main = model.main_model.eval()
+        return cls(
+            MergedTable(w["uid"], int8), MergedTable(item, int8), MergedTable(cate, int8), main, emb.max_len
+        ).eval()
+
+    def forward(
+        self,
+        uid: torch.Tensor,
+        item: torch.Tensor,
+        cate: torch.Tensor,
+        hist_item: torch.Tensor,
+        hist_cate: torch.Tensor,
+        hist_lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        mask = self.positions.unsqueeze(0) < hist_lengths.unsqueeze(1)  # [B, L]
+        target = torch.cat([self.item_table(item), self.cate_table(cate)], dim=1)
+        hist = torch.cat([self.item_table(hist_item), self.cate_table(hist_cate)], dim=2)
+        hist = hist * mask.unsqueeze(-1).to(hist.dtype)
+        emb = EmbeddedBatch(user=self.user_table(uid), target=target, hist=hist, hist_lengths=hist_lengths)
+        logits, _ = self.main_model(emb)
+        return torch.sigmoid(logits)
+
+
+def _table_weights(emb: nn.Module) -> dict[str, torch.Tensor]:
+    """``{table name: weight}`` of an unsharded ``InterestAwareEmbeddings``."""
+    out: dict[str, torch.Tensor] = {}
+    for ec in emb.collections().values():
+        for name, t in ec.embeddings.items():
+            out[name] = t.weight
+    return out
+
+
+def trace_serving_model(serving: ServingModel) -> torch.jit.ScriptModule:
+    """TorchScript-trace ``serving`` with an example whose longest history is L (so the main model's
+    history slice is the full L; see the module docstring). The batch size stays dynamic."""
+    L = serving.max_len
+    B = 3
+    lengths = torch.tensor([L, 1, 0][:B], dtype=torch.long)
+    ex = (
+        torch.ones(B, dtype=torch.long),
+        torch.ones(B, dtype=torch.long),
+        torch.ones(B, dtype=torch.long),
+        torch.ones(B, L, dtype=torch.long),
+        torch.ones(B, L, dtype=torch.long),
+        lengths,
+    )
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # the length trim becomes a constant (= L) on purpose
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(serving.eval(), ex, check_trace=False)
+    return traced
+
+
+def graph_text(traced: torch.jit.ScriptModule) -> str:
+    """The inlined TorchScript graph, with TorchScript's per-process class-name mangling
+    (``___torch_mangle_N.``, which depends on how many modules were traced before) removed."""
+    return re.sub(r"___torch_mangle_\d+\.", "", str(traced.inlined_graph))
+
+
+def graph_signature(traced: torch.jit.ScriptModule) -> str:
+    """sha256 of :func:`graph_text`: equal iff the exported computations (ops, shapes of the code
+    path, module structure) are the same; the weights are not part of it."""
+    return "sha256:" + hashlib.sha256(graph_text(traced).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- runs
+@dataclass
+class LoadedRun:
+    """A trained run rebuilt in eval mode: ``config`` (TrainConfig), ``ds`` (PreparedDataset),
+    ``model`` (CTRWithIaCN), ``test_loader`` (BatchLoader with the features the model reads),
+    ``step`` (checkpoint step), ``metrics`` (metrics.json or {})."""
+
+    path: Path
+    config: Any
+    ds: Any
+    model: nn.Module
+    test_loader: Any
+    step: int
+    metrics: dict
+
+
+def _resolve_data(run_dir: Path, data: str | None, config_path: str) -> Path:
+    if data:
+        return Path(data)
+    p = Path(config_path)
+    for cand in (p, run_dir / p, Path.cwd() / p):
+        if (cand / "meta.json").is_file():
+            return cand
+    raise FileNotFoundError(
+        f"{run_dir / 'config.yaml'}: data.path {config_path!r} is not a prepared dataset from here; "
+        "pass --data DIR"
+    )
+
+
+def load_run(run_dir: str | Path, data: str | None = None, step: int | None = None) -> LoadedRun:
+    """Rebuild ``run_dir``'s model from its config.yaml and newest (or ``step``'s) checkpoint."""
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.distributed.setup import build_model_from_config
+    from iacn_torchrec.train.checkpoint import latest_step, load_checkpoint
+    from iacn_torchrec.train.config import TrainConfig
+    from iacn_torchrec.train.loop import make_loaders
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml: not a training run directory (iacn train --out)")
+    config = TrainConfig.from_yaml(run_dir / "config.yaml")
+    ds = PreparedDataset.open(_resolve_data(run_dir, data, config.data.path))
+    _, test_loader, item_log_q = make_loaders(config, ds, 0, 1)
+    torch.manual_seed(config.seed)
+    model = build_model_from_config(config, ds, item_log_q=item_log_q)
+    root = str(run_dir / "checkpoints")
+    step = latest_step(root) if step is None else step
+    state = load_checkpoint(root, step=step)
+    model.load_state_dict(state["model"])
+    model.eval()
+    metrics = {}
+    if (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    return LoadedRun(run_dir, config, ds, model, test_loader, int(step), metrics)
+
+
+def split_inputs(
+    ds: Any, split: str = "test", limit: int | None = None
+) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+    """A split's samples as :class:`ServingModel` inputs (in file order) and their labels."""
+    from iacn_torchrec.serving.artifact import pad_last
+
+    s = ds.split(split)
+    n = len(s) if limit is None else min(limit, len(s))
+    off = np.asarray(s.hist_offsets[: n + 1])
+    lengths = np.diff(off)
+    hi, kept = pad_last(np.asarray(s.hist_item[off[0] : off[-1]]), lengths, ds.max_len)
+    hc, _ = pad_last(np.asarray(s.hist_cate[off[0] : off[-1]]), lengths, ds.max_len)
+    cols = [np.asarray(s.uid[:n]), np.asarray(s.item[:n]), np.asarray(s.cate[:n]), hi, hc, kept]
+    return tuple(torch.from_numpy(np.array(c, dtype=np.int64)) for c in cols), np.array(s.label[:n])
+
+
+@torch.inference_mode()
+def eager_scores(run: LoadedRun, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The eager ``CTRWithIaCN.predict`` on the test split in file order → (probs, labels)."""
+    from iacn_torchrec.data.loader import BatchLoader
+
+    tl = run.test_loader
+    loader = BatchLoader(
+        run.ds,
+        "test",
+        batch_size=tl.batch_size,
+        with_neg_hist=tl.with_neg_hist,
+        iacn_negatives=tl.iacn_negatives,
+        limit=limit,
+        seed=tl.seed,
+    )
+    probs, labels = [], []
+    for batch in loader:
+        probs.append(run.model.predict(batch).numpy())
+        labels.append(batch.labels.numpy())
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+@torch.inference_mode()
+def batched(model: Any, inputs: tuple[torch.Tensor, ...], batch_size: int = 4096) -> np.ndarray:
+    n = inputs[0].shape[0]
+    return np.concatenate(
+        [model(*(t[i : i + batch_size] for t in inputs)).numpy() for i in range(0, n, batch_size)]
+    )
+
+
+# ----------------------------------------------------------------------------------------- export
+def _versions() -> dict[str, str]:
+    from iacn_torchrec import __version__
+
+    out = {
+        "iacn_torchrec": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import torchrec
+
+        out["torchrec"] = getattr(torchrec, "__version__", "unknown")
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    data: str | None = None,
+    step: int | None = None,
+    int8: bool = False,
+    check_samples: int | None = 4096,
+    overwrite: bool = False,
+) -> dict:
+    """Export ``run_dir`` to ``out`` (atomically: a hidden sibling renamed at the end) and return the
+    manifest. ``check_samples``: compare exported vs eager scores on that many test samples (None:
+    all); with ``int8`` the test AUC of the float and the int8 artefact is measured on the full test
+    split."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
+    t0 = time.perf_counter()
+    run = load_run(run_dir, data=data, step=step)
+    emb = run.model.embeddings
+    serving = ServingModel.from_model(run.model)
+    traced = trace_serving_model(serving)
+
+    # check: exported == eager on the first test samples
+    eager, labels = eager_scores(run, limit=check_samples)
+    inputs, _ = split_inputs(run.ds, limit=len(eager))
+    exported = batched(traced, inputs)
+    max_diff = float(np.abs(exported - eager).max()) if eager.size else 0.0
+    checks: dict[str, Any] = {
+        "samples": int(eager.size),
+        "max_abs_diff_vs_eager": max_diff,
+        "auc_exported": auc(labels, exported),
+        "auc_eager": auc(labels, eager),
+    }
+    traced_q = None
+    if int8:
+        traced_q = trace_serving_model(ServingModel.from_model(run.model, int8=True))
+        all_inputs, all_labels = split_inputs(run.ds)
+        p_f = batched(traced, all_inputs)
+        p_q = batched(traced_q, all_inputs)
+        checks["int8"] = {
+            "test_samples": int(all_labels.size),
+            "auc_float": auc(all_labels, p_f),
+            "auc_int8": auc(all_labels, p_q),
+            "max_abs_score_diff": float(np.abs(p_f - p_q).max()),
+            "mean_abs_score_diff": float(np.abs(p_f - p_q).mean()),
+        }
+        checks["int8"]["auc_change"] = checks["int8"]["auc_int8"] - checks["int8"]["auc_float"]
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    try:
+        torch.jit.save(traced, str(tmp / "model.pt"))
+        if traced_q is not None:
+            torch.jit.save(traced_q, str(tmp / "model_int8.pt"))
+        (tmp / "vocab").mkdir()
+        for kind in ("uid", "item", "cate"):
+            shutil.copyfile(run.ds.path / "vocab" / f"{kind}.tsv", tmp / "vocab" / f"{kind}.tsv")
+        np.save(tmp / "item2cate.npy", np.asarray(run.ds.item2cate, dtype=np.int64))
+        files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        cfg = run.config
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": cfg.model.name,
+            "iacn_trained": bool(cfg.iacn.enabled),
+            "iacn": {"lam": cfg.iacn.lam, "delta": cfg.iacn.delta} if cfg.iacn.enabled else None,
+            "export": "torchscript-trace",
+            "inputs": {
+                "names": list(INPUT_NAMES),
+                "shapes": ["[B]", "[B]", "[B]", "[B, L]", "[B, L]", "[B]"],
+                "dtype": "int64",
+                "padding": "hist_* left-aligned (oldest first), ids past hist_lengths ignored; "
+                "id 0 = padding/unknown",
+                "output": "click probability [B] float32",
+            },
+            "dims": {
+                "max_len": int(emb.max_len),
+                "orig_dim": int(emb.orig_dim),
+                "aux_dim": int(emb.aux_dim),
+                "user_dim": int(emb.user_dim),
+                "item_dim": int(emb.item_dim),
+            },
+            "tables": {
+                name: {
+                    "rows": t.num_embeddings,
+                    "dim": t.embedding_dim,
+                    "merged_from": [f"{name}_orig", f"{name}_aux"] if emb.aux_dim else [f"{name}_orig"],
+                }
+                for name, t in (("item", serving.item_table), ("cate", serving.cate_table))
+            }
+            | {
+                "uid": {
+                    "rows": serving.user_table.num_embeddings,
+                    "dim": serving.user_table.embedding_dim,
+                    "merged_from": ["uid"],
+                }
+            },
+            "parameters": {
+                "trained_model": sum(
+                    t.numel()
+                    for n, t in run.model.state_dict().items()
+                    if not n.endswith("num_batches_tracked")
+                ),
+                "served": sum(
+                    t.numel()
+                    for n, t in serving.state_dict().items()
+                    if n != "positions" and not n.endswith("num_batches_tracked")
+                ),
+            },
+            "graph_sha256": graph_signature(traced),
+            "data": {k: run.ds.meta.get(k) for k in ("protocol", "max_len", "seed", "content_hash", "source")}
+            | {"counts": {k: run.ds.meta["counts"].get(k) for k in ("users", "items", "categories")}},
+            "run": {"path": str(Path(run_dir).resolve()), "step": run.step, "test": run.metrics.get("test")},
+            "checks": checks,
+            "versions": _versions(),
+            "files": files,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest["export_seconds"] = time.perf_counter() - t0
+    return manifest
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="training run directory (iacn train --out)")
+    parser.add_argument("--out", required=True, help="model directory to write")
+    parser.add_argument("--data", help="prepared dataset (default: the run's data.path)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write model_int8.pt (row-wise int8 tables) and report the AUC change",
+    )
+    parser.add_argument(
+        "--check-samples",
+        type=int,
+        default=4096,
+        help="test samples compared exported vs eager (0: the whole test split)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing OUT")
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    try:
+        m = export_run(
+            args.run,
+            args.out,
+            data=args.data,
+            step=args.step,
+            int8=args.int8,
+            check_samples=args.check_samples or None,
+            overwrite=args.force,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"iacn export: {e}", file=sys.stderr)
+        return 2
+    c = m["checks"]
+    d = m["dims"]
+    print(
+        f"exported {m['model']} ({'IaCN-trained' if m['iacn_trained'] else 'plain'}, "
+        f"step {m['run']['step']}) "
+        f"to {args.out} in {m['export_seconds']:.1f}s"
+    )
+    print(
+        f"  tables: item {m['tables']['item']['rows']}x{m['tables']['item']['dim']}, cate "
+        f"{m['tables']['cate']['rows']}x{m['tables']['cate']['dim']}, uid {m['tables']['uid']['rows']}x"
+        f"{m['tables']['uid']['dim']} (orig {d['orig_dim']} + aux {d['aux_dim']}); IaCN dropped"
+    )
+    print(
+        f"  parameters: trained {m['parameters']['trained_model']:,} -> served {m['parameters']['served']:,}"
+    )
+    print(
+        f"  check on {c['samples']} test samples: max |exported - eager| = {c['max_abs_diff_vs_eager']:.2e}, "
+        f"AUC {c['auc_exported']:.4f} (eager {c['auc_eager']:.4f})"
+    )
+    if "int8" in c:
+        q = c["int8"]
+        print(
+            f"  int8 tables on {q['test_samples']} test samples: AUC {q['auc_int8']:.5f} vs float "
+            f"{q['auc_float']:.5f} (change {q['auc_change']:+.5f}), mean |score diff| "
+            f"{q['mean_abs_score_diff']:.2e}"
+        )
+    print(f"  graph {m['graph_sha256'][:23]}…")
+    return 0

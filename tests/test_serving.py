@@ -1,0 +1,323 @@
+"""Serving: export (merged E_orig ⊕ E_aux tables, IaCN dropped), scoring raw files, the benchmark.
+
+Runs are trained for a few steps on the planted-interest synthetic data (prepared through the real
+``tsv`` pipeline), so every check goes through ``iacn train`` → ``iacn export`` → ``iacn score``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
+from iacn_torchrec.data.prepare import prepare_dataset
+from iacn_torchrec.data.sources import DataError
+from iacn_torchrec.data.synthetic import make_planted_interests
+from iacn_torchrec.serving.artifact import ServingArtifact, auc, pad_last
+from iacn_torchrec.serving.export import MergedTable, ServingModel, export_run, graph_text, load_run
+from iacn_torchrec.serving.score import read_samples, score_file
+from iacn_torchrec.train.config import TrainConfig
+from iacn_torchrec.train.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+# exported vs eager: the same kernels on the same numbers except the history slice (L vs the
+# batch's longest history), which only adds exact zeros; allow float-summation-order noise.
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("planted")
+    p = make_planted_interests(root / "raw", num_users=200, seed=1)
+    return prepare_dataset(
+        "tsv",
+        interactions=p.interactions,
+        items=p.items,
+        category_column="cate",
+        max_len=16,
+        seed=0,
+        out=root / "prep",
+        progress=False,
+    )
+
+
+def _train(data_dir: Path, out: Path, model: str, iacn: bool, emb_dim: int = 18, steps: int = 20) -> Path:
+    cfg = TrainConfig.from_dict(
+        {
+            "data": {"path": str(data_dir), "batch_size": 32},
+            "model": {"name": model, "emb_dim": emb_dim, "user_dim": 18},
+            "iacn": {"enabled": iacn},
+            "max_steps": steps,
+            "out": str(out),
+            "progress": False,
+            "resume": False,
+            "threads": 2,
+            "seed": 3,
+        }
+    )
+    train(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "din": _train(data_dir, root / "din", "din", True, steps=40),
+        "dien": _train(data_dir, root / "dien", "dien", True, steps=8),
+        "wide_deep": _train(data_dir, root / "wd", "wide_deep", True, steps=8),
+        # plain DIN of the same width as DIN+IaCN (orig 18 + aux 18 = 36)
+        "din_plain36": _train(data_dir, root / "plain", "din", False, emb_dim=36, steps=5),
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, run_dir in runs.items():
+        export_run(run_dir, root / name, check_samples=None, int8=name == "din")
+        out[name] = root / name
+    return out
+
+
+def _eager(run_dir: Path, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eager CTRWithIaCN.predict over the test split in file order, batches of ``batch_size``."""
+    r = load_run(run_dir)
+    tl = r.test_loader
+    loader = BatchLoader(
+        r.ds, "test", batch_size=batch_size, with_neg_hist=tl.with_neg_hist, iacn_negatives=tl.iacn_negatives
+    )
+    with torch.no_grad():
+        probs = np.concatenate([r.model.predict(b).numpy() for b in loader])
+    return probs, np.asarray(r.ds.split("test").label)
+
+
+def _write_tsv(ds: PreparedDataset, path: Path, rows: np.ndarray | None = None) -> None:
+    """The test split as raw-id TSV (user_id, item_id, history, label)."""
+    s = ds.split("test")
+    U, Id = ["<pad>"] + ds.vocab("uid"), ["<pad>"] + ds.vocab("item")
+    rows = np.arange(len(s)) if rows is None else rows
+    with open(path, "w") as f:
+        f.write("user_id\titem_id\thistory\tlabel\n")
+        for r in rows:
+            h = s.hist_item[s.hist_offsets[r] : s.hist_offsets[r + 1]]
+            f.write(f"{U[s.uid[r]]}\t{Id[s.item[r]]}\t{'|'.join(Id[i] for i in h)}\t{s.label[r]}\n")
+
+
+# ------------------------------------------------------------------------------------------ units
+def test_pad_last_keeps_the_most_recent_items():
+    values = np.array([1, 2, 3, 4, 5, 6, 7])
+    padded, kept = pad_last(values, np.array([2, 0, 5]), 3)
+    np.testing.assert_array_equal(padded, [[1, 2, 0], [0, 0, 0], [5, 6, 7]])
+    np.testing.assert_array_equal(kept, [2, 0, 3])
+
+
+def test_auc_matches_pairwise_count():
+    labels = np.array([1, 0, 1, 0, 1, 0])
+    scores = np.array([0.9, 0.8, 0.4, 0.4, 0.3, 0.1])
+    # positives 0.9, 0.4, 0.3 vs negatives 0.8, 0.4, 0.1: wins 3 + (1 + 0.5) + 1 = 5.5 of 9
+    assert auc(labels, scores) == pytest.approx(5.5 / 9)
+
+
+def test_int8_table_error_is_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(50, 12)
+    q = MergedTable(w, int8=True)
+    ids = torch.arange(50)
+    err = (q(ids) - w).abs()
+    step = (w.max(1).values - w.min(1).values) / 255
+    assert bool((err <= step[:, None] / 2 + 1e-6).all())
+    assert q.weight_q.dtype == torch.int8
+
+
+# ------------------------------------------------------------------------------------------ export
+def test_merged_tables_are_orig_concat_aux(runs):
+    r = load_run(runs["din"])
+    s = ServingModel.from_model(r.model)
+    orig = dict(r.model.embeddings.orig.embeddings.items())
+    aux = dict(r.model.embeddings.aux.embeddings.items())
+    for name, table in (("item", s.item_table), ("cate", s.cate_table)):
+        want = torch.cat([orig[f"{name}_orig"].weight, aux[f"{name}_aux"].weight], 1)
+        torch.testing.assert_close(table.weight, want, rtol=0, atol=0)
+    assert not any("iacn" in n for n, _ in s.named_modules())
+
+
+@pytest.mark.parametrize("name", ["din", "dien", "wide_deep"])
+def test_exported_scores_equal_eager_on_test_split(runs, exported, name):
+    m = json.loads((exported[name] / "manifest.json").read_text())
+    assert m["checks"]["max_abs_diff_vs_eager"] <= ATOL
+    # odd batch size: the eager model trims each batch to its longest history (< L here), the
+    # exported one always runs the full L
+    eager, labels = _eager(runs[name], batch_size=7)
+    art = ServingArtifact.load(exported[name])
+    ds = PreparedDataset.open(load_run(runs[name]).ds.path)
+    s = ds.split("test")
+    assert int(np.diff(s.hist_offsets).max()) < ds.max_len
+    assert m["checks"]["samples"] == len(s)  # check_samples=None: the whole test split
+    from iacn_torchrec.serving.export import split_inputs
+
+    inputs, _ = split_inputs(ds)
+    with torch.no_grad():
+        got = np.concatenate(
+            [art.model(*(t[i : i + 5] for t in inputs)).numpy() for i in range(0, len(s), 5)]
+        )
+    np.testing.assert_allclose(got, eager, rtol=0, atol=ATOL)
+    assert m["checks"]["auc_exported"] == pytest.approx(auc(labels, eager), abs=1e-6)
+
+
+def test_iacn_model_exports_to_the_same_graph_as_plain_model_of_same_width(exported):
+    iacn = json.loads((exported["din"] / "manifest.json").read_text())
+    plain = json.loads((exported["din_plain36"] / "manifest.json").read_text())
+    dien = json.loads((exported["dien"] / "manifest.json").read_text())
+    assert iacn["iacn_trained"] and not plain["iacn_trained"]
+    assert iacn["graph_sha256"] == plain["graph_sha256"]
+    assert iacn["graph_sha256"] != dien["graph_sha256"]  # the signature does tell graphs apart
+    a = torch.jit.load(str(exported["din"] / "model.pt"))
+    b = torch.jit.load(str(exported["din_plain36"] / "model.pt"))
+    assert graph_text(a) == graph_text(b)
+    assert "aten::embedding" in graph_text(a) and "iacn" not in graph_text(a).replace("iacn_torchrec", "")
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert iacn["tables"]["item"]["merged_from"] == ["item_orig", "item_aux"]
+
+
+def test_int8_artefact_reports_auc_change(exported):
+    m = json.loads((exported["din"] / "manifest.json").read_text())
+    q = m["checks"]["int8"]
+    assert q["auc_change"] == pytest.approx(q["auc_int8"] - q["auc_float"])
+    assert abs(q["auc_change"]) < 0.01 and q["max_abs_score_diff"] < 0.05
+    art = ServingArtifact.load(exported["din"], int8=True)
+    assert "model_int8.pt" in m["files"] and art.model is not None
+
+
+def test_corrupted_artefact_is_refused(exported, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(exported["wide_deep"], bad)
+    (bad / "vocab" / "item.tsv").write_text("x\t1\n")
+    with pytest.raises(ValueError, match="vocab/item.tsv: corrupted"):
+        ServingArtifact.load(bad)
+
+
+# ------------------------------------------------------------------------------------------- score
+def test_artefact_scores_in_a_fresh_process_without_training_code(runs, exported, tmp_path):
+    ds = load_run(runs["din"]).ds
+    _write_tsv(ds, tmp_path / "in.tsv")
+    code = (
+        "import json, sys\n"
+        "from iacn_torchrec.cli import main\n"
+        f"rc = main(['score', '--model', {str(exported['din'])!r}, '--input', {str(tmp_path / 'in.tsv')!r}, "
+        f"'--out', {str(tmp_path / 'out.tsv')!r}, '--batch-size', '64'])\n"
+        "print(json.dumps({'rc': rc, 'modules': sorted(sys.modules)}))\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["rc"] == 0
+    banned = (
+        "torchrec",
+        "fbgemm_gpu",
+        "iacn_torchrec.modules",
+        "iacn_torchrec.models",
+        "iacn_torchrec.train",
+        "iacn_torchrec.distributed",
+        "iacn_torchrec.serving.export",
+        "iacn_torchrec.data.loader",
+    )
+    loaded = [m for m in res["modules"] if m.startswith(banned)]
+    assert loaded == [], loaded
+    got = np.loadtxt(tmp_path / "out.tsv", skiprows=1, usecols=2, delimiter="\t")
+    eager, _ = _eager(runs["din"], batch_size=64)
+    np.testing.assert_allclose(got, eager, rtol=0, atol=1e-6)  # written with 6 decimals
+
+
+def test_unknown_ids_map_to_the_padding_row_and_are_counted(runs, exported, tmp_path):
+    art = ServingArtifact.load(exported["din"])
+    r = load_run(runs["din"])
+    items = r.ds.vocab("item")
+    users = r.ds.vocab("uid")
+    long_hist = items[:20]  # longer than L = 16
+    (tmp_path / "in.tsv").write_text(
+        "user_id\titem_id\thistory\n"
+        f"NO-SUCH-USER\t{items[3]}\t{items[0]}|{items[1]}\n"
+        f"{users[0]}\tNO-SUCH-ITEM\t{items[0]} NO-SUCH-HIST {items[2]}\n"
+        f"{users[1]}\t{items[4]}\t{'|'.join(long_hist)}\n"
+        f"{users[2]}\t{items[5]}\t\n"
+    )
+    s = score_file(exported["din"], tmp_path / "in.tsv", tmp_path / "out.tsv", progress=False)
+    assert s["unknown_ids"] == {"uid": 1, "item": 1, "hist_item": 1}
+    assert s["histories_truncated"] == 1 and s["rows"] == 4
+    got = np.loadtxt(tmp_path / "out.tsv", skiprows=1, usecols=2, delimiter="\t")
+
+    i2c = r.ds.item2cate
+    L = r.ds.max_len
+
+    def row(u, it, hist):
+        h = np.zeros(L, np.int64)
+        h[: len(hist)] = hist
+        return [u, it, int(i2c[it]), h, i2c[h] * (np.arange(L) < len(hist)), len(hist)]
+
+    rows = [row(0, 4, [1, 2]), row(1, 0, [1, 0, 3]), row(2, 5, list(range(5, 21))), row(3, 6, [])]
+    cols = [torch.tensor(np.array([x[k] for x in rows]), dtype=torch.long) for k in range(6)]
+    with torch.no_grad():
+        want = art.model(*cols).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_dien_local_test_format_is_read(runs, exported, tmp_path):
+    r = load_run(runs["din"])
+    ds = r.ds
+    s = ds.split("test")
+    U, Id, C = ["<pad>"] + ds.vocab("uid"), ["<pad>"] + ds.vocab("item"), ["<pad>"] + ds.vocab("cate")
+    rows = range(6)
+    with open(tmp_path / "local_test", "w") as f:
+        for k in rows:
+            h = s.hist_item[s.hist_offsets[k] : s.hist_offsets[k + 1]]
+            hc = s.hist_cate[s.hist_offsets[k] : s.hist_offsets[k + 1]]
+            f.write(
+                f"{s.label[k]}\t{U[s.uid[k]]}\t{Id[s.item[k]]}\t{C[s.cate[k]]}\t"
+                f"{chr(2).join(Id[i] for i in h)}\t{chr(2).join(C[c] for c in hc)}\r\n"
+            )
+    raw = read_samples(tmp_path / "local_test")
+    assert raw.format == "dien" and raw.cate is not None
+    summary = score_file(exported["din"], tmp_path / "local_test", tmp_path / "out.tsv", progress=False)
+    assert summary["unknown_ids"] == {"uid": 0, "item": 0, "hist_item": 0, "cate": 0, "hist_cate": 0}
+    got = np.loadtxt(tmp_path / "out.tsv", skiprows=1, usecols=2, delimiter="\t")
+    eager, _ = _eager(runs["din"], batch_size=6)
+    np.testing.assert_allclose(got, eager[:6], rtol=0, atol=1e-6)
+
+
+def test_bad_score_input_names_file_line_and_field(tmp_path):
+    (tmp_path / "a.tsv").write_text("user_id\titem\thistory\nu\ti\t\n")
+    with pytest.raises(DataError, match=r"a.tsv: line 1: missing column\(s\) \['item_id'\]"):
+        read_samples(tmp_path / "a.tsv")
+    (tmp_path / "b.tsv").write_text("user_id\titem_id\thistory\tlabel\nu\ti\tx\t1\n\nu\ti\tx\tyes\n")
+    with pytest.raises(DataError, match=r"b.tsv: line 4: field 'label': 'yes'"):
+        read_samples(tmp_path / "b.tsv")
+    (tmp_path / "c.tsv").write_text("1\tu\ti\tc\ta\x02b\tc\n")
+    with pytest.raises(
+        DataError, match=r"c.tsv: line 1: field 'hist_cats' has 1 entries but 'hist_mids' has 2"
+    ):
+        read_samples(tmp_path / "c.tsv")
+
+
+def test_bench_serve_reports_every_variant_and_batch_size(runs, exported):
+    from iacn_torchrec.serving.bench import bench_serve
+
+    res = bench_serve(
+        str(runs["din"]), str(exported["din"]), batch_sizes=(1, 8), min_seconds=0.01, max_batches=2
+    )
+    got = {(r["variant"], r["batch_size"]) for r in res["rows"]}
+    assert got == {(v, b) for v in ("eager", "exported", "exported_int8") for b in (1, 8)}
+    assert all(r["samples_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in res["rows"])
