@@ -15,6 +15,8 @@ __all__ = [
     "masked_sum",
     "sequence_mask",
     "effective_length",
+    "jagged_history",
+    "segment_ids",
     "MASK_FILL",
 ]
 
@@ -126,6 +128,19 @@ def masked_sum(seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.bmm(mask.unsqueeze(1).to(seq.dtype), seq).squeeze(1)
 
 
+def segment_ids(lengths: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """``[B]`` lengths → ``[N]`` int64 row index of each jagged value (``N = Σ lengths``)."""
+    rows = torch.arange(lengths.shape[0], device=lengths.device)
+    return torch.repeat_interleave(rows, lengths, output_size=total)
+
+
+def jagged_history(hist: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real positions of a padded history ``[B, L, D]`` as jagged values: ``(values [N, D],
+    segments [N])``, ``N = Σ min(n_b, L)``, row-major; padded slots (whatever they hold) are dropped."""
+    lengths = lengths.clamp(0, hist.shape[1])
+    return hist[sequence_mask(lengths, hist.shape[1])], segment_ids(lengths)
+
+
 def effective_length(hist_lengths: torch.Tensor, max_len: int) -> int:
     """Longest history in the batch (CPU: saves the work on all-padding columns); L on accelerators,
     where reading the max would stall the stream."""
@@ -170,17 +185,52 @@ class AttentionUnit(nn.Module):
         self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.query_proj(query) if self.query_proj is not None else query
-        # First layer W·[q, k, q-k, q·k] + b = (W_q + W_d)·q + b  +  [W_k - W_d, W_p]·[k, q·k]:
-        # the query part is computed once per row instead of once per position (same function and
-        # parameters, ~half the FLOPs, no [B, T, 4D] concatenation).
-        first = self.mlp.net[0]
-        w_q, w_k, w_d, w_p = first.weight.split(keys.shape[-1], dim=1)
-        h_q = torch.addmm(first.bias, q, (w_q + w_d).t())  # [B, H1]
-        h_k = torch.cat([keys, q.unsqueeze(1) * keys], dim=-1) @ torch.cat([w_k - w_d, w_p], 1).t()
+        h_q, w_kp = self._first_layer(q, keys.shape[-1])
+        h_k = torch.cat([keys, q.unsqueeze(1) * keys], dim=-1) @ w_kp.t()
         scores = self.mlp.net[1:](h_k + h_q.unsqueeze(1)).squeeze(-1)  # [B, T]
         if self.softmax:
             weights = torch.softmax(scores.masked_fill(~mask, MASK_FILL), dim=1) * mask
         else:
             weights = scores * mask
         out = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)
+        return out, weights
+
+    def _first_layer(self, q: torch.Tensor, key_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """First layer ``W·[q, k, q-k, q·k] + b = (W_q + W_d)·q + b  +  [W_k - W_d, W_p]·[k, q·k]``:
+        the query part once per row instead of once per position (same function and parameters,
+        ~half the FLOPs, no ``[·, 4D]`` concatenation).
+
+        Returns ``(h_q [B, H1], [W_k - W_d, W_p] [H1, 2D])``."""
+        first = self.mlp.net[0]
+        w_q, w_k, w_d, w_p = first.weight.split(key_dim, dim=1)
+        return torch.addmm(first.bias, q, (w_q + w_d).t()), torch.cat([w_k - w_d, w_p], 1)
+
+    def forward_jagged(
+        self, query: torch.Tensor, values: torch.Tensor, segments: torch.Tensor, num_rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same function on a jagged history: work ∝ ``N = Σ n_b`` real positions, not ``B·T``.
+
+        Args:
+            query: ``[B, Dq]``. values: ``[N, Dk]`` the keys of every row, row-major (oldest first).
+            segments: ``[N]`` int64 row index of each value (sorted). num_rows: B.
+
+        Returns ``(output [B, Dk], weights [N])``: per row the (softmax-normalised) weights over its
+        own positions; a row without positions gets a zero output, as in :meth:`forward`.
+        """
+        q = self.query_proj(query) if self.query_proj is not None else query
+        h_q, w_kp = self._first_layer(q, values.shape[-1])
+        q_rows = q.index_select(0, segments)  # [N, Dk]
+        h = torch.cat([values, q_rows * values], dim=-1) @ w_kp.t() + h_q.index_select(0, segments)
+        scores = self.mlp.net[1:](h).squeeze(-1)  # [N]
+        if self.softmax:
+            # segment softmax: subtract each row's max (a constant per row: no gradient needed)
+            row_max = scores.new_full((num_rows,), float("-inf")).scatter_reduce(
+                0, segments, scores.detach(), "amax", include_self=True)
+            e = torch.exp(scores - row_max.index_select(0, segments))
+            denom = e.new_zeros(num_rows).index_add(0, segments, e)
+            weights = e / denom.index_select(0, segments)
+        else:
+            weights = scores
+        out = values.new_zeros(num_rows, values.shape[-1])
+        out = out.index_add(0, segments, weights.unsqueeze(-1) * values)
         return out, weights

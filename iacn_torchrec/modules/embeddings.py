@@ -19,7 +19,6 @@ drawn exactly as in the plain model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -37,7 +36,6 @@ __all__ = ["EmbeddedBatch", "InterestAwareEmbeddings", "TABLE_NAMES"]
 TABLE_NAMES: tuple[str, ...] = ("uid", "item_orig", "cate_orig", "item_aux", "cate_aux")
 
 
-@dataclass
 class EmbeddedBatch:
     """Dense views of one batch (docs/architecture.md, "Embeddings").
 
@@ -45,7 +43,9 @@ class EmbeddedBatch:
         user: ``[B, Du]`` user embedding.
         target: ``[B, D]`` target item ``item ⊕ cate``, each ``E_orig ⊕ E_aux`` (aux grad × δ);
             ``D = 2·(orig_dim + aux_dim)``.
-        hist: ``[B, L, D]`` behaviour sequence, oldest first, zero past ``hist_lengths``.
+        hist: ``[B, L, D]`` behaviour sequence, oldest first, zero past ``hist_lengths``. When the
+            batch was built from jagged values (``hist_values``) it is padded on first access only,
+            so a main model that works on the jagged values never pays for the padding.
         hist_lengths: ``[B]`` int64 number of real behaviours ``n_u ≤ L``.
         neg_hist: ``[B, L, D]`` DIEN's sampled negative behaviours (zero past ``hist_lengths``) or None.
         aux_target: ``[B, h]`` ``c_t = E_aux(item) ⊕ E_aux(cate)`` (grad × (1-δ)), ``h = 2·aux_dim``;
@@ -54,18 +54,53 @@ class EmbeddedBatch:
         aux_negatives: ``[B, S, h]`` sampled-softmax negatives (grad × (1-δ)) or None.
         target_ids: ``[B]`` target item ids (IaCN collision masking / logQ lookup).
         negative_ids: ``[B, S]`` sampled negative item ids, or None.
+        hist_values: ``[N, D]`` the history's jagged values (``N = Σ n_u``, sample-major, oldest
+            first), or None when only the padded view exists.
+        hist_offsets: ``[B + 1]`` offsets of ``hist_values`` (with ``hist_values``), or None.
     """
 
-    user: torch.Tensor
-    target: torch.Tensor
-    hist: torch.Tensor
-    hist_lengths: torch.Tensor
-    neg_hist: torch.Tensor | None = None
-    aux_target: torch.Tensor | None = None
-    aux_hist: torch.Tensor | None = None
-    aux_negatives: torch.Tensor | None = None
-    target_ids: torch.Tensor | None = None
-    negative_ids: torch.Tensor | None = None
+    def __init__(
+        self,
+        user: torch.Tensor,
+        target: torch.Tensor,
+        hist: torch.Tensor | None,
+        hist_lengths: torch.Tensor,
+        neg_hist: torch.Tensor | None = None,
+        aux_target: torch.Tensor | None = None,
+        aux_hist: torch.Tensor | None = None,
+        aux_negatives: torch.Tensor | None = None,
+        target_ids: torch.Tensor | None = None,
+        negative_ids: torch.Tensor | None = None,
+        *,
+        hist_values: torch.Tensor | None = None,
+        hist_offsets: torch.Tensor | None = None,
+        max_len: int | None = None,
+    ) -> None:
+        if hist is None and (hist_values is None or hist_offsets is None or max_len is None):
+            raise ValueError("EmbeddedBatch: give hist [B, L, D] or hist_values, hist_offsets and max_len")
+        self.user, self.target, self.hist_lengths = user, target, hist_lengths
+        self._hist = hist
+        self.neg_hist, self.aux_target, self.aux_hist = neg_hist, aux_target, aux_hist
+        self.aux_negatives = aux_negatives
+        self.target_ids, self.negative_ids = target_ids, negative_ids
+        self.hist_values, self.hist_offsets, self._max_len = hist_values, hist_offsets, max_len
+
+    @property
+    def hist(self) -> torch.Tensor:
+        if self._hist is None:
+            self._hist = _pad(self.hist_values, self.hist_offsets, self._max_len)
+        return self._hist
+
+    @hist.setter
+    def hist(self, value: torch.Tensor) -> None:
+        self._hist = value
+
+    def __repr__(self) -> str:
+        shapes = {k: (list(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in (
+            ("user", self.user), ("target", self.target), ("hist", self._hist),
+            ("hist_values", self.hist_values), ("neg_hist", self.neg_hist), ("aux_hist", self.aux_hist),
+            ("aux_negatives", self.aux_negatives))}
+        return f"EmbeddedBatch({shapes})"
 
 
 def _table(
@@ -297,12 +332,16 @@ def _assemble(
         assert aux is not None
         return scale_grad(torch.cat([aux[item_f].values(), aux[cate_f].values()], dim=1), 1.0 - delta)
 
+    # The padded ``hist`` is built lazily from the jagged values: DIN reads the jagged values.
     out = EmbeddedBatch(
         user=user_out["uid"].values(),
         target=main_values("item", "cate"),
-        hist=_pad(main_values("hist_item", "hist_cate"), hist_offsets, max_len),
+        hist=None,
         hist_lengths=hist_lengths,
         target_ids=jt["item"].values(),
+        hist_values=main_values("hist_item", "hist_cate"),
+        hist_offsets=hist_offsets,
+        max_len=max_len,
     )
     if with_neg_hist:
         out.neg_hist = _pad(main_values("neg_hist_item", "neg_hist_cate"), hist_offsets, max_len)

@@ -1,0 +1,537 @@
+"""Training benchmark: samples/s vs DeepCTR-Torch, IaCN overhead, scaling in history length and vocabulary.
+
+``iacn bench train --data DIR [--quick] [--json]`` runs, in one invocation:
+
+1. **Throughput** (forward + backward + update, data loading included, steady state) of DIN,
+   DIN+IaCN, DIEN, DIEN+IaCN at batch 128 and 1024 on the prepared dataset, all configurations in
+   one worker process and *interleaved* (round-robin blocks of steps), so a load change on this
+   shared machine hits every configuration alike; ratios are medians of per-round ratios.
+   ``iacn_overhead = step_time(main+IaCN) / step_time(main)``.
+2. **Peer**: DeepCTR-Torch's DIN/DIEN through ``../shared/bench/peer_deepctr.py`` in ``.peer-venv``
+   (``bash apps/peer_setup.sh``) on the same samples and threads; our DIN is measured right before
+   and right after the peer and averaged → ``speedup_vs_deepctr``. Full mode also trains one
+   epoch of DIN each side for test AUC, and reads our evaluation throughput.
+3. **Scaling** on synthetic batches (seeded): step time vs history length L ∈ {10, 20, 50, 100}
+   with/without IaCN; step time vs item vocabulary (12k, 1M, 10M rows) with the fused row-wise
+   Adagrad table optimizer (TorchRec DMP, one process) vs dense Adam.
+4. **Peak RSS**: every configuration in its own fresh process (``ru_maxrss`` of that process,
+   via ``os.wait4``), building the model and training 30 steps.
+
+Every worker runs with ``OMP_WAIT_POLICY=PASSIVE`` (ours and the peer alike): on a loaded machine
+OpenMP's spinning barriers otherwise make 2-thread runs many times slower than 1-thread runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+PEER_SCRIPT = REPO.parent / "shared" / "bench" / "peer_deepctr.py"
+PEER_DATA = REPO.parent / "shared" / "data" / "amazon-beauty"
+PEER_PYTHON = REPO / ".peer-venv" / "bin" / "python"
+
+#: dims that the fused (FBGEMM) table kernels accept (multiples of 4); the dense configs use 18.
+FUSED_DIM = 16
+TABLE_WISE = {"uid": "table_wise", "item_orig": "table_wise", "cate_orig": "table_wise",
+              "item_aux": "table_wise", "cate_aux": "table_wise"}
+
+
+# ----------------------------------------------------------------------------------------- configs
+def arm_overrides(model: str, iacn: bool, batch: int, fused: bool = False) -> list[str]:
+    """``TrainConfig.override`` assignments of one benchmark arm (library defaults otherwise)."""
+    sets = [f"model.name={model}", f"iacn.enabled={'true' if iacn else 'false'}", f"data.batch_size={batch}"]
+    if fused:
+        st = {k: v for k, v in TABLE_WISE.items() if iacn or not k.endswith("_aux")}
+        sets += ["optim.embedding_optimizer=rowwise_adagrad", f"model.emb_dim={FUSED_DIM}",
+                 f"model.user_dim={FUSED_DIM}", f"iacn.aux_dim={FUSED_DIM}",
+                 f"distributed.sharding_types={json.dumps(st)}"]
+    return sets
+
+
+def arm_name(model: str, iacn: bool, batch: int, fused: bool = False) -> str:
+    return f"{model}{'+iacn' if iacn else ''}{'/fused' if fused else ''}@{batch}"
+
+
+def _config(data: str, sets: list[str], threads: int):
+    from iacn_torchrec.train.config import TrainConfig
+
+    base = [f"data.path={json.dumps(data)}", f"threads={threads}", "progress=false"]
+    return TrainConfig().override(base + sets)
+
+
+def _cycle(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _steps_on_dataset(data: str, sets: list[str], threads: int, seed: int = 0):
+    """An endless step iterator of one arm on the prepared dataset (data loading included)."""
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.distributed.setup import build_training
+    from iacn_torchrec.train.loop import make_loaders, seed_everything
+
+    cfg = _config(data, sets + [f"seed={seed}"], threads)
+    seed_everything(cfg.seed)
+    ds = PreparedDataset.open(cfg.data.path)
+    train_loader, _, item_log_q = make_loaders(cfg, ds, 0, 1)
+    setup = build_training(cfg, ds, item_log_q=item_log_q)
+    setup.model.train()
+    return setup.train_steps(_cycle(train_loader))
+
+
+# ------------------------------------------------------------------------------- synthetic batches
+class _SynthDataset:
+    """What ``build_training`` reads from a dataset: counts and ``meta["max_len"]``."""
+
+    def __init__(self, num_users: int, num_items: int, num_cates: int, max_len: int) -> None:
+        self.num_users, self.num_items, self.num_cates = num_users, num_items, num_cates
+        self.meta = {"max_len": max_len}
+
+
+def synthetic_batches(batch: int, max_len: int, num_users: int, num_items: int, num_cates: int,
+                      neg_hist: bool, num_negatives: int, seed: int, count: int = 8) -> list[Any]:
+    """``count`` seeded batches with the loader's KJT layout: history lengths uniform on
+    ``[1, max_len]``, ids uniform (so at 10M items nearly every looked-up row is distinct)."""
+    import numpy as np
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from iacn_torchrec.data.loader import BASE_KEYS, IACN_NEG_KEYS, NEG_HIST_KEYS, Batch
+
+    rng = np.random.default_rng(seed)
+    keys = BASE_KEYS + (NEG_HIST_KEYS if neg_hist else []) + (IACN_NEG_KEYS if num_negatives else [])
+    out = []
+    for _ in range(count):
+        lens = rng.integers(1, max_len + 1, size=batch)
+        n = int(lens.sum())
+        item = lambda k: rng.integers(1, num_items + 1, size=k)  # noqa: E731
+        cate = lambda k: rng.integers(1, num_cates + 1, size=k)  # noqa: E731
+        parts = [rng.integers(1, num_users + 1, size=batch), item(batch), cate(batch), item(n), cate(n)]
+        lengths = [np.ones(batch, np.int64)] * 3 + [lens, lens]
+        if neg_hist:
+            parts += [item(n), cate(n)]
+            lengths += [lens, lens]
+        if num_negatives:
+            parts += [item(batch * num_negatives), cate(batch * num_negatives)]
+            lengths += [np.full(batch, num_negatives, np.int64)] * 2
+        kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(parts).astype(np.int64)),
+                                lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64)))
+        out.append(Batch(kjt, torch.from_numpy(rng.integers(0, 2, size=batch).astype(np.float32))))
+    return out
+
+
+def _steps_on_synthetic(sets: list[str], threads: int, num_items: int, max_len: int, batch: int):
+    import itertools
+
+    from iacn_torchrec.distributed.setup import build_training
+    from iacn_torchrec.train.loop import seed_everything
+
+    cfg = _config("synthetic", sets, threads)
+    seed_everything(cfg.seed)
+    ds = _SynthDataset(num_users=22_363, num_items=num_items, num_cates=195, max_len=max_len)
+    setup = build_training(cfg, ds)
+    setup.model.train()
+    S = cfg.iacn.num_negatives if cfg.iacn.enabled and cfg.iacn.sampler != "in_batch" else 0
+    batches = synthetic_batches(batch, max_len, ds.num_users, num_items, ds.num_cates,
+                                neg_hist=cfg.model.name == "dien", num_negatives=S, seed=cfg.seed)
+    return setup.train_steps(itertools.cycle(batches))
+
+
+# ---------------------------------------------------------------------------------------- workers
+def _time_steps(it, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        loss, _ = next(it)
+    float(loss)
+    return (time.perf_counter() - t) / n
+
+
+def _interleaved(arms: dict[str, tuple[Any, int]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Round-robin timing: ``arms[name] = (step iterator, steps per block)`` → seconds/step per round."""
+    for it, _k in arms.values():
+        _time_steps(it, max(1, warmup))
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name, (it, k) in arms.items():
+            times[name].append(_time_steps(it, k))
+    return times
+
+
+def worker_throughput(a: argparse.Namespace) -> dict[str, Any]:
+    """All real-data arms in this process, interleaved; seconds/step per round."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    arms = {}
+    for spec in a.arms:
+        model, iacn, batch, fused = spec.split(":")
+        sets = arm_overrides(model, iacn == "1", int(batch), fused == "1")
+        k = max(2, a.block_samples // int(batch))
+        arms[arm_name(model, iacn == "1", int(batch), fused == "1")] = (
+            _steps_on_dataset(a.data, sets, a.threads), k)
+    return {"step_s": _interleaved(arms, a.rounds, warmup=a.warmup)}
+
+
+def worker_scaling(a: argparse.Namespace) -> dict[str, Any]:
+    """Synthetic-batch arms (``model:iacn:batch:fused:L:items``), interleaved."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    arms = {}
+    for spec in a.arms:
+        model, iacn, batch, fused, L, items = spec.split(":")
+        sets = arm_overrides(model, iacn == "1", int(batch), fused == "1")
+        arms[spec] = (_steps_on_synthetic(sets, a.threads, int(items), int(L), int(batch)), a.block_steps)
+    return {"step_s": _interleaved(arms, a.rounds, warmup=a.warmup)}
+
+
+def worker_rss(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    model, iacn, batch, fused = a.arms[0].split(":")
+    it = _steps_on_dataset(a.data, arm_overrides(model, iacn == "1", int(batch), fused == "1"), a.threads)
+    _time_steps(it, 30)
+    return {}
+
+
+def worker_auc(a: argparse.Namespace) -> dict[str, Any]:
+    """One epoch of ``iacn train`` (the library's loop): test AUC, train and eval samples/s."""
+    from iacn_torchrec.train.loop import train
+
+    model, iacn, batch, fused = a.arms[0].split(":")
+    with tempfile.TemporaryDirectory(prefix="iacn-bench-") as out:
+        run_sets = [f"out={json.dumps(out)}", "epochs=1", "resume=false", "checkpoint_every=0"]
+        sets = arm_overrides(model, iacn == "1", int(batch), fused == "1") + run_sets
+        cfg = _config(a.data, sets, a.threads)
+        r = train(cfg)
+    return {"test_auc": r["test"]["auc"], "train_samples_per_s": r["train_samples_per_s"],
+            "eval_samples_per_s": r["eval_samples_per_s"]}
+
+
+WORKERS = {"throughput": worker_throughput, "scaling": worker_scaling, "rss": worker_rss, "auc": worker_auc}
+
+
+# ------------------------------------------------------------------------------------ orchestrator
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def run_process(cmd: list[str], timeout: float | None = None) -> tuple[dict[str, Any], float]:
+    """Run ``cmd``; returns (its last stdout line as JSON, its peak RSS in MiB via ``os.wait4``)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=_env(), cwd=REPO)
+        t0 = time.monotonic()
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                p.kill()
+                pid, status, usage = os.wait4(p.pid, 0)
+                break
+            time.sleep(0.05)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        lines = [ln for ln in out.read().splitlines() if ln.strip()]
+        if p.returncode != 0 or not lines:
+            raise RuntimeError(f"{' '.join(cmd[:6])} ... failed (exit {p.returncode}):\n{err.read()[-3000:]}")
+        return json.loads(lines[-1]), usage.ru_maxrss / 1024.0
+
+
+def _worker_cmd(kind: str, a: argparse.Namespace, arms: list[str], **extra: Any) -> list[str]:
+    cmd = [sys.executable, "-m", "iacn_torchrec.train.bench", "--worker", kind, "--data", str(a.data),
+           "--threads", str(a.threads)]
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return cmd + ["--arms", *arms]
+
+
+def run_peer(a: argparse.Namespace, model: str, limit: int | None) -> tuple[dict[str, Any], float]:
+    if not PEER_PYTHON.exists():
+        raise SystemExit(f"iacn bench train: {PEER_PYTHON} missing: run `bash apps/peer_setup.sh` first "
+                         "(or pass --no-peer)")
+    cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--data", str(a.peer_data), "--model", model, "--epochs", "1",
+           "--threads", str(a.threads), "--max-len", str(a.max_len), "--batch", "128"]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    return run_process(cmd)
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _paired(num: list[float], den: list[float]) -> float:
+    return _med([x / y for x, y in zip(num, den, strict=True)])
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = {"machine": _machine(), "threads": a.threads, "data": str(a.data),
+                           "quick": bool(a.quick), "load_before": _uptime()}
+    batches = [128] if a.quick else [128, 1024]
+    models = ["din"] if a.quick else ["din", "dien"]
+    specs = [f"{m}:{i}:{b}:0" for b in batches for m in models for i in (0, 1)]
+    if not a.quick:
+        specs += [f"din:{i}:128:1" for i in (0, 1)]  # fused sparse table optimizer arms
+    _log(f"[1/4] throughput, interleaved: {', '.join(specs)}")
+    tp, _ = run_process(_worker_cmd("throughput", a, specs, rounds=a.rounds, block_samples=a.block_samples,
+                                    warmup=a.warmup))
+    step = tp["step_s"]
+    table = {}
+    for name, ts in step.items():
+        batch = int(name.rsplit("@", 1)[1])
+        table[name] = {"step_ms": 1e3 * _med(ts), "samples_per_s": batch / _med(ts)}
+    overhead = {}
+    for name in step:
+        if "+iacn" in name:
+            base = name.replace("+iacn", "")
+            overhead[name.replace("+iacn", "")] = _paired(step[name], step[base])
+    res["throughput"] = table
+    res["iacn_overhead_by_arm"] = overhead
+    res["iacn_overhead"] = overhead["din@128"]
+    if "dien@128" in overhead:
+        res["iacn_overhead_dien"] = overhead["dien@128"]
+
+    if not a.no_peer:
+        _log("[2/4] DeepCTR-Torch peer (DIN), our DIN sandwiched around it")
+        din_sps = [table["din@128"]["samples_per_s"]]
+        peer_din, peer_rss = run_peer(a, "din", None if not a.quick else a.peer_limit)
+        after, _ = run_process(_worker_cmd("throughput", a, ["din:0:128:0"], rounds=max(2, a.rounds // 2),
+                                           block_samples=a.block_samples, warmup=a.warmup))
+        din_sps.append(128 / _med(after["step_s"]["din@128"]))
+        ours = statistics.fmean(din_sps)
+        res["peer"] = {"din": {
+            "samples_per_s": peer_din["train_samples_per_s"],
+            "test_auc": peer_din["per_epoch"][-1]["test_auc"], "n_train": peer_din["n_train"],
+            "eval_samples_per_s": peer_din["eval_samples_per_s"], "peak_rss_mib": peer_rss}}
+        res["ours_din_128_samples_per_s"] = din_sps
+        res["speedup_vs_deepctr"] = ours / peer_din["train_samples_per_s"]
+        if "din/fused@128" in table:
+            fused_gain = table["din/fused@128"]["samples_per_s"] / table["din@128"]["samples_per_s"]
+            res["speedup_vs_deepctr_fused"] = fused_gain * res["speedup_vs_deepctr"]
+        if not a.quick:
+            peer_dien, peer_dien_rss = run_peer(a, "dien", a.peer_limit)
+            peer_sps = peer_dien["train_samples_per_s"]
+            res["peer"]["dien"] = {"samples_per_s": peer_sps, "n_train": peer_dien["n_train"],
+                                   "peak_rss_mib": peer_dien_rss}
+            res["speedup_vs_deepctr_dien"] = table["dien@128"]["samples_per_s"] / peer_sps
+            _log("      one epoch of our DIN for test AUC and eval throughput")
+            auc, _ = run_process(_worker_cmd("auc", a, ["din:0:128:0"]))
+            res["ours_din_epoch"] = auc
+            res["auc_delta_vs_deepctr"] = auc["test_auc"] - res["peer"]["din"]["test_auc"]
+            res["eval_over_train"] = auc["eval_samples_per_s"] / auc["train_samples_per_s"]
+
+    if not a.quick:
+        _log("[3/4] scaling: history length, then vocabulary")
+        lens = [10, 20, 50, 100]
+        specs = [f"din:{i}:128:0:{L}:12101" for L in lens for i in (0, 1)]
+        sc, _ = run_process(_worker_cmd("scaling", a, specs, rounds=a.rounds, block_steps=5, warmup=2))
+        main_t = {L: sc["step_s"][f"din:0:128:0:{L}:12101"] for L in lens}
+        iacn_t = {L: sc["step_s"][f"din:1:128:0:{L}:12101"] for L in lens}
+        res["scaling_length"] = [{"L": L, "din_ms": 1e3 * _med(main_t[L]),
+                                  "din_iacn_ms": 1e3 * _med(iacn_t[L]),
+                                  "iacn_overhead": _paired(iacn_t[L], main_t[L])} for L in lens]
+        vocab = [12_101, 1_000_000, 10_000_000]
+        rows = []
+        for V in vocab:  # one process per vocabulary size: the 10M dense arm alone needs ~3 GB
+            specs = [f"din:0:128:{f}:20:{V}" for f in (0, 1)]
+            sv, rss = run_process(_worker_cmd("scaling", a, specs, rounds=3, block_steps=3, warmup=1))
+            rows.append({"items": V, "dense_adam_ms": 1e3 * _med(sv["step_s"][specs[0]]),
+                         "fused_rowwise_adagrad_ms": 1e3 * _med(sv["step_s"][specs[1]]),
+                         "process_peak_rss_mib": rss})
+        for r in rows:
+            r["dense_vs_12k"] = r["dense_adam_ms"] / rows[0]["dense_adam_ms"]
+            r["fused_vs_12k"] = r["fused_rowwise_adagrad_ms"] / rows[0]["fused_rowwise_adagrad_ms"]
+        res["scaling_vocab"] = rows
+        res["fused_10m_over_12k"] = rows[-1]["fused_vs_12k"]
+
+        _log("[4/4] peak RSS, one fresh process per configuration")
+        rss = {}
+        for spec in [f"{m}:{i}:{b}:0" for b in (128, 1024) for m in ("din", "dien") for i in (0, 1)]:
+            m, i, b, f = spec.split(":")
+            _, rss[arm_name(m, i == "1", int(b), f == "1")] = run_process(_worker_cmd("rss", a, [spec]))
+        for name, v in rss.items():
+            table[name]["peak_rss_mib"] = v
+    res["load_after"] = _uptime()
+    return res
+
+
+def _uptime() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__repr__()
+    except OSError:
+        return "?"
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    cpu = "?"
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def render(res: dict[str, Any]) -> str:
+    """Human-readable summary (the tables of docs/results/performance.md)."""
+    lines = [f"machine: {res['machine']['cpu']} ({res['machine']['cores']} cores), threads {res['threads']}, "
+             f"load {res['load_before']} -> {res['load_after']}", "",
+             "| arm | step ms | samples/s | peak RSS MiB |", "|---|---:|---:|---:|"]
+    for name, r in res["throughput"].items():
+        lines.append(f"| {name} | {r['step_ms']:.2f} | {r['samples_per_s']:,.0f} | "
+                     f"{r.get('peak_rss_mib', float('nan')):.0f} |")
+    lines += ["", "iacn_overhead (paired per round): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in res["iacn_overhead_by_arm"].items())]
+    if "speedup_vs_deepctr" in res:
+        p = res["peer"]["din"]
+        lines.append(f"DeepCTR-Torch DIN {p['samples_per_s']:,.0f} samples/s (n_train {p['n_train']}) "
+                     f"vs ours {statistics.fmean(res['ours_din_128_samples_per_s']):,.0f} -> "
+                     f"speedup_vs_deepctr {res['speedup_vs_deepctr']:.2f}")
+        if "speedup_vs_deepctr_fused" in res:
+            lines.append(f"  with fused row-wise Adagrad tables (dim {FUSED_DIM}): "
+                         f"{res['speedup_vs_deepctr_fused']:.2f}")
+        if "speedup_vs_deepctr_dien" in res:
+            lines.append(f"DeepCTR-Torch DIEN {res['peer']['dien']['samples_per_s']:,.0f} samples/s -> "
+                         f"speedup {res['speedup_vs_deepctr_dien']:.2f}")
+        if "ours_din_epoch" in res:
+            o = res["ours_din_epoch"]
+            lines.append(f"1 epoch DIN test AUC: ours {o['test_auc']:.4f} vs DeepCTR-Torch "
+                         f"{p['test_auc']:.4f}; eval/train throughput {res['eval_over_train']:.1f}x")
+    if "scaling_length" in res:
+        lines += ["", "| L | DIN ms | DIN+IaCN ms | overhead |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['L']} | {r['din_ms']:.2f} | {r['din_iacn_ms']:.2f} | {r['iacn_overhead']:.3f} |"
+                  for r in res["scaling_length"]]
+        lines += ["", "| item rows | dense Adam ms | fused row-wise Adagrad ms | dense ×12k | fused ×12k |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['items']:,} | {r['dense_adam_ms']:.1f} | {r['fused_rowwise_adagrad_ms']:.1f} | "
+                  f"{r['dense_vs_12k']:.2f} | {r['fused_vs_12k']:.2f} |" for r in res["scaling_vocab"]]
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = 3 if "scaling_length" in res else 1
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False)
+    ax = axes[0][0]
+    names = list(res["throughput"])
+    vals = [res["throughput"][k]["samples_per_s"] for k in names]
+    colors = ["tab:orange" if "+iacn" in k else "tab:blue" for k in names]
+    if "peer" in res:
+        names.append("deepctr din@128")
+        vals.append(res["peer"]["din"]["samples_per_s"])
+        colors.append("tab:gray")
+        if "dien" in res["peer"]:
+            names.append("deepctr dien@128")
+            vals.append(res["peer"]["dien"]["samples_per_s"])
+            colors.append("tab:gray")
+    ax.barh(names, vals, color=colors)
+    ax.set_xlabel("train samples/s")
+    ax.set_title("throughput (blue: main, orange: +IaCN)")
+    ax.invert_yaxis()
+    if n == 3:
+        ax = axes[0][1]
+        sl = res["scaling_length"]
+        ax.plot([r["L"] for r in sl], [r["din_ms"] for r in sl], "o-", label="DIN")
+        ax.plot([r["L"] for r in sl], [r["din_iacn_ms"] for r in sl], "o-", label="DIN+IaCN")
+        ax.set_xlabel("max history length L")
+        ax.set_ylabel("step ms (batch 128)")
+        ax.set_title("step time vs history length")
+        ax.legend()
+        ax = axes[0][2]
+        sv = res["scaling_vocab"]
+        ax.plot([r["items"] for r in sv], [r["dense_adam_ms"] for r in sv], "o-", label="dense Adam")
+        ax.plot([r["items"] for r in sv], [r["fused_rowwise_adagrad_ms"] for r in sv], "o-",
+                label="fused row-wise Adagrad")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("item table rows")
+        ax.set_ylabel("step ms (DIN, batch 128)")
+        ax.set_title("step time vs vocabulary")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="prepared/amazon-beauty-din-L20-s0",
+                   help="prepared din-protocol dataset (iacn prepare --out)")
+    p.add_argument("--peer-data", dest="peer_data", default=str(PEER_DATA),
+                   help="folder with interactions.tsv / items.tsv for the peer script")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, ours and the peer's (default 2)")
+    p.add_argument("--max-len", dest="max_len", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="only DIN / DIN+IaCN at batch 128 and the peer's DIN")
+    p.add_argument("--no-peer", dest="no_peer", action="store_true", help="skip DeepCTR-Torch")
+    p.add_argument("--peer-limit", dest="peer_limit", type=int, default=30_000,
+                   help="train rows of the peer's throughput-only runs (--quick DIN, DIEN)")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
+    p.add_argument("--block-samples", dest="block_samples", type=int, default=2560,
+                   help="samples per arm and round")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up steps per arm")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON line last")
+    p.add_argument("--out", help="write the JSON and a PNG plot here (e.g. docs/results/performance)")
+    # internal: worker processes
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--arms", nargs="*", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--block-steps", dest="block_steps", type=int, default=5, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        res = WORKERS[args.worker](args)
+        print(json.dumps(res))
+        return 0
+    if not Path(args.data).is_dir():
+        raise SystemExit(f"iacn bench train: --data {args.data}: no such prepared dataset "
+                         "(make one with `iacn prepare --source tsv ... --out DIR`)")
+    res = orchestrate(args)
+    print(render(res))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        plot(res, out.with_suffix(".png"))
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="iacn bench train", description=__doc__.strip().splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
