@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-v1
+STAMP := $(VENV)/.installed-v1  # bump when the install recipe changes
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OMP_NUM_THREADS ?= 2
 
@@ -13,7 +13,7 @@ install: $(STAMP)
 
 # The pinned CPU stack (DEVELOPERS.md). torchrec's metadata requires the CUDA fbgemm-gpu, so it and
 # our own package go in with --no-deps after their real dependencies.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
@@ -43,3 +43,12 @@ clean:
 # Sharding-planner benchmarks: IaCN's aux tables at public and industrial scale (docs/results/planner.md)
 plan-bench: install
 	$(VPY) apps/plan_bench.py
+
+prepared/amazon-beauty-din-L20-s0: | install
+	$(VENV)/bin/iacn prepare --source tsv --interactions data/amazon-beauty/interactions.tsv.gz \
+		--items data/amazon-beauty/items.tsv.gz --protocol din --max-len 20 --seed 0 --out $@ --no-progress
+
+# Training throughput vs DeepCTR-Torch (its own venv), IaCN overhead, scaling (docs/results/performance.md)
+bench: install prepared/amazon-beauty-din-L20-s0
+	bash apps/peer_setup.sh
+	$(VENV)/bin/iacn bench train --json --out docs/results/performance
