@@ -6,6 +6,11 @@ Layout (one folder per checkpoint, every rank writes its own file)::
         rank0.pt  rank1.pt ...       torch.save payloads (model, optimizer, step, data position, RNG)
         manifest.json                written last: step, world_size, and size + sha256 of every file
 
+Sharded tables and fused optimizer states (``ShardedTensor``) are stored as this rank's shards
+plus the global shard metadata (`iacn_torchrec.distributed.checkpointing`): readable by any
+process, turned back into ``ShardedTensor`` s on the rank that wrote them. A checkpoint belongs to
+its world size and plan; loading it with another world size raises `CheckpointError`.
+
 A checkpoint is written into ``step_N.tmp/`` and renamed to ``step_N/`` only once every rank's
 file and the manifest are complete, so a crash leaves nothing that looks valid. Loading picks
 the newest complete checkpoint and verifies sizes and hashes: a truncated or corrupted file
@@ -65,8 +70,10 @@ def save_checkpoint(
             path_manager.rm(tmp) if path_manager.isfile(tmp) else _rmtree(tmp)
         path_manager.mkdirs(tmp)
     _barrier()
+    from iacn_torchrec.distributed.checkpointing import to_portable
+
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(to_portable(state), buf)
     payload = buf.getvalue()
     name = f"rank{rank}.pt"
     with path_manager.open(_join(tmp, name), "wb") as f:
@@ -119,6 +126,9 @@ def latest_step(root: str) -> int | None:
 def load_checkpoint(root: str, step: int | None = None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Load this rank's state of checkpoint ``step`` (default: the newest complete one), verified.
 
+    ShardedTensors come back as such when a process group is initialised, else as
+    `PortableShards` (this rank's shards + global metadata).
+
     Raises `CheckpointError` when there is none, when it was written by another world size (the
     per-rank files hold that run's shards), or when a file's size or sha256 does not match.
     """
@@ -150,7 +160,12 @@ def load_checkpoint(root: str, step: int | None = None, rank: int = 0, world_siz
         raise CheckpointError(f"{fpath}: truncated ({len(payload)} bytes, manifest says {entry['bytes']})")
     if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
         raise CheckpointError(f"{fpath}: corrupted (sha256 does not match the manifest)")
-    return torch.load(io.BytesIO(payload), weights_only=False)
+    from iacn_torchrec.distributed.checkpointing import from_portable
+
+    state = torch.load(io.BytesIO(payload), weights_only=False)
+    # ShardedTensors again when this process is in a group (the training run); portable shards for
+    # inspection otherwise
+    return from_portable(state) if dist.is_available() and dist.is_initialized() else state
 
 
 def rng_state() -> dict[str, Any]:

@@ -114,7 +114,9 @@ def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, device: torch.device | None = None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, loader: BatchLoader, device: torch.device | None = None
+) -> dict[str, float]:
     """AUC, log-loss and GAUC of ``model.predict`` over the loader's split (all ranks together)."""
     was_training = model.training
     model.eval()
@@ -134,7 +136,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Train ``config``; returns (and on rank 0 writes) the metrics dictionary."""
-    from iacn_torchrec.distributed.setup import build_training
+    from iacn_torchrec.distributed.setup import build_training, load_training_state
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -149,6 +151,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     model, optimizer, device = setup.model, setup.optimizer, setup.device
 
     state = TrainState()
+    resumed_from = None
     ckpt_root = str(out / "checkpoints")
     if config.resume and latest_step(ckpt_root) is not None:
         ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
@@ -157,17 +160,19 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                 f"{ckpt_root}: the checkpoint was written by a different configuration; "
                 "use another --out or --no-resume"
             )
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
+        load_training_state(setup, ck["model"], ck["optimizer"])
         state = TrainState(**ck["train_state"])
+        if state.batch_in_epoch >= len(train_loader):  # saved after the epoch's last batch
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         # the position trained so far, not the loader's read-ahead position (pipelining prefetches)
         train_loader.load_state_dict({"epoch": state.epoch, "batch": state.batch_in_epoch})
         set_rng_state(ck["rng"])
+        resumed_from = state.step
         if rank == 0:
             logger.info("resumed from step %d (epoch %d)", state.step, state.epoch)
 
     def checkpoint() -> None:
-        save_checkpoint(
+        final = save_checkpoint(
             ckpt_root,
             state.step,
             {
@@ -180,11 +185,13 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
             rank=rank,
             world_size=world_size,
         )
+        _maybe_inject_fault(state.step, rank, final)
 
     history: list[dict[str, Any]] = []
     max_steps = config.max_steps
     steps_per_epoch = len(train_loader)
-    total = steps_per_epoch * config.epochs if max_steps is None else min(max_steps, steps_per_epoch * config.epochs)
+    total = steps_per_epoch * config.epochs
+    total = total if max_steps is None else min(max_steps, total)
     bar = tqdm(total=total, initial=state.step, disable=not (config.progress and rank == 0), unit="step",
                dynamic_ncols=True)
     model.train()
@@ -194,7 +201,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         if state.batch_in_epoch == 0:
             train_loader.set_epoch(state.epoch)
         t0 = time.perf_counter()
-        for loss, (logits, main_loss, iacn_loss) in setup.train_steps(train_loader):
+        for loss, (logits, _main_loss, iacn_loss) in setup.train_steps(train_loader):
             state.step += 1
             state.batch_in_epoch += 1
             state.train_samples += int(logits.numel()) * world_size
@@ -215,6 +222,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                 if periodic_ckpt and not stop:
                     checkpoint()
                 if periodic_eval and not stop:
+                    setup.pause()
                     m = evaluate(_unwrap_for_eval(model), test_loader, device)
                     history.append({"step": state.step, "epoch": state.epoch, **m})
                     if rank == 0:
@@ -231,6 +239,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
             continue
     bar.close()
     checkpoint()
+    setup.pause()
     t_eval = time.perf_counter()
     test = evaluate(_unwrap_for_eval(model), test_loader, device)
     eval_s = time.perf_counter() - t_eval
@@ -238,6 +247,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         "test": test,
         "history": history,
         "steps": state.step,
+        "resumed_from_step": resumed_from,
         "epochs_completed": state.epoch,
         "train_samples": state.train_samples,
         "train_time_s": state.train_time_s,
@@ -246,7 +256,8 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         "world_size": world_size,
         "parameters": setup.num_parameters,
         "config": config.to_dict(),
-        "dataset": {k: ds.meta.get(k) for k in ("source", "protocol", "max_len", "seed", "counts", "content_hash")},
+        "dataset": {k: ds.meta.get(k)
+                    for k in ("source", "protocol", "max_len", "seed", "counts", "content_hash")},
         "versions": versions(),
     }
     if rank == 0:
@@ -258,6 +269,26 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     return result
 
 
+FAULT_ENV = "IACN_KILL_AFTER_CHECKPOINT"
+
+
+def _maybe_inject_fault(step: int, rank: int, path: str) -> None:
+    """Fault injection for resume tests: ``IACN_KILL_AFTER_CHECKPOINT=STEP:RANK`` makes that rank
+    SIGKILL itself right after checkpoint STEP is complete (as a preempted or crashed worker)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    try:
+        want_step, want_rank = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected STEP:RANK") from None
+    if step == want_step and rank == want_rank:
+        import signal
+
+        logger.warning("%s: rank %d kills itself after writing %s", FAULT_ENV, rank, path)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _unwrap_for_eval(model: torch.nn.Module) -> torch.nn.Module:
     """`predict` lives on our framework module; DMP wraps it as ``.module``."""
     return model if hasattr(model, "predict") else _unwrap(model)
@@ -266,7 +297,8 @@ def _unwrap_for_eval(model: torch.nn.Module) -> torch.nn.Module:
 def _fingerprint(config: TrainConfig) -> str:
     """What must match for a checkpoint to be resumable: everything but run-control fields."""
     d = config.to_dict()
-    for k in ("out", "epochs", "max_steps", "eval_every", "checkpoint_every", "log_every", "progress", "resume",
+    for k in ("out", "epochs", "max_steps", "eval_every", "checkpoint_every", "log_every", "progress",
+              "resume",
               "threads"):
         d.pop(k, None)
     d["data"].pop("num_test_samples", None)

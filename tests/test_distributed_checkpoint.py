@@ -1,0 +1,99 @@
+"""Checkpoints are verified: truncated, corrupted, incomplete or mismatched ones raise
+`CheckpointError` naming the file, and `train()` refuses to resume from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from iacn_torchrec.train.checkpoint import CheckpointError, latest_step, load_checkpoint, save_checkpoint
+
+
+def _state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {"w": torch.randn(50, 8, generator=g)}, "train_state": {"step": seed}}
+
+
+@pytest.fixture()
+def root(tmp_path) -> str:
+    r = str(tmp_path / "checkpoints")
+    save_checkpoint(r, 3, _state(3))
+    save_checkpoint(r, 5, _state(5))
+    return r
+
+
+def test_round_trip_and_newest(root):
+    assert latest_step(root) == 5
+    ck = load_checkpoint(root)
+    assert torch.equal(ck["model"]["w"], _state(5)["model"]["w"])
+    assert torch.equal(load_checkpoint(root, 3)["model"]["w"], _state(3)["model"]["w"])
+
+
+def test_truncated_file_is_detected(root):
+    f = Path(root) / "step_00000005" / "rank0.pt"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"rank0\.pt: truncated"):
+        load_checkpoint(root)
+
+
+def test_corrupted_file_is_detected(root):
+    f = Path(root) / "step_00000005" / "rank0.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"rank0\.pt: corrupted \(sha256"):
+        load_checkpoint(root)
+
+
+def test_missing_rank_file_is_detected(root):
+    (Path(root) / "step_00000005" / "rank0.pt").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(root)
+
+
+def test_incomplete_checkpoint_is_never_picked(root):
+    d = Path(root) / "step_00000005"
+    (d / "manifest.json").unlink()  # as if the writer died before the manifest
+    (Path(root) / "step_00000009.tmp").mkdir()  # a half-written one
+    assert latest_step(root) == 3
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_checkpoint(root, 5)
+
+
+def test_corrupted_manifest_is_detected(root):
+    (Path(root) / "step_00000005" / "manifest.json").write_text('{"step": 5, "world')
+    with pytest.raises(CheckpointError, match="corrupted manifest"):
+        load_checkpoint(root)
+
+
+def test_other_world_size_is_refused(root):
+    with pytest.raises(CheckpointError, match="written by 1 rank.*this run has 2"):
+        load_checkpoint(root, rank=0, world_size=2)
+
+
+def test_no_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_checkpoint(str(tmp_path / "nothing"))
+
+
+def test_train_refuses_a_corrupted_checkpoint(tmp_path):
+    """The loop resumes from OUT's newest checkpoint: a damaged one stops it with the error."""
+    from iacn_torchrec.distributed.testing import write_tiny_dataset
+    from iacn_torchrec.train.config import TrainConfig
+    from iacn_torchrec.train.loop import train
+
+    data = write_tiny_dataset(tmp_path / "tiny")
+    config = TrainConfig.from_dict({"data": {"path": str(data), "batch_size": 16}, "max_steps": 2,
+                                    "out": str(tmp_path / "run"), "progress": False, "threads": 1})
+    first = train(config)
+    assert first["steps"] == 2 and first["resumed_from_step"] is None
+    f = tmp_path / "run" / "checkpoints" / "step_00000002" / "rank0.pt"
+    manifest = json.loads((f.parent / "manifest.json").read_text())
+    assert manifest["files"][0]["bytes"] == f.stat().st_size
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="truncated"):
+        train(config.override(["max_steps=3"]))
