@@ -6,12 +6,15 @@ from iacn_torchrec.train.config import ConfigError, TrainConfig
 
 
 def test_yaml_round_trip_and_override(tmp_path):
-    cfg = TrainConfig().override(["model.name=dien", "iacn.enabled=true", "iacn.delta=0.5", "optim.lr=0.0001"])
+    cfg = TrainConfig().override(
+        ["model.name=dien", "iacn.enabled=true", "iacn.delta=0.5", "optim.lr=0.0001"]
+    )
     p = tmp_path / "c.yaml"
     p.write_text(cfg.to_yaml())
     back = TrainConfig.from_yaml(p)
     assert back == cfg
-    assert back.model.name == "dien" and back.iacn.enabled and back.iacn.delta == 0.5 and back.optim.lr == 1e-4
+    assert back.model.name == "dien" and back.iacn.enabled
+    assert back.iacn.delta == 0.5 and back.optim.lr == 1e-4
 
 
 @pytest.mark.parametrize(
@@ -35,3 +38,23 @@ def test_unknown_yaml_field_names_file_and_field(tmp_path):
     p.write_text("iacn:\n  lamda: 2\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*iacn\.lamda"):
         TrainConfig.from_yaml(p)
+
+
+def test_cli_flags_comma_separated_sharding_and_joined_sets():
+    import argparse
+
+    from iacn_torchrec.train.cli import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([
+        "--data", "/x", "--model", "dien", "--iacn", "--delta", "0.5",
+        "--sharding", "item_orig=row_wise,item_aux=column_wise",
+        "--set", "iacn.lam=2;model.emb_dim=16",
+    ])
+    cfg = config_from_args(args)
+    assert cfg.distributed.sharding_types == {"item_orig": "row_wise", "item_aux": "column_wise"}
+    assert cfg.iacn.enabled and cfg.iacn.delta == 0.5 and cfg.iacn.lam == 2 and cfg.model.emb_dim == 16
+    assert cfg.model.name == "dien" and cfg.data.path == "/x"
+    with pytest.raises(ConfigError, match="no dataset"):
+        config_from_args(p.parse_args(["--model", "din"]))

@@ -48,7 +48,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with any of the config sections (data, model, iacn, optim, ...)")
+    p.add_argument("--config", help="YAML file with config sections (data, model, iacn, optim, ...)")
     p.add_argument("--data", help="prepared dataset directory (iacn prepare --out)")
     p.add_argument("--model", choices=MODELS)
     p.add_argument("--iacn", action="store_true", default=None, help="add the IaCN auxiliary task")
@@ -74,13 +74,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads per process (default 2)")
     p.add_argument("--eval-every", dest="eval_every", type=int)
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
-    p.add_argument("--sharding", action="append", default=[], metavar="TABLE=TYPE",
-                   help="sharding type of a table (table_wise, row_wise, column_wise); repeatable")
+    p.add_argument("--sharding", action="append", default=[], metavar="TABLE=TYPE[,TABLE=TYPE...]",
+                   help="sharding type per table (table_wise, row_wise, column_wise), comma-separated "
+                   "(TorchX rejects repeated flags)")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=True,
                    help="start afresh even if OUT has a checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override any config field, e.g. --set iacn.user_profile_layer=false")
+                   help="override any config field, e.g. --set iacn.user_profile_layer=false; "
+                   "several overrides may be joined with ';' (TorchX rejects repeated flags)")
     p.add_argument("--out", help="run directory (metrics.json, config.yaml, checkpoints/)")
 
 
@@ -97,10 +99,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sets.append("resume=false")
     if not args.progress:
         sets.append("progress=false")
-    config = config.override(sets + list(args.set))
+    config = config.override(sets + [part for arg in args.set for part in arg.split(";") if part.strip()])
     if args.sharding:
         st = dict(config.distributed.sharding_types)
-        for a in args.sharding:
+        for a in (part for arg in args.sharding for part in arg.split(",") if part):
             if "=" not in a:
                 raise ConfigError(f"--sharding {a!r}: expected TABLE=TYPE")
             t, v = a.split("=", 1)

@@ -170,13 +170,12 @@ class TrainConfig:
 def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ConfigError(f"unknown config field(s) {', '.join(prefix + u for u in unknown)}")
     kwargs = {}
     for name, value in d.items():
-        f = fields[name]
         sub = _DATACLASS_FIELDS.get((cls, name))
         kwargs[name] = _build(sub, value, f"{prefix}{name}.") if sub is not None else value
     try:

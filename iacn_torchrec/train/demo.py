@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--raw", default=str(REPO / "data" / "amazon-beauty"), help="folder with the TSV(.gz) files")
+    p.add_argument("--raw", default=str(REPO / "data" / "amazon-beauty"), help="folder with the TSV(.gz)s")
     p.add_argument("--prepared", default=str(REPO / "prepared" / "amazon-beauty-din-L20-s0"))
     p.add_argument("--out", default=str(REPO / "runs" / "demo"))
     p.add_argument("--model", default="din")
@@ -32,9 +32,9 @@ def _find(raw: Path, stem: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.data.prepare import prepare_dataset
+    from iacn_torchrec.modules.iacn import IaCNConfig
     from iacn_torchrec.train.config import DataConfig, ModelConfig, TrainConfig
     from iacn_torchrec.train.loop import train
-    from iacn_torchrec.modules.iacn import IaCNConfig
 
     raw, prepared = Path(args.raw), Path(args.prepared)
     try:
@@ -64,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"test {k:9}{a[k]:10.4f}{b[k]:14.4f}{b[k] - a[k]:+10.4f}")
     sps = (results["plain"]["train_samples_per_s"], results["iacn"]["train_samples_per_s"])
     print(f"{'samples/s':14}{sps[0]:10,.0f}{sps[1]:14,.0f}")
-    print("One seed: Beauty's seed noise is about ±0.006 AUC; see docs/results for paired multi-seed figures.")
+    print("One seed: Beauty's seed noise is about ±0.006 AUC; docs/results has paired multi-seed figures.")
     return 0
