@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-v1  # bump when the install recipe changes
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-all lint bench plan-bench reproduce clean
+.PHONY: install demo test test-all lint bench plan-bench dist-bench reproduce clean
 
 install: $(STAMP)
 
@@ -52,3 +52,7 @@ prepared/amazon-beauty-din-L20-s0: | install
 bench: install prepared/amazon-beauty-din-L20-s0
 	bash apps/peer_setup.sh
 	$(VENV)/bin/iacn bench train --json --out docs/results/performance
+
+# 1 process vs 2 gloo processes (table/column/row-wise) on Beauty with DIN+IaCN
+dist-bench: install prepared/amazon-beauty-din-L20-s0
+	$(VPY) apps/dist_bench.py --data prepared/amazon-beauty-din-L20-s0 --repeats 2
