@@ -158,3 +158,134 @@ def test_din_jagged_values_equal_padded_view():
     gb = torch.autograd.grad(b.sum(), values)[0]
     torch.testing.assert_close(ga, gb)
     assert not math.isnan(float(a.sum()))
+
+
+# ------------------------------------------------- round-2 fast paths ≡ the computations they replace
+def test_render_reports_capacity_matched_overhead():
+    res = {"machine": {"cpu": "x", "cores": 2}, "threads": 2, "load_before": "1", "load_after": "1",
+           "throughput": {"din@128": {"step_ms": 10.0, "samples_per_s": 12800.0}},
+           "iacn_overhead_by_arm": {"din@128": 1.5},
+           "iacn_overhead_vs_capacity_matched_by_arm": {"din@128": 1.2},
+           "width_overhead_by_arm": {"din@128": 1.25}}
+    text = bench.render(res)
+    assert "vs aux tables, λ=0): din@128 1.200" in text and "vs plain): din@128 1.250" in text
+
+
+def test_capacity_matched_arm_is_width_without_capsules(tiny_prepared):
+    from iacn_torchrec.train.config import TrainConfig
+
+    cfg = TrainConfig().override(bench.arm_overrides("din", "w", 16))
+    assert cfg.iacn.enabled and cfg.iacn.lam == 0.0 and cfg.iacn.sampler == "in_batch"
+    assert bench.arm_name("din", "w", 16) == "din+aux@16" and bench.arm_name("din", "1", 16) == "din+iacn@16"
+    a = _args(data=str(tiny_prepared), threads=1, rounds=1, block_samples=32, warmup=1,
+              arms=["din:0:16:0", "din:w:16:0", "din:1:16:0"])
+    assert set(bench.worker_throughput(a)["step_s"]) == {"din@16", "din+aux@16", "din+iacn@16"}
+
+
+def test_one_lookup_per_table_equals_torchrec_collection():
+    """InterestAwareEmbeddings looks each table up once (all its features' ids together); values and
+    the summed table gradients must equal TorchRec's per-feature EmbeddingCollection forward."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from iacn_torchrec.modules.embeddings import InterestAwareEmbeddings, _collection_lookup
+
+    torch.manual_seed(0)
+    emb = InterestAwareEmbeddings(9, 30, 4, max_len=5, orig_dim=3, aux_dim=2, user_dim=3, with_neg_hist=True,
+                                  with_iacn_negatives=True)
+    kjt = bench.synthetic_batches(6, 5, 9, 30, 4, neg_hist=True, num_negatives=2, seed=3, count=1)[0]
+    kjt = kjt.sparse_features
+    for ec in emb.collections().values():
+        def fresh() -> KeyedJaggedTensor:  # no shared to_dict() cache between the two paths
+            return KeyedJaggedTensor.from_lengths_sync(kjt.keys(), kjt.values(), kjt.lengths())
+
+        fast, ref = _collection_lookup(ec, fresh()), ec(fresh())
+        assert set(fast) == set(ref)
+        g = {k: torch.randn(v.values().shape) for k, v in ref.items()}
+        ga = torch.autograd.grad(sum((fast[k].values() * g[k]).sum() for k in g), list(ec.parameters()))
+        gb = torch.autograd.grad(sum((ref[k].values() * g[k]).sum() for k in g), list(ec.parameters()))
+        for k in ref:
+            torch.testing.assert_close(fast[k].values(), ref[k].values(), rtol=0, atol=0)
+            assert torch.equal(fast[k].lengths(), ref[k].lengths())
+        for x, y in zip(ga, gb, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_jagged_routing_equals_padded_routing():
+    """S c_i on the jagged values, then padded, ≡ the padded computation (values and gradients)."""
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    from iacn_torchrec.modules.capsule import InterestCapsuleRouting
+
+    torch.manual_seed(0)
+    B, L, h, Du = 6, 8, 5, 3
+    routing = InterestCapsuleRouting(item_dim=h, max_len=L, routing_iters=3, user_dim=Du)
+    lengths = torch.tensor([1, 8, 3, 0, 5, 2])
+    values = torch.randn(int(lengths.sum()), h, requires_grad=True)
+    user = torch.randn(B, Du)
+    init = torch.randn(B, routing.k_max, L)
+    padded = torch.ops.fbgemm.jagged_to_padded_dense(
+        values, [torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)], [L], 0.0)
+    ref = routing.route(padded, lengths, user=user, init_logits=init)
+    out = routing.route(JaggedTensor(values=values, lengths=lengths), user=user, init_logits=init)
+    for x, y in zip(out, ref, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref.capsules)
+    params = [values] + list(routing.parameters())
+    for x, y in zip(torch.autograd.grad((out.capsules * g).sum(), params),
+                    torch.autograd.grad((ref.capsules * g).sum(), params), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        routing.route(JaggedTensor(values=torch.randn(9, h), lengths=torch.tensor([9])))
+
+
+@pytest.mark.parametrize("model_name", ["din", "dien"])
+def test_placeholder_eval_loader_predicts_the_same(tiny_prepared, model_name):
+    """The evaluation loader's length-0 placeholders (no IaCN negatives, no DIEN negative history)
+    give the same predictions as the full batches, and training on them fails loudly."""
+    from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
+    from iacn_torchrec.data.negatives import UniformNegatives
+    from iacn_torchrec.models.framework import build_model
+    from iacn_torchrec.modules.iacn import IaCNConfig
+
+    ds = PreparedDataset.open(tiny_prepared)
+    sampler = UniformNegatives(ds.num_items, 3, seed=0)
+    kw = dict(batch_size=16, with_neg_hist=model_name == "dien", iacn_negatives=sampler)
+    full = next(iter(BatchLoader(ds, "test", **kw)))
+    lean = next(iter(BatchLoader(ds, "test", placeholder_features=True, **kw)))
+    assert lean.sparse_features.keys() == full.sparse_features.keys()
+    assert int(lean.sparse_features["iacn_neg_item"].lengths().sum()) == 0
+    assert lean.sparse_features.values().numel() < full.sparse_features.values().numel()
+    torch.manual_seed(0)
+    model = build_model(model_name, ds.num_users, ds.num_items, ds.num_cates, int(ds.meta["max_len"]),
+                        IaCNConfig(enabled=True, aux_dim=2, num_negatives=3), emb_dim=3)
+    model.eval()
+    torch.testing.assert_close(model.predict(lean), model.predict(full), rtol=0, atol=0)
+    model.train()
+    with pytest.raises(ValueError, match="needs"):
+        model(lean)
+
+
+def test_compile_submodules_in_place_matches_eager():
+    """Opt-in torch.compile of the main model: same logits and gradients as eager, same state_dict keys."""
+    from iacn_torchrec.models.framework import build_model
+    from iacn_torchrec.modules.iacn import IaCNConfig
+
+    torch.manual_seed(0)
+    eager = build_model("din", 9, 30, 4, 5, IaCNConfig(enabled=True, aux_dim=2, num_negatives=2), emb_dim=3)
+    torch.manual_seed(0)
+    comp = build_model("din", 9, 30, 4, 5, IaCNConfig(enabled=True, aux_dim=2, num_negatives=2), emb_dim=3)
+    keys = list(comp.state_dict())
+    comp.compile_submodules()
+    assert list(comp.state_dict()) == keys
+    for seed in (1, 2):  # two batch shapes: dynamic, no failure on the second
+        batch = bench.synthetic_batches(6 + seed, 5, 9, 30, 4, neg_hist=False, num_negatives=2, seed=seed,
+                                        count=1)[0]
+        torch.manual_seed(seed)
+        loss_e, (logit_e, _, _) = eager(batch)
+        torch.manual_seed(seed)
+        loss_c, (logit_c, _, _) = comp(batch)
+        torch.testing.assert_close(logit_c, logit_e, rtol=1e-4, atol=1e-5)
+        ge = torch.autograd.grad(loss_e, list(eager.main_model.parameters()))
+        gc = torch.autograd.grad(loss_c, list(comp.main_model.parameters()))
+        for x, y in zip(gc, ge, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)

@@ -200,6 +200,10 @@ class BatchLoader:
         iacn_negatives: a :class:`NegativeSampler` adding ``iacn_neg_item``/``iacn_neg_cate``.
         limit: use only the first ``limit`` samples of the split (a fixed subset, e.g. for a quick
             evaluation; shuffling then permutes that subset); ``None`` = all.
+        placeholder_features: the optional keys that ``with_neg_hist`` / ``iacn_negatives`` add are
+            present with length 0 for every sample: the collections reading them find their keys,
+            but nothing is sampled, gathered or looked up. For evaluation, where neither DIEN's
+            auxiliary loss nor IaCN runs.
     """
 
     def __init__(
@@ -215,6 +219,7 @@ class BatchLoader:
         with_neg_hist: bool = False,
         iacn_negatives: NegativeSampler | None = None,
         limit: int | None = None,
+        placeholder_features: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -228,6 +233,7 @@ class BatchLoader:
         self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
         self.with_neg_hist = bool(with_neg_hist)
         self.iacn_negatives = iacn_negatives
+        self.placeholder_features = bool(placeholder_features)
         self.num_samples = len(self.data) if limit is None else max(0, min(int(limit), len(self.data)))
         self.keys = (
             BASE_KEYS + (NEG_HIST_KEYS if with_neg_hist else []) + (IACN_NEG_KEYS if iacn_negatives else [])
@@ -312,10 +318,13 @@ class BatchLoader:
         # flat history positions: start of each sample repeated over its length, plus 0..len-1
         pos = np.repeat(starts - (ends - lens), lens) + np.arange(T, dtype=np.int64)
 
-        hist_arrays = [d.hist_item, d.hist_cate] + (
-            [d.neg_hist_item, d.neg_hist_cate] if self.with_neg_hist else []
-        )
+        real_neg_hist = self.with_neg_hist and not self.placeholder_features
+        hist_arrays = [d.hist_item, d.hist_cate]
+        if real_neg_hist:
+            hist_arrays += [d.neg_hist_item, d.neg_hist_cate]
         S = self.iacn_negatives.num_negatives if self.iacn_negatives is not None else 0
+        if self.placeholder_features:
+            S = 0
         n_sparse = 3 * B + len(hist_arrays) * T + (2 * B * S if S else 0)
         values = np.empty(n_sparse, dtype=np.int64)
         np.take(d.uid, idx, out=values[:B])
@@ -325,7 +334,7 @@ class BatchLoader:
         for a in hist_arrays:
             np.take(a, pos, out=values[o : o + T])
             o += T
-        lengths = np.empty(len(self.keys) * B, dtype=np.int64)
+        lengths = np.zeros(len(self.keys) * B, dtype=np.int64)  # placeholder keys keep length 0
         lengths[: 3 * B] = 1
         for k in range(len(hist_arrays)):
             lengths[(3 + k) * B : (4 + k) * B] = lens

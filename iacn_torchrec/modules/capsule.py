@@ -160,6 +160,31 @@ class InterestCapsuleRouting(nn.Module):
             )
         return hist, lengths
 
+    def _map_jagged(
+        self, hist: JaggedTensor, lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``S c_i`` of a jagged history (values ``[N, h]``) → padded ``[B, L_max, h]``, lengths ``[B]``."""
+        if lengths is not None:
+            raise ValueError(
+                "InterestCapsuleRouting: pass lengths only with a padded tensor, not with a JaggedTensor"
+            )
+        values = hist.values()
+        if values.dim() != 2 or values.size(-1) != self.item_dim:
+            raise ValueError(
+                f"InterestCapsuleRouting: jagged hist values must be [N, {self.item_dim}], "
+                f"got {list(values.shape)}"
+            )
+        lengths = hist.lengths()
+        if lengths.device.type == "cpu" and lengths.numel() and int(lengths.max()) > self.max_len:
+            raise ValueError(
+                f"InterestCapsuleRouting: a history of length {int(lengths.max())} exceeds "
+                f"max_len={self.max_len}; truncate it first"
+            )
+        mapped = torch.ops.fbgemm.jagged_to_padded_dense(
+            values @ self.bilinear.t(), [hist.offsets()], [self.max_len], 0.0
+        )
+        return mapped, lengths
+
     def route(
         self,
         hist: torch.Tensor | JaggedTensor,
@@ -186,14 +211,18 @@ class InterestCapsuleRouting(nn.Module):
             :class:`RoutingOutput` (capsules ``[B, K_max, h]``, capsule_mask ``[B, K_max]``,
             routing_weights ``[B, K_max, L]``).
         """
-        hist, lengths = self._as_padded(hist, lengths)
-        batch, seq_len, _ = hist.shape
+        if isinstance(hist, JaggedTensor):
+            # S c_i on the N real behaviours only, then padded (S·0 = 0, so this equals padding first):
+            # ~1/3 of the padded [B·L, h] x [h, h] work on Beauty-like histories.
+            mapped, lengths = self._map_jagged(hist, lengths)
+        else:
+            hist, lengths = self._as_padded(hist, lengths)
+            mapped = torch.matmul(hist, self.bilinear.t())  # S c_i: [B, L, h]
+        batch, seq_len, _ = mapped.shape
         lengths = lengths.clamp(0, seq_len)
 
         item_mask = self._positions[:seq_len].unsqueeze(0) < lengths.unsqueeze(-1)  # [B, L]
         capsule_mask = self._capsule_ids.unsqueeze(0) < self.num_interests(lengths).unsqueeze(-1)  # [B, K]
-
-        mapped = torch.matmul(hist, self.bilinear.t())  # S c_i: [B, L, h]
         mapped_sg = mapped.detach()  # logits updates carry no gradient (MIND's stop-gradient)
 
         if init_logits is not None:
@@ -202,13 +231,15 @@ class InterestCapsuleRouting(nn.Module):
                     f"InterestCapsuleRouting: init_logits must be [B, {self.k_max}, {seq_len}] or "
                     f"[{self.k_max}, {seq_len}], got {list(init_logits.shape)}"
                 )
-            logits = init_logits.detach().to(hist.dtype).expand(batch, self.k_max, seq_len)
+            logits = init_logits.detach().to(mapped.dtype).expand(batch, self.k_max, seq_len)
         elif self.training:
+            # no generator=None keyword: torch.compile cannot trace randn(generator=None) on symbolic sizes
+            extra = {} if generator is None else {"generator": generator}
             logits = torch.randn(
-                batch, self.k_max, seq_len, generator=generator, device=hist.device, dtype=hist.dtype
+                batch, self.k_max, seq_len, device=mapped.device, dtype=mapped.dtype, **extra
             )
         else:
-            logits = self.eval_logits[:, :seq_len].to(hist.dtype).expand(batch, self.k_max, seq_len)
+            logits = self.eval_logits[:, :seq_len].to(mapped.dtype).expand(batch, self.k_max, seq_len)
 
         # Dead capsules start at -inf and stay there (the updates are finite), so the softmax over
         # capsules gives them no weight; K_u ≥ 1, so a column is never all -inf. Padded items get

@@ -50,7 +50,8 @@ class EmbeddedBatch:
         neg_hist: ``[B, L, D]`` DIEN's sampled negative behaviours (zero past ``hist_lengths``) or None.
         aux_target: ``[B, h]`` ``c_t = E_aux(item) ⊕ E_aux(cate)`` (grad × (1-δ)), ``h = 2·aux_dim``;
             None without aux tables or when aux views were not requested.
-        aux_hist: ``[B, L, h]`` ``c_i`` of the history (grad × (1-δ)), zero past ``hist_lengths``, or None.
+        aux_hist: ``[B, L, h]`` ``c_i`` of the history (grad × (1-δ)), zero past ``hist_lengths``, or None;
+            padded on first access from ``aux_hist_values`` (``[N, h]``) when those exist.
         aux_negatives: ``[B, S, h]`` sampled-softmax negatives (grad × (1-δ)) or None.
         target_ids: ``[B]`` target item ids (IaCN collision masking / logQ lookup).
         negative_ids: ``[B, S]`` sampled negative item ids, or None.
@@ -80,10 +81,11 @@ class EmbeddedBatch:
             raise ValueError("EmbeddedBatch: give hist [B, L, D] or hist_values, hist_offsets and max_len")
         self.user, self.target, self.hist_lengths = user, target, hist_lengths
         self._hist = hist
-        self.neg_hist, self.aux_target, self.aux_hist = neg_hist, aux_target, aux_hist
+        self.neg_hist, self.aux_target, self._aux_hist = neg_hist, aux_target, aux_hist
         self.aux_negatives = aux_negatives
         self.target_ids, self.negative_ids = target_ids, negative_ids
         self.hist_values, self.hist_offsets, self._max_len = hist_values, hist_offsets, max_len
+        self.aux_hist_values: torch.Tensor | None = None
 
     @property
     def hist(self) -> torch.Tensor:
@@ -95,10 +97,28 @@ class EmbeddedBatch:
     def hist(self, value: torch.Tensor) -> None:
         self._hist = value
 
+    @property
+    def aux_hist(self) -> torch.Tensor | None:
+        if self._aux_hist is None and self.aux_hist_values is not None:
+            self._aux_hist = _pad(self.aux_hist_values, self.hist_offsets, self._max_len)
+        return self._aux_hist
+
+    @aux_hist.setter
+    def aux_hist(self, value: torch.Tensor | None) -> None:
+        self._aux_hist = value
+
+    def aux_hist_jagged(self) -> JaggedTensor | torch.Tensor | None:
+        """IaCN's history view without padding: a ``JaggedTensor`` (values ``[N, h]``) when the
+        jagged aux values exist, else the padded ``aux_hist`` (or None)."""
+        if self.aux_hist_values is not None:
+            return JaggedTensor(values=self.aux_hist_values, lengths=self.hist_lengths,
+                                offsets=self.hist_offsets)
+        return self.aux_hist
+
     def __repr__(self) -> str:
         shapes = {k: (list(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in (
             ("user", self.user), ("target", self.target), ("hist", self._hist),
-            ("hist_values", self.hist_values), ("neg_hist", self.neg_hist), ("aux_hist", self.aux_hist),
+            ("hist_values", self.hist_values), ("neg_hist", self.neg_hist), ("aux_hist", self._aux_hist),
             ("aux_negatives", self.aux_negatives))}
         return f"EmbeddedBatch({shapes})"
 
@@ -247,13 +267,45 @@ class InterestAwareEmbeddings(nn.Module):
         pipeline the (sharded) collections' input distribution.
         """
         _check_features(kjt, self.feature_names())
-        orig = self.orig(kjt)
-        user = self.user(kjt) if self.user is not None else orig
-        aux = self.aux(kjt) if self.aux is not None else None
+        orig = _collection_lookup(self.orig, kjt)
+        user = _collection_lookup(self.user, kjt) if self.user is not None else orig
+        aux = _collection_lookup(self.aux, kjt) if self.aux is not None else None
         return _assemble(
             kjt, orig, user, aux, float(delta), bool(aux_views), self.max_len, self.aux_dim,
             self.with_neg_hist, self.with_iacn_negatives,
         )
+
+
+def _collection_lookup(ec: nn.Module, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    """``ec(kjt)``; for a plain (unsharded) ``EmbeddingCollection``, the same lookups with one
+    embedding call per *table* instead of one per feature.
+
+    TorchRec's unsharded collection looks up every feature separately, so a table read by F features
+    gets F dense ``[rows, dim]`` gradients (each zero-filled, then summed) in backward; concatenating
+    the table's ids first gives one lookup and one dense gradient: the same values and the same
+    summed gradient, at 1/F of the whole-table work. Sharded collections (not this class) are called
+    as they are.
+    """
+    if type(ec) is not EmbeddingCollection or isinstance(kjt, torch.fx.Proxy):
+        return ec(kjt)  # sharded, or fx-traced (TorchRec pipelines keep the collections as leaves)
+    return _table_lookups(kjt, list(ec.embeddings.values()), ec._feature_names, ec.embedding_names_by_table())
+
+
+def _table_lookups(
+    kjt: KeyedJaggedTensor, tables: list[nn.Module], feature_names: list[list[str]],
+    embedding_names: list[list[str]],
+) -> dict[str, JaggedTensor]:
+    jt = kjt.to_dict()
+    out: dict[str, JaggedTensor] = {}
+    for table, feats, names in zip(tables, feature_names, embedding_names):
+        ids = [jt[f].values() for f in feats]
+        if len(ids) == 1:
+            pieces = [table(ids[0])]
+        else:
+            pieces = table(torch.cat(ids)).split([i.numel() for i in ids])
+        for f, name, values in zip(feats, names, pieces):
+            out[name] = JaggedTensor(values=values, lengths=jt[f].lengths())
+    return out
 
 
 def _check_features(kjt: KeyedJaggedTensor, names: list[str]) -> None:
@@ -314,6 +366,13 @@ def _assemble(
             f"{__file__}: feature 'hist_item' has a history of length {int(hist_lengths.max())} > "
             f"max_len={max_len}; truncate histories in the loader"
         )
+    # length-0 placeholders (an evaluation loader's): the keys exist, no view is built from them
+    if with_neg_hist and n_hist and not jt["neg_hist_item"].values().numel() \
+            and not jt["neg_hist_cate"].values().numel():
+        with_neg_hist = False
+    if with_iacn_negatives and not jt["iacn_neg_item"].values().numel() \
+            and not jt["iacn_neg_cate"].values().numel():
+        with_iacn_negatives = False
     for key in ("hist_cate",) + (("neg_hist_item", "neg_hist_cate") if with_neg_hist else ()):
         if jt[key].values().numel() != n_hist:
             raise ValueError(f"{__file__}: feature {key!r} must have the lengths of 'hist_item'")
@@ -349,7 +408,7 @@ def _assemble(
         out.negative_ids = _fixed_length(jt["iacn_neg_item"], B, "iacn_neg_item")
     if aux is not None and aux_views:
         out.aux_target = aux_values("item", "cate")
-        out.aux_hist = _pad(aux_values("hist_item", "hist_cate"), hist_offsets, max_len)
+        out.aux_hist_values = aux_values("hist_item", "hist_cate")  # padded on first .aux_hist access
         if with_iacn_negatives:
             S = out.negative_ids.shape[1]
             out.aux_negatives = aux_values("iacn_neg_item", "iacn_neg_cate").view(B, S, 2 * aux_dim)
@@ -359,3 +418,4 @@ def _assemble(
 # One call_function node under torch.fx: TorchRec's pipeline tracer never runs the checks on proxies.
 torch.fx.wrap("_assemble")
 torch.fx.wrap("_check_features")
+torch.fx.wrap("_table_lookups")

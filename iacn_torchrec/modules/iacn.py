@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from iacn_torchrec.modules.attention import label_aware_attention_weights
 from iacn_torchrec.modules.capsule import InterestCapsuleRouting
@@ -143,8 +144,8 @@ class IaCNTask(nn.Module):
 
     def interests(
         self,
-        aux_hist: torch.Tensor,
-        hist_lengths: torch.Tensor,
+        aux_hist: torch.Tensor | JaggedTensor,
+        hist_lengths: torch.Tensor | None,
         aux_target: torch.Tensor | None = None,
         user: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
@@ -153,21 +154,25 @@ class IaCNTask(nn.Module):
 
         Args: as :meth:`forward`; ``aux_target`` ``[B, h]`` optional.
         """
+        if isinstance(aux_hist, JaggedTensor):  # jagged values [N, h]: lengths come with them
+            if hist_lengths is not None and hist_lengths.shape != aux_hist.lengths().shape:
+                raise ValueError("IaCNTask: hist_lengths must match the JaggedTensor aux_hist's lengths")
+            hist_lengths = None
         routed = self.routing.route(aux_hist, hist_lengths, user=user, generator=generator)
         attention = user_vec = None
         if aux_target is not None:
             attention = label_aware_attention_weights(
                 routed.capsules, routed.capsule_mask, aux_target, self.config.pow_p
             )
-            user_vec = torch.einsum("bk,bkh->bh", attention, routed.capsules)
+            user_vec = (attention.unsqueeze(-1) * routed.capsules).sum(1)  # Σ_k a_k V_k
         return IaCNInterests(
             routed.capsules, routed.capsule_mask, routed.routing_weights, attention, user_vec
         )
 
     def forward(
         self,
-        aux_hist: torch.Tensor,
-        hist_lengths: torch.Tensor,
+        aux_hist: torch.Tensor | JaggedTensor,
+        hist_lengths: torch.Tensor | None,
         aux_target: torch.Tensor,
         labels: torch.Tensor,
         user: torch.Tensor | None = None,
@@ -181,7 +186,9 @@ class IaCNTask(nn.Module):
         """The IaCN loss ``L_IaCN = mean over label-1 rows of -log P(e_t | v_u)``.
 
         Args:
-            aux_hist: ``[B, L, h]`` aux history ``c_i``, zero/garbage past ``hist_lengths``.
+            aux_hist: ``[B, L, h]`` aux history ``c_i``, zero/garbage past ``hist_lengths``; or a
+                ``JaggedTensor`` (values ``[N, h]``, its own lengths; the bilinear map then runs on
+                the N real behaviours only).
             hist_lengths: ``[B]`` int history lengths n_u.
             aux_target: ``[B, h]`` aux embedding of the target item e_t.
             labels: ``[B]`` click labels; only label-1 rows are scored.

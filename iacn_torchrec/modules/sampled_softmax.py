@@ -83,7 +83,9 @@ def sampled_softmax_loss(
     parts = [pos_logit.unsqueeze(1)]
 
     if negatives is not None:
-        neg_logits = torch.einsum("bh,bsh->bs", user_vec, negatives)  # [B, S]
+        # broadcast multiply-sum, not einsum: einsum lowers to [B, 1, h] x [B, h, S] bmms whose
+        # backward (K = 1 outer products) costs more than the elementwise form
+        neg_logits = (negatives * user_vec.unsqueeze(1)).sum(-1)  # [B, S]
         if neg_log_q is not None:
             neg_logits = neg_logits - neg_log_q
         if negative_ids is not None:

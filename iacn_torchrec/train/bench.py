@@ -6,7 +6,9 @@
    DIN+IaCN, DIEN, DIEN+IaCN at batch 128 and 1024 on the prepared dataset, all configurations in
    one worker process and *interleaved* (round-robin blocks of steps), so a load change on this
    shared machine hits every configuration alike; ratios are medians of per-round ratios.
-   ``iacn_overhead = step_time(main+IaCN) / step_time(main)``.
+   ``iacn_overhead = step_time(main+IaCN) / step_time(main)``; a capacity-matched control arm
+   (``+aux``: the same main model with the aux tables, λ = 0, no sampled negatives) splits it into
+   the wider main model's cost and ``iacn_overhead_vs_capacity_matched`` (the capsule network's own).
 2. **Peer**: DeepCTR-Torch's DIN/DIEN through ``../shared/bench/peer_deepctr.py`` in ``.peer-venv``
    (``bash apps/peer_setup.sh``) on the same samples and threads; our DIN is measured right before
    and right after the peer and averaged → ``speedup_vs_deepctr``. Full mode also trains one
@@ -46,9 +48,17 @@ TABLE_WISE = {"uid": "table_wise", "item_orig": "table_wise", "cate_orig": "tabl
 
 
 # ----------------------------------------------------------------------------------------- configs
-def arm_overrides(model: str, iacn: bool, batch: int, fused: bool = False) -> list[str]:
-    """``TrainConfig.override`` assignments of one benchmark arm (library defaults otherwise)."""
+def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False) -> list[str]:
+    """``TrainConfig.override`` assignments of one benchmark arm (library defaults otherwise).
+
+    ``iacn``: False/"0" the plain main model, True/"1" main + IaCN, ``"w"`` the *capacity-matched*
+    control: the same main model reading ``E_orig ⊕ E_aux`` (aux tables included) but λ = 0 and no
+    sampled negatives, i.e. IaCN's width without the capsule network."""
+    width_only = iacn == "w"
+    iacn = width_only or iacn in (True, "1")
     sets = [f"model.name={model}", f"iacn.enabled={'true' if iacn else 'false'}", f"data.batch_size={batch}"]
+    if width_only:
+        sets += ["iacn.lam=0", "iacn.sampler=in_batch"]
     if fused:
         st = {k: v for k, v in TABLE_WISE.items() if iacn or not k.endswith("_aux")}
         sets += ["optim.embedding_optimizer=rowwise_adagrad", f"model.emb_dim={FUSED_DIM}",
@@ -57,8 +67,9 @@ def arm_overrides(model: str, iacn: bool, batch: int, fused: bool = False) -> li
     return sets
 
 
-def arm_name(model: str, iacn: bool, batch: int, fused: bool = False) -> str:
-    return f"{model}{'+iacn' if iacn else ''}{'/fused' if fused else ''}@{batch}"
+def arm_name(model: str, iacn: bool | str, batch: int, fused: bool = False) -> str:
+    tag = "+aux" if iacn == "w" else "+iacn" if iacn in (True, "1") else ""
+    return f"{model}{tag}{'/fused' if fused else ''}@{batch}"
 
 
 def _config(data: str, sets: list[str], threads: int):
@@ -177,9 +188,9 @@ def worker_throughput(a: argparse.Namespace) -> dict[str, Any]:
     arms = {}
     for spec in a.arms:
         model, iacn, batch, fused = spec.split(":")
-        sets = arm_overrides(model, iacn == "1", int(batch), fused == "1")
+        sets = arm_overrides(model, iacn, int(batch), fused == "1")
         k = max(2, a.block_samples // int(batch))
-        arms[arm_name(model, iacn == "1", int(batch), fused == "1")] = (
+        arms[arm_name(model, iacn, int(batch), fused == "1")] = (
             _steps_on_dataset(a.data, sets, a.threads), k)
     return {"step_s": _interleaved(arms, a.rounds, warmup=a.warmup)}
 
@@ -202,7 +213,7 @@ def worker_rss(a: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(a.threads)
     model, iacn, batch, fused = a.arms[0].split(":")
-    it = _steps_on_dataset(a.data, arm_overrides(model, iacn == "1", int(batch), fused == "1"), a.threads)
+    it = _steps_on_dataset(a.data, arm_overrides(model, iacn, int(batch), fused == "1"), a.threads)
     _time_steps(it, 30)
     return {}
 
@@ -291,7 +302,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
                            "quick": bool(a.quick), "load_before": _uptime()}
     batches = [128] if a.quick else [128, 1024]
     models = ["din"] if a.quick else ["din", "dien"]
-    specs = [f"{m}:{i}:{b}:0" for b in batches for m in models for i in (0, 1)]
+    specs = [f"{m}:{i}:{b}:0" for b in batches for m in models for i in ("0", "w", "1")]
     if not a.quick:
         specs += [f"din:{i}:128:1" for i in (0, 1)]  # fused sparse table optimizer arms
     _log(f"[1/4] throughput, interleaved: {', '.join(specs)}")
@@ -302,16 +313,24 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     for name, ts in step.items():
         batch = int(name.rsplit("@", 1)[1])
         table[name] = {"step_ms": 1e3 * _med(ts), "samples_per_s": batch / _med(ts)}
-    overhead = {}
+    overhead, vs_capacity, width = {}, {}, {}
     for name in step:
         if "+iacn" in name:
             base = name.replace("+iacn", "")
-            overhead[name.replace("+iacn", "")] = _paired(step[name], step[base])
+            overhead[base] = _paired(step[name], step[base])
+            matched = name.replace("+iacn", "+aux")
+            if matched in step:  # the capsule network's own cost, and the wider main model's
+                vs_capacity[base] = _paired(step[name], step[matched])
+                width[base] = _paired(step[matched], step[base])
     res["throughput"] = table
     res["iacn_overhead_by_arm"] = overhead
+    res["iacn_overhead_vs_capacity_matched_by_arm"] = vs_capacity
+    res["width_overhead_by_arm"] = width
     res["iacn_overhead"] = overhead["din@128"]
+    res["iacn_overhead_vs_capacity_matched"] = vs_capacity["din@128"]
     if "dien@128" in overhead:
         res["iacn_overhead_dien"] = overhead["dien@128"]
+        res["iacn_overhead_vs_capacity_matched_dien"] = vs_capacity["dien@128"]
 
     if not a.no_peer:
         _log("[2/4] DeepCTR-Torch peer (DIN), our DIN sandwiched around it")
@@ -408,6 +427,11 @@ def render(res: dict[str, Any]) -> str:
                      f"{r.get('peak_rss_mib', float('nan')):.0f} |")
     lines += ["", "iacn_overhead (paired per round): " + ", ".join(
         f"{k} {v:.3f}" for k, v in res["iacn_overhead_by_arm"].items())]
+    if res.get("iacn_overhead_vs_capacity_matched_by_arm"):
+        lines.append("iacn_overhead_vs_capacity_matched (vs aux tables, λ=0): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in res["iacn_overhead_vs_capacity_matched_by_arm"].items()))
+        lines.append("width overhead (aux tables, λ=0, vs plain): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in res["width_overhead_by_arm"].items()))
     if "speedup_vs_deepctr" in res:
         p = res["peer"]["din"]
         lines.append(f"DeepCTR-Torch DIN {p['samples_per_s']:,.0f} samples/s (n_train {p['n_train']}) "
@@ -445,7 +469,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax = axes[0][0]
     names = list(res["throughput"])
     vals = [res["throughput"][k]["samples_per_s"] for k in names]
-    colors = ["tab:orange" if "+iacn" in k else "tab:blue" for k in names]
+    colors = ["tab:orange" if "+iacn" in k else "tab:green" if "+aux" in k else "tab:blue" for k in names]
     if "peer" in res:
         names.append("deepctr din@128")
         vals.append(res["peer"]["din"]["samples_per_s"])
@@ -456,7 +480,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
             colors.append("tab:gray")
     ax.barh(names, vals, color=colors)
     ax.set_xlabel("train samples/s")
-    ax.set_title("throughput (blue: main, orange: +IaCN)")
+    ax.set_title("throughput (blue: main, green: +aux width, orange: +IaCN)")
     ax.invert_yaxis()
     if n == 3:
         ax = axes[0][1]

@@ -108,6 +108,7 @@ def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size
         with_neg_hist=with_neg_hist,
         # the aux collection's features must be present even though evaluation skips IaCN
         iacn_negatives=sampler,
+        placeholder_features=True,  # those keys empty: evaluation runs neither IaCN nor DIEN's aux loss
         limit=config.data.num_test_samples,
     )
     return train_loader, test_loader, item_log_q
