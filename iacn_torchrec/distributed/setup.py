@@ -128,6 +128,8 @@ def build_training(
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
         else torch.device("cpu")
     model = build_model_from_config(config, ds, item_log_q)
+    if config.model.compile:
+        model.compile_submodules()
     n_params = sum(p.numel() for p in model.parameters())
     if world_size == 1 and not config.optim.fused:
         model = model.to(device)

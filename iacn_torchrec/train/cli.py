@@ -25,6 +25,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "eval_batch_size": ("data.eval_batch_size", int),
     "model": ("model.name", str),
     "emb_dim": ("model.emb_dim", int),
+    "compile": ("model.compile", bool),
     "delta": ("iacn.delta", float),
     "lam": ("iacn.lam", float),
     "pow_p": ("iacn.pow_p", float),
@@ -62,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["uniform", "log_uniform", "in_batch"])
     p.add_argument("--num-negatives", dest="num_negatives", type=int)
     p.add_argument("--emb-dim", dest="emb_dim", type=int, help="E_orig dimension per table (default 18)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the main model (faster steady state, slower start)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="per-rank batch size (default 128)")
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int)
     p.add_argument("--lr", type=float, help="Adam learning rate for dense parameters (default 1e-3)")
@@ -71,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N steps (smoke runs)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="torch threads per process (default 2)")
+    p.add_argument("--threads", type=int, help="torch threads per process (default 1)")
     p.add_argument("--eval-every", dest="eval_every", type=int)
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--sharding", action="append", default=[], metavar="TABLE=TYPE[,TABLE=TYPE...]",

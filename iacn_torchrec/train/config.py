@@ -46,6 +46,7 @@ class ModelConfig:
     emb_dim: int = 18  # per table (orig part); DIEN reference code uses 18
     user_dim: int = 18
     dien_aux_loss_weight: float = 1.0
+    compile: bool = False  # torch.compile the main model in place (CTRWithIaCN.compile_submodules)
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
@@ -108,7 +109,9 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     seed: int = 0
-    threads: int | None = 2  # torch.set_num_threads; None leaves torch's default
+    # torch.set_num_threads; None leaves torch's default. 1 by default: at batch 128 the step is many
+    # small ops, and on a busy 2-core box a second thread measured slower (docs/results/performance.md)
+    threads: int | None = 1
     eval_every: int = 0  # evaluate on the test split every N steps (0: only at the end)
     checkpoint_every: int = 0  # checkpoint every N steps (0: only at the end)
     log_every: int = 50
