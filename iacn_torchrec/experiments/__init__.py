@@ -1,0 +1,1 @@
+"""Experiments: the paper's tables reproduced on a prepared dataset (``iacn reproduce``)."""

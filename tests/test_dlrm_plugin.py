@@ -1,0 +1,239 @@
+"""The DLRM plug-in: TorchRec's own DLRM, unmodified, with an IaCN EBC; the wrapper's output against a
+hand-computed reference, the δ gradient split on its aux tables, training, and `--model dlrm`."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchrec.models.dlrm as dlrm_module
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from iacn_torchrec.models.dlrm_plugin import (
+    DLRMMain,
+    EBCIaCNSpec,
+    EBCModelWithIaCN,
+    IaCNEmbeddingBagCollection,
+    attach_iacn,
+)
+from iacn_torchrec.models.framework import build_model
+from iacn_torchrec.modules.iacn import IaCNConfig, IaCNTask
+
+NU, NI, NC, L, S, D, A = 20, 60, 6, 8, 5, 8, 3
+
+_DLRM_FILE = Path(inspect.getsourcefile(DLRM))
+_DLRM_SHA = hashlib.sha256(_DLRM_FILE.read_bytes()).hexdigest()
+_DLRM_ATTRS = {k: v for k, v in vars(DLRM).items()}
+
+
+@dataclass
+class Batch:
+    sparse_features: KeyedJaggedTensor
+    labels: torch.Tensor
+
+
+def make_batch(B: int, seed: int, S: int = S) -> Batch:
+    """Planted signal: each user's history is one category; label-1 targets share it."""
+    g = torch.Generator().manual_seed(seed)
+    per = NI // NC
+    i2c = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(NI) // per + 1])
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    user_cate = torch.randint(0, NC, (B,), generator=g)
+    labels = torch.randint(0, 2, (B,), generator=g)
+    in_cate = user_cate * per + 1 + torch.randint(0, per, (B,), generator=g)
+    item = torch.where(labels.bool(), in_cate, torch.randint(1, NI + 1, (B,), generator=g))
+    owner = torch.repeat_interleave(torch.arange(B), lengths)
+    hist = user_cate[owner] * per + 1 + torch.randint(0, per, (len(owner),), generator=g)
+    neg = torch.randint(1, NI + 1, (B * S,), generator=g)
+    ones = torch.ones(B, dtype=torch.long)
+    keys = ["uid", "item", "cate", "hist_item", "hist_cate", "iacn_neg_item", "iacn_neg_cate"]
+    vals = [torch.randint(1, NU + 1, (B,), generator=g), item, i2c[item], hist, i2c[hist], neg, i2c[neg]]
+    lens = [ones, ones, ones, lengths, lengths, ones * S, ones * S]
+    return Batch(KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(vals), torch.cat(lens)), labels.float())
+
+
+def tables() -> list[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(name="uid", num_embeddings=NU + 1, embedding_dim=D, feature_names=["uid"],
+                           pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="item", num_embeddings=NI + 1, embedding_dim=D,
+                           feature_names=["item", "hist_item"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="cate", num_embeddings=NC + 1, embedding_dim=D,
+                           feature_names=["cate", "hist_cate"], pooling=PoolingType.SUM),
+    ]
+
+
+def dlrm_with_iacn(delta: float = 0.3, lam: float = 1.0, seed: int = 0) -> EBCModelWithIaCN:
+    torch.manual_seed(seed)
+    model = DLRM(EmbeddingBagCollection(tables()), dense_in_features=1, dense_arch_layer_sizes=[8, D],
+                 over_arch_layer_sizes=[16, 1])
+    attach_iacn(model, EBCIaCNSpec(max_len=L), aux_dim=A, delta=delta)
+    ebc = model.sparse_arch.embedding_bag_collection
+    task = IaCNTask(IaCNConfig(enabled=True, aux_dim=A, num_negatives=S), item_dim=ebc.aux_item_dim,
+                    max_len=L, user_dim=ebc.user_dim)
+    return EBCModelWithIaCN(model, task, lam=lam)
+
+
+def test_plugin_leaves_dlrm_untouched():
+    tr = dlrm_with_iacn()
+    model = tr.model
+    # the instance is TorchRec's class itself, whose code is the installed file, unpatched
+    assert type(model) is DLRM and type(model.sparse_arch) is dlrm_module.SparseArch
+    assert hashlib.sha256(_DLRM_FILE.read_bytes()).hexdigest() == _DLRM_SHA
+    assert {k: v for k, v in vars(DLRM).items()} == _DLRM_ATTRS
+    assert DLRM.forward.__code__.co_filename == str(_DLRM_FILE)
+    assert "forward" not in vars(model) and "forward" not in vars(model.sparse_arch)
+    # DLRM still sees equal dims D through the wrapper (its interaction needs them)
+    ebc = model.sparse_arch.embedding_bag_collection
+    assert isinstance(ebc, IaCNEmbeddingBagCollection)
+    assert [t.embedding_dim for t in ebc.embedding_bag_configs()] == [D, D, D] and model.sparse_arch.D == D
+    assert ebc.orig.embedding_bags["item"].weight.shape == (NI + 1, D - A)
+    assert ebc.orig.embedding_bags["uid"].weight.shape == (NU + 1, D)  # not an aux table: untouched
+    assert ebc.aux.embeddings["item_aux"].weight.shape == (NI + 1, A)
+
+    # the unmodified forward on the wrapper equals DLRM's arches on a hand-built [B, F, D]
+    batch = make_batch(6, seed=3)
+    kjt = batch.sparse_features
+    dense = torch.log1p(kjt["hist_item"].lengths().float()).unsqueeze(1)
+    tr.eval()
+    logits = model(dense, kjt)
+    sparse = ebc(kjt).to_dict()
+    stacked = torch.stack([sparse[f] for f in ["uid", "item", "hist_item", "cate", "hist_cate"]], dim=1)
+    ref = model.over_arch(model.inter_arch(model.dense_arch(dense), stacked))
+    torch.testing.assert_close(logits, ref)
+
+
+def test_wrapper_output_is_orig_pool_concat_aux_pool():
+    tr = dlrm_with_iacn()
+    ebc = tr.ebc
+    batch = make_batch(5, seed=4)
+    kjt = batch.sparse_features
+    kt = ebc(kjt)
+    assert kt.keys() == ["uid", "item", "hist_item", "cate", "hist_cate"]
+    out = kt.to_dict()
+    W = {n: ebc.orig.embedding_bags[n].weight for n in ("uid", "item", "cate")}
+    Wa = {n: ebc.aux.embeddings[f"{n}_aux"].weight for n in ("item", "cate")}
+    for feature, table, mode in [("item", "item", "mean"), ("hist_item", "item", "mean"),
+                                 ("cate", "cate", "sum"), ("hist_cate", "cate", "sum")]:
+        ids = kjt[feature].to_dense()
+        for b in range(5):
+            rows = torch.cat([W[table][ids[b]], Wa[table][ids[b]]], dim=1)  # [n, D] = orig ⊕ aux
+            ref = rows.mean(0) if mode == "mean" else rows.sum(0)
+            torch.testing.assert_close(out[feature][b], ref)
+    torch.testing.assert_close(out["uid"], W["uid"][kjt["uid"].values()])
+    # IaCN's views: aux rows of the padded history, the target and the negatives, item ⊕ cate
+    v = ebc.iacn_views(kjt)
+    hist_ids, lengths = kjt["hist_item"].to_dense(), kjt["hist_item"].lengths()
+    assert v.aux_hist.shape == (5, L, 2 * A) and v.aux_negatives.shape == (5, S, 2 * A)
+    for b in range(5):
+        n = int(lengths[b])
+        torch.testing.assert_close(v.aux_hist[b, :n, :A], Wa["item"][hist_ids[b]])
+        assert v.aux_hist[b, n:].abs().sum() == 0
+    torch.testing.assert_close(v.aux_target[:, A:], Wa["cate"][kjt["cate"].values()])
+    assert torch.equal(v.negative_ids, kjt["iacn_neg_item"].values().view(5, S))
+    torch.testing.assert_close(v.user, out["uid"])
+
+
+@pytest.mark.parametrize("delta,lam", [(0.3, 1.0), (0.7, 0.5), (0.0, 2.0)])
+def test_gradient_split_on_aux_tables(delta, lam):
+    tr = dlrm_with_iacn(delta=delta, lam=lam)
+    ebc = tr.ebc
+    w_aux = ebc.aux.embeddings["item_aux"].weight
+    w_orig = ebc.orig.embedding_bags["item"].weight
+    batch = make_batch(16, seed=2)
+    labels = batch.labels
+
+    # references from δ-free graphs: δ = 0 leaves the IaCN path unscaled (views from a fresh aux
+    # lookup: no forward ran yet), δ = 1 the main path
+    ebc.delta = 0.0
+    torch.manual_seed(7)  # IaCN's training-mode routing logits
+    l_iacn = tr.iacn_loss(ebc.iacn_views(batch.sparse_features), labels)
+    (g_iacn,) = torch.autograd.grad(l_iacn, [w_aux])
+    ebc.delta = 1.0
+    l_main = F.binary_cross_entropy_with_logits(tr._logits(batch), labels)
+    g_main, g_main_orig = torch.autograd.grad(l_main, [w_aux, w_orig])
+    assert g_main.abs().sum() > 0 and g_iacn.abs().sum() > 0
+
+    ebc.delta = delta
+    torch.manual_seed(7)
+    loss, (_, main_loss, iacn_loss) = tr(batch)
+    loss.backward()
+    torch.testing.assert_close(w_aux.grad, (1 - delta) * lam * g_iacn + delta * g_main)
+    torch.testing.assert_close(w_orig.grad, g_main_orig)  # L_IaCN never reaches E_orig
+    torch.testing.assert_close(loss.detach(), main_loss + lam * iacn_loss)
+    torch.testing.assert_close(iacn_loss, l_iacn.detach())
+
+
+def test_dlrm_with_iacn_trains():
+    tr = dlrm_with_iacn()
+    opt = torch.optim.Adam(tr.parameters(), lr=1e-2)
+    held_out = make_batch(256, seed=1000)
+
+    def evaluate() -> tuple[float, float]:
+        tr.eval()
+        p = tr.predict(held_out)
+        tr.train()
+        torch.manual_seed(0)
+        _, (_, _, il) = tr(held_out)
+        return float(F.binary_cross_entropy(p, held_out.labels)), float(il)
+
+    main0, iacn0 = evaluate()
+    for step in range(80):
+        loss, _ = tr(make_batch(64, seed=step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    main1, iacn1 = evaluate()
+    assert main1 < main0 - 0.1, (main0, main1)  # the planted signal is learnt
+    assert iacn1 < iacn0 - 0.1, (iacn0, iacn1)
+    assert tr.ebc._last is None  # the aux lookup is not kept past a step
+
+
+def test_plugin_errors_name_the_field():
+    model = DLRM(EmbeddingBagCollection(tables()), 1, [8, D], [16, 1])
+    with pytest.raises(ValueError, match=r"aux_dim=8 must be in \(0, 8\)"):
+        attach_iacn(model, EBCIaCNSpec(max_len=L), aux_dim=D)
+    with pytest.raises(ValueError, match=r"aux_tables\[0\]='items'"):
+        attach_iacn(model, EBCIaCNSpec(aux_tables=("items", "cate")), aux_dim=A)
+    with pytest.raises(ValueError, match=r"history_features\[1\]='hist_item' is not a feature of table"):
+        attach_iacn(model, EBCIaCNSpec(history_features=("hist_item", "hist_item")), aux_dim=A)
+    with pytest.raises(ValueError, match="one feature per aux table"):
+        EBCIaCNSpec(target_features=("item",))
+    attach_iacn(model, EBCIaCNSpec(max_len=L), aux_dim=A)
+    with pytest.raises(ValueError, match="already has IaCN"):
+        attach_iacn(model, EBCIaCNSpec(max_len=L), aux_dim=A, ebc_path="sparse_arch.embedding_bag_collection")
+    kjt = make_batch(4, seed=0).sparse_features
+    short = KeyedJaggedTensor.from_lengths_sync(kjt.keys()[:5], kjt.values()[: int(kjt.lengths()[:20].sum())],
+                                                kjt.lengths()[:20])
+    with pytest.raises(KeyError, match="iacn_neg_item"):
+        model.sparse_arch.embedding_bag_collection(short)
+
+
+@pytest.mark.parametrize("emb_dim,aux_dim", [(12, 6), (18, 18)])
+def test_framework_dlrm_main_trains(emb_dim, aux_dim):
+    """`build_model("dlrm")`: DLRM's arches over the framework's embeddings; with orig + aux = the user
+    dim no projection is needed (the plug-in's setting), otherwise the user is projected."""
+    torch.manual_seed(0)
+    cfg = IaCNConfig(enabled=True, aux_dim=aux_dim, num_negatives=S)
+    model = build_model("dlrm", NU, NI, NC, L, cfg, emb_dim=emb_dim, user_dim=18)
+    assert isinstance(model.main_model, DLRMMain)
+    assert (model.main_model.user_proj is None) == (emb_dim + aux_dim == 18)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for step in range(40):
+        loss, (_, main_loss, iacn_loss) = model(make_batch(64, seed=step % 8))
+        first = float(main_loss) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(main_loss) < first - 0.1
+    plain = build_model("dlrm", NU, NI, NC, L, IaCNConfig(enabled=False), emb_dim=18)
+    assert plain.iacn is None and plain.embeddings.aux is None and plain.main_model.user_proj is None

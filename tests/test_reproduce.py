@@ -1,0 +1,188 @@
+"""`iacn reproduce` end to end on a tiny synthetic dataset: tables and plots are written, paired
+statistics are right, Table 2 re-prepares other lengths, and a second call skips finished runs."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iacn_torchrec.experiments import reproduce as rp
+
+
+def _write_tiny_tsv(root: Path, seed: int = 0) -> tuple[Path, Path]:
+    """40 users, 60 items in 6 categories; each user mostly buys from one category."""
+    rng = np.random.default_rng(seed)
+    inter, items = root / "interactions.tsv.gz", root / "items.tsv.gz"
+    with gzip.open(items, "wt") as f:
+        f.write("item_id\tcate_leaf\n")
+        for i in range(1, 61):
+            f.write(f"{i}\t{(i - 1) // 10 + 1}\n")
+    with gzip.open(inter, "wt") as f:
+        f.write("user_id\titem_id\ttimestamp\n")
+        for u in range(1, 41):
+            c = rng.integers(0, 6)
+            n = int(rng.integers(4, 14))
+            for k in range(n):
+                item = c * 10 + 1 + rng.integers(0, 10) if rng.random() < 0.8 else rng.integers(1, 61)
+                f.write(f"{u}\t{item}\t{1000 + k}\n")
+    return inter, items
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from iacn_torchrec.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    inter, items = _write_tiny_tsv(root)
+    return prepare_dataset("tsv", interactions=inter, items=items, protocol="din", max_len=8, seed=0,
+                           out=root / "tiny-din-L8-s0", progress=False)
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    rp.add_arguments(p)
+    args = p.parse_args(argv)
+    args.command_line = "iacn reproduce " + " ".join(argv)
+    return args
+
+
+def test_pipeline_writes_tables_and_plots_and_resumes(tiny, tmp_path, capsys):
+    out, res = tmp_path / "runs", tmp_path / "results"
+    argv = ["--data", str(tiny), "--seeds", "2", "--max-steps", "3", "--batch-size", "16",
+            "--lengths", "4,8", "--deltas", "0.3,0.6,1.0", "--models", "din,wide_deep",
+            "--variant", "lam0.5:iacn.lam=0.5", "--threads", "1",
+            "--out", str(out), "--results", str(res)]
+    assert rp.run(_args(argv)) == 0
+    printed = capsys.readouterr().out
+    # table 1: 2 models x 3 arms x 2 seeds = 12; table 2: dien x 2 arms x lengths {4, 8} x 2 = 8, of
+    # which L8 base/iacn are new; delta: dien base + δ 0.6 (0.3 and 1.0 are table 1's arms) ...
+    run_dirs = sorted(p.name for p in out.iterdir())
+    assert "din-L8-base-s0" in run_dirs and "wide_deep-L8-iacn-d1-l0-s1" in run_dirs
+    assert "dien-L4-iacn-d0.3-l1-s1" in run_dirs and "dien-L8-iacn-d0.6-l1-s0" in run_dirs
+    assert "dien-L8-var-lam0.5-s1" in run_dirs
+    # shared runs are trained once: δ = 0.3 at L8 serves table 2, the sweep and (for DIEN) nothing else
+    assert sum(1 for d in run_dirs if d.startswith("dien-L8-iacn-d0.3-l1")) == 2
+    n_runs = len(run_dirs)
+    assert f"{n_runs} to train" in printed
+    for d in run_dirs:  # every run finished, checkpoints removed, wall time recorded
+        assert (out / d / "metrics.json").exists() and not (out / d / "checkpoints").exists()
+        assert json.loads((out / d / "reproduce_run.json").read_text())["wall_s"] > 0
+    # the Table 2 length 4 dataset was re-prepared from the raw source, beside the original
+    l4 = tiny.parent / "tiny-din-L4-s0"
+    assert json.loads((l4 / "meta.json").read_text())["max_len"] == 4
+    m = json.loads((out / "dien-L4-base-s0" / "metrics.json").read_text())
+    assert m["config"]["data"]["path"] == str(l4) and m["steps"] == 3
+
+    for name in ("table1.md", "table2.md", "delta.md", "variants.md",
+                 "table1_auc.png", "table2_length.png", "delta_sweep.png"):
+        assert (res / name).stat().st_size > 0, name
+    for png in ("table1_auc.png", "table2_length.png", "delta_sweep.png"):
+        assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    t1 = (res / "table1.md").read_text()
+    assert "iacn reproduce --data" in t1 and "| DIN |" in t1 and "| Wide&Deep |" in t1
+    assert '"torchrec"' in t1 and "Wall time" in t1 and "(n=2)" in t1
+
+    # the table's numbers are the runs' own AUCs, paired by seed
+    s = json.loads((res / "table1.json").read_text())["summary"]["din"]
+    base = {int(k): v for k, v in s["auc"]["base"].items()}
+    iacn = {int(k): v for k, v in s["auc"][rp.IACN.key].items()}
+    for seed in (0, 1):
+        auc = json.loads((out / f"din-L8-base-s{seed}" / "metrics.json").read_text())["test"]["auc"]
+        assert base[seed] == auc
+    diffs = [iacn[k] - base[k] for k in (0, 1)]
+    assert s["lift"]["mean"] == pytest.approx(np.mean(diffs))
+    assert s["lift"]["sd"] == pytest.approx(np.std(diffs, ddof=1))
+
+    # second call: everything is skipped and the tables are rewritten identically (no training)
+    before = {d: (out / d / "metrics.json").stat().st_mtime_ns for d in run_dirs}
+    assert rp.run(_args(argv)) == 0
+    assert f"{n_runs} already finished, 0 to train" in capsys.readouterr().out
+    assert {d: (out / d / "metrics.json").stat().st_mtime_ns for d in run_dirs} == before
+    assert (res / "table1.md").read_text() == t1
+
+
+def test_resume_retrains_only_missing_or_changed_runs(tiny, tmp_path, capsys):
+    out, res = tmp_path / "runs", tmp_path / "results"
+    argv = ["--data", str(tiny), "--seeds", "2", "--max-steps", "2", "--batch-size", "16", "--only", "table1",
+            "--models", "din", "--threads", "1", "--out", str(out), "--results", str(res)]
+    assert rp.run(_args(argv)) == 0
+    assert "6 to train" in capsys.readouterr().out
+    # an interrupted run (no metrics.json) and a run of another configuration are redone, the rest kept
+    (out / "din-L8-base-s1" / "metrics.json").unlink()
+    stale = out / "din-L8-iacn-d0.3-l1-s0" / "metrics.json"
+    m = json.loads(stale.read_text())
+    m["config"]["iacn"]["delta"] = 0.7
+    stale.write_text(json.dumps(m))
+    kept = (out / "din-L8-base-s0" / "metrics.json").stat().st_mtime_ns
+    assert rp.run(_args(argv)) == 0
+    printed = capsys.readouterr().out
+    assert "4 already finished, 2 to train" in printed
+    assert (out / "din-L8-base-s0" / "metrics.json").stat().st_mtime_ns == kept
+    assert json.loads(stale.read_text())["config"]["iacn"]["delta"] == 0.3
+    # more steps is another configuration: everything retrains
+    assert rp.run(_args([a if a != "2" or i != argv.index("--max-steps") + 1 else "3"
+                         for i, a in enumerate(argv)])) == 0
+    assert "0 already finished, 6 to train" in capsys.readouterr().out
+
+
+def test_parallel_processes_share_runs_through_locks(tiny, tmp_path, capsys, monkeypatch):
+    """A run locked by a live process is deferred and awaited; once that process is gone without
+    finishing, its stale lock is taken over and the run trained here. A dead pid's lock is stale."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    (out / "din-L8-iacn-d1-l0-s0.lock").write_text(str(other.pid))  # the last run of the pass
+    (out / "din-L8-base-s0.lock").write_text("999999999")  # a pid that cannot exist: stale
+    waits = []
+
+    def other_process_dies(seconds: float) -> None:
+        waits.append(seconds)
+        other.stdin.close()
+        other.wait()
+
+    monkeypatch.setattr(rp, "_wait", other_process_dies)
+    argv = ["--data", str(tiny), "--seeds", "1", "--max-steps", "2", "--batch-size", "16", "--only", "table1",
+            "--models", "din", "--threads", "1", "--out", str(out), "--results", str(tmp_path / "res")]
+    try:
+        assert rp.run(_args(argv)) == 0
+    finally:
+        other.kill()
+        other.wait()
+    printed = capsys.readouterr().out
+    assert len(waits) == 1
+    assert "waiting for 1 run(s) another process is training: din-L8-iacn-d1-l0-s0" in printed
+    assert printed.index("din-L8-base-s0 (table1)") < printed.index("waiting for 1 run(s)")
+    assert printed.index("waiting for 1 run(s)") < printed.index("din-L8-iacn-d1-l0-s0 (table1)")
+    assert sorted(p.name for p in out.glob("*.lock")) == []
+    for rid in ("din-L8-base-s0", "din-L8-iacn-d0.3-l1-s0", "din-L8-iacn-d1-l0-s0"):
+        assert (out / rid / "metrics.json").exists()
+
+
+def test_paired_statistics_by_hand():
+    a = {0: 0.80, 1: 0.812, 2: 0.811}
+    b = {0: 0.79, 1: 0.80, 2: 0.80, 3: 0.70}  # seed 3 has no partner: unpaired only
+    p = rp.paired(a, b)
+    d = [0.01, 0.012, 0.011]
+    assert p.n == 3 and p.mean == pytest.approx(np.mean(d)) and p.sd == pytest.approx(np.std(d, ddof=1))
+    assert p.unpaired == pytest.approx(np.mean(list(a.values())) - np.mean(list(b.values())))
+    assert p.t == pytest.approx(np.mean(d) / (np.std(d, ddof=1) / math.sqrt(3)))
+    assert p.t > rp.t_critical(2) and p.significant  # t = 19.05 > 4.30
+    assert not rp.paired({0: 0.80, 1: 0.82, 2: 0.81}, b).significant  # t = 4.00 < 4.30
+    noisy = rp.paired({0: 0.80, 1: 0.78, 2: 0.83}, {0: 0.79, 1: 0.80, 2: 0.80})
+    assert not noisy.significant and noisy.verdict().startswith("no")
+    assert rp.paired({0: 0.8}, {0: 0.7}).verdict().startswith("n < 2")
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit, match="--variant"):
+        rp.variant_arm("nocolon")
+    with pytest.raises(SystemExit, match="unknown model"):
+        rp.run(_args(["--models", "gru4rec", "--data", "/nonexistent"]))
