@@ -39,7 +39,10 @@ ARGS = ["--model", "din", "--iacn", "--embedding-optimizer", "sgd", "--aux-embed
 def _args(data: str, out: str) -> list[str]:
     yaml_path = Path(data).parent / "dist.yaml"
     if not yaml_path.exists():
-        yaml_path.write_text(YAML)
+        # atomic: both spawned ranks get here, and one must never read the other's half-written file
+        tmp = yaml_path.with_name(f"dist.yaml.{os.getpid()}")
+        tmp.write_text(YAML)
+        os.replace(tmp, yaml_path)
     return ARGS + ["--config", str(yaml_path), "--data", data, "--out", out]
 
 

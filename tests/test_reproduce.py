@@ -127,10 +127,25 @@ def test_resume_retrains_only_missing_or_changed_runs(tiny, tmp_path, capsys):
     assert "4 already finished, 2 to train" in printed
     assert (out / "din-L8-base-s0" / "metrics.json").stat().st_mtime_ns == kept
     assert json.loads(stale.read_text())["config"]["iacn"]["delta"] == 0.3
+    # the other configuration's run is kept aside, not deleted
+    (kept_aside,) = (out / "_stale").iterdir()
+    assert kept_aside.name.startswith("din-L8-iacn-d0.3-l1-s0-")
+    assert json.loads((kept_aside / "metrics.json").read_text())["config"]["iacn"]["delta"] == 0.7
+    # a config field added after a run was trained counts at its default: the run is still finished
+    m = json.loads((out / "din-L8-base-s1" / "metrics.json").read_text())
+    del m["config"]["model"]["emb_dim"]  # as if emb_dim (default 18) had not existed back then
+    (out / "din-L8-base-s1" / "metrics.json").write_text(json.dumps(m))
+    assert rp.finished(out / "din-L8-base-s1", rp.make_config(_args(argv), rp.Run(
+        "din-L8-base-s1", "din", 8, rp.BASE, 1, tiny), out).to_dict()) is not None
+    m["config"]["model"]["emb_dim"] = 9  # ... but a different value does not
+    (out / "din-L8-base-s1" / "metrics.json").write_text(json.dumps(m))
+    assert rp.finished(out / "din-L8-base-s1", rp.make_config(_args(argv), rp.Run(
+        "din-L8-base-s1", "din", 8, rp.BASE, 1, tiny), out).to_dict()) is None
     # more steps is another configuration: everything retrains
     assert rp.run(_args([a if a != "2" or i != argv.index("--max-steps") + 1 else "3"
                          for i, a in enumerate(argv)])) == 0
     assert "0 already finished, 6 to train" in capsys.readouterr().out
+    assert len(list((out / "_stale").iterdir())) == 7
 
 
 def test_parallel_processes_share_runs_through_locks(tiny, tmp_path, capsys, monkeypatch):

@@ -347,8 +347,11 @@ def execute(args: argparse.Namespace, plan: list[Run], out: Path) -> dict[str, d
                 continue
             try:
                 if (run_dir / "metrics.json").exists():  # kept aside, never deleted
-                    stale = out / "_stale" / f"{run.run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
-                    stale.parent.mkdir(exist_ok=True)
+                    stem = out / "_stale" / f"{run.run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+                    stem.parent.mkdir(exist_ok=True)
+                    stale, k = stem, 1
+                    while stale.exists():
+                        stale, k = stem.with_name(f"{stem.name}-{k}"), k + 1
                     print(f"  {run.run_id}: metrics.json has another configuration; moved to {stale}, "
                           "retraining", flush=True)
                     run_dir.rename(stale)
