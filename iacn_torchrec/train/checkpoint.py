@@ -163,9 +163,13 @@ def load_checkpoint(root: str, step: int | None = None, rank: int = 0, world_siz
     from iacn_torchrec.distributed.checkpointing import from_portable
 
     state = torch.load(io.BytesIO(payload), weights_only=False)
-    # ShardedTensors again when this process is in a group (the training run); portable shards for
-    # inspection otherwise
-    return from_portable(state) if dist.is_available() and dist.is_initialized() else state
+    # ShardedTensors again only in the rank that wrote the file, inside a group of the same size (the
+    # training run); portable shards for inspection anywhere else (e.g. rank 1's file read by rank 0)
+    in_run = (
+        dist.is_available() and dist.is_initialized()
+        and dist.get_world_size() == world_size and dist.get_rank() == rank
+    )
+    return from_portable(state) if in_run else state
 
 
 def rng_state() -> dict[str, Any]:
