@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-v1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-all lint bench plan-bench dist-bench reproduce clean
+.PHONY: install demo test test-fast lint bench plan-bench dist-bench reproduce clean
 
 install: $(STAMP)
 
@@ -29,11 +29,13 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VPY) -m iacn_torchrec.cli demo
 
+# The whole suite, the multi-process TorchX kill/resume test included (about 2 minutes on 2 idle cores)
 test: install
-	$(VPY) -m pytest -q -m "not slow" tests
-
-test-all: install
 	$(VPY) -m pytest -q tests
+
+# Skips the tests marked slow (spawned TorchX jobs, planner measurements on real ranks)
+test-fast: install
+	$(VPY) -m pytest -q -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check iacn_torchrec apps tests
