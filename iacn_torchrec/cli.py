@@ -1,4 +1,4 @@
-"""The ``iacn`` command.
+"""iacn: the Interest-aware Capsule Network for TorchRec CTR models (prepare, train, explain, plan, bench).
 
 Each subcommand lives beside the code it drives, in a module exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches, importing the
@@ -16,7 +16,6 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("iacn_torchrec.data.prepare_cli", "build a prepared dataset from raw files"),
     "train": ("iacn_torchrec.train.cli", "train a CTR model with or without IaCN"),
-    "evaluate": ("iacn_torchrec.train.evaluate_cli", "evaluate a trained run on its test split"),
     "demo": ("iacn_torchrec.train.demo", "prepare the embedded data, train DIN and DIN+IaCN"),
     "reproduce": ("iacn_torchrec.experiments.reproduce", "reproduce the paper's tables on a dataset"),
     "plan": ("iacn_torchrec.distributed.plan_cli", "plan sharding with and without IaCN tables"),
