@@ -34,13 +34,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from iacn_torchrec.data.negatives import NegativeSampler
-from iacn_torchrec.data.protocols import SPLIT_ARRAYS
+from iacn_torchrec.data.protocols import SPLIT_ARRAYS, SplitArrays
 from iacn_torchrec.data.sources import DataError
 from iacn_torchrec.data.store import META, content_hash, read_meta
 
 __all__ = [
     "Batch",
-    "SplitData",
     "PreparedDataset",
     "BatchLoader",
     "BASE_KEYS",
@@ -78,27 +77,6 @@ class Batch(Pipelineable):
         return int(self.labels.shape[0])
 
 
-@dataclass
-class SplitData:
-    """One split's arrays (memory-mapped, read-only), see :class:`protocols.SplitArrays`."""
-
-    uid: np.ndarray
-    item: np.ndarray
-    cate: np.ndarray
-    label: np.ndarray
-    hist_offsets: np.ndarray
-    hist_item: np.ndarray
-    hist_cate: np.ndarray
-    neg_hist_item: np.ndarray
-    neg_hist_cate: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.label)
-
-    def hist_lengths(self) -> np.ndarray:
-        return np.diff(self.hist_offsets)
-
-
 def _load(path: Path, spec: dict[str, Any] | None) -> np.ndarray:
     if not path.is_file():
         raise DataError(
@@ -132,7 +110,7 @@ class PreparedDataset:
         self.protocol = meta["protocol"]
         self.item2cate = np.array(self._array("item2cate.npy"))  # small: keep in RAM
         self.item_count = np.array(self._array("item_count.npy"))
-        self._splits: dict[str, SplitData] = {}
+        self._splits: dict[str, SplitArrays] = {}
 
     def _array(self, rel: str) -> np.ndarray:
         return _load(self.path / rel, self.meta["arrays"].get(rel))
@@ -156,12 +134,12 @@ class PreparedDataset:
             ds.verify()
         return ds
 
-    def split(self, name: str) -> SplitData:
+    def split(self, name: str) -> SplitArrays:
         if name not in self._splits:
             if f"{name}/label.npy" not in self.meta["arrays"]:
                 splits = sorted({n.split("/")[0] for n in self.meta["arrays"] if "/" in n})
                 raise DataError(f"{self.path}: no split {name!r} (has {splits})")
-            self._splits[name] = SplitData(**{a: self._array(f"{name}/{a}.npy") for a in SPLIT_ARRAYS})
+            self._splits[name] = SplitArrays(**{a: self._array(f"{name}/{a}.npy") for a in SPLIT_ARRAYS})
         return self._splits[name]
 
     def verify(self) -> None:

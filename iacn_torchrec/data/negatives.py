@@ -23,6 +23,7 @@ a logQ correction is wanted (see :func:`popularity_log_q`).
 
 from __future__ import annotations
 
+import abc
 import math
 
 import numpy as np
@@ -31,17 +32,17 @@ import torch
 __all__ = ["NegativeSampler", "UniformNegatives", "LogUniformNegatives", "popularity_log_q"]
 
 
-class NegativeSampler:
-    """Base class: ``num_items``, ``num_negatives`` (S), ``seed``, ``log_q`` and :meth:`sample`."""
+class NegativeSampler(abc.ABC):
+    """Abstract base: ``num_items``, ``num_negatives`` (S), ``seed``, ``log_q`` and :meth:`sample`."""
 
     num_items: int
     num_negatives: int
     seed: int
     log_q: torch.Tensor
 
+    @abc.abstractmethod
     def sample(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         """``int64 [batch_size, num_negatives]`` item ids in ``1..num_items``."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         name = type(self).__name__

@@ -82,6 +82,10 @@ class SplitArrays:
     def __len__(self) -> int:
         return len(self.label)
 
+    def hist_lengths(self) -> np.ndarray:
+        """int64 ``[N]`` history length per sample."""
+        return np.diff(self.hist_offsets)
+
 
 @dataclass
 class BuiltDataset:

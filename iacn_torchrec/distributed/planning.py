@@ -94,28 +94,18 @@ class PlannedEmbeddings(nn.Module):
             ts = [t for t in tables if t.module == mod]
             if not ts:
                 continue
-            if pooled:
-                cfgs = [
-                    EmbeddingBagConfig(
-                        name=t.name,
-                        num_embeddings=t.num_embeddings,
-                        embedding_dim=t.embedding_dim,
-                        feature_names=list(t.feature_names),
-                    )
-                    for t in ts
-                ]
-                setattr(self, mod, EmbeddingBagCollection(tables=cfgs, device=device))
-            else:
-                cfgs = [
-                    EmbeddingConfig(
-                        name=t.name,
-                        num_embeddings=t.num_embeddings,
-                        embedding_dim=t.embedding_dim,
-                        feature_names=list(t.feature_names),
-                    )
-                    for t in ts
-                ]
-                setattr(self, mod, EmbeddingCollection(tables=cfgs, device=device))
+            config_cls = EmbeddingBagConfig if pooled else EmbeddingConfig
+            collection_cls = EmbeddingBagCollection if pooled else EmbeddingCollection
+            cfgs = [
+                config_cls(
+                    name=t.name,
+                    num_embeddings=t.num_embeddings,
+                    embedding_dim=t.embedding_dim,
+                    feature_names=list(t.feature_names),
+                )
+                for t in ts
+            ]
+            setattr(self, mod, collection_cls(tables=cfgs, device=device))
 
     def forward(
         self, orig_kjt: KeyedJaggedTensor, aux_kjt: KeyedJaggedTensor | None = None

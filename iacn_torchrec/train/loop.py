@@ -84,33 +84,14 @@ def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size
         else:
             sampler = LogUniformNegatives(ds.item_count, config.iacn.num_negatives, seed=config.seed)
             item_log_q = sampler.log_q
-    with_neg_hist = config.model.name == "dien"
-    train_loader = BatchLoader(
-        ds,
-        "train",
-        batch_size=config.data.batch_size,
-        shuffle=True,
-        seed=config.seed,
-        rank=rank,
-        world_size=world_size,
-        drop_last=config.data.drop_last,
-        with_neg_hist=with_neg_hist,
-        iacn_negatives=sampler,
-    )
-    test_loader = BatchLoader(
-        ds,
-        "test",
-        batch_size=config.data.eval_batch_size,
-        shuffle=False,
-        seed=config.seed,
-        rank=rank,
-        world_size=world_size,
-        with_neg_hist=with_neg_hist,
-        # the aux collection's features must be present even though evaluation skips IaCN
-        iacn_negatives=sampler,
-        placeholder_features=True,  # those keys empty: evaluation runs neither IaCN nor DIEN's aux loss
-        limit=config.data.num_test_samples,
-    )
+    common = dict(seed=config.seed, rank=rank, world_size=world_size,
+                  with_neg_hist=config.model.name == "dien", iacn_negatives=sampler)
+    train_loader = BatchLoader(ds, "train", batch_size=config.data.batch_size, shuffle=True,
+                               drop_last=config.data.drop_last, **common)
+    # the test batches carry the negative features' keys (the collections expect them) but empty:
+    # evaluation runs neither IaCN nor DIEN's aux loss
+    test_loader = BatchLoader(ds, "test", batch_size=config.data.eval_batch_size, shuffle=False,
+                              placeholder_features=True, limit=config.data.num_test_samples, **common)
     return train_loader, test_loader, item_log_q
 
 
