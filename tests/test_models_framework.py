@@ -224,3 +224,68 @@ def test_each_model_with_iacn_trains(name, sampler):
     assert torch.isfinite(torch.tensor(hist)).all()
     assert last[0] < 0.8 * first[0], (first, last)
     assert last[1] < first[1] and last[2] < first[2], (first, last)
+
+
+@pytest.mark.parametrize(
+    "name,sampler", [("din", "uniform"), ("dien", "in_batch"), ("wide_deep", "log_uniform")]
+)
+def test_iacn_on_worker_thread_equals_serial(name, sampler):
+    """IaCN's forward+backward on the worker thread: the same losses, gradients and trained
+    parameters as the serial graph (up to float summation order), step after step."""
+    cfg = IaCNConfig(enabled=True, lam=1.5, delta=0.3, aux_dim=4, sampler=sampler, num_negatives=S)
+    log_q = torch.log_softmax(torch.randn(NI + 1, generator=torch.Generator().manual_seed(3)), 0)
+    models = []
+    for worker in (False, True):
+        torch.manual_seed(0)
+        m = build_model(name, NU, NI, NC, L, cfg, emb_dim=4, item_log_q=log_q)
+        models.append(m.run_iacn_on_worker(worker))
+    serial, threaded = models
+    assert threaded.iacn_on_worker and not serial.iacn_on_worker
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in models]
+    s = S if sampler != "in_batch" else 0
+    batches = [make_batch(32, seed=20 + i, S=s, neg_hist=name == "dien") for i in range(3)]
+    for step in range(6):
+        outs = []
+        for m, opt in zip(models, opts):
+            torch.manual_seed(100 + step)  # the training-mode routing logits: the same draws
+            opt.zero_grad(set_to_none=True)  # before the forward: the worker writes IaCN's grads in it
+            loss, (_, main_loss, iacn_loss) = m(batches[step % 3])
+            loss.backward()
+            outs.append((loss.detach(), main_loss, iacn_loss))
+            grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+            opt.step()
+            m.last_grads = grads
+        (l0, m0, i0), (l1, m1, i1) = outs
+        assert i0 > 0
+        torch.testing.assert_close(i1, i0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m1, m0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)  # λ·L_IaCN included once backward ran
+        assert serial.last_grads.keys() == threaded.last_grads.keys()
+        assert any(k.startswith("iacn.") for k in threaded.last_grads)  # IaCN's params got gradients
+        for k, g in serial.last_grads.items():
+            torch.testing.assert_close(threaded.last_grads[k], g, rtol=1e-5, atol=1e-6, msg=k)
+    for (k, p0), (_, p1) in zip(serial.named_parameters(), threaded.named_parameters()):
+        torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6, msg=k)
+    # evaluation never uses the worker, and the two models still agree
+    for m in models:
+        m.eval()
+    torch.testing.assert_close(threaded.predict(batches[0]), serial.predict(batches[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_iacn_worker_error_reaches_the_caller():
+    """An error inside IaCN on the worker is raised to the caller (by backward, where the branch
+    joins), and the worker thread is free for the next step."""
+    torch.manual_seed(0)
+    cfg = IaCNConfig(enabled=True, aux_dim=4, num_negatives=S)
+    model = build_model("din", NU, NI, NC, L, cfg, emb_dim=4).run_iacn_on_worker()
+    batch = make_batch(16, seed=1, S=S)
+    model.iacn.config.pow_p = -1.0  # label-aware attention rejects it
+    loss, _ = model(batch)
+    with pytest.raises(ValueError, match="p must be a positive float"):
+        loss.backward()
+    model.iacn.config.pow_p = 2.0
+    model.zero_grad(set_to_none=True)
+    loss, (_, main_loss, iacn_loss) = model(batch)
+    loss.backward()
+    assert iacn_loss > 0 and model.iacn.routing.bilinear.grad is not None
+    torch.testing.assert_close(loss.detach(), main_loss + iacn_loss)

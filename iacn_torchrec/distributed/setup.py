@@ -90,8 +90,9 @@ def build_model_from_config(
 def _plain_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     def steps(loader) -> Iterator[StepOutput]:
         for batch in loader:
-            loss, out = model(batch)
+            # before the forward: with IaCN on the worker thread, its gradients are written during it
             optimizer.zero_grad(set_to_none=True)
+            loss, out = model(batch)
             loss.backward()
             optimizer.step()
             yield loss, out
@@ -133,6 +134,8 @@ def build_training(
     n_params = sum(p.numel() for p in model.parameters())
     if world_size == 1 and not config.optim.fused:
         model = model.to(device)
+        if config.model.iacn_worker:
+            model.run_iacn_on_worker()
         optimizer = torch.optim.Adam(
             model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
             fused=True,  # one vectorised kernel per tensor on CPU too: ~4x cheaper than the default loop

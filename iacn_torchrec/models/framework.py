@@ -8,12 +8,15 @@ aux tables and no IaCN module, so the model is parameter-for-parameter the plain
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from iacn_torchrec.models.dien import DIEN, DIENConfig
 from iacn_torchrec.models.din import DIN, DINConfig
@@ -31,6 +34,39 @@ _MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "wide_deep": (WideDeep, WideDeepConfig),
     "dlrm": (DLRMMain, DLRMConfig),  # TorchRec's DLRM arches; the EBC plug-in is in dlrm_plugin.py
 }
+
+
+_WORKER: concurrent.futures.ThreadPoolExecutor | None = None
+_WORKER_LOCK = threading.Lock()
+
+
+def _iacn_worker() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's one IaCN worker thread (created on first use)."""
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None:
+            _WORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="iacn")
+        return _WORKER
+
+
+class _JoinBranch(torch.autograd.Function):
+    """Joins the IaCN branch, computed on the worker thread, back into the main graph.
+
+    Forward: a zero scalar (so the main forward never waits for the worker). Backward: waits for
+    the worker's forward+backward and returns its gradients w.r.t. the detached copies of the aux
+    views as the gradients of ``views`` (whose own backward applies the 1-δ split and reaches the
+    tables)."""
+
+    @staticmethod
+    def forward(ctx, pending, *views: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.pending = pending
+        return views[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grads = ctx.pending.result()
+        ctx.pending = None
+        return (None, *[g * grad for g in grads])
 
 
 class CTRWithIaCN(nn.Module):
@@ -78,6 +114,9 @@ class CTRWithIaCN(nn.Module):
         self.iacn = iacn
         self.lam = float(lam)
         self.delta = float(delta)
+        #: run IaCN's forward+backward on a worker thread, overlapping the main model (see
+        #: :meth:`run_iacn_on_worker`); off by default.
+        self.iacn_on_worker = False
         self.item_log_q: torch.Tensor | None
         if item_log_q is not None:
             if item_log_q.dim() != 1 or item_log_q.numel() != embeddings.num_items + 1:
@@ -94,23 +133,22 @@ class CTRWithIaCN(nn.Module):
     def runs_iacn(self) -> bool:
         return self.iacn is not None and self.lam != 0.0
 
-    def iacn_loss(self, emb: EmbeddedBatch, labels: torch.Tensor) -> torch.Tensor:
-        """``L_IaCN`` on the aux views of ``emb`` (built with ``aux_views=True``).
+    def iacn_inputs(self, emb: EmbeddedBatch) -> dict[str, Any]:
+        """The keyword arguments of :meth:`IaCNTask.forward` for the aux views of ``emb`` (built with
+        ``aux_views=True``).
 
         Item ids go along for accidental-hit masking, log Q of targets / negatives for the
         log-uniform sampler's correction. The user embedding is passed detached (``E_orig``, the
         ``uid`` table included, is trained by the main loss only)."""
-        assert self.iacn is not None
         neg_log_q = target_log_q = None
         if self.item_log_q is not None:
             target_log_q = self.item_log_q[emb.target_ids]
             if emb.negative_ids is not None:
                 neg_log_q = self.item_log_q[emb.negative_ids]
-        return self.iacn(
-            emb.aux_hist_jagged(),  # jagged when possible: routing maps only the real behaviours
-            emb.hist_lengths,
-            emb.aux_target,
-            labels,
+        return dict(
+            aux_hist=emb.aux_hist_jagged(),  # jagged when possible: routing maps only the real behaviours
+            hist_lengths=emb.hist_lengths,
+            aux_target=emb.aux_target,
             # the user table belongs to E_orig, which gets g_main only: IaCN's user-profile layer
             # reads the user embedding as a feature
             user=emb.user.detach(),
@@ -121,21 +159,101 @@ class CTRWithIaCN(nn.Module):
             negative_ids=emb.negative_ids,
         )
 
+    def iacn_loss(self, emb: EmbeddedBatch, labels: torch.Tensor) -> torch.Tensor:
+        """``L_IaCN`` on the aux views of ``emb`` (built with ``aux_views=True``)."""
+        assert self.iacn is not None
+        return self.iacn(labels=labels, **self.iacn_inputs(emb))
+
+    def _iacn_on_worker(
+        self, emb: EmbeddedBatch, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, concurrent.futures.Future]:
+        """Starts IaCN's forward *and backward* on the worker thread, to overlap the main model.
+
+        IaCN reads detached copies of its aux views; the worker's backward fills IaCN's parameter
+        gradients and the copies' gradients, which :class:`_JoinBranch` hands to the real aux views
+        when the main backward reaches them.
+
+        Returns ``(join, iacn_loss, loss_ready)``: add ``join`` (value 0) to the loss; ``iacn_loss``
+        is a scalar the worker fills with ``L_IaCN``; resolve ``loss_ready`` with the total loss
+        tensor (or None), to which the worker then adds ``λ·L_IaCN`` in place. Both values are
+        final once ``backward`` through ``join`` has returned.
+        """
+        assert self.iacn is not None
+        kwargs = self.iacn_inputs(emb)
+        views = [kwargs["aux_target"], kwargs["aux_hist"], kwargs["aux_negatives"]]
+        hist_jagged = isinstance(views[1], JaggedTensor)
+        if hist_jagged:
+            views[1] = views[1].values()
+        live = [i for i, v in enumerate(views) if v is not None]
+        leaves = [views[i].detach().requires_grad_() for i in live]
+        for i, leaf in zip(live, leaves):
+            if i == 1 and hist_jagged:
+                kwargs["aux_hist"] = JaggedTensor(values=leaf, lengths=emb.hist_lengths,
+                                                  offsets=emb.hist_offsets)
+            else:
+                kwargs[("aux_target", "aux_hist", "aux_negatives")[i]] = leaf
+        iacn_loss = labels.new_zeros(())
+        loss_ready: concurrent.futures.Future = concurrent.futures.Future()
+        lam = self.lam
+
+        def work() -> list[torch.Tensor]:
+            loss = self.iacn(labels=labels, **kwargs)
+            (lam * loss).backward()
+            with torch.no_grad():
+                iacn_loss.copy_(loss)
+                total = loss_ready.result()
+                if total is not None:
+                    total.add_(lam * loss)
+            return [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+
+        pending = _iacn_worker().submit(work)
+        return _JoinBranch.apply(pending, *[views[i] for i in live]), iacn_loss, loss_ready
+
     def forward(self, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         labels = batch.labels.float()
         run_iacn = self.runs_iacn
         emb = self.embeddings(batch.sparse_features, self.delta, aux_views=run_iacn)
+        if run_iacn and self.iacn_on_worker and self.training and torch.is_grad_enabled():
+            join, iacn_loss, loss_ready = self._iacn_on_worker(emb, labels)  # runs beside the main model
+            loss = None
+            try:
+                logits, main_loss = self._main_loss(emb, labels)
+                loss = main_loss + join
+            finally:  # always answer the worker, even when the main model raised
+                loss_ready.set_result(None if loss is None else loss.detach())
+        else:
+            logits, main_loss = self._main_loss(emb, labels)
+            if run_iacn:
+                iacn_loss = self.iacn_loss(emb, labels)
+                loss = main_loss + self.lam * iacn_loss
+            else:
+                iacn_loss = torch.zeros((), device=logits.device)
+                loss = main_loss
+        return loss, (logits.detach(), main_loss.detach(), iacn_loss.detach())
+
+    def _main_loss(self, emb: EmbeddedBatch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [B], BCE(logits, labels) + the main model's own aux loss)``."""
         logits, model_aux_loss = self.main_model(emb)
         main_loss = F.binary_cross_entropy_with_logits(logits, labels)
         if model_aux_loss is not None:
             main_loss = main_loss + model_aux_loss
-        if run_iacn:
-            iacn_loss = self.iacn_loss(emb, labels)
-            loss = main_loss + self.lam * iacn_loss
-        else:
-            iacn_loss = torch.zeros((), device=logits.device)
-            loss = main_loss
-        return loss, (logits.detach(), main_loss.detach(), iacn_loss.detach())
+        return logits, main_loss
+
+    def run_iacn_on_worker(self, enabled: bool = True) -> CTRWithIaCN:
+        """Run IaCN's forward and backward on a worker thread while the main model runs (training
+        mode with gradients only; evaluation and ``predict`` never run IaCN).
+
+        On a CPU the main model's many small ops cannot use a second core through intra-op threads,
+        but IaCN is an independent branch of the graph: with one torch thread each, the two
+        branches overlap on two cores. The result is the same computation (the gradients reaching
+        every parameter are the serial ones up to float summation order), so this is an execution
+        choice, made by the trainer for the single-process, unsharded path. The caller must zero
+        the gradients *before* the forward (the worker writes IaCN's gradients during it) and
+        call ``backward`` on the returned loss once per forward; sharded/DDP models must not use it
+        (their gradient hooks expect one backward pass).
+        """
+        self.iacn_on_worker = bool(enabled)
+        return self
 
     def compile_submodules(self, main: bool = True, iacn: bool = False, **kwargs: Any) -> CTRWithIaCN:
         """``torch.compile`` the main model (and optionally the IaCN task) *in place*

@@ -42,7 +42,7 @@ def _check(capsules: torch.Tensor, capsule_mask: torch.Tensor, target: torch.Ten
             f"label_aware_attention: target must be [B, h]={[capsules.size(0), capsules.size(2)]}, "
             f"got {list(target.shape)}"
         )
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or math.isnan(p) or p <= 0:
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not p > 0:  # `not >`: NaN fails too
         raise ValueError(f"label_aware_attention: p must be a positive float or inf, got {p!r}")
 
 
@@ -63,7 +63,7 @@ def label_aware_attention_weights(
     """
     _check(capsules, capsule_mask, target, p)
     scores = (capsules * target.unsqueeze(1)).sum(-1)  # V_j · e_t (elementwise: cheaper than a K=1 bmm)
-    if math.isinf(p):
+    if p == math.inf:  # a comparison, not math.isinf: torch.compile traces it without a graph break
         best = scores.masked_fill(~capsule_mask, float("-inf")).argmax(dim=1)
         return F.one_hot(best, capsules.size(1)).to(capsules.dtype)
     return torch.softmax(signed_pow(scores, float(p)).masked_fill(~capsule_mask, float("-inf")), dim=1)

@@ -175,7 +175,9 @@ class InterestCapsuleRouting(nn.Module):
                 f"got {list(values.shape)}"
             )
         lengths = hist.lengths()
-        if lengths.device.type == "cpu" and lengths.numel() and int(lengths.max()) > self.max_len:
+        # a data-dependent check: eager CPU only (no device sync, no torch.compile graph break)
+        if lengths.device.type == "cpu" and not torch.compiler.is_compiling() and lengths.numel() \
+                and int(lengths.max()) > self.max_len:
             raise ValueError(
                 f"InterestCapsuleRouting: a history of length {int(lengths.max())} exceeds "
                 f"max_len={self.max_len}; truncate it first"

@@ -51,14 +51,17 @@ TABLE_WISE = {"uid": "table_wise", "item_orig": "table_wise", "cate_orig": "tabl
 def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False) -> list[str]:
     """``TrainConfig.override`` assignments of one benchmark arm (library defaults otherwise).
 
-    ``iacn``: False/"0" the plain main model, True/"1" main + IaCN, ``"w"`` the *capacity-matched*
+    ``iacn``: False/"0" the plain main model, True/"1" main + IaCN (IaCN on the worker thread, the
+    default), ``"s"`` main + IaCN run serially in the main thread, ``"w"`` the *capacity-matched*
     control: the same main model reading ``E_orig ⊕ E_aux`` (aux tables included) but λ = 0 and no
     sampled negatives, i.e. IaCN's width without the capsule network."""
-    width_only = iacn == "w"
-    iacn = width_only or iacn in (True, "1")
+    width_only, serial = iacn == "w", iacn == "s"
+    iacn = width_only or serial or iacn in (True, "1")
     sets = [f"model.name={model}", f"iacn.enabled={'true' if iacn else 'false'}", f"data.batch_size={batch}"]
     if width_only:
         sets += ["iacn.lam=0", "iacn.sampler=in_batch"]
+    if serial:
+        sets += ["model.iacn_worker=false"]
     if fused:
         st = {k: v for k, v in TABLE_WISE.items() if iacn or not k.endswith("_aux")}
         sets += ["optim.embedding_optimizer=rowwise_adagrad", f"model.emb_dim={FUSED_DIM}",
@@ -68,7 +71,7 @@ def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False)
 
 
 def arm_name(model: str, iacn: bool | str, batch: int, fused: bool = False) -> str:
-    tag = "+aux" if iacn == "w" else "+iacn" if iacn in (True, "1") else ""
+    tag = {"w": "+aux", "s": "+iacn/serial"}.get(iacn, "+iacn" if iacn in (True, "1") else "")
     return f"{model}{tag}{'/fused' if fused else ''}@{batch}"
 
 
@@ -303,6 +306,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     batches = [128] if a.quick else [128, 1024]
     models = ["din"] if a.quick else ["din", "dien"]
     specs = [f"{m}:{i}:{b}:0" for b in batches for m in models for i in ("0", "w", "1")]
+    specs += [f"{m}:s:128:0" for m in models]  # IaCN serially in the main thread: the worker's effect
     if not a.quick:
         specs += [f"din:{i}:128:1" for i in (0, 1)]  # fused sparse table optimizer arms
     _log(f"[1/4] throughput, interleaved: {', '.join(specs)}")
@@ -314,8 +318,12 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
         batch = int(name.rsplit("@", 1)[1])
         table[name] = {"step_ms": 1e3 * _med(ts), "samples_per_s": batch / _med(ts)}
     overhead, vs_capacity, width = {}, {}, {}
+    serial = {}
     for name in step:
-        if "+iacn" in name:
+        if "+iacn/serial" in name:
+            base = name.replace("+iacn/serial", "")
+            serial[base] = _paired(step[name], step[base])  # IaCN's cost without the worker thread
+        elif "+iacn" in name:
             base = name.replace("+iacn", "")
             overhead[base] = _paired(step[name], step[base])
             matched = name.replace("+iacn", "+aux")
@@ -326,6 +334,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     res["iacn_overhead_by_arm"] = overhead
     res["iacn_overhead_vs_capacity_matched_by_arm"] = vs_capacity
     res["width_overhead_by_arm"] = width
+    res["iacn_overhead_serial_by_arm"] = serial
     res["iacn_overhead"] = overhead["din@128"]
     res["iacn_overhead_vs_capacity_matched"] = vs_capacity["din@128"]
     if "dien@128" in overhead:
@@ -432,6 +441,9 @@ def render(res: dict[str, Any]) -> str:
             f"{k} {v:.3f}" for k, v in res["iacn_overhead_vs_capacity_matched_by_arm"].items()))
         lines.append("width overhead (aux tables, λ=0, vs plain): " + ", ".join(
             f"{k} {v:.3f}" for k, v in res["width_overhead_by_arm"].items()))
+    if res.get("iacn_overhead_serial_by_arm"):
+        lines.append("iacn_overhead with IaCN serial in the main thread (no worker): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in res["iacn_overhead_serial_by_arm"].items()))
     if "speedup_vs_deepctr" in res:
         p = res["peer"]["din"]
         lines.append(f"DeepCTR-Torch DIN {p['samples_per_s']:,.0f} samples/s (n_train {p['n_train']}) "

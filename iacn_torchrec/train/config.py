@@ -47,6 +47,8 @@ class ModelConfig:
     user_dim: int = 18
     dien_aux_loss_weight: float = 1.0
     compile: bool = False  # torch.compile the main model in place (CTRWithIaCN.compile_submodules)
+    # one process, unsharded: IaCN's forward+backward on a worker thread, overlapping the main model
+    iacn_worker: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
