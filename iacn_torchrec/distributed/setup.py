@@ -134,7 +134,9 @@ def build_training(
     n_params = sum(p.numel() for p in model.parameters())
     if world_size == 1 and not config.optim.fused:
         model = model.to(device)
-        if config.model.iacn_worker:
+        # not with a compiled main model: its kernels hold the GIL, and the worker then only
+        # contends (measured slower than serial on the 2-core box, docs/results/performance.md)
+        if config.model.iacn_worker and not config.model.compile:
             model.run_iacn_on_worker()
         optimizer = torch.optim.Adam(
             model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,

@@ -48,7 +48,8 @@ TABLE_WISE = {"uid": "table_wise", "item_orig": "table_wise", "cate_orig": "tabl
 
 
 # ----------------------------------------------------------------------------------------- configs
-def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False) -> list[str]:
+def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False,
+                  compiled: bool = False) -> list[str]:
     """``TrainConfig.override`` assignments of one benchmark arm (library defaults otherwise).
 
     ``iacn``: False/"0" the plain main model, True/"1" main + IaCN (IaCN on the worker thread, the
@@ -62,6 +63,8 @@ def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False)
         sets += ["iacn.lam=0", "iacn.sampler=in_batch"]
     if serial:
         sets += ["model.iacn_worker=false"]
+    if compiled:
+        sets += ["model.compile=true"]
     if fused:
         st = {k: v for k, v in TABLE_WISE.items() if iacn or not k.endswith("_aux")}
         sets += ["optim.embedding_optimizer=rowwise_adagrad", f"model.emb_dim={FUSED_DIM}",
@@ -70,9 +73,19 @@ def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False)
     return sets
 
 
-def arm_name(model: str, iacn: bool | str, batch: int, fused: bool = False) -> str:
+def arm_name(model: str, iacn: bool | str, batch: int, fused: bool = False, compiled: bool = False) -> str:
     tag = {"w": "+aux", "s": "+iacn/serial"}.get(iacn, "+iacn" if iacn in (True, "1") else "")
-    return f"{model}{tag}{'/fused' if fused else ''}@{batch}"
+    return f"{model}{tag}{'/fused' if fused else ''}{'/compiled' if compiled else ''}@{batch}"
+
+
+def parse_arm(spec: str) -> tuple[list[str], str]:
+    """``model:iacn:batch:variant`` (variant ``0`` dense Adam, ``1`` fused row-wise Adagrad tables,
+    ``c`` the main model ``torch.compile``-d) → (config overrides, arm name)."""
+    model, iacn, batch, variant = spec.split(":")[:4]
+    if variant not in ("0", "1", "c"):
+        raise ValueError(f"benchmark arm {spec!r}: variant must be 0, 1 or c")
+    flags = dict(fused=variant == "1", compiled=variant == "c")
+    return arm_overrides(model, iacn, int(batch), **flags), arm_name(model, iacn, int(batch), **flags)
 
 
 def _config(data: str, sets: list[str], threads: int):
@@ -190,11 +203,9 @@ def worker_throughput(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
     arms = {}
     for spec in a.arms:
-        model, iacn, batch, fused = spec.split(":")
-        sets = arm_overrides(model, iacn, int(batch), fused == "1")
-        k = max(2, a.block_samples // int(batch))
-        arms[arm_name(model, iacn, int(batch), fused == "1")] = (
-            _steps_on_dataset(a.data, sets, a.threads), k)
+        sets, name = parse_arm(spec)
+        k = max(2, a.block_samples // int(spec.split(":")[2]))
+        arms[name] = (_steps_on_dataset(a.data, sets, a.threads), k)
     return {"step_s": _interleaved(arms, a.rounds, warmup=a.warmup)}
 
 
@@ -215,8 +226,7 @@ def worker_rss(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(a.threads)
-    model, iacn, batch, fused = a.arms[0].split(":")
-    it = _steps_on_dataset(a.data, arm_overrides(model, iacn, int(batch), fused == "1"), a.threads)
+    it = _steps_on_dataset(a.data, parse_arm(a.arms[0])[0], a.threads)
     _time_steps(it, 30)
     return {}
 
@@ -225,10 +235,9 @@ def worker_auc(a: argparse.Namespace) -> dict[str, Any]:
     """One epoch of ``iacn train`` (the library's loop): test AUC, train and eval samples/s."""
     from iacn_torchrec.train.loop import train
 
-    model, iacn, batch, fused = a.arms[0].split(":")
     with tempfile.TemporaryDirectory(prefix="iacn-bench-") as out:
         run_sets = [f"out={json.dumps(out)}", "epochs=1", "resume=false", "checkpoint_every=0"]
-        sets = arm_overrides(model, iacn == "1", int(batch), fused == "1") + run_sets
+        sets = parse_arm(a.arms[0])[0] + run_sets
         cfg = _config(a.data, sets, a.threads)
         r = train(cfg)
     return {"test_auc": r["test"]["auc"], "train_samples_per_s": r["train_samples_per_s"],
@@ -307,6 +316,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     models = ["din"] if a.quick else ["din", "dien"]
     specs = [f"{m}:{i}:{b}:0" for b in batches for m in models for i in ("0", "w", "1")]
     specs += [f"{m}:s:128:0" for m in models]  # IaCN serially in the main thread: the worker's effect
+    specs += ["din:0:128:c", "din:1:128:c"]  # main model torch.compile-d (IaCN then runs serially)
     if not a.quick:
         specs += [f"din:{i}:128:1" for i in (0, 1)]  # fused sparse table optimizer arms
     _log(f"[1/4] throughput, interleaved: {', '.join(specs)}")
@@ -355,6 +365,9 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
             "eval_samples_per_s": peer_din["eval_samples_per_s"], "peak_rss_mib": peer_rss}}
         res["ours_din_128_samples_per_s"] = din_sps
         res["speedup_vs_deepctr"] = ours / peer_din["train_samples_per_s"]
+        if "din/compiled@128" in table:
+            gain = table["din/compiled@128"]["samples_per_s"] / table["din@128"]["samples_per_s"]
+            res["speedup_vs_deepctr_compiled"] = gain * res["speedup_vs_deepctr"]
         if "din/fused@128" in table:
             fused_gain = table["din/fused@128"]["samples_per_s"] / table["din@128"]["samples_per_s"]
             res["speedup_vs_deepctr_fused"] = fused_gain * res["speedup_vs_deepctr"]
@@ -367,6 +380,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
             _log("      one epoch of our DIN for test AUC and eval throughput")
             auc, _ = run_process(_worker_cmd("auc", a, ["din:0:128:0"]))
             res["ours_din_epoch"] = auc
+            res["ours_din_compiled_epoch"], _ = run_process(_worker_cmd("auc", a, ["din:0:128:c"]))
             res["auc_delta_vs_deepctr"] = auc["test_auc"] - res["peer"]["din"]["test_auc"]
             res["eval_over_train"] = auc["eval_samples_per_s"] / auc["train_samples_per_s"]
 
@@ -397,8 +411,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
         _log("[4/4] peak RSS, one fresh process per configuration")
         rss = {}
         for spec in [f"{m}:{i}:{b}:0" for b in (128, 1024) for m in ("din", "dien") for i in (0, 1)]:
-            m, i, b, f = spec.split(":")
-            _, rss[arm_name(m, i == "1", int(b), f == "1")] = run_process(_worker_cmd("rss", a, [spec]))
+            _, rss[parse_arm(spec)[1]] = run_process(_worker_cmd("rss", a, [spec]))
         for name, v in rss.items():
             table[name]["peak_rss_mib"] = v
     res["load_after"] = _uptime()
@@ -449,6 +462,8 @@ def render(res: dict[str, Any]) -> str:
         lines.append(f"DeepCTR-Torch DIN {p['samples_per_s']:,.0f} samples/s (n_train {p['n_train']}) "
                      f"vs ours {statistics.fmean(res['ours_din_128_samples_per_s']):,.0f} -> "
                      f"speedup_vs_deepctr {res['speedup_vs_deepctr']:.2f}")
+        if "speedup_vs_deepctr_compiled" in res:
+            lines.append(f"  with the main model torch.compile-d: {res['speedup_vs_deepctr_compiled']:.2f}")
         if "speedup_vs_deepctr_fused" in res:
             lines.append(f"  with fused row-wise Adagrad tables (dim {FUSED_DIM}): "
                          f"{res['speedup_vs_deepctr_fused']:.2f}")
@@ -459,6 +474,8 @@ def render(res: dict[str, Any]) -> str:
             o = res["ours_din_epoch"]
             lines.append(f"1 epoch DIN test AUC: ours {o['test_auc']:.4f} vs DeepCTR-Torch "
                          f"{p['test_auc']:.4f}; eval/train throughput {res['eval_over_train']:.1f}x")
+            if "ours_din_compiled_epoch" in res:
+                lines.append(f"  compiled: test AUC {res['ours_din_compiled_epoch']['test_auc']:.4f}")
     if "scaling_length" in res:
         lines += ["", "| L | DIN ms | DIN+IaCN ms | overhead |", "|---:|---:|---:|---:|"]
         lines += [f"| {r['L']} | {r['din_ms']:.2f} | {r['din_iacn_ms']:.2f} | {r['iacn_overhead']:.3f} |"
@@ -525,7 +542,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prepared din-protocol dataset (iacn prepare --out)")
     p.add_argument("--peer-data", dest="peer_data", default=str(PEER_DATA),
                    help="folder with interactions.tsv / items.tsv for the peer script")
-    p.add_argument("--threads", type=int, default=2, help="torch threads, ours and the peer's (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, ours and the peer's (default 1: faster for both on this 2-core box)")
     p.add_argument("--max-len", dest="max_len", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="only DIN / DIN+IaCN at batch 128 and the peer's DIN")
     p.add_argument("--no-peer", dest="no_peer", action="store_true", help="skip DeepCTR-Torch")
