@@ -61,3 +61,28 @@ def test_iacn_changes_training_only_through_the_aux_side(beauty_prepared, tmp_pa
     for k in s1:
         if ".iacn." not in f".{k}":
             assert torch.equal(s1[k], s2[k]), k
+
+
+def test_evaluation_threads_are_scoped_and_change_no_metric(beauty_prepared):
+    """``evaluate(threads=N)`` runs with N torch threads and restores the training setting; the
+    metrics do not depend on N (beyond float summation order)."""
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.distributed.setup import build_training
+    from iacn_torchrec.train.loop import eval_threads, evaluate, make_loaders, seed_everything
+
+    cfg = _config(beauty_prepared, "unused", 1)
+    assert eval_threads(cfg, world_size=1) >= 1
+    cfg.eval_threads = 3
+    assert eval_threads(cfg, world_size=2) == 3
+    seed_everything(0)
+    ds = PreparedDataset.open(beauty_prepared)
+    _, test_loader, log_q = make_loaders(cfg, ds, 0, 1)
+    model = build_training(cfg, ds, item_log_q=log_q).model
+    before = torch.get_num_threads()
+    m1 = evaluate(model, test_loader, threads=1)
+    assert torch.get_num_threads() == before
+    m2 = evaluate(model, test_loader, threads=2)
+    assert torch.get_num_threads() == before
+    assert m1.keys() == m2.keys()
+    for k in m1:
+        assert abs(m1[k] - m2[k]) < 1e-5, (k, m1[k], m2[k])

@@ -42,6 +42,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "max_steps": ("max_steps", int),
     "seed": ("seed", int),
     "threads": ("threads", int),
+    "eval_threads": ("eval_threads", int),
     "eval_every": ("eval_every", int),
     "checkpoint_every": ("checkpoint_every", int),
     "out": ("out", str),
@@ -74,7 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N steps (smoke runs)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="torch threads per process (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per process for training (default 1)")
+    p.add_argument("--eval-threads", dest="eval_threads", type=int,
+                   help="torch threads per process for evaluation (default: its share of the cores)")
     p.add_argument("--eval-every", dest="eval_every", type=int)
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--sharding", action="append", default=[], metavar="TABLE=TYPE[,TABLE=TYPE...]",

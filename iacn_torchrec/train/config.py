@@ -114,6 +114,9 @@ class TrainConfig:
     # torch.set_num_threads; None leaves torch's default. 1 by default: at batch 128 the step is many
     # small ops, and on a busy 2-core box a second thread measured slower (docs/results/performance.md)
     threads: int | None = 1
+    # threads for evaluation: big batches (4096) of matmul-bound work, which a second core does speed
+    # up; None = this process's share of the cores (cpu_count // world_size)
+    eval_threads: int | None = None
     eval_every: int = 0  # evaluate on the test split every N steps (0: only at the end)
     checkpoint_every: int = 0  # checkpoint every N steps (0: only at the end)
     log_every: int = 50
@@ -125,6 +128,10 @@ class TrainConfig:
             raise ConfigError("epochs must be positive")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError("max_steps must be positive")
+        for name in ("threads", "eval_threads"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be None or >= 1, got {v}")
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:

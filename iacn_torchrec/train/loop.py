@@ -97,19 +97,36 @@ def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, loader: BatchLoader, device: torch.device | None = None
+    model: torch.nn.Module, loader: BatchLoader, device: torch.device | None = None,
+    threads: int | None = None,
 ) -> dict[str, float]:
-    """AUC, log-loss and GAUC of ``model.predict`` over the loader's split (all ranks together)."""
+    """AUC, log-loss and GAUC of ``model.predict`` over the loader's split (all ranks together).
+
+    ``threads``: torch threads for the evaluation only (restored afterwards); None keeps the
+    current setting."""
     was_training = model.training
     model.eval()
     metrics = CTRMetrics()
-    for batch in loader:
-        if device is not None:
-            batch = batch.to(device)
-        probs = model.predict(batch)
-        metrics.update(probs, batch.labels, batch.sparse_features["uid"].values())
-    model.train(was_training)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for batch in loader:
+            if device is not None:
+                batch = batch.to(device)
+            probs = model.predict(batch)
+            metrics.update(probs, batch.labels, batch.sparse_features["uid"].values())
+    finally:
+        torch.set_num_threads(before)
+        model.train(was_training)
     return metrics.compute()
+
+
+def eval_threads(config: TrainConfig, world_size: int) -> int:
+    """``config.eval_threads``, or this process's share of the machine's cores."""
+    if config.eval_threads:
+        return config.eval_threads
+    return max(1, (os.cpu_count() or 1) // max(1, world_size))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,6 +139,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    n_eval_threads = eval_threads(config, world_size)
     seed_everything(config.seed)
     out = Path(config.out)
     if rank == 0:
@@ -205,7 +223,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                     checkpoint()
                 if periodic_eval and not stop:
                     setup.pause()
-                    m = evaluate(_unwrap_for_eval(model), test_loader, device)
+                    m = evaluate(_unwrap_for_eval(model), test_loader, device, n_eval_threads)
                     history.append({"step": state.step, "epoch": state.epoch, **m})
                     if rank == 0:
                         bar.write(f"step {state.step}: test auc {m['auc']:.4f} gauc {m['gauc']:.4f} "
@@ -223,7 +241,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     checkpoint()
     setup.pause()
     t_eval = time.perf_counter()
-    test = evaluate(_unwrap_for_eval(model), test_loader, device)
+    test = evaluate(_unwrap_for_eval(model), test_loader, device, n_eval_threads)
     eval_s = time.perf_counter() - t_eval
     result = {
         "test": test,
