@@ -64,8 +64,9 @@ def test_iacn_changes_training_only_through_the_aux_side(beauty_prepared, tmp_pa
 
 
 def test_evaluation_threads_are_scoped_and_change_no_metric(beauty_prepared):
-    """``evaluate(threads=N)`` runs with N torch threads and restores the training setting; the
-    metrics do not depend on N (beyond float summation order)."""
+    """``evaluate(threads=N)`` runs with N torch threads, ``batch_workers=N`` scores N batches at
+    once on worker threads; both restore the training setting, and the metrics depend on neither
+    (beyond float summation order)."""
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.distributed.setup import build_training
     from iacn_torchrec.train.loop import eval_threads, evaluate, make_loaders, seed_everything
@@ -83,6 +84,10 @@ def test_evaluation_threads_are_scoped_and_change_no_metric(beauty_prepared):
     assert torch.get_num_threads() == before
     m2 = evaluate(model, test_loader, threads=2)
     assert torch.get_num_threads() == before
-    assert m1.keys() == m2.keys()
+    m3 = evaluate(model, test_loader, batch_workers=2)
+    assert torch.get_num_threads() == before
+    assert model.training  # restored
+    assert m1.keys() == m2.keys() == m3.keys()
     for k in m1:
         assert abs(m1[k] - m2[k]) < 1e-5, (k, m1[k], m2[k])
+        assert abs(m1[k] - m3[k]) < 1e-5, (k, m1[k], m3[k])

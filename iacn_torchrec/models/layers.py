@@ -219,8 +219,11 @@ class AttentionUnit(nn.Module):
         """
         q = self.query_proj(query) if self.query_proj is not None else query
         h_q, w_kp = self._first_layer(q, values.shape[-1])
+        w_k, w_p = w_kp.split(values.shape[-1], dim=1)
         q_rows = q.index_select(0, segments)  # [N, Dk]
-        h = torch.cat([values, q_rows * values], dim=-1) @ w_kp.t() + h_q.index_select(0, segments)
+        # two accumulating matmuls instead of one on cat([k, q·k]): no [N, 2Dk] copy, no separate add
+        h = torch.addmm(h_q.index_select(0, segments), values, w_k.t())
+        h = torch.addmm(h, q_rows * values, w_p.t())
         scores = self.mlp.net[1:](h).squeeze(-1)  # [N]
         if self.softmax:
             # segment softmax: subtract each row's max (a constant per row: no gradient needed)

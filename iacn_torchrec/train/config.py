@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str = ""  # prepared dataset directory (`iacn prepare --out`)
     batch_size: int = 128  # per rank
-    eval_batch_size: int = 4096
+    eval_batch_size: int = 2048  # with two batches scored at once: the fastest here (performance.md)
     drop_last: bool = False
     num_test_samples: int | None = None  # evaluate on the first N test samples only (smoke runs)
 
@@ -114,8 +114,8 @@ class TrainConfig:
     # torch.set_num_threads; None leaves torch's default. 1 by default: at batch 128 the step is many
     # small ops, and on a busy 2-core box a second thread measured slower (docs/results/performance.md)
     threads: int | None = 1
-    # threads for evaluation: big batches (4096) of matmul-bound work, which a second core does speed
-    # up; None = this process's share of the cores (cpu_count // world_size)
+    # cores for evaluation (concurrent batches, one torch thread each, on an unsharded CPU model;
+    # intra-op threads otherwise); None = this process's share of the cores (cpu_count // world_size)
     eval_threads: int | None = None
     eval_every: int = 0  # evaluate on the test split every N steps (0: only at the end)
     checkpoint_every: int = 0  # checkpoint every N steps (0: only at the end)

@@ -7,6 +7,8 @@ evaluates on the test split, checkpoints, and writes ``OUT/metrics.json``.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import logging
 import os
@@ -98,24 +100,50 @@ def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, loader: BatchLoader, device: torch.device | None = None,
-    threads: int | None = None,
+    threads: int | None = None, batch_workers: int = 1,
 ) -> dict[str, float]:
     """AUC, log-loss and GAUC of ``model.predict`` over the loader's split (all ranks together).
 
-    ``threads``: torch threads for the evaluation only (restored afterwards); None keeps the
-    current setting."""
+    Args:
+        threads: torch (intra-op) threads for the evaluation only, restored afterwards; None keeps
+            the current setting.
+        batch_workers: score this many batches at once, each on its own worker thread with one
+            torch thread (unsharded models only: a sharded model's lookups are collectives, which
+            must run in the same order on every rank). On the 2-core box two workers scored
+            ~150k samples/s where one thread did ~90k and two intra-op threads ~75k
+            (docs/results/performance.md). Metrics are updated in loader order either way.
+    """
     was_training = model.training
     model.eval()
     metrics = CTRMetrics()
     before = torch.get_num_threads()
+    if batch_workers > 1:
+        threads = 1
     if threads:
         torch.set_num_threads(threads)
+
+    def update(batch, probs: torch.Tensor) -> None:
+        metrics.update(probs, batch.labels, batch.sparse_features["uid"].values())
+
     try:
-        for batch in loader:
-            if device is not None:
-                batch = batch.to(device)
-            probs = model.predict(batch)
-            metrics.update(probs, batch.labels, batch.sparse_features["uid"].values())
+        if batch_workers > 1:
+            with concurrent.futures.ThreadPoolExecutor(batch_workers, thread_name_prefix="iacn-eval") as pool:
+                pending: collections.deque = collections.deque()
+                for batch in loader:
+                    if device is not None:
+                        batch = batch.to(device)
+                    pending.append((batch, pool.submit(model.predict, batch)))
+                    if len(pending) >= 2 * batch_workers:  # a bounded window: no whole split in memory
+                        done, fut = pending.popleft()
+                        update(done, fut.result())
+                while pending:
+                    done, fut = pending.popleft()
+                    update(done, fut.result())
+        else:
+            for batch in loader:
+                if device is not None:
+                    batch = batch.to(device)
+                update(batch, model.predict(batch))
     finally:
         torch.set_num_threads(before)
         model.train(was_training)
@@ -149,6 +177,11 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     train_loader, test_loader, item_log_q = make_loaders(config, ds, rank, world_size)
     setup = build_training(config, ds, item_log_q=item_log_q, rank=rank, world_size=world_size)
     model, optimizer, device = setup.model, setup.optimizer, setup.device
+    # evaluation's cores: concurrent batches on an unsharded CPU model, intra-op threads otherwise
+    if setup.sharded or device.type != "cpu":
+        eval_kw: dict[str, int] = {"threads": n_eval_threads}
+    else:
+        eval_kw = {"batch_workers": n_eval_threads}
 
     state = TrainState()
     resumed_from = None
@@ -223,7 +256,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                     checkpoint()
                 if periodic_eval and not stop:
                     setup.pause()
-                    m = evaluate(_unwrap_for_eval(model), test_loader, device, n_eval_threads)
+                    m = evaluate(_unwrap_for_eval(model), test_loader, device, **eval_kw)
                     history.append({"step": state.step, "epoch": state.epoch, **m})
                     if rank == 0:
                         bar.write(f"step {state.step}: test auc {m['auc']:.4f} gauc {m['gauc']:.4f} "
@@ -241,7 +274,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     checkpoint()
     setup.pause()
     t_eval = time.perf_counter()
-    test = evaluate(_unwrap_for_eval(model), test_loader, device, n_eval_threads)
+    test = evaluate(_unwrap_for_eval(model), test_loader, device, **eval_kw)
     eval_s = time.perf_counter() - t_eval
     result = {
         "test": test,
