@@ -272,7 +272,7 @@ class CTRWithIaCN(nn.Module):
             self.iacn.compile(**kwargs)
         return self
 
-    @torch.no_grad()
+    @torch.inference_mode()  # not just no_grad: no version counters or autograd metadata at all
     def predict(self, batch: Any) -> torch.Tensor:
         """Click probabilities ``[B]`` from ``E_orig ⊕ E_aux`` and the main model only (IaCN is not
         run; call ``eval()`` first so BatchNorm / Dice use their running statistics)."""
