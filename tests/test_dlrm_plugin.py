@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchrec.models.dlrm as dlrm_module
+from helpers import Batch, planted_batch
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -34,30 +34,8 @@ _DLRM_SHA = hashlib.sha256(_DLRM_FILE.read_bytes()).hexdigest()
 _DLRM_ATTRS = {k: v for k, v in vars(DLRM).items()}
 
 
-@dataclass
-class Batch:
-    sparse_features: KeyedJaggedTensor
-    labels: torch.Tensor
-
-
 def make_batch(B: int, seed: int, S: int = S) -> Batch:
-    """Planted signal: each user's history is one category; label-1 targets share it."""
-    g = torch.Generator().manual_seed(seed)
-    per = NI // NC
-    i2c = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(NI) // per + 1])
-    lengths = torch.randint(1, L + 1, (B,), generator=g)
-    user_cate = torch.randint(0, NC, (B,), generator=g)
-    labels = torch.randint(0, 2, (B,), generator=g)
-    in_cate = user_cate * per + 1 + torch.randint(0, per, (B,), generator=g)
-    item = torch.where(labels.bool(), in_cate, torch.randint(1, NI + 1, (B,), generator=g))
-    owner = torch.repeat_interleave(torch.arange(B), lengths)
-    hist = user_cate[owner] * per + 1 + torch.randint(0, per, (len(owner),), generator=g)
-    neg = torch.randint(1, NI + 1, (B * S,), generator=g)
-    ones = torch.ones(B, dtype=torch.long)
-    keys = ["uid", "item", "cate", "hist_item", "hist_cate", "iacn_neg_item", "iacn_neg_cate"]
-    vals = [torch.randint(1, NU + 1, (B,), generator=g), item, i2c[item], hist, i2c[hist], neg, i2c[neg]]
-    lens = [ones, ones, ones, lengths, lengths, ones * S, ones * S]
-    return Batch(KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(vals), torch.cat(lens)), labels.float())
+    return planted_batch(B, seed, NU, NI, NC, L, num_negatives=S)
 
 
 def tables() -> list[EmbeddingBagConfig]:

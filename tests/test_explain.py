@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import prepare_planted
 
-from iacn_torchrec.data.prepare import prepare_dataset
 from iacn_torchrec.data.synthetic import item_group_of, make_planted_interests
 from iacn_torchrec.distributed.setup import build_model_from_config
 from iacn_torchrec.serving import explain
@@ -23,17 +23,7 @@ from iacn_torchrec.train.loop import train
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted-explain")
-    p = make_planted_interests(root / "raw", num_users=400, num_groups=4, cates_per_group=2, seed=0)
-    prep = prepare_dataset(
-        "tsv",
-        interactions=p.interactions,
-        items=p.items,
-        category_column="cate",
-        max_len=16,
-        seed=0,
-        out=root / "prep",
-        progress=False,
-    )
+    p, prep = prepare_planted(root, num_users=400, seed=0, num_groups=4, cates_per_group=2)
     cfg = TrainConfig.from_dict(
         {
             "data": {"path": str(prep), "batch_size": 64},

@@ -3,13 +3,11 @@ tables, logQ wiring, prediction, pipeline tracing, and every model training with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Batch, planted_batch
 from torchrec.distributed.train_pipeline.tracing import Tracer
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iacn_torchrec.models.din import DIN
 from iacn_torchrec.models.framework import CTRWithIaCN, build_model
@@ -19,41 +17,8 @@ from iacn_torchrec.modules.iacn import IaCNConfig
 NU, NI, NC, L, S = 20, 60, 6, 8, 5
 
 
-@dataclass
-class Batch:
-    sparse_features: KeyedJaggedTensor
-    labels: torch.Tensor
-
-
 def make_batch(B: int, seed: int, S: int = 0, neg_hist: bool = False) -> Batch:
-    """A batch with a planted signal: each user's history comes from one category; label-1 targets
-    share it, label-0 targets are uniform. Items 1..NI map to categories in contiguous blocks."""
-    g = torch.Generator().manual_seed(seed)
-    per = NI // NC
-    i2c = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(NI) // per + 1])
-    lengths = torch.randint(1, L + 1, (B,), generator=g)
-    user_cate = torch.randint(0, NC, (B,), generator=g)
-    labels = torch.randint(0, 2, (B,), generator=g)
-    in_cate = user_cate * per + 1 + torch.randint(0, per, (B,), generator=g)
-    item = torch.where(labels.bool(), in_cate, torch.randint(1, NI + 1, (B,), generator=g))
-    owner = torch.repeat_interleave(torch.arange(B), lengths)
-    hist = user_cate[owner] * per + 1 + torch.randint(0, per, (len(owner),), generator=g)
-    ones = torch.ones(B, dtype=torch.long)
-    keys = ["uid", "item", "cate", "hist_item", "hist_cate"]
-    vals = [torch.randint(1, NU + 1, (B,), generator=g), item, i2c[item], hist, i2c[hist]]
-    lens = [ones, ones, ones, lengths, lengths]
-    if neg_hist:
-        nh = torch.randint(1, NI + 1, (len(owner),), generator=g)
-        keys += ["neg_hist_item", "neg_hist_cate"]
-        vals += [nh, i2c[nh]]
-        lens += [lengths, lengths]
-    if S:
-        neg = torch.randint(1, NI + 1, (B * S,), generator=g)
-        keys += ["iacn_neg_item", "iacn_neg_cate"]
-        vals += [neg, i2c[neg]]
-        lens += [ones * S, ones * S]
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(vals), torch.cat(lens))
-    return Batch(kjt, labels.float())
+    return planted_batch(B, seed, NU, NI, NC, L, num_negatives=S, neg_hist=neg_hist)
 
 
 def table(model: CTRWithIaCN, name: str) -> torch.Tensor:

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import prepare_planted
 
 from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
-from iacn_torchrec.data.prepare import prepare_dataset
 from iacn_torchrec.data.sources import DataError
-from iacn_torchrec.data.synthetic import make_planted_interests
 from iacn_torchrec.serving.artifact import ServingArtifact, auc, pad_last
 from iacn_torchrec.serving.export import MergedTable, ServingModel, export_run, graph_text, load_run
 from iacn_torchrec.serving.score import read_samples, score_file
@@ -34,18 +33,7 @@ ATOL = 1e-6
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("planted")
-    p = make_planted_interests(root / "raw", num_users=200, seed=1)
-    return prepare_dataset(
-        "tsv",
-        interactions=p.interactions,
-        items=p.items,
-        category_column="cate",
-        max_len=16,
-        seed=0,
-        out=root / "prep",
-        progress=False,
-    )
+    return prepare_planted(tmp_path_factory.mktemp("planted"), num_users=200, seed=1)[1]
 
 
 def _train(data_dir: Path, out: Path, model: str, iacn: bool, emb_dim: int = 18, steps: int = 20) -> Path:

@@ -133,16 +133,11 @@ class InterestCapsuleRouting(nn.Module):
         """``K_u = clamp(ceil(log2 n_u), 1, K_max)`` for ``lengths`` ``[B]`` (int) → ``[B]`` int64."""
         return (lengths.unsqueeze(-1) > self._pow2).sum(-1).clamp_min(1)
 
-    def _as_padded(
-        self, hist: torch.Tensor | JaggedTensor, lengths: torch.Tensor | None
+    def _check_padded(
+        self, hist: torch.Tensor, lengths: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(hist, JaggedTensor):
-            if lengths is not None:
-                raise ValueError(
-                    "InterestCapsuleRouting: pass lengths only with a padded tensor, not with a JaggedTensor"
-                )
-            lengths = hist.lengths()
-            hist = hist.to_padded_dense(desired_length=self.max_len, padding_value=0.0)
+        """Validates a padded ``hist [B, L, h]`` with ``lengths [B]`` (jagged input goes through
+        :meth:`_map_jagged`)."""
         if lengths is None:
             raise ValueError("InterestCapsuleRouting: lengths [B] is required with a padded hist [B, L, h]")
         if hist.dim() != 3 or hist.size(-1) != self.item_dim:
@@ -218,7 +213,7 @@ class InterestCapsuleRouting(nn.Module):
             # ~1/3 of the padded [B·L, h] x [h, h] work on Beauty-like histories.
             mapped, lengths = self._map_jagged(hist, lengths)
         else:
-            hist, lengths = self._as_padded(hist, lengths)
+            hist, lengths = self._check_padded(hist, lengths)
             mapped = torch.matmul(hist, self.bilinear.t())  # S c_i: [B, L, h]
         batch, seq_len, _ = mapped.shape
         lengths = lengths.clamp(0, seq_len)

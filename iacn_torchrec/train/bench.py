@@ -406,7 +406,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
         rows = []
         for V in vocab:  # one process per vocabulary size: the 10M dense arm alone needs ~3 GB
             specs = [f"din:0:128:{f}:20:{V}" for f in (0, 1)]
-            sv, rss = run_process(_worker_cmd("scaling", a, specs, rounds=3, block_steps=3, warmup=1))
+            sv, rss = run_process(_worker_cmd("scaling", a, specs, rounds=6, block_steps=4, warmup=3))
             rows.append({"items": V, "dense_adam_ms": 1e3 * _med(sv["step_s"][specs[0]]),
                          "fused_rowwise_adagrad_ms": 1e3 * _med(sv["step_s"][specs[1]]),
                          "process_peak_rss_mib": rss})

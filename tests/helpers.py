@@ -1,0 +1,65 @@
+"""Small shared builders for tests: a batch with a planted interest signal, a planted dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+@dataclass
+class Batch:
+    sparse_features: KeyedJaggedTensor
+    labels: torch.Tensor
+
+
+def planted_batch(
+    B: int, seed: int, num_users: int, num_items: int, num_cates: int, max_len: int,
+    num_negatives: int = 0, neg_hist: bool = False,
+) -> Batch:
+    """A batch in the loader's KJT layout with a planted signal: each user's history comes from one
+    category; label-1 targets share it, label-0 targets are uniform. Items ``1..num_items`` map to
+    categories in contiguous blocks. ``neg_hist`` adds DIEN's negative behaviours,
+    ``num_negatives`` IaCN's sampled negatives (S per sample)."""
+    NU, NI, NC, L, S = num_users, num_items, num_cates, max_len, num_negatives
+    g = torch.Generator().manual_seed(seed)
+    per = NI // NC
+    i2c = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(NI) // per + 1])
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    user_cate = torch.randint(0, NC, (B,), generator=g)
+    labels = torch.randint(0, 2, (B,), generator=g)
+    in_cate = user_cate * per + 1 + torch.randint(0, per, (B,), generator=g)
+    item = torch.where(labels.bool(), in_cate, torch.randint(1, NI + 1, (B,), generator=g))
+    owner = torch.repeat_interleave(torch.arange(B), lengths)
+    hist = user_cate[owner] * per + 1 + torch.randint(0, per, (len(owner),), generator=g)
+    ones = torch.ones(B, dtype=torch.long)
+    keys = ["uid", "item", "cate", "hist_item", "hist_cate"]
+    vals = [torch.randint(1, NU + 1, (B,), generator=g), item, i2c[item], hist, i2c[hist]]
+    lens = [ones, ones, ones, lengths, lengths]
+    if neg_hist:
+        nh = torch.randint(1, NI + 1, (len(owner),), generator=g)
+        keys += ["neg_hist_item", "neg_hist_cate"]
+        vals += [nh, i2c[nh]]
+        lens += [lengths, lengths]
+    if S:
+        neg = torch.randint(1, NI + 1, (B * S,), generator=g)
+        keys += ["iacn_neg_item", "iacn_neg_cate"]
+        vals += [neg, i2c[neg]]
+        lens += [ones * S, ones * S]
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(vals), torch.cat(lens))
+    return Batch(kjt, labels.float())
+
+
+def prepare_planted(root: Path, num_users: int, seed: int, **planted_kwargs):
+    """A planted-interest dataset (``data.synthetic.make_planted_interests``) prepared like the
+    real data (din protocol, max_len 16) under ``root``; returns ``(planted, prepared_dir)``."""
+    from iacn_torchrec.data.prepare import prepare_dataset
+    from iacn_torchrec.data.synthetic import make_planted_interests
+
+    p = make_planted_interests(root / "raw", num_users=num_users, seed=seed, **planted_kwargs)
+    return p, prepare_dataset(
+        "tsv", interactions=p.interactions, items=p.items, category_column="cate", max_len=16, seed=0,
+        out=root / "prep", progress=False,
+    )
