@@ -272,7 +272,7 @@ class CTRWithIaCN(nn.Module):
             self.iacn.compile(**kwargs)
         return self
 
-    @torch.inference_mode()  # not just no_grad: no version counters or autograd metadata at all
+    @torch.no_grad()  # not inference_mode: the batch's KJT caches views that a training step may reuse
     def predict(self, batch: Any) -> torch.Tensor:
         """Click probabilities ``[B]`` from ``E_orig ⊕ E_aux`` and the main model only (IaCN is not
         run; call ``eval()`` first so BatchNorm / Dice use their running statistics)."""
