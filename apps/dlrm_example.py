@@ -70,8 +70,8 @@ def train_and_eval(step_module, train_loader, test_loader, lr: float, max_steps:
     step_module.train()
     t0, steps = time.perf_counter(), 0
     for batch in train_loader:
-        loss, (_, main_loss, iacn_loss) = step_module(batch)
         opt.zero_grad(set_to_none=True)
+        loss, (_, main_loss, iacn_loss) = step_module(batch)
         loss.backward()
         opt.step()
         steps += 1

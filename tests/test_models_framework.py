@@ -254,3 +254,19 @@ def test_iacn_worker_error_reaches_the_caller():
     loss.backward()
     assert iacn_loss > 0 and model.iacn.routing.bilinear.grad is not None
     torch.testing.assert_close(loss.detach(), main_loss + iacn_loss)
+
+
+def test_iacn_worker_refuses_gradients_cleared_between_forward_and_backward():
+    """zero_grad after the forward would drop the gradients the worker already wrote: a clear error,
+    not a silently IaCN-free step."""
+    import time
+
+    torch.manual_seed(0)
+    cfg = IaCNConfig(enabled=True, aux_dim=4, num_negatives=S)
+    model = build_model("din", NU, NI, NC, L, cfg, emb_dim=4).run_iacn_on_worker()
+    batch = make_batch(16, seed=1, S=S)
+    loss, _ = model(batch)
+    time.sleep(0.5)  # the worker's few-ms forward+backward is done by now
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        loss.backward()

@@ -329,8 +329,8 @@ def shard_model(
     def plain_steps(loader) -> Iterator[StepOutput]:
         for batch in loader:
             batch = batch.to(device)
-            loss, out = dmp(batch)
             optimizer.zero_grad(set_to_none=True)
+            loss, out = dmp(batch)
             loss.backward()
             optimizer.step()
             yield loss.detach(), out

@@ -64,8 +64,16 @@ class _JoinBranch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grads = ctx.pending.result()
+        grads, produced = ctx.pending.result()
         ctx.pending = None
+        # The worker's parameter gradients must still be there: a zero_grad(set_to_none=True)
+        # between forward and backward would drop them silently (the step-loop contract).
+        if any(p.grad is not g for p, g in produced):
+            raise RuntimeError(
+                "CTRWithIaCN: IaCN's parameter gradients, computed on the worker thread during the "
+                "forward, were cleared before backward; with run_iacn_on_worker() call "
+                "optimizer.zero_grad() before the forward (or run_iacn_on_worker(False))"
+            )
         return (None, *[g * grad for g in grads])
 
 
@@ -196,7 +204,7 @@ class CTRWithIaCN(nn.Module):
         loss_ready: concurrent.futures.Future = concurrent.futures.Future()
         lam = self.lam
 
-        def work() -> list[torch.Tensor]:
+        def work() -> tuple[list[torch.Tensor], list[tuple[nn.Parameter, torch.Tensor]]]:
             loss = self.iacn(labels=labels, **kwargs)
             (lam * loss).backward()
             with torch.no_grad():
@@ -204,7 +212,9 @@ class CTRWithIaCN(nn.Module):
                 total = loss_ready.result()
                 if total is not None:
                     total.add_(lam * loss)
-            return [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+            grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+            produced = [(p, p.grad) for p in self.iacn.parameters() if p.grad is not None]
+            return grads, produced
 
         pending = _iacn_worker().submit(work)
         return _JoinBranch.apply(pending, *[views[i] for i in live]), iacn_loss, loss_ready
