@@ -221,9 +221,12 @@ class AttentionUnit(nn.Module):
         h_q, w_kp = self._first_layer(q, values.shape[-1])
         w_k, w_p = w_kp.split(values.shape[-1], dim=1)
         q_rows = q.index_select(0, segments)  # [N, Dk]
-        # two accumulating matmuls instead of one on cat([k, q·k]): no [N, 2Dk] copy, no separate add
-        h = torch.addmm(h_q.index_select(0, segments), values, w_k.t())
-        h = torch.addmm(h, q_rows * values, w_p.t())
+        # two matmuls accumulating in place into the gathered query part, instead of one on
+        # cat([k, q·k]) plus an add: no [N, 2Dk] concatenation and no [N, H1] copies (out-of-place
+        # addmm copies its input first). Autograd-safe: addmm's backward needs only its two factors.
+        h = h_q.index_select(0, segments)
+        h.addmm_(values, w_k.t())
+        h.addmm_(q_rows * values, w_p.t())
         scores = self.mlp.net[1:](h).squeeze(-1)  # [N]
         if self.softmax:
             # segment softmax: subtract each row's max (a constant per row: no gradient needed)
