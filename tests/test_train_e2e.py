@@ -91,3 +91,19 @@ def test_evaluation_threads_are_scoped_and_change_no_metric(beauty_prepared):
     for k in m1:
         assert abs(m1[k] - m2[k]) < 1e-5, (k, m1[k], m2[k])
         assert abs(m1[k] - m3[k]) < 1e-5, (k, m1[k], m3[k])
+
+
+def test_resume_across_iacn_execution_modes(beauty_prepared, tmp_path):
+    """Where IaCN runs (worker thread or main thread) is an execution choice, not part of the
+    configuration a checkpoint must match: a run checkpointed with the worker resumes serially and
+    ends where an uninterrupted worker run ends (up to float summation order)."""
+    full = _config(beauty_prepared, tmp_path / "full", 40)
+    train(full)
+    first = _config(beauty_prepared, tmp_path / "mixed", 20)
+    train(first)
+    second = _config(beauty_prepared, tmp_path / "mixed", 40)
+    second.model.iacn_worker = False
+    assert train(second)["resumed_from_step"] == 20
+    a, b = _final_state(tmp_path / "full")["model"], _final_state(tmp_path / "mixed")["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -331,9 +331,9 @@ def _fingerprint(config: TrainConfig) -> str:
     """What must match for a checkpoint to be resumable: everything but run-control fields."""
     d = config.to_dict()
     for k in ("out", "epochs", "max_steps", "eval_every", "checkpoint_every", "log_every", "progress",
-              "resume",
-              "threads"):
+              "resume", "threads", "eval_threads"):
         d.pop(k, None)
     d["data"].pop("num_test_samples", None)
     d["data"].pop("eval_batch_size", None)
+    d["model"].pop("iacn_worker", None)  # where IaCN runs, not what it computes
     return json.dumps(d, sort_keys=True, default=str)
