@@ -141,7 +141,7 @@ class CTRWithIaCN(nn.Module):
     def runs_iacn(self) -> bool:
         return self.iacn is not None and self.lam != 0.0
 
-    def iacn_inputs(self, emb: EmbeddedBatch) -> dict[str, Any]:
+    def _iacn_inputs(self, emb: EmbeddedBatch) -> dict[str, Any]:
         """The keyword arguments of :meth:`IaCNTask.forward` for the aux views of ``emb`` (built with
         ``aux_views=True``).
 
@@ -170,7 +170,7 @@ class CTRWithIaCN(nn.Module):
     def iacn_loss(self, emb: EmbeddedBatch, labels: torch.Tensor) -> torch.Tensor:
         """``L_IaCN`` on the aux views of ``emb`` (built with ``aux_views=True``)."""
         assert self.iacn is not None
-        return self.iacn(labels=labels, **self.iacn_inputs(emb))
+        return self.iacn(labels=labels, **self._iacn_inputs(emb))
 
     def _iacn_on_worker(
         self, emb: EmbeddedBatch, labels: torch.Tensor
@@ -187,19 +187,21 @@ class CTRWithIaCN(nn.Module):
         final once ``backward`` through ``join`` has returned.
         """
         assert self.iacn is not None
-        kwargs = self.iacn_inputs(emb)
-        views = [kwargs["aux_target"], kwargs["aux_hist"], kwargs["aux_negatives"]]
-        hist_jagged = isinstance(views[1], JaggedTensor)
-        if hist_jagged:
-            views[1] = views[1].values()
-        live = [i for i, v in enumerate(views) if v is not None]
-        leaves = [views[i].detach().requires_grad_() for i in live]
-        for i, leaf in zip(live, leaves):
-            if i == 1 and hist_jagged:
-                kwargs["aux_hist"] = JaggedTensor(values=leaf, lengths=emb.hist_lengths,
-                                                  offsets=emb.hist_offsets)
+        kwargs = self._iacn_inputs(emb)
+        views: list[torch.Tensor] = []  # the aux views in the main graph
+        leaves: list[torch.Tensor] = []  # their detached copies, which the worker's IaCN reads
+        for name in ("aux_target", "aux_hist", "aux_negatives"):
+            view = kwargs[name]
+            if view is None:
+                continue
+            values = view.values() if isinstance(view, JaggedTensor) else view
+            leaf = values.detach().requires_grad_()
+            if isinstance(view, JaggedTensor):
+                kwargs[name] = JaggedTensor(values=leaf, lengths=view.lengths(), offsets=view.offsets())
             else:
-                kwargs[("aux_target", "aux_hist", "aux_negatives")[i]] = leaf
+                kwargs[name] = leaf
+            views.append(values)
+            leaves.append(leaf)
         iacn_loss = labels.new_zeros(())
         loss_ready: concurrent.futures.Future = concurrent.futures.Future()
         lam = self.lam
@@ -217,7 +219,7 @@ class CTRWithIaCN(nn.Module):
             return grads, produced
 
         pending = _iacn_worker().submit(work)
-        return _JoinBranch.apply(pending, *[views[i] for i in live]), iacn_loss, loss_ready
+        return _JoinBranch.apply(pending, *views), iacn_loss, loss_ready
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         labels = batch.labels.float()

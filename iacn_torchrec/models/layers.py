@@ -185,8 +185,8 @@ class AttentionUnit(nn.Module):
         self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.query_proj(query) if self.query_proj is not None else query
-        h_q, w_kp = self._first_layer(q, keys.shape[-1])
-        h_k = torch.cat([keys, q.unsqueeze(1) * keys], dim=-1) @ w_kp.t()
+        h_q, w_k, w_p = self._first_layer(q, keys.shape[-1])
+        h_k = keys @ w_k.t() + (q.unsqueeze(1) * keys) @ w_p.t()
         scores = self.mlp.net[1:](h_k + h_q.unsqueeze(1)).squeeze(-1)  # [B, T]
         if self.softmax:
             weights = torch.softmax(scores.masked_fill(~mask, MASK_FILL), dim=1) * mask
@@ -195,15 +195,17 @@ class AttentionUnit(nn.Module):
         out = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)
         return out, weights
 
-    def _first_layer(self, q: torch.Tensor, key_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """First layer ``W·[q, k, q-k, q·k] + b = (W_q + W_d)·q + b  +  [W_k - W_d, W_p]·[k, q·k]``:
+    def _first_layer(
+        self, q: torch.Tensor, key_dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """First layer ``W·[q, k, q-k, q·k] + b = (W_q + W_d)·q + b  +  (W_k - W_d)·k + W_p·(q·k)``:
         the query part once per row instead of once per position (same function and parameters,
         ~half the FLOPs, no ``[·, 4D]`` concatenation).
 
-        Returns ``(h_q [B, H1], [W_k - W_d, W_p] [H1, 2D])``."""
+        Returns ``(h_q [B, H1], W_k - W_d [H1, D], W_p [H1, D])``."""
         first = self.mlp.net[0]
         w_q, w_k, w_d, w_p = first.weight.split(key_dim, dim=1)
-        return torch.addmm(first.bias, q, (w_q + w_d).t()), torch.cat([w_k - w_d, w_p], 1)
+        return torch.addmm(first.bias, q, (w_q + w_d).t()), w_k - w_d, w_p
 
     def forward_jagged(
         self, query: torch.Tensor, values: torch.Tensor, segments: torch.Tensor, num_rows: int
@@ -218,8 +220,7 @@ class AttentionUnit(nn.Module):
         own positions; a row without positions gets a zero output, as in :meth:`forward`.
         """
         q = self.query_proj(query) if self.query_proj is not None else query
-        h_q, w_kp = self._first_layer(q, values.shape[-1])
-        w_k, w_p = w_kp.split(values.shape[-1], dim=1)
+        h_q, w_k, w_p = self._first_layer(q, values.shape[-1])
         q_rows = q.index_select(0, segments)  # [N, Dk]
         # two matmuls accumulating in place into the gathered query part, instead of one on
         # cat([k, q·k]) plus an add: no [N, 2Dk] concatenation and no [N, H1] copies (out-of-place

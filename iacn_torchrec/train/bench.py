@@ -357,8 +357,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
         _log("[2/4] DeepCTR-Torch peer (DIN), our DIN alone in its own process right before and after it")
 
         def ours_alone() -> float:
-            # alone in a process, as the peer runs: the interleaved arms above share one process
-            # and evict each other's tables from the caches at every block switch
+            # alone in its own process, as the peer runs (like for like with the peer's figure)
             r, _ = run_process(_worker_cmd("throughput", a, ["din:0:128:0"], rounds=a.rounds,
                                            block_samples=a.block_samples, warmup=a.warmup))
             return 128 / _med(r["step_s"]["din@128"])

@@ -77,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch threads per process for training (default 1)")
     p.add_argument("--eval-threads", dest="eval_threads", type=int,
-                   help="torch threads per process for evaluation (default: its share of the cores)")
+                   help="cores per process for evaluation: concurrent batches on an unsharded CPU model, "
+                        "torch threads otherwise (default: the process's share of the cores)")
     p.add_argument("--eval-every", dest="eval_every", type=int)
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--sharding", action="append", default=[], metavar="TABLE=TYPE[,TABLE=TYPE...]",

@@ -122,28 +122,30 @@ def evaluate(
     if threads:
         torch.set_num_threads(threads)
 
-    def update(batch, probs: torch.Tensor) -> None:
-        metrics.update(probs, batch.labels, batch.sparse_features["uid"].values())
+    def batches():
+        for batch in loader:
+            yield batch if device is None else batch.to(device)
+
+    def scored():
+        """``(batch, probs)`` in loader order."""
+        if batch_workers <= 1:
+            for batch in batches():
+                yield batch, model.predict(batch)
+            return
+        with concurrent.futures.ThreadPoolExecutor(batch_workers, thread_name_prefix="iacn-eval") as pool:
+            window: collections.deque = collections.deque()  # bounded: never the whole split in memory
+            for batch in batches():
+                window.append((batch, pool.submit(model.predict, batch)))
+                if len(window) >= 2 * batch_workers:
+                    done, fut = window.popleft()
+                    yield done, fut.result()
+            while window:
+                done, fut = window.popleft()
+                yield done, fut.result()
 
     try:
-        if batch_workers > 1:
-            with concurrent.futures.ThreadPoolExecutor(batch_workers, thread_name_prefix="iacn-eval") as pool:
-                pending: collections.deque = collections.deque()
-                for batch in loader:
-                    if device is not None:
-                        batch = batch.to(device)
-                    pending.append((batch, pool.submit(model.predict, batch)))
-                    if len(pending) >= 2 * batch_workers:  # a bounded window: no whole split in memory
-                        done, fut = pending.popleft()
-                        update(done, fut.result())
-                while pending:
-                    done, fut = pending.popleft()
-                    update(done, fut.result())
-        else:
-            for batch in loader:
-                if device is not None:
-                    batch = batch.to(device)
-                update(batch, model.predict(batch))
+        for batch, probs in scored():
+            metrics.update(probs, batch.labels, batch.sparse_features["uid"].values())
     finally:
         torch.set_num_threads(before)
         model.train(was_training)
