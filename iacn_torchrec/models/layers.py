@@ -186,7 +186,8 @@ class AttentionUnit(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.query_proj(query) if self.query_proj is not None else query
         h_q, w_k, w_p = self._first_layer(q, keys.shape[-1])
-        h_k = keys @ w_k.t() + (q.unsqueeze(1) * keys) @ w_p.t()
+        # one matmul on [k, q·k]: the padded path keeps the summation order it always had
+        h_k = torch.cat([keys, q.unsqueeze(1) * keys], dim=-1) @ torch.cat([w_k, w_p], 1).t()
         scores = self.mlp.net[1:](h_k + h_q.unsqueeze(1)).squeeze(-1)  # [B, T]
         if self.softmax:
             weights = torch.softmax(scores.masked_fill(~mask, MASK_FILL), dim=1) * mask
