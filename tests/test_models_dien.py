@@ -68,7 +68,7 @@ def reference_dien(model: DIEN, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch
     for b in range(B):
         n = int(emb.hist_lengths[b])
         seq = emb.hist[b:b + 1, :n]
-        h = torch.zeros(1, D)
+        h = torch.zeros(1, model.hidden_size)
         s = seq.sum(1)
         if n > 0:
             states, _ = model.gru(seq)  # [1, n, H]
@@ -85,9 +85,11 @@ def reference_dien(model: DIEN, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch
     return torch.cat(xs), aux
 
 
-def test_dien_forward_and_aux_loss_against_loop():
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_dien_forward_and_aux_loss_against_loop(hidden):
     torch.manual_seed(0)
-    model = DIEN(DU, D, L, DIENConfig(aux_loss_weight=0.7))
+    model = DIEN(DU, D, L, DIENConfig(aux_loss_weight=0.7, hidden_size=hidden))
+    assert model.gru.hidden_size == model.augru.cell.hidden_size == (hidden or D)
     emb = rand_emb(1)
     seen = {}
     model.tower.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
@@ -153,3 +155,21 @@ def test_dien_single_behaviour_histories_give_zero_aux_loss():
     logits, aux = model(emb)
     assert aux.item() == 0.0 and torch.isfinite(logits).all()
     (logits.sum() + aux).backward()
+
+
+def test_build_model_keeps_dien_hidden_at_the_plain_item_width():
+    """IaCN widens what DIEN reads (E_orig ⊕ E_aux), not its GRU: H = 2·emb_dim either way, as the
+    reference code's fixed HIDDEN_SIZE; ``dien_hidden`` overrides it."""
+    from iacn_torchrec.models.framework import build_model
+    from iacn_torchrec.modules.iacn import IaCNConfig
+
+    plain = build_model("dien", 9, 30, 4, L, emb_dim=6)
+    with_iacn = build_model("dien", 9, 30, 4, L, emb_dim=6, iacn=IaCNConfig(enabled=True, aux_dim=4))
+    assert (plain.main_model.gru.input_size, plain.main_model.gru.hidden_size) == (12, 12)
+    assert (with_iacn.main_model.gru.input_size, with_iacn.main_model.gru.hidden_size) == (20, 12)
+    assert with_iacn.main_model.augru.cell.hidden_size == 12
+    wide = build_model("dien", 9, 30, 4, L, emb_dim=6, iacn=IaCNConfig(enabled=True, aux_dim=4),
+                       dien_hidden=20)
+    assert wide.main_model.gru.hidden_size == 20
+    with pytest.raises(ValueError, match="hidden_size must be positive"):
+        DIEN(DU, D, L, DIENConfig(hidden_size=0))

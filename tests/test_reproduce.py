@@ -201,3 +201,24 @@ def test_bad_arguments_are_named():
         rp.variant_arm("nocolon")
     with pytest.raises(SystemExit, match="unknown model"):
         rp.run(_args(["--models", "gru4rec", "--data", "/nonexistent"]))
+
+
+def test_dien_runs_stored_before_dien_hidden_compare_as_the_gru_they_had():
+    """Before ``model.dien_hidden`` existed DIEN's GRU had the item width 2·(emb + aux): a stored
+    DIEN+IaCN run is not the new default (H = 2·emb), a plain DIEN run is; other models ignore it."""
+    from iacn_torchrec.modules.iacn import IaCNConfig
+    from iacn_torchrec.train.config import ModelConfig, TrainConfig
+
+    def cfg(name: str, iacn: bool, **model) -> dict:
+        return TrainConfig(model=ModelConfig(name=name, **model), iacn=IaCNConfig(enabled=iacn)).to_dict()
+
+    def legacy(d: dict) -> dict:
+        d = json.loads(json.dumps(d))
+        del d["model"]["dien_hidden"]
+        return d
+
+    for name, iacn in (("dien", False), ("din", True), ("din", False)):
+        assert rp.comparable(legacy(cfg(name, iacn))) == rp.comparable(cfg(name, iacn))
+    assert rp.comparable(legacy(cfg("dien", True))) != rp.comparable(cfg("dien", True))
+    assert rp.comparable(legacy(cfg("dien", True))) == rp.comparable(cfg("dien", True, dien_hidden=72))
+    assert rp.comparable(cfg("dien", False)) == rp.comparable(cfg("dien", False, dien_hidden=36))

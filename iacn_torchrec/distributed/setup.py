@@ -84,6 +84,7 @@ def build_model_from_config(
         user_dim=config.model.user_dim,
         item_log_q=item_log_q,
         dien_aux_loss_weight=config.model.dien_aux_loss_weight,
+        dien_hidden=config.model.dien_hidden,
     )
 
 

@@ -213,14 +213,24 @@ def comparable(config: dict[str, Any]) -> str:
     """What must match for a finished run to count: the config minus run-control fields.
 
     The stored config is read through ``TrainConfig.from_dict`` first, so a field added to the
-    config since the run was trained counts at its default (the behaviour the run had)."""
+    config since the run was trained counts at its default (the behaviour the run had), except
+    ``model.dien_hidden``, compared as the hidden size DIEN actually had."""
     from iacn_torchrec.train.config import ConfigError, TrainConfig
 
+    legacy_dien = "dien_hidden" not in config.get("model", {})
     try:
         config = TrainConfig.from_dict(json.loads(json.dumps(config, default=str))).to_dict()
     except (ConfigError, TypeError, ValueError):
         pass  # a removed field or a bad value: compared as stored, so it does not match
     d = json.loads(json.dumps(config, default=str))
+    model, iacn = d.get("model", {}), d.get("iacn", {})
+    if model.get("name") != "dien":
+        model.pop("dien_hidden", None)  # read by DIEN only
+    elif model.get("dien_hidden") is None and isinstance(model.get("emb_dim"), int):
+        # None is 2·emb_dim; runs stored before the field existed had the GRU at the item width
+        # 2·(emb_dim + aux_dim) (IaCN widened it)
+        aux = iacn.get("aux_dim", 0) if legacy_dien and iacn.get("enabled") else 0
+        model["dien_hidden"] = 2 * (model["emb_dim"] + aux)
     for k in _RUN_CONTROL:
         d.pop(k, None)
     d.get("data", {}).pop("eval_batch_size", None)

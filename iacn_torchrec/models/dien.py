@@ -19,15 +19,19 @@ __all__ = ["DIENConfig", "DIEN", "AUGRUCell", "AUGRU", "next_behaviour_aux_loss"
 class DIENConfig:
     """DIEN hyper-parameters (defaults: ``Model_DIN_V2_Gru_Vec_attGru_Neg`` of the reference code).
 
-    The GRU hidden size is the item representation width D (as in the reference code).
-
     Attributes:
+        hidden_size: H, the hidden size of the interest extractor GRU and the AUGRU (the attention
+            projects the target to H). None: the item width D the module is given.
+            :func:`~iacn_torchrec.models.framework.build_model` passes the *plain* model's item width
+            ``2·emb_dim`` (the reference code's ``HIDDEN_SIZE = 18·2``, a constant), so IaCN's wider
+            items (``E_orig ⊕ E_aux``) widen the GRU's input but leave its state as it is.
         att_hidden / att_activation: attention unit over the GRU outputs (80 → 40, sigmoid).
         aux_hidden / aux_activation: auxiliary-loss MLP on ``[h_t, e]`` (100 → 50 → 1, sigmoid).
         aux_loss_weight: weight of the next-behaviour auxiliary loss (reference: 1).
         tower_hidden / tower_activation / tower_input_bn / dropout: as :class:`DINConfig`.
     """
 
+    hidden_size: int | None = None
     att_hidden: tuple[int, ...] = (80, 40)
     att_activation: str = "sigmoid"
     aux_hidden: tuple[int, ...] = (100, 50)
@@ -132,12 +136,12 @@ def next_behaviour_aux_loss(
 class DIEN(nn.Module):
     """DIEN on an :class:`EmbeddedBatch`.
 
-    Interest extractor: ``nn.GRU`` (hidden D) over the history. The GRU is causal and histories are
-    left-aligned (oldest first), so the outputs at real positions never see padding; outputs past
-    the length are zeroed. Next-behaviour auxiliary loss on the extractor states (needs
-    ``emb.neg_hist``; computed in training mode only). Interest evolution: attention of the target
-    over the extractor states (masked softmax) drives an :class:`AUGRU`; its final state ``h'``
-    joins the tower input ``[user, e_t, Σ e_i, e_t·Σ e_i, h']`` → BN → 200 → 80 → 1.
+    Interest extractor: ``nn.GRU`` (hidden H, ``DIENConfig.hidden_size``) over the history. The GRU
+    is causal and histories are left-aligned (oldest first), so the outputs at real positions never
+    see padding; outputs past the length are zeroed. Next-behaviour auxiliary loss on the extractor
+    states (needs ``emb.neg_hist``; computed in training mode only). Interest evolution: attention of
+    the target over the extractor states (masked softmax) drives an :class:`AUGRU`; its final state
+    ``h'`` joins the tower input ``[user, e_t, Σ e_i, e_t·Σ e_i, h']`` → BN → 200 → 80 → 1.
 
     ``forward`` returns (logits ``[B]``, ``aux_loss_weight · L_aux`` or None).
     """
@@ -146,7 +150,10 @@ class DIEN(nn.Module):
         super().__init__()
         self.config = config = config or DIENConfig()
         self.user_dim, self.item_dim, self.max_len = user_dim, item_dim, max_len
-        H = item_dim
+        H = item_dim if config.hidden_size is None else config.hidden_size
+        if H <= 0:
+            raise ValueError(f"DIEN: hidden_size must be positive, got {config.hidden_size}")
+        self.hidden_size = H
         self.gru = nn.GRU(item_dim, H, batch_first=True)
         self.aux_net = MLP(H + item_dim, config.aux_hidden, 1, activation=config.aux_activation)
         self.attention = AttentionUnit(item_dim, H, config.att_hidden, config.att_activation,

@@ -304,6 +304,7 @@ def build_model(
     user_dim: int | None = None,
     item_log_q: torch.Tensor | None = None,
     dien_aux_loss_weight: float | None = None,
+    dien_hidden: int | None = None,
     model_config: Any = None,
     init_bound: float | None = None,
     device: torch.device | None = None,
@@ -320,6 +321,9 @@ def build_model(
         item_log_q: ``[num_items + 1]`` log sampling probabilities (required for the log-uniform
             sampler, used for logQ correction).
         dien_aux_loss_weight: overrides ``DIENConfig.aux_loss_weight``.
+        dien_hidden: overrides ``DIENConfig.hidden_size``; when both are None DIEN's GRU gets the
+            plain model's item width ``2·emb_dim`` whether IaCN is on or not (the reference code's
+            fixed ``HIDDEN_SIZE``): IaCN widens what the main model reads, not its layers.
         model_config: a ``DINConfig`` / ``DIENConfig`` / ``WideDeepConfig`` (defaults otherwise).
         init_bound: see :class:`InterestAwareEmbeddings`.
     """
@@ -329,8 +333,11 @@ def build_model(
     cfg = model_config if model_config is not None else cfg_cls()
     if not isinstance(cfg, cfg_cls):
         raise TypeError(f"build_model: {model_name} takes a {cfg_cls.__name__}, got {type(cfg).__name__}")
-    if dien_aux_loss_weight is not None and isinstance(cfg, DIENConfig):
-        cfg = replace(cfg, aux_loss_weight=float(dien_aux_loss_weight))
+    if isinstance(cfg, DIENConfig):
+        if dien_aux_loss_weight is not None:
+            cfg = replace(cfg, aux_loss_weight=float(dien_aux_loss_weight))
+        if dien_hidden is not None or cfg.hidden_size is None:
+            cfg = replace(cfg, hidden_size=int(dien_hidden) if dien_hidden is not None else 2 * emb_dim)
     on = iacn is not None and iacn.enabled
     if on and iacn.sampler == "log_uniform" and item_log_q is None:
         raise ValueError("build_model: IaCN sampler 'log_uniform' needs item_log_q (log Q per item id)")

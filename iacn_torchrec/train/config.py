@@ -46,6 +46,8 @@ class ModelConfig:
     emb_dim: int = 18  # per table (orig part); DIEN reference code uses 18
     user_dim: int = 18
     dien_aux_loss_weight: float = 1.0
+    # DIEN's GRU/AUGRU hidden size; None: 2·emb_dim, the plain model's item width (reference code)
+    dien_hidden: int | None = None
     compile: bool = False  # torch.compile the main model in place (CTRWithIaCN.compile_submodules)
     # one process, unsharded: IaCN's forward+backward on a worker thread, overlapping the main model
     iacn_worker: bool = True
@@ -55,6 +57,8 @@ class ModelConfig:
             raise ConfigError(f"model.name={self.name!r}: choose one of {', '.join(MODELS)}")
         if self.emb_dim <= 0:
             raise ConfigError("model.emb_dim must be positive")
+        if self.dien_hidden is not None and self.dien_hidden <= 0:
+            raise ConfigError(f"model.dien_hidden must be positive (or null), got {self.dien_hidden}")
 
 
 @dataclass
