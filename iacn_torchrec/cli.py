@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
+
+from iacn_torchrec.runtime import apply_process_defaults
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,9 +66,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Idle OpenMP threads spin by default; on a shared or oversubscribed box that made a 2-thread
-    # step 10-100x slower (docs/results/performance.md). Must be set before torch is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # before torch is imported: OMP_WAIT_POLICY=PASSIVE, and glibc keeps freed memory (runtime.py)
+    apply_process_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)

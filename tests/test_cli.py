@@ -26,3 +26,23 @@ def test_train_bad_value_names_the_field(tmp_path):
     r = _iacn("train", "--data", str(tmp_path), "--set", "iacn.delta=2")
     assert r.returncode != 0
     assert "delta" in r.stderr and "Traceback" not in r.stderr
+
+
+
+def test_process_defaults_keep_freed_memory_unless_the_environment_says_otherwise(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from iacn_torchrec import runtime
+
+    for k in runtime.MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert runtime.keep_freed_memory()  # glibc accepts both settings
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # the user's own choice wins
+    assert not runtime.keep_freed_memory()
+    # a fresh `iacn` process gets OMP_WAIT_POLICY=PASSIVE unless the caller set it
+    code = "import os; from iacn_torchrec.cli import main; main([]); print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("PASSIVE")

@@ -22,7 +22,9 @@
    via ``os.wait4``), building the model and training 30 steps.
 
 Every worker runs with ``OMP_WAIT_POLICY=PASSIVE`` (ours and the peer alike): on a loaded machine
-OpenMP's spinning barriers otherwise make 2-thread runs many times slower than 1-thread runs.
+OpenMP's spinning barriers otherwise make 2-thread runs many times slower than 1-thread runs. Both
+also get :data:`iacn_torchrec.runtime.MALLOC_ENV` (glibc keeps freed memory), as the ``iacn``
+command sets for itself.
 """
 
 from __future__ import annotations
@@ -251,8 +253,14 @@ WORKERS = {"throughput": worker_throughput, "scaling": worker_scaling, "rss": wo
 
 # ------------------------------------------------------------------------------------ orchestrator
 def _env() -> dict[str, str]:
+    """Our workers' and the peer's environment alike: passive OpenMP waits, and glibc keeping freed
+    memory as the ``iacn`` command does (:mod:`iacn_torchrec.runtime`)."""
+    from iacn_torchrec.runtime import MALLOC_ENV
+
     env = dict(os.environ)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
+    for k, v in MALLOC_ENV.items():
+        env.setdefault(k, v)
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
 
