@@ -183,29 +183,34 @@ def test_capacity_matched_arm_is_width_without_capsules(tiny_prepared):
 
 
 def test_one_lookup_per_table_equals_torchrec_collection():
-    """InterestAwareEmbeddings looks each table up once (all its features' ids together); values and
-    the summed table gradients must equal TorchRec's per-feature EmbeddingCollection forward."""
+    """InterestAwareEmbeddings looks each table up once (all its features' ids together, sliced from
+    the KJT without to_dict); values and the summed table gradients must equal TorchRec's
+    per-feature EmbeddingCollection forward, and the key slices the KJT's own per-key view."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from iacn_torchrec.modules.embeddings import InterestAwareEmbeddings, _collection_lookup
+    from iacn_torchrec.modules.embeddings import InterestAwareEmbeddings, _collection_lookup, _key_slices
 
     torch.manual_seed(0)
     emb = InterestAwareEmbeddings(9, 30, 4, max_len=5, orig_dim=3, aux_dim=2, user_dim=3, with_neg_hist=True,
                                   with_iacn_negatives=True)
     kjt = bench.synthetic_batches(6, 5, 9, 30, 4, neg_hist=True, num_negatives=2, seed=3, count=1)[0]
     kjt = kjt.sparse_features
-    for ec in emb.collections().values():
-        def fresh() -> KeyedJaggedTensor:  # no shared to_dict() cache between the two paths
-            return KeyedJaggedTensor.from_lengths_sync(kjt.keys(), kjt.values(), kjt.lengths())
 
-        fast, ref = _collection_lookup(ec, fresh()), ec(fresh())
+    def fresh() -> KeyedJaggedTensor:  # no shared caches between the two paths
+        return KeyedJaggedTensor.from_lengths_sync(kjt.keys(), kjt.values(), kjt.lengths())
+
+    features, ref_jts = _key_slices(fresh()), fresh().to_dict()
+    assert list(features) == kjt.keys()
+    for k, (ids, lengths) in features.items():
+        assert torch.equal(ids, ref_jts[k].values()) and torch.equal(lengths, ref_jts[k].lengths())
+    for ec in emb.collections().values():
+        fast, ref = _collection_lookup(ec, fresh(), features), ec(fresh())
         assert set(fast) == set(ref)
         g = {k: torch.randn(v.values().shape) for k, v in ref.items()}
-        ga = torch.autograd.grad(sum((fast[k].values() * g[k]).sum() for k in g), list(ec.parameters()))
+        ga = torch.autograd.grad(sum((fast[k] * g[k]).sum() for k in g), list(ec.parameters()))
         gb = torch.autograd.grad(sum((ref[k].values() * g[k]).sum() for k in g), list(ec.parameters()))
         for k in ref:
-            torch.testing.assert_close(fast[k].values(), ref[k].values(), rtol=0, atol=0)
-            assert torch.equal(fast[k].lengths(), ref[k].lengths())
+            torch.testing.assert_close(fast[k], ref[k].values(), rtol=0, atol=0)
         for x, y in zip(ga, gb, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
 

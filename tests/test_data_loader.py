@@ -175,6 +175,9 @@ def test_iacn_negatives_features(small):
     batches = list(loader)
     kjt = batches[0].sparse_features
     assert kjt.keys()[-2:] == ["iacn_neg_item", "iacn_neg_cate"]
+    # the per-key sizes the loader passes in are the ones TorchRec computes from the lengths
+    fresh = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths())
+    assert kjt.length_per_key() == fresh.length_per_key() and kjt.offset_per_key() == fresh.offset_per_key()
     ni = kjt["iacn_neg_item"]
     assert (ni.lengths() == 6).all()
     assert torch.equal(kjt["iacn_neg_cate"].values(), torch.from_numpy(ds.item2cate)[ni.values()])

@@ -24,6 +24,7 @@ lengths are int64.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,8 +325,11 @@ class BatchLoader:
             values[o : o + B * S] = neg
             np.take(self.ds.item2cate, neg, out=values[o + B * S : o + 2 * B * S])
             lengths[(3 + len(hist_arrays)) * B :] = S
+        # per-key sizes from here (no torch sum + sync when the model slices the KJT by key)
+        per_key = lengths.reshape(len(self.keys), B).sum(1).tolist() if B else [0] * len(self.keys)
         kjt = KeyedJaggedTensor(
-            keys=self.keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+            keys=self.keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths), stride=B,
+            length_per_key=per_key, offset_per_key=[0, *itertools.accumulate(per_key)],
         )
         labels = torch.from_numpy(d.label[idx].astype(np.float32))
         return Batch(sparse_features=kjt, labels=labels)

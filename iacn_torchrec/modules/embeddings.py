@@ -267,18 +267,39 @@ class InterestAwareEmbeddings(nn.Module):
         pipeline the (sharded) collections' input distribution.
         """
         _check_features(kjt, self.feature_names())
-        orig = _collection_lookup(self.orig, kjt)
-        user = _collection_lookup(self.user, kjt) if self.user is not None else orig
-        aux = _collection_lookup(self.aux, kjt) if self.aux is not None else None
+        features = _key_slices(kjt)
+        orig = _collection_lookup(self.orig, kjt, features)
+        user = _collection_lookup(self.user, kjt, features) if self.user is not None else orig
+        aux = _collection_lookup(self.aux, kjt, features) if self.aux is not None else None
         return _assemble(
-            kjt, orig, user, aux, float(delta), bool(aux_views), self.max_len, self.aux_dim,
+            kjt, features, orig, user, aux, float(delta), bool(aux_views), self.max_len, self.aux_dim,
             self.with_neg_hist, self.with_iacn_negatives,
         )
 
 
-def _collection_lookup(ec: nn.Module, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
-    """``ec(kjt)``; for a plain (unsharded) ``EmbeddingCollection``, the same lookups with one
-    embedding call per *table* instead of one per feature.
+def _key_slices(kjt: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{key: (ids [n_key], lengths [B])}``: views into the KJT's values and lengths at its
+    ``offset_per_key`` (which the loader passes in).
+
+    What this module reads of a batch, without TorchRec's ``kjt.to_dict()``: that builds a
+    ``JaggedTensor`` per key, and with the per-table outputs those constructions were about half of
+    an unsharded forward's Python time (profiled). Variable-stride KJTs go through ``to_dict``.
+    """
+    if kjt.variable_stride_per_key():
+        return {k: (jt.values(), jt.lengths()) for k, jt in kjt.to_dict().items()}
+    offsets, values, lengths, B = kjt.offset_per_key(), kjt.values(), kjt.lengths(), kjt.stride()
+    return {
+        k: (values[offsets[i] : offsets[i + 1]], lengths[i * B : (i + 1) * B])
+        for i, k in enumerate(kjt.keys())
+    }
+
+
+def _collection_lookup(
+    ec: nn.Module, kjt: KeyedJaggedTensor, features: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, JaggedTensor | torch.Tensor]:
+    """``ec(kjt)`` (embedding name → ``JaggedTensor``); for a plain (unsharded)
+    ``EmbeddingCollection``, the same lookups with one embedding call per *table* instead of one per
+    feature, returning the embedded values ``[n, dim]`` only (the lengths are the batch's).
 
     TorchRec's unsharded collection looks up every feature separately, so a table read by F features
     gets F dense ``[rows, dim]`` gradients (each zero-filled, then summed) in backward; concatenating
@@ -288,24 +309,28 @@ def _collection_lookup(ec: nn.Module, kjt: KeyedJaggedTensor) -> dict[str, Jagge
     """
     if type(ec) is not EmbeddingCollection or isinstance(kjt, torch.fx.Proxy):
         return ec(kjt)  # sharded, or fx-traced (TorchRec pipelines keep the collections as leaves)
-    return _table_lookups(kjt, list(ec.embeddings.values()), ec._feature_names, ec.embedding_names_by_table())
+    return _table_lookups(features, list(ec.embeddings.values()), ec._feature_names,
+                          ec.embedding_names_by_table())
 
 
 def _table_lookups(
-    kjt: KeyedJaggedTensor, tables: list[nn.Module], feature_names: list[list[str]],
-    embedding_names: list[list[str]],
-) -> dict[str, JaggedTensor]:
-    jt = kjt.to_dict()
-    out: dict[str, JaggedTensor] = {}
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]], tables: list[nn.Module],
+    feature_names: list[list[str]], embedding_names: list[list[str]],
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
     for table, feats, names in zip(tables, feature_names, embedding_names):
-        ids = [jt[f].values() for f in feats]
+        ids = [features[f][0] for f in feats]
         if len(ids) == 1:
             pieces = [table(ids[0])]
         else:
             pieces = table(torch.cat(ids)).split([i.numel() for i in ids])
-        for f, name, values in zip(feats, names, pieces):
-            out[name] = JaggedTensor(values=values, lengths=jt[f].lengths())
+        out.update(zip(names, pieces))
     return out
+
+
+def _values(x: JaggedTensor | torch.Tensor) -> torch.Tensor:
+    """Embedded values of a lookup output (a sharded collection's ``JaggedTensor`` or ours)."""
+    return x if isinstance(x, torch.Tensor) else x.values()
 
 
 def _check_features(kjt: KeyedJaggedTensor, names: list[str]) -> None:
@@ -320,14 +345,12 @@ def _pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Ten
     return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], 0.0)
 
 
-def _fixed_length(jt: JaggedTensor, B: int, name: str) -> torch.Tensor:
+def _fixed_length(values: torch.Tensor, lengths: torch.Tensor, B: int, name: str) -> torch.Tensor:
     """Ids of a feature with the same length S for every sample → ``[B, S]``."""
-    values = jt.values()
     if B == 0 or values.numel() % B:
         raise ValueError(f"{__file__}: feature {name!r} must have the same length S for every sample "
                          f"(batch {B}, {values.numel()} ids)")
     S = values.numel() // B
-    lengths = jt.lengths()
     if lengths.device.type == "cpu" and bool((lengths != S).any()):
         raise ValueError(f"{__file__}: feature {name!r} must have the same length S={S} for every sample")
     return values.view(B, S)
@@ -335,9 +358,10 @@ def _fixed_length(jt: JaggedTensor, B: int, name: str) -> torch.Tensor:
 
 def _assemble(
     kjt: KeyedJaggedTensor,
-    orig: dict[str, JaggedTensor],
-    user_out: dict[str, JaggedTensor],
-    aux: dict[str, JaggedTensor] | None,
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    orig: dict[str, JaggedTensor | torch.Tensor],
+    user_out: dict[str, JaggedTensor | torch.Tensor],
+    aux: dict[str, JaggedTensor | torch.Tensor] | None,
     delta: float,
     aux_views: bool,
     max_len: int,
@@ -350,54 +374,51 @@ def _assemble(
     All features sharing the history lengths are concatenated on the jagged values first
     (``[N, D]``) and padded once per view, not once per feature or table.
     """
-    jt = kjt.to_dict()  # cached on the KJT (the unsharded collections built it already)
     B = kjt.stride()
+    ids = {k: v for k, (v, _) in features.items()}
     for key in ("uid", "item", "cate"):
-        n = jt[key].values().numel()
+        n = ids[key].numel()
         if n != B:
             raise ValueError(f"{__file__}: feature {key!r} must have exactly one id per sample "
                              f"(batch {B}, got {n} ids)")
-    hist_jt = jt["hist_item"]
-    hist_lengths = hist_jt.lengths().long()
-    hist_offsets = hist_jt.offsets()
-    n_hist = hist_jt.values().numel()
+    hist_lengths = features["hist_item"][1].long()
+    hist_offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(hist_lengths)
+    n_hist = ids["hist_item"].numel()
     if hist_lengths.device.type == "cpu" and hist_lengths.numel() and int(hist_lengths.max()) > max_len:
         raise ValueError(
             f"{__file__}: feature 'hist_item' has a history of length {int(hist_lengths.max())} > "
             f"max_len={max_len}; truncate histories in the loader"
         )
     # length-0 placeholders (an evaluation loader's): the keys exist, no view is built from them
-    if with_neg_hist and n_hist and not jt["neg_hist_item"].values().numel() \
-            and not jt["neg_hist_cate"].values().numel():
+    if with_neg_hist and n_hist and not ids["neg_hist_item"].numel() and not ids["neg_hist_cate"].numel():
         with_neg_hist = False
-    if with_iacn_negatives and not jt["iacn_neg_item"].values().numel() \
-            and not jt["iacn_neg_cate"].values().numel():
+    if with_iacn_negatives and not ids["iacn_neg_item"].numel() and not ids["iacn_neg_cate"].numel():
         with_iacn_negatives = False
     for key in ("hist_cate",) + (("neg_hist_item", "neg_hist_cate") if with_neg_hist else ()):
-        if jt[key].values().numel() != n_hist:
+        if ids[key].numel() != n_hist:
             raise ValueError(f"{__file__}: feature {key!r} must have the lengths of 'hist_item'")
 
     def main_values(item_f: str, cate_f: str) -> torch.Tensor:
         # [N, D] = item_orig ⊕ item_aux ⊕ cate_orig ⊕ cate_aux, aux halves with grad × δ
         if aux is None:
-            return torch.cat([orig[item_f].values(), orig[cate_f].values()], dim=1)
+            return torch.cat([_values(orig[item_f]), _values(orig[cate_f])], dim=1)
         return torch.cat([
-            orig[item_f].values(), scale_grad(aux[item_f].values(), delta),
-            orig[cate_f].values(), scale_grad(aux[cate_f].values(), delta),
+            _values(orig[item_f]), scale_grad(_values(aux[item_f]), delta),
+            _values(orig[cate_f]), scale_grad(_values(aux[cate_f]), delta),
         ], dim=1)
 
     def aux_values(item_f: str, cate_f: str) -> torch.Tensor:
         # [N, h] = item_aux ⊕ cate_aux with grad × (1-δ)
         assert aux is not None
-        return scale_grad(torch.cat([aux[item_f].values(), aux[cate_f].values()], dim=1), 1.0 - delta)
+        return scale_grad(torch.cat([_values(aux[item_f]), _values(aux[cate_f])], dim=1), 1.0 - delta)
 
     # The padded ``hist`` is built lazily from the jagged values: DIN reads the jagged values.
     out = EmbeddedBatch(
-        user=user_out["uid"].values(),
+        user=_values(user_out["uid"]),
         target=main_values("item", "cate"),
         hist=None,
         hist_lengths=hist_lengths,
-        target_ids=jt["item"].values(),
+        target_ids=ids["item"],
         hist_values=main_values("hist_item", "hist_cate"),
         hist_offsets=hist_offsets,
         max_len=max_len,
@@ -405,7 +426,7 @@ def _assemble(
     if with_neg_hist:
         out.neg_hist = _pad(main_values("neg_hist_item", "neg_hist_cate"), hist_offsets, max_len)
     if with_iacn_negatives:
-        out.negative_ids = _fixed_length(jt["iacn_neg_item"], B, "iacn_neg_item")
+        out.negative_ids = _fixed_length(*features["iacn_neg_item"], B, "iacn_neg_item")
     if aux is not None and aux_views:
         out.aux_target = aux_values("item", "cate")
         out.aux_hist_values = aux_values("hist_item", "hist_cate")  # padded on first .aux_hist access
@@ -419,3 +440,4 @@ def _assemble(
 torch.fx.wrap("_assemble")
 torch.fx.wrap("_check_features")
 torch.fx.wrap("_table_lookups")
+torch.fx.wrap("_key_slices")
