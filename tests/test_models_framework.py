@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import Batch, planted_batch
 from torchrec.distributed.train_pipeline.tracing import Tracer
 
-from iacn_torchrec.models.din import DIN
+from iacn_torchrec.models.din import DIN, DINConfig
 from iacn_torchrec.models.framework import CTRWithIaCN, build_model
 from iacn_torchrec.modules.embeddings import InterestAwareEmbeddings
 from iacn_torchrec.modules.iacn import IaCNConfig
@@ -192,17 +192,22 @@ def test_each_model_with_iacn_trains(name, sampler):
 
 
 @pytest.mark.parametrize(
-    "name,sampler", [("din", "uniform"), ("dien", "in_batch"), ("wide_deep", "log_uniform")]
+    "name,sampler,dropout",
+    [("din", "uniform", 0.0), ("dien", "in_batch", 0.0), ("wide_deep", "log_uniform", 0.0),
+     ("din", "in_batch", 0.3)],
 )
-def test_iacn_on_worker_thread_equals_serial(name, sampler):
+def test_iacn_on_worker_thread_equals_serial(name, sampler, dropout):
     """IaCN's forward+backward on the worker thread: the same losses, gradients and trained
-    parameters as the serial graph (up to float summation order), step after step."""
+    parameters as the serial graph (up to float summation order), step after step. With dropout the
+    main model draws from the global RNG too: the worker starts after the main forward, so the
+    draws come in the serial order."""
     cfg = IaCNConfig(enabled=True, lam=1.5, delta=0.3, aux_dim=4, sampler=sampler, num_negatives=S)
     log_q = torch.log_softmax(torch.randn(NI + 1, generator=torch.Generator().manual_seed(3)), 0)
+    main_cfg = DINConfig(dropout=dropout) if dropout else None
     models = []
     for worker in (False, True):
         torch.manual_seed(0)
-        m = build_model(name, NU, NI, NC, L, cfg, emb_dim=4, item_log_q=log_q)
+        m = build_model(name, NU, NI, NC, L, cfg, emb_dim=4, item_log_q=log_q, model_config=main_cfg)
         models.append(m.run_iacn_on_worker(worker))
     serial, threaded = models
     assert threaded.iacn_on_worker and not serial.iacn_on_worker

@@ -137,6 +137,13 @@ def test_random_init_in_training_matches_reference() -> None:
     )
     ref_caps, _ = ref_route(hist, lengths, m.bilinear, init, m.k_max, 3)
     assert torch.allclose(out1.capsules, ref_caps, atol=1e-10)
+    # training_logits is that draw, for a caller that fixes when it happens (padded: L; jagged: L_max)
+    drawn = m.training_logits(hist, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(drawn, init)
+    assert torch.equal(m.route(hist, lengths, init_logits=drawn).capsules, out1.capsules)
+    values = torch.cat([hist[b, : int(n)] for b, n in enumerate(lengths)]).float()
+    jagged = m.float().training_logits(JaggedTensor(values=values, lengths=lengths))
+    assert jagged.shape == (len(LENGTHS), m.k_max, m.max_len) and jagged.dtype == torch.float32
 
 
 def test_eval_is_deterministic_and_uses_the_seeded_buffer() -> None:

@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
@@ -147,14 +148,19 @@ class CTRWithIaCN(nn.Module):
 
         Item ids go along for accidental-hit masking, log Q of targets / negatives for the
         log-uniform sampler's correction. The user embedding is passed detached (``E_orig``, the
-        ``uid`` table included, is trained by the main loss only)."""
+        ``uid`` table included, is trained by the main loss only). In training the random routing
+        logits are drawn here, before the main model runs, whether IaCN then runs serially or on
+        the worker thread: the global RNG's draws come in one order (a main model with dropout
+        draws too), so the worker is deterministic and equals the serial run."""
+        assert self.iacn is not None
         neg_log_q = target_log_q = None
         if self.item_log_q is not None:
             target_log_q = self.item_log_q[emb.target_ids]
             if emb.negative_ids is not None:
                 neg_log_q = self.item_log_q[emb.negative_ids]
+        aux_hist = emb.aux_hist_jagged()  # jagged when possible: routing maps only the real behaviours
         return dict(
-            aux_hist=emb.aux_hist_jagged(),  # jagged when possible: routing maps only the real behaviours
+            aux_hist=aux_hist,
             hist_lengths=emb.hist_lengths,
             aux_target=emb.aux_target,
             # the user table belongs to E_orig, which gets g_main only: IaCN's user-profile layer
@@ -165,6 +171,9 @@ class CTRWithIaCN(nn.Module):
             target_log_q=target_log_q,
             target_ids=emb.target_ids,
             negative_ids=emb.negative_ids,
+            # not under fx tracing (TorchRec's pipelines trace this forward with IaCN as a leaf)
+            init_logits=self.iacn.routing.training_logits(aux_hist)
+            if self.iacn.routing.training and not isinstance(aux_hist, torch.fx.Proxy) else None,
         )
 
     def iacn_loss(self, emb: EmbeddedBatch, labels: torch.Tensor) -> torch.Tensor:
@@ -234,9 +243,10 @@ class CTRWithIaCN(nn.Module):
             finally:  # always answer the worker, even when the main model raised
                 loss_ready.set_result(None if loss is None else loss.detach())
         else:
+            iacn_inputs = self._iacn_inputs(emb) if run_iacn else {}  # before the main model (RNG order)
             logits, main_loss = self._main_loss(emb, labels)
             if run_iacn:
-                iacn_loss = self.iacn_loss(emb, labels)
+                iacn_loss = self.iacn(labels=labels, **iacn_inputs)
                 loss = main_loss + self.lam * iacn_loss
             else:
                 iacn_loss = torch.zeros((), device=logits.device)

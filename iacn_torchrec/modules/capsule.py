@@ -181,6 +181,23 @@ class InterestCapsuleRouting(nn.Module):
         )
         return mapped, lengths
 
+    def training_logits(
+        self, hist: torch.Tensor | JaggedTensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The training-mode initial logits :meth:`route` would draw for ``hist``: ``[B, K_max, L]``
+        from N(0, 1) (L = max_len for a jagged history, which is padded to it). For a caller that
+        must fix *when* the draw happens (the framework's IaCN worker thread)."""
+        if isinstance(hist, JaggedTensor):
+            return self._draw_logits(hist.lengths().numel(), self.max_len, hist.values(), generator)
+        return self._draw_logits(hist.shape[0], hist.shape[1], hist, generator)
+
+    def _draw_logits(
+        self, batch: int, seq_len: int, like: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        # no generator=None keyword: torch.compile cannot trace randn(generator=None) on symbolic sizes
+        extra = {} if generator is None else {"generator": generator}
+        return torch.randn(batch, self.k_max, seq_len, device=like.device, dtype=like.dtype, **extra)
+
     def route(
         self,
         hist: torch.Tensor | JaggedTensor,
@@ -229,11 +246,7 @@ class InterestCapsuleRouting(nn.Module):
                 )
             logits = init_logits.detach().to(mapped.dtype).expand(batch, self.k_max, seq_len)
         elif self.training:
-            # no generator=None keyword: torch.compile cannot trace randn(generator=None) on symbolic sizes
-            extra = {} if generator is None else {"generator": generator}
-            logits = torch.randn(
-                batch, self.k_max, seq_len, device=mapped.device, dtype=mapped.dtype, **extra
-            )
+            logits = self._draw_logits(batch, seq_len, mapped, generator)
         else:
             logits = self.eval_logits[:, :seq_len].to(mapped.dtype).expand(batch, self.k_max, seq_len)
 

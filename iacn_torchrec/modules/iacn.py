@@ -149,6 +149,7 @@ class IaCNTask(nn.Module):
         aux_target: torch.Tensor | None = None,
         user: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        init_logits: torch.Tensor | None = None,
     ) -> IaCNInterests:
         """Capsules, masks and weights for a batch (routing, then attention when a target is given).
 
@@ -158,7 +159,8 @@ class IaCNTask(nn.Module):
             if hist_lengths is not None and hist_lengths.shape != aux_hist.lengths().shape:
                 raise ValueError("IaCNTask: hist_lengths must match the JaggedTensor aux_hist's lengths")
             hist_lengths = None
-        routed = self.routing.route(aux_hist, hist_lengths, user=user, generator=generator)
+        routed = self.routing.route(aux_hist, hist_lengths, user=user, generator=generator,
+                                    init_logits=init_logits)
         attention = user_vec = None
         if aux_target is not None:
             attention = label_aware_attention_weights(
@@ -182,6 +184,7 @@ class IaCNTask(nn.Module):
         target_ids: torch.Tensor | None = None,
         negative_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        init_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The IaCN loss ``L_IaCN = mean over label-1 rows of -log P(e_t | v_u)``.
 
@@ -199,6 +202,8 @@ class IaCNTask(nn.Module):
             target_log_q: ``[B]`` log sampling probabilities of the targets (optional).
             target_ids, negative_ids: ``[B]``, ``[B, S]`` item ids to drop accidental hits (optional).
             generator: RNG for the training-mode routing logits (default: global RNG).
+            init_logits: ``[B, K_max, L]`` routing logits to use instead of drawing them (see
+                :meth:`InterestCapsuleRouting.training_logits`).
 
         Returns:
             a scalar; 0 (attached to the graph) when no row has label 1.
@@ -216,7 +221,8 @@ class IaCNTask(nn.Module):
                 raise ValueError(
                     "IaCNTask: sampler='log_uniform' needs neg_log_q [B, S] for the logQ correction"
                 )
-        out = self.interests(aux_hist, hist_lengths, aux_target, user=user, generator=generator)
+        out = self.interests(aux_hist, hist_lengths, aux_target, user=user, generator=generator,
+                             init_logits=init_logits)
         return sampled_softmax_loss(
             out.user_vec,
             aux_target,
