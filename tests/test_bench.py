@@ -46,11 +46,19 @@ def _args(**kw) -> argparse.Namespace:
 
 
 def test_throughput_worker_runs_every_arm(tiny_prepared):
+    from iacn_torchrec.data.loader import PreparedDataset
+
     a = _args(data=str(tiny_prepared), threads=1, rounds=2, block_samples=32, warmup=1,
-              arms=["din:0:16:0", "din:1:16:0", "dien:0:16:0", "dien:1:16:0"])
+              arms=["din:0:16:0", "din:1:16:0", "dien:0:16:0", "dien:1:16:0", "din:0:8:e"])
     res = bench.worker_throughput(a)
-    assert set(res["step_s"]) == {"din@16", "din+iacn@16", "dien@16", "dien+iacn@16"}
+    assert set(res["step_s"]) == {"din@16", "din+iacn@16", "dien@16", "dien+iacn@16", "din/eval@8"}
     assert all(len(v) == 2 and all(t > 0 for t in v) for v in res["step_s"].values())
+    # the evaluation arm times whole passes over the test split (one per round)
+    assert res["samples_per_step"] == {"din/eval@8": len(PreparedDataset.open(tiny_prepared).split("test"))}
+    assert bench.parse_arm("din:0:2048:e") == (bench.arm_overrides("din", "0", 128)
+                                                + ["data.eval_batch_size=2048"], "din/eval@2048")
+    with pytest.raises(ValueError, match="variant must be"):
+        bench.parse_arm("din:0:128:x")
 
 
 def test_scaling_worker_dense_and_fused_vocab(tiny_prepared):

@@ -9,12 +9,16 @@
    ``iacn_overhead = step_time(main+IaCN) / step_time(main)``; a capacity-matched control arm
    (``+aux``: the same main model with the aux tables, λ = 0, no sampled negatives) splits it into
    the wider main model's cost and ``iacn_overhead_vs_capacity_matched`` (the capsule network's own).
+   An evaluation arm (``din/eval@2048``: whole passes over the test split as ``iacn train``
+   evaluates, loader, worker threads and metrics included) runs in the same rounds →
+   ``eval_over_train`` (its samples/s over ``din@128``'s, paired per round).
 2. **Peer**: DeepCTR-Torch's DIN/DIEN through ``../shared/bench/peer_deepctr.py`` in ``.peer-venv``
    (``bash apps/peer_setup.sh``) on the same samples and threads; our DIN is measured alone in its
    own process (as the peer runs) right before and right after the peer and averaged →
    ``speedup_vs_deepctr``; the compiled and fused variants scale it by their interleaved ratio to
    ``din@128``. Full mode also trains one epoch of DIN each side for test AUC (eager and
-   compiled), and reads our evaluation throughput.
+   compiled); ``eval_over_train_epoch`` is that epoch's one cold end-of-epoch evaluation against
+   its training throughput (a ~0.3 s pass: thread start-up and first-touch memory weigh on it).
 3. **Scaling** on synthetic batches (seeded): step time vs history length L ∈ {10, 20, 50, 100}
    with/without IaCN; step time vs item vocabulary (12k, 1M, 10M rows) with the fused row-wise
    Adagrad table optimizer (TorchRec DMP, one process) vs dense Adam.
@@ -84,10 +88,14 @@ def arm_name(model: str, iacn: bool | str, batch: int, fused: bool = False, comp
 
 def parse_arm(spec: str) -> tuple[list[str], str]:
     """``model:iacn:batch:variant`` (variant ``0`` dense Adam, ``1`` fused row-wise Adagrad tables,
-    ``c`` the main model ``torch.compile``-d) → (config overrides, arm name)."""
+    ``c`` the main model ``torch.compile``-d, ``e`` evaluation passes over the test split in batches
+    of ``batch``) → (config overrides, arm name)."""
     model, iacn, batch, variant = spec.split(":")[:4]
-    if variant not in ("0", "1", "c"):
-        raise ValueError(f"benchmark arm {spec!r}: variant must be 0, 1 or c")
+    if variant not in ("0", "1", "c", "e"):
+        raise ValueError(f"benchmark arm {spec!r}: variant must be 0, 1, c or e")
+    if variant == "e":
+        sets = arm_overrides(model, iacn, 128) + [f"data.eval_batch_size={int(batch)}"]
+        return sets, arm_name(model, iacn, int(batch)).replace("@", "/eval@")
     flags = dict(fused=variant == "1", compiled=variant == "c")
     return arm_overrides(model, iacn, int(batch), **flags), arm_name(model, iacn, int(batch), **flags)
 
@@ -120,6 +128,31 @@ def _steps_on_dataset(data: str, sets: list[str], threads: int, seed: int = 0):
     setup = build_training(cfg, ds, item_log_q=item_log_q)
     setup.model.train()
     return setup.train_steps(_cycle(train_loader))
+
+
+def _evaluations_on_dataset(data: str, sets: list[str], threads: int, seed: int = 0):
+    """An endless iterator of full evaluation passes over the test split, as ``iacn train`` runs
+    them (its loader, cores and metrics): ``(test AUC, None)`` per pass. Returns it with the
+    number of samples a pass scores."""
+    import torch
+
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.distributed.setup import build_training
+    from iacn_torchrec.train.loop import evaluate, evaluation_cores, make_loaders, seed_everything
+
+    cfg = _config(data, sets + [f"seed={seed}"], threads)
+    seed_everything(cfg.seed)
+    ds = PreparedDataset.open(cfg.data.path)
+    _, test_loader, item_log_q = make_loaders(cfg, ds, 0, 1)
+    setup = build_training(cfg, ds, item_log_q=item_log_q)
+    cores = evaluation_cores(cfg, setup, 1)
+
+    def passes():
+        while True:
+            m = evaluate(setup.model, test_loader, setup.device, **cores)
+            yield torch.tensor(m["auc"]), None
+
+    return passes(), test_loader.num_samples
 
 
 # ------------------------------------------------------------------------------- synthetic batches
@@ -205,12 +238,16 @@ def worker_throughput(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(a.threads)
-    arms = {}
+    arms, samples = {}, {}
     for spec in a.arms:
         sets, name = parse_arm(spec)
+        if spec.split(":")[3] == "e":  # one evaluation pass per round
+            it, samples[name] = _evaluations_on_dataset(a.data, sets, a.threads)
+            arms[name] = (it, 1)
+            continue
         k = max(2, a.block_samples // int(spec.split(":")[2]))
         arms[name] = (_steps_on_dataset(a.data, sets, a.threads), k)
-    return {"step_s": _interleaved(arms, a.rounds, warmup=a.warmup)}
+    return {"step_s": _interleaved(arms, a.rounds, warmup=a.warmup), "samples_per_step": samples}
 
 
 def worker_scaling(a: argparse.Namespace) -> dict[str, Any]:
@@ -329,14 +366,18 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     specs += ["din:0:128:c", "din:1:128:c"]  # main model torch.compile-d (IaCN then runs serially)
     if not a.quick:
         specs += [f"din:{i}:128:1" for i in (0, 1)]  # fused sparse table optimizer arms
+    specs += ["din:0:2048:e"]  # evaluation passes over the test split, as `iacn train` evaluates
     _log(f"[1/4] throughput, interleaved: {', '.join(specs)}")
     tp, _ = run_process(_worker_cmd("throughput", a, specs, rounds=a.rounds, block_samples=a.block_samples,
                                     warmup=a.warmup))
-    step = tp["step_s"]
+    step = {k: v for k, v in tp["step_s"].items() if k not in tp["samples_per_step"]}
     table = {}
-    for name, ts in step.items():
-        batch = int(name.rsplit("@", 1)[1])
-        table[name] = {"step_ms": 1e3 * _med(ts), "samples_per_s": batch / _med(ts)}
+    for name, ts in tp["step_s"].items():
+        samples = tp["samples_per_step"].get(name, int(name.rsplit("@", 1)[1]))
+        table[name] = {"step_ms": 1e3 * _med(ts), "samples_per_s": samples / _med(ts)}
+    # evaluation vs training throughput, paired per round (DIN: a test-split pass vs a batch-128 step)
+    n_test = tp["samples_per_step"]["din/eval@2048"]
+    res["eval_over_train"] = n_test / 128 * _paired(tp["step_s"]["din@128"], tp["step_s"]["din/eval@2048"])
     overhead, vs_capacity, width = {}, {}, {}
     serial = {}
     for name in step:
@@ -397,7 +438,8 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
             res["ours_din_epoch"] = auc
             res["ours_din_compiled_epoch"], _ = run_process(_worker_cmd("auc", a, ["din:0:128:c"]))
             res["auc_delta_vs_deepctr"] = auc["test_auc"] - res["peer"]["din"]["test_auc"]
-            res["eval_over_train"] = auc["eval_samples_per_s"] / auc["train_samples_per_s"]
+            # the one cold evaluation at the end of that epoch, against the epoch's training
+            res["eval_over_train_epoch"] = auc["eval_samples_per_s"] / auc["train_samples_per_s"]
 
     if not a.quick:
         _log("[3/4] scaling: history length, then vocabulary")
@@ -474,6 +516,9 @@ def render(res: dict[str, Any]) -> str:
             f"{k} {v:.3f}" for k, v in res["iacn_overhead_vs_capacity_matched_by_arm"].items()))
         lines.append("width overhead (aux tables, λ=0, vs plain): " + ", ".join(
             f"{k} {v:.3f}" for k, v in res["width_overhead_by_arm"].items()))
+    if "eval_over_train" in res:
+        lines.append("evaluation / training throughput (DIN, test-split passes vs batch-128 steps, "
+                     f"paired per round): {res['eval_over_train']:.1f}x")
     if res.get("iacn_overhead_serial_by_arm"):
         lines.append("iacn_overhead with IaCN serial in the main thread (no worker): " + ", ".join(
             f"{k} {v:.3f}" for k, v in res["iacn_overhead_serial_by_arm"].items()))
@@ -493,7 +538,8 @@ def render(res: dict[str, Any]) -> str:
         if "ours_din_epoch" in res:
             o = res["ours_din_epoch"]
             lines.append(f"1 epoch DIN test AUC: ours {o['test_auc']:.4f} vs DeepCTR-Torch "
-                         f"{p['test_auc']:.4f}; eval/train throughput {res['eval_over_train']:.1f}x")
+                         f"{p['test_auc']:.4f}; its one cold end-of-epoch evaluation / the epoch's training: "
+                         f"{res['eval_over_train_epoch']:.1f}x")
             if "ours_din_compiled_epoch" in res:
                 lines.append(f"  compiled: test AUC {res['ours_din_compiled_epoch']['test_auc']:.4f}")
     if "scaling_length" in res:

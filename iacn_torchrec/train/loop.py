@@ -152,6 +152,15 @@ def evaluate(
     return metrics.compute()
 
 
+def evaluation_cores(config: TrainConfig, setup: Any, world_size: int) -> dict[str, int]:
+    """:func:`evaluate`'s keyword arguments for this process's cores (``setup``: a
+    ``TrainingSetup``): concurrent batches on an unsharded CPU model, intra-op threads otherwise."""
+    n = eval_threads(config, world_size)
+    if setup.sharded or setup.device.type != "cpu":
+        return {"threads": n}
+    return {"batch_workers": n}
+
+
 def eval_threads(config: TrainConfig, world_size: int) -> int:
     """``config.eval_threads``, or this process's share of the machine's cores."""
     if config.eval_threads:
@@ -169,7 +178,6 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    n_eval_threads = eval_threads(config, world_size)
     seed_everything(config.seed)
     out = Path(config.out)
     if rank == 0:
@@ -179,11 +187,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     train_loader, test_loader, item_log_q = make_loaders(config, ds, rank, world_size)
     setup = build_training(config, ds, item_log_q=item_log_q, rank=rank, world_size=world_size)
     model, optimizer, device = setup.model, setup.optimizer, setup.device
-    # evaluation's cores: concurrent batches on an unsharded CPU model, intra-op threads otherwise
-    if setup.sharded or device.type != "cpu":
-        eval_kw: dict[str, int] = {"threads": n_eval_threads}
-    else:
-        eval_kw = {"batch_workers": n_eval_threads}
+    eval_kw = evaluation_cores(config, setup, world_size)
 
     state = TrainState()
     resumed_from = None
