@@ -562,7 +562,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     n = 3 if "scaling_length" in res else 1
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False)
     ax = axes[0][0]
-    names = list(res["throughput"])
+    names = [k for k in res["throughput"] if "/eval@" not in k]  # training arms (evaluation: in the text)
     vals = [res["throughput"][k]["samples_per_s"] for k in names]
     colors = ["tab:orange" if "+iacn" in k else "tab:green" if "+aux" in k else "tab:blue" for k in names]
     if "peer" in res:
