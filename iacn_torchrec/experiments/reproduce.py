@@ -635,6 +635,16 @@ def _plt():
     return plt
 
 
+def _save(fig, ax, path: Path, ylabel: str, title: str) -> None:
+    """The plots' common ending: labels, legend, one PNG at 110 dpi, the figure closed."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def _plot_table1(args, summary: dict[str, Any], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -650,19 +660,15 @@ def _plot_table1(args, summary: dict[str, Any], path: Path) -> None:
             m, sd = mean_sd(vals)
             xs.append(i + (j - 1) * w)
             ms.append(m)
-            sds.append(0.0 if math.isnan(sd) else sd)
+            sds.append(_sd0(sd))
             ax.scatter([i + (j - 1) * w] * len(vals), vals, s=8, color="k", zorder=3)
         ax.bar(xs, ms, w, yerr=sds, capsize=3, label=label)
     allv = [v for s in summary.values() for arm in s["auc"].values() for v in arm.values()]
     if allv:
         ax.set_ylim(min(allv) - 0.01, max(allv) + 0.01)
     ax.set_xticks(range(len(args.models)), [MODEL_LABELS.get(m, m) for m in args.models])
-    ax.set_ylabel("test AUC (mean ± SD over seeds; dots: seeds)")
-    ax.set_title(f"{args.name}: IaCN on each main model")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, "test AUC (mean ± SD over seeds; dots: seeds)",
+          f"{args.name}: IaCN on each main model")
 
 
 def _plot_lines(
@@ -678,12 +684,7 @@ def _plot_lines(
                         marker="o", capsize=3, label=label)
     ax.set_xticks(xs)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test AUC (mean ± SD over seeds)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, "test AUC (mean ± SD over seeds)", title)
 
 
 def _plot_delta(args, summary: dict[float, Any], base: dict[int, float], path: Path) -> None:
@@ -700,12 +701,7 @@ def _plot_delta(args, summary: dict[float, Any], base: dict[int, float], path: P
         if not math.isnan(sd):
             ax.axhspan(m - sd, m + sd, color="gray", alpha=0.15)
     ax.set_xlabel("δ (main model's share of the E_aux gradient)")
-    ax.set_ylabel("test AUC (mean ± SD over seeds)")
-    ax.set_title(f"{args.name}: δ sweep")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, "test AUC (mean ± SD over seeds)", f"{args.name}: δ sweep")
 
 
 # ============================================================================================= CLI
