@@ -115,8 +115,8 @@ def _cycle(loader):
         epoch += 1
 
 
-def _steps_on_dataset(data: str, sets: list[str], threads: int, seed: int = 0):
-    """An endless step iterator of one arm on the prepared dataset (data loading included)."""
+def _setup_on_dataset(data: str, sets: list[str], threads: int, seed: int):
+    """One arm built as ``iacn train`` builds it: ``(config, train loader, test loader, setup)``."""
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.distributed.setup import build_training
     from iacn_torchrec.train.loop import make_loaders, seed_everything
@@ -124,8 +124,13 @@ def _steps_on_dataset(data: str, sets: list[str], threads: int, seed: int = 0):
     cfg = _config(data, sets + [f"seed={seed}"], threads)
     seed_everything(cfg.seed)
     ds = PreparedDataset.open(cfg.data.path)
-    train_loader, _, item_log_q = make_loaders(cfg, ds, 0, 1)
-    setup = build_training(cfg, ds, item_log_q=item_log_q)
+    train_loader, test_loader, item_log_q = make_loaders(cfg, ds, 0, 1)
+    return cfg, train_loader, test_loader, build_training(cfg, ds, item_log_q=item_log_q)
+
+
+def _steps_on_dataset(data: str, sets: list[str], threads: int, seed: int = 0):
+    """An endless step iterator of one arm on the prepared dataset (data loading included)."""
+    _, train_loader, _, setup = _setup_on_dataset(data, sets, threads, seed)
     setup.model.train()
     return setup.train_steps(_cycle(train_loader))
 
@@ -136,15 +141,9 @@ def _evaluations_on_dataset(data: str, sets: list[str], threads: int, seed: int 
     number of samples a pass scores."""
     import torch
 
-    from iacn_torchrec.data.loader import PreparedDataset
-    from iacn_torchrec.distributed.setup import build_training
-    from iacn_torchrec.train.loop import evaluate, evaluation_cores, make_loaders, seed_everything
+    from iacn_torchrec.train.loop import evaluate, evaluation_cores
 
-    cfg = _config(data, sets + [f"seed={seed}"], threads)
-    seed_everything(cfg.seed)
-    ds = PreparedDataset.open(cfg.data.path)
-    _, test_loader, item_log_q = make_loaders(cfg, ds, 0, 1)
-    setup = build_training(cfg, ds, item_log_q=item_log_q)
+    cfg, _, test_loader, setup = _setup_on_dataset(data, sets, threads, seed)
     cores = evaluation_cores(cfg, setup, 1)
 
     def passes():
