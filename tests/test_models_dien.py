@@ -26,6 +26,24 @@ def rand_emb(seed: int, min_len: int = 0, garbage: float | None = None, extra: i
                          hist_lengths=lengths, neg_hist=neg)
 
 
+def jagged(emb: EmbeddedBatch) -> EmbeddedBatch:
+    """The same batch as the lookups give it: jagged history / negative values, padded lazily."""
+    lengths = emb.hist_lengths
+    real = torch.arange(emb.hist.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    out = EmbeddedBatch(emb.user, emb.target, None, lengths, hist_values=emb.hist[real],
+                        hist_offsets=offsets, max_len=emb.hist.shape[1])
+    out.neg_hist_values = emb.neg_hist[real] if emb.neg_hist is not None else None
+    return out
+
+
+def as_given(emb: EmbeddedBatch) -> EmbeddedBatch:
+    return emb
+
+
+BOTH_PATHS = pytest.mark.parametrize("view", [as_given, jagged], ids=["padded", "jagged"])
+
+
 def test_augru_cell_is_gru_cell_when_attention_is_one():
     torch.manual_seed(0)
     gru = torch.nn.GRUCell(4, 6)
@@ -85,15 +103,17 @@ def reference_dien(model: DIEN, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch
     return torch.cat(xs), aux
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("hidden", [None, 5])
-def test_dien_forward_and_aux_loss_against_loop(hidden):
+def test_dien_forward_and_aux_loss_against_loop(hidden, view):
     torch.manual_seed(0)
     model = DIEN(DU, D, L, DIENConfig(aux_loss_weight=0.7, hidden_size=hidden))
     assert model.gru.hidden_size == model.augru.cell.hidden_size == (hidden or D)
     emb = rand_emb(1)
+    assert (emb.hist_lengths == 0).any() and (emb.hist_lengths == L).any()
     seen = {}
     model.tower.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
-    logits, aux = model(emb)
+    logits, aux = model(view(emb))
     x_ref, aux_ref = reference_dien(model, emb)
     torch.testing.assert_close(seen["x"], x_ref)
     torch.testing.assert_close(aux, 0.7 * aux_ref)
@@ -116,6 +136,56 @@ def test_dien_aux_loss_ignores_negatives_it_must_not_see():
     changed.neg_hist[:, 1] += 1.0
     _, aux3 = model(changed)
     assert not torch.allclose(aux3, aux)
+
+
+def test_dien_jagged_path_equals_padded_path_with_gradients():
+    """The packed (jagged) path and the padded path: same logits, auxiliary loss and gradients for
+    every parameter and both inputs, including rows without behaviours."""
+    torch.manual_seed(0)
+    model = DIEN(DU, D, L, DIENConfig(hidden_size=5))
+    emb = rand_emb(6)
+    emb.hist_lengths[0] = 0
+    emb.hist[0] = 0.0
+    jag = jagged(emb)
+    for e in (emb, jag):
+        e.target.requires_grad_(True)
+    jag.hist_values.requires_grad_(True)
+    emb.hist.requires_grad_(True)
+    results = []
+    for e, hist in ((emb, emb.hist), (jag, jag.hist_values)):
+        logits, aux = model(e)
+        loss = (logits * torch.arange(1.0, B + 1)).sum() + aux
+        grads = torch.autograd.grad(loss, [e.target, hist] + list(model.parameters()))
+        results.append((logits, aux, grads))
+    (la, aa, ga), (lb, ab, gb) = results
+    torch.testing.assert_close(lb, la)
+    torch.testing.assert_close(ab, aa)
+    real = torch.arange(L).unsqueeze(0) < emb.hist_lengths.unsqueeze(1)
+    torch.testing.assert_close(gb[0], ga[0])
+    torch.testing.assert_close(gb[1], ga[1][real])
+    for x, y in zip(gb[2:], ga[2:], strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_augru_packed_equals_padded():
+    from iacn_torchrec.models.layers import pack_history
+
+    torch.manual_seed(0)
+    augru = AUGRU(4, 6)
+    lengths = torch.tensor([3, 0, 8, 1, 8, 5])
+    real = torch.arange(8)[None] < lengths[:, None]
+    x = torch.randn(6, 8, 4)
+    att = torch.rand(6, 8) * real
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    packed = pack_history(lengths, offsets)
+    assert packed.batch_sizes.tolist() == [5, 4, 4, 3, 3, 2, 2, 2]
+    assert packed.order.tolist() == [2, 4, 5, 0, 3, 1]
+    live = augru.forward_packed(x[real][packed.index], att[real][packed.index], packed.batch_sizes)
+    assert live.shape == (5, 6)
+    torch.testing.assert_close(live, augru(x, att)[packed.order[:5]])
+    # rows and has_next: each packed entry's row, and whether its row goes on
+    t = torch.arange(8).unsqueeze(0).expand(6, 8)[real][packed.index]
+    assert torch.equal(lengths[packed.rows] > t + 1, packed.has_next)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -146,13 +216,14 @@ def test_dien_needs_neg_hist_only_for_training():
     assert no_aux(emb)[1] is None
 
 
-def test_dien_single_behaviour_histories_give_zero_aux_loss():
+@BOTH_PATHS
+def test_dien_single_behaviour_histories_give_zero_aux_loss(view):
     torch.manual_seed(0)
     model = DIEN(DU, D, L)
     emb = rand_emb(5)
     emb.hist_lengths.clamp_(max=1)
     emb.hist[:, 1:] = 0
-    logits, aux = model(emb)
+    logits, aux = model(view(emb))
     assert aux.item() == 0.0 and torch.isfinite(logits).all()
     (logits.sum() + aux).backward()
 

@@ -8,8 +8,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
-from iacn_torchrec.models.layers import MLP, AttentionUnit, effective_length, masked_sum, sequence_mask
+from iacn_torchrec.models.layers import (
+    MLP,
+    AttentionUnit,
+    effective_length,
+    jagged_history,
+    masked_sum,
+    pack_history,
+    segment_ids,
+    sequence_mask,
+)
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
 
 __all__ = ["DIENConfig", "DIEN", "AUGRUCell", "AUGRU", "next_behaviour_aux_loss"]
@@ -105,6 +115,28 @@ class AUGRU(nn.Module):
             h = self.cell.step(gi_t, h, a_t)
         return h
 
+    def forward_packed(
+        self, inputs: torch.Tensor, att: torch.Tensor, batch_sizes: torch.Tensor
+    ) -> torch.Tensor:
+        """The same recurrence on packed inputs ``[N, Din]`` and attention ``[N]`` (the order of
+        :func:`~iacn_torchrec.models.layers.pack_history`, ``batch_sizes [T]``): each step updates
+        only the rows still running, so the work is ∝ N, not B·T.
+
+        Returns the final states ``[batch_sizes[0], H]`` of the rows with a behaviour, longest first.
+        """
+        gi = self.cell.input_projection(inputs)  # one matmul for all N behaviours
+        h = inputs.new_zeros(int(batch_sizes[0]), self.cell.hidden_size)
+        done: list[torch.Tensor] = []  # rows whose history has ended, shortest first
+        start = 0
+        for size in batch_sizes.tolist():
+            if size < h.shape[0]:
+                done.append(h[size:])
+                h = h[:size]
+            h = self.cell.step(gi[start : start + size], h, att[start : start + size])
+            start += size
+        done.append(h)
+        return torch.cat(done[::-1])
+
 
 def next_behaviour_aux_loss(
     net: nn.Module,
@@ -122,11 +154,17 @@ def next_behaviour_aux_loss(
     Shapes: states ``[B, T, H]``, hist / neg_hist ``[B, T, D]``, mask ``[B, T]`` (real positions).
     """
     valid = mask[:, 1:]  # position t is used iff t+1 is a real behaviour
-    h = states[:, :-1][valid]  # [V, H]: only valid rows reach the MLP
+    # only valid rows reach the MLP
+    return _next_behaviour_loss(net, states[:, :-1][valid], hist[:, 1:][valid], neg_hist[:, 1:][valid])
+
+
+def _next_behaviour_loss(
+    net: nn.Module, h: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+) -> torch.Tensor:
+    """:func:`next_behaviour_aux_loss` on its V selected triples: states ``h [V, H]``, next real
+    behaviours ``pos [V, D]``, sampled negatives ``neg [V, D]``."""
     if h.shape[0] == 0:
-        return states.sum() * 0.0
-    pos = hist[:, 1:][valid]
-    neg = neg_hist[:, 1:][valid]
+        return h.sum() * 0.0
     logits = net(torch.cat([torch.cat([h, pos], 1), torch.cat([h, neg], 1)], 0)).squeeze(-1)  # [2V]
     V = h.shape[0]
     targets = torch.cat([logits.new_ones(V), logits.new_zeros(V)])
@@ -142,6 +180,10 @@ class DIEN(nn.Module):
     states (needs ``emb.neg_hist``; computed in training mode only). Interest evolution: attention of
     the target over the extractor states (masked softmax) drives an :class:`AUGRU`; its final state
     ``h'`` joins the tower input ``[user, e_t, Σ e_i, e_t·Σ e_i, h']`` → BN → 200 → 80 → 1.
+
+    With the lookups' jagged values (``emb.hist_values``, as in training and evaluation) all of it
+    runs on the N real behaviours in packed order (:func:`~iacn_torchrec.models.layers.pack_history`);
+    the padded views give the same function (serving, hand-built batches).
 
     ``forward`` returns (logits ``[B]``, ``aux_loss_weight · L_aux`` or None).
     """
@@ -164,6 +206,31 @@ class DIEN(nn.Module):
                          dropout=config.dropout)
 
     def forward(self, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The lookups' jagged values: both recurrences, the attention and the auxiliary loss run on
+        # the N real behaviours. A padded-only batch (serving, hand-built), one without any
+        # behaviour, or torch.compile (the packed steps are data-dependent) takes the padded path.
+        if emb.hist_values is not None and emb.hist_values.shape[0] and not torch.compiler.is_compiling():
+            final, hist_sum, aux_loss = self._evolve_jagged(emb)
+        else:
+            final, hist_sum, aux_loss = self._evolve_padded(emb)
+        x = torch.cat([emb.user, emb.target, hist_sum, emb.target * hist_sum, final], dim=1)
+        return self.tower(x).squeeze(-1), aux_loss
+
+    def _needs_aux_loss(self, emb: EmbeddedBatch) -> bool:
+        if not self.training or self.config.aux_loss_weight == 0:
+            return False
+        if emb.neg_hist_values is None and emb.neg_hist is None:
+            raise ValueError(
+                f"{__file__}: DIEN's auxiliary loss needs EmbeddedBatch.neg_hist "
+                "(build the embeddings with with_neg_hist=True and a loader with with_neg_hist=True), "
+                "or set DIENConfig.aux_loss_weight=0"
+            )
+        return True
+
+    def _evolve_padded(
+        self, emb: EmbeddedBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(h' [B, H], Σ e_i [B, D], weighted L_aux or None)`` from the padded ``[B, L, D]`` views."""
         T = effective_length(emb.hist_lengths, emb.hist.shape[1])
         hist = emb.hist[:, :T]
         mask = sequence_mask(emb.hist_lengths, T)
@@ -171,19 +238,38 @@ class DIEN(nn.Module):
         states = states * mask.unsqueeze(-1)  # [B, T, H], zero past n
 
         aux_loss = None
-        if self.training and self.config.aux_loss_weight != 0:
-            if emb.neg_hist is None:
-                raise ValueError(
-                    f"{__file__}: DIEN's auxiliary loss needs EmbeddedBatch.neg_hist "
-                    "(build the embeddings with with_neg_hist=True and a loader with with_neg_hist=True), "
-                    "or set DIENConfig.aux_loss_weight=0"
-                )
+        if self._needs_aux_loss(emb):
             aux_loss = self.config.aux_loss_weight * next_behaviour_aux_loss(
                 self.aux_net, states, hist, emb.neg_hist[:, :T], mask
             )
-
         _, att = self.attention(emb.target, states, mask)  # att [B, T], zero at padding
-        final = self.augru(states, att)
-        hist_sum = masked_sum(hist, mask)
-        x = torch.cat([emb.user, emb.target, hist_sum, emb.target * hist_sum, final], dim=1)
-        return self.tower(x).squeeze(-1), aux_loss
+        return self.augru(states, att), masked_sum(hist, mask), aux_loss
+
+    def _evolve_jagged(
+        self, emb: EmbeddedBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The same function on the jagged ``hist_values [N, D]``, in packed (time-major) order:
+        ``nn.GRU`` on a ``PackedSequence``, the attention's segment softmax, the AUGRU on the live
+        rows only; each row's final state is scattered back (zero for a row without behaviours)."""
+        values, lengths = emb.hist_values, emb.hist_lengths
+        B = lengths.shape[0]
+        packed = pack_history(lengths, emb.hist_offsets)
+        out, _ = self.gru(PackedSequence(values.index_select(0, packed.index), packed.batch_sizes))
+        states = out.data  # [N, H]; causal, so each state has seen only its row's behaviours so far
+
+        aux_loss = None
+        if self._needs_aux_loss(emb):
+            neg = emb.neg_hist_values
+            if neg is None:
+                neg, _ = jagged_history(emb.neg_hist, lengths)
+            following = packed.index[packed.has_next] + 1  # jagged position of behaviour t+1
+            aux_loss = self.config.aux_loss_weight * _next_behaviour_loss(
+                self.aux_net, states[packed.has_next], values.index_select(0, following),
+                neg.index_select(0, following),
+            )
+        _, att = self.attention.forward_jagged(emb.target, states, packed.rows, B)  # att [N]
+        live = self.augru.forward_packed(states, att, packed.batch_sizes)
+        final = live.new_zeros(B, live.shape[1]).index_copy(0, packed.order[: live.shape[0]], live)
+        hist_sum = values.new_zeros(B, values.shape[1]).index_add(
+            0, segment_ids(lengths, values.shape[0]), values)
+        return final, hist_sum, aux_loss

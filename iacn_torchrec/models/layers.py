@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,6 +18,8 @@ __all__ = [
     "effective_length",
     "jagged_history",
     "segment_ids",
+    "PackedHistory",
+    "pack_history",
     "MASK_FILL",
 ]
 
@@ -141,6 +144,41 @@ def jagged_history(hist: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Ten
     return hist[sequence_mask(lengths, hist.shape[1])], segment_ids(lengths)
 
 
+class PackedHistory(NamedTuple):
+    """A jagged history in :class:`torch.nn.utils.rnn.PackedSequence` order, for recurrences that
+    step only the rows still running (see :func:`pack_history`).
+
+    order: ``[B]`` the rows sorted by length, longest first (stable); rank r is row ``order[r]``.
+    batch_sizes: ``[T]`` int64 on the CPU: at step t the ranks ``< batch_sizes[t]`` are live
+        (``T`` = the longest history; rows with no behaviour are never live).
+    index: ``[N]`` the jagged (sample-major) position of each packed entry: packed ``x`` =
+        ``values[index]``.
+    rows: ``[N]`` the row of each packed entry.
+    has_next: ``[N]`` bool, the entry is not its row's last behaviour.
+    """
+
+    order: torch.Tensor
+    batch_sizes: torch.Tensor
+    index: torch.Tensor
+    rows: torch.Tensor
+    has_next: torch.Tensor
+
+
+def pack_history(lengths: torch.Tensor, offsets: torch.Tensor) -> PackedHistory:
+    """Time-major packing of a jagged history with ``lengths [B]`` and ``offsets [B + 1]``: step
+    t holds, longest row first, the t-th behaviour of every row longer than t. A recurrence over it
+    does work ∝ ``N = Σ n_b``, not ``B·T`` (Beauty: ~6.6 real behaviours of 20)."""
+    lengths = lengths.long()
+    sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
+    steps = torch.arange(int(sorted_lengths[0]) if lengths.numel() else 0, device=lengths.device)
+    live = steps.unsqueeze(1) < sorted_lengths.unsqueeze(0)  # [T, B], time-major
+    starts = offsets[:-1].index_select(0, order)
+    index = (starts.unsqueeze(0) + steps.unsqueeze(1))[live]
+    rows = order.unsqueeze(0).expand_as(live)[live]
+    has_next = (steps.unsqueeze(1) + 1 < sorted_lengths.unsqueeze(0))[live]
+    return PackedHistory(order, live.sum(1).cpu(), index, rows, has_next)
+
+
 def effective_length(hist_lengths: torch.Tensor, max_len: int) -> int:
     """Longest history in the batch (CPU: saves the work on all-padding columns); L on accelerators,
     where reading the max would stall the stream."""
@@ -215,7 +253,7 @@ class AttentionUnit(nn.Module):
 
         Args:
             query: ``[B, Dq]``. values: ``[N, Dk]`` the keys of every row, row-major (oldest first).
-            segments: ``[N]`` int64 row index of each value (sorted). num_rows: B.
+            segments: ``[N]`` int64 row index of each value (in any order). num_rows: B.
 
         Returns ``(output [B, Dk], weights [N])``: per row the (softmax-normalised) weights over its
         own positions; a row without positions gets a zero output, as in :meth:`forward`.

@@ -47,7 +47,8 @@ class EmbeddedBatch:
             batch was built from jagged values (``hist_values``) it is padded on first access only,
             so a main model that works on the jagged values never pays for the padding.
         hist_lengths: ``[B]`` int64 number of real behaviours ``n_u ≤ L``.
-        neg_hist: ``[B, L, D]`` DIEN's sampled negative behaviours (zero past ``hist_lengths``) or None.
+        neg_hist: ``[B, L, D]`` DIEN's sampled negative behaviours (zero past ``hist_lengths``) or None;
+            padded on first access from ``neg_hist_values`` when those exist.
         aux_target: ``[B, h]`` ``c_t = E_aux(item) ⊕ E_aux(cate)`` (grad × (1-δ)), ``h = 2·aux_dim``;
             None without aux tables or when aux views were not requested.
         aux_hist: ``[B, L, h]`` ``c_i`` of the history (grad × (1-δ)), zero past ``hist_lengths``, or None;
@@ -58,6 +59,8 @@ class EmbeddedBatch:
         hist_values: ``[N, D]`` the history's jagged values (``N = Σ n_u``, sample-major, oldest
             first), or None when only the padded view exists.
         hist_offsets: ``[B + 1]`` offsets of ``hist_values`` (with ``hist_values``), or None.
+        neg_hist_values: ``[N, D]`` the negative behaviours' jagged values (offsets ``hist_offsets``),
+            or None.
     """
 
     def __init__(
@@ -81,11 +84,12 @@ class EmbeddedBatch:
             raise ValueError("EmbeddedBatch: give hist [B, L, D] or hist_values, hist_offsets and max_len")
         self.user, self.target, self.hist_lengths = user, target, hist_lengths
         self._hist = hist
-        self.neg_hist, self.aux_target, self._aux_hist = neg_hist, aux_target, aux_hist
+        self._neg_hist, self.aux_target, self._aux_hist = neg_hist, aux_target, aux_hist
         self.aux_negatives = aux_negatives
         self.target_ids, self.negative_ids = target_ids, negative_ids
         self.hist_values, self.hist_offsets, self._max_len = hist_values, hist_offsets, max_len
         self.aux_hist_values: torch.Tensor | None = None
+        self.neg_hist_values: torch.Tensor | None = None
 
     @property
     def hist(self) -> torch.Tensor:
@@ -96,6 +100,16 @@ class EmbeddedBatch:
     @hist.setter
     def hist(self, value: torch.Tensor) -> None:
         self._hist = value
+
+    @property
+    def neg_hist(self) -> torch.Tensor | None:
+        if self._neg_hist is None and self.neg_hist_values is not None:
+            self._neg_hist = _pad(self.neg_hist_values, self.hist_offsets, self._max_len)
+        return self._neg_hist
+
+    @neg_hist.setter
+    def neg_hist(self, value: torch.Tensor | None) -> None:
+        self._neg_hist = value
 
     @property
     def aux_hist(self) -> torch.Tensor | None:
@@ -118,7 +132,8 @@ class EmbeddedBatch:
     def __repr__(self) -> str:
         shapes = {k: (list(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in (
             ("user", self.user), ("target", self.target), ("hist", self._hist),
-            ("hist_values", self.hist_values), ("neg_hist", self.neg_hist), ("aux_hist", self._aux_hist),
+            ("hist_values", self.hist_values), ("neg_hist", self._neg_hist),
+            ("neg_hist_values", self.neg_hist_values), ("aux_hist", self._aux_hist),
             ("aux_negatives", self.aux_negatives))}
         return f"EmbeddedBatch({shapes})"
 
@@ -424,7 +439,8 @@ def _assemble(
         max_len=max_len,
     )
     if with_neg_hist:
-        out.neg_hist = _pad(main_values("neg_hist_item", "neg_hist_cate"), hist_offsets, max_len)
+        # padded on first .neg_hist access (DIEN reads the jagged values)
+        out.neg_hist_values = main_values("neg_hist_item", "neg_hist_cate")
     if with_iacn_negatives:
         out.negative_ids = _fixed_length(*features["iacn_neg_item"], B, "iacn_neg_item")
     if aux is not None and aux_views:
