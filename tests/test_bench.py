@@ -45,6 +45,19 @@ def _args(**kw) -> argparse.Namespace:
     return a
 
 
+def test_epoch_worker_measures_our_loop_like_the_peer(tiny_prepared):
+    """speedup_vs_deepctr compares whole epochs of each library's own loop: the worker runs `iacn
+    train` for one epoch (or, for --quick, as many steps as the peer's rows need)."""
+    from iacn_torchrec.data.loader import PreparedDataset
+
+    n_train = len(PreparedDataset.open(tiny_prepared).split("train").label)
+    full = bench.worker_auc(_args(data=str(tiny_prepared), threads=1, arms=["din:0:16:0"]))
+    assert full["train_samples"] == n_train and full["train_samples_per_s"] > 0
+    assert 0.0 < full["test_auc"] < 1.0
+    short = bench.worker_auc(_args(data=str(tiny_prepared), threads=1, arms=["din:0:16:0"], max_steps=3))
+    assert short["train_samples"] == 3 * 16
+
+
 def test_throughput_worker_runs_every_arm(tiny_prepared):
     from iacn_torchrec.data.loader import PreparedDataset
 

@@ -13,12 +13,14 @@
    evaluates, loader, worker threads and metrics included) runs in the same rounds →
    ``eval_over_train`` (its samples/s over ``din@128``'s, paired per round).
 2. **Peer**: DeepCTR-Torch's DIN/DIEN through ``../shared/bench/peer_deepctr.py`` in ``.peer-venv``
-   (``bash apps/peer_setup.sh``) on the same samples and threads; our DIN is measured alone in its
-   own process (as the peer runs) right before and right after the peer and averaged →
-   ``speedup_vs_deepctr``; the compiled and fused variants scale it by their interleaved ratio to
-   ``din@128``. Full mode also trains one epoch of DIN each side for test AUC (eager and
-   compiled); ``eval_over_train_epoch`` is that epoch's one cold end-of-epoch evaluation against
-   its training throughput (a ~0.3 s pass: thread start-up and first-touch memory weigh on it).
+   (``bash apps/peer_setup.sh``) on the same samples and threads. Measured as the peer measures
+   itself: train samples/s over one full epoch of the library's own loop (data loading, forward,
+   backward, optimizer); ours is one epoch of ``iacn train`` right before and one right after the
+   peer's epoch, averaged → ``speedup_vs_deepctr`` (``--quick``: the same number of rows each side,
+   the peer's ``--peer-limit``). The compiled and fused variants scale it by their interleaved
+   ratio to ``din@128``. The full epochs also give the test AUC of both (and of our compiled DIN);
+   ``eval_over_train_epoch`` is our first epoch's one cold end-of-epoch evaluation against its
+   training throughput (a ~0.3 s pass: thread start-up and first-touch memory weigh on it).
 3. **Scaling** on synthetic batches (seeded): step time vs history length L ∈ {10, 20, 50, 100}
    with/without IaCN; step time vs item vocabulary (12k, 1M, 10M rows) with the fused row-wise
    Adagrad table optimizer (TorchRec DMP, one process) vs dense Adam.
@@ -277,11 +279,13 @@ def worker_auc(a: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="iacn-bench-") as out:
         run_sets = [f"out={json.dumps(out)}", "epochs=1", "resume=false", "checkpoint_every=0"]
+        if a.max_steps:
+            run_sets.append(f"max_steps={a.max_steps}")
         sets = parse_arm(a.arms[0])[0] + run_sets
         cfg = _config(a.data, sets, a.threads)
         r = train(cfg)
-    return {"test_auc": r["test"]["auc"], "train_samples_per_s": r["train_samples_per_s"],
-            "eval_samples_per_s": r["eval_samples_per_s"]}
+    return {"test_auc": r["test"]["auc"], "train_samples": r["train_samples"],
+            "train_samples_per_s": r["train_samples_per_s"], "eval_samples_per_s": r["eval_samples_per_s"]}
 
 
 WORKERS = {"throughput": worker_throughput, "scaling": worker_scaling, "rss": worker_rss, "auc": worker_auc}
@@ -402,24 +406,26 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
         res["iacn_overhead_vs_capacity_matched_dien"] = vs_capacity["dien@128"]
 
     if not a.no_peer:
-        _log("[2/4] DeepCTR-Torch peer (DIN), our DIN alone in its own process right before and after it")
+        _log("[2/4] DeepCTR-Torch peer (DIN), one epoch; ours, one epoch of `iacn train` right before and "
+             "after it")
+        limit = a.peer_limit if a.quick else None
+        steps = {"max_steps": -(-limit // 128)} if limit else {}
 
-        def ours_alone() -> float:
-            # alone in its own process, as the peer runs (like for like with the peer's figure)
-            r, _ = run_process(_worker_cmd("throughput", a, ["din:0:128:0"], rounds=a.rounds,
-                                           block_samples=a.block_samples, warmup=a.warmup))
-            return 128 / _med(r["step_s"]["din@128"])
+        def ours_epoch() -> dict[str, Any]:
+            # like for like with the peer's figure: a whole epoch of the library's own training loop
+            r, _ = run_process(_worker_cmd("auc", a, ["din:0:128:0"], **steps))
+            return r
 
-        din_sps = [ours_alone()]
-        peer_din, peer_rss = run_peer(a, "din", None if not a.quick else a.peer_limit)
-        din_sps.append(ours_alone())
-        ours = statistics.fmean(din_sps)
+        epochs = [ours_epoch()]
+        peer_din, peer_rss = run_peer(a, "din", limit)
+        epochs.append(ours_epoch())
+        din_sps = [e["train_samples_per_s"] for e in epochs]
         res["peer"] = {"din": {
             "samples_per_s": peer_din["train_samples_per_s"],
             "test_auc": peer_din["per_epoch"][-1]["test_auc"], "n_train": peer_din["n_train"],
             "eval_samples_per_s": peer_din["eval_samples_per_s"], "peak_rss_mib": peer_rss}}
         res["ours_din_128_samples_per_s"] = din_sps
-        res["speedup_vs_deepctr"] = ours / peer_din["train_samples_per_s"]
+        res["speedup_vs_deepctr"] = statistics.fmean(din_sps) / peer_din["train_samples_per_s"]
         if "din/compiled@128" in table:
             gain = table["din/compiled@128"]["samples_per_s"] / table["din@128"]["samples_per_s"]
             res["speedup_vs_deepctr_compiled"] = gain * res["speedup_vs_deepctr"]
@@ -432,8 +438,8 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
             res["peer"]["dien"] = {"samples_per_s": peer_sps, "n_train": peer_dien["n_train"],
                                    "peak_rss_mib": peer_dien_rss}
             res["speedup_vs_deepctr_dien"] = table["dien@128"]["samples_per_s"] / peer_sps
-            _log("      one epoch of our DIN for test AUC and eval throughput")
-            auc, _ = run_process(_worker_cmd("auc", a, ["din:0:128:0"]))
+            _log("      one epoch of our compiled DIN for test AUC")
+            auc = epochs[0]
             res["ours_din_epoch"] = auc
             res["ours_din_compiled_epoch"], _ = run_process(_worker_cmd("auc", a, ["din:0:128:c"]))
             res["auc_delta_vs_deepctr"] = auc["test_auc"] - res["peer"]["din"]["test_auc"]
@@ -523,9 +529,11 @@ def render(res: dict[str, Any]) -> str:
             f"{k} {v:.3f}" for k, v in res["iacn_overhead_serial_by_arm"].items()))
     if "speedup_vs_deepctr" in res:
         p = res["peer"]["din"]
-        lines.append(f"DeepCTR-Torch DIN {p['samples_per_s']:,.0f} samples/s (n_train {p['n_train']}) "
-                     f"vs ours {statistics.fmean(res['ours_din_128_samples_per_s']):,.0f} -> "
-                     f"speedup_vs_deepctr {res['speedup_vs_deepctr']:.2f}")
+        ours = res["ours_din_128_samples_per_s"]
+        lines.append(f"DeepCTR-Torch DIN {p['samples_per_s']:,.0f} samples/s (n_train {p['n_train']}, "
+                     f"its own loop) vs ours {statistics.fmean(ours):,.0f} (`iacn train`, before / after it: "
+                     f"{' / '.join(f'{x:,.0f}' for x in ours)}) -> speedup_vs_deepctr "
+                     f"{res['speedup_vs_deepctr']:.2f}")
         if "speedup_vs_deepctr_compiled" in res:
             lines.append(f"  with the main model torch.compile-d: {res['speedup_vs_deepctr_compiled']:.2f}")
         if "speedup_vs_deepctr_fused" in res:
@@ -624,6 +632,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--arms", nargs="*", default=[], help=argparse.SUPPRESS)
     p.add_argument("--block-steps", dest="block_steps", type=int, default=5, help=argparse.SUPPRESS)
+    p.add_argument("--max-steps", dest="max_steps", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
