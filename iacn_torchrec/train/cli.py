@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-negatives", dest="num_negatives", type=int)
     p.add_argument("--emb-dim", dest="emb_dim", type=int, help="E_orig dimension per table (default 18)")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the main model (faster steady state, slower start)")
+                   help="torch.compile the main model (faster DIN steady state, slower start; DIEN "
+                        "compiles its padded path, slower than its eager jagged one)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="per-rank batch size (default 128)")
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int)
     p.add_argument("--lr", type=float, help="Adam learning rate for dense parameters (default 1e-3)")
