@@ -67,12 +67,53 @@ def test_forward_composes_routing_attention_softmax() -> None:
     caps, mask = task.routing(b["aux_hist"], b["hist_lengths"], user=b["user"])
     v = label_aware_attention(caps, mask, b["aux_target"], 3.0)
     ref = sampled_softmax_loss(v, b["aux_target"], b["aux_negatives"], b["labels"])
-    assert torch.equal(loss, ref)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)  # forward routes the positive rows only
     out = task.interests(b["aux_hist"], b["hist_lengths"], b["aux_target"], user=b["user"])
     assert out.capsules.shape == (6, 3, 4) and out.routing_weights.shape == (6, 3, 5)
     assert out.attention_weights.shape == (6, 3) and torch.equal(out.user_vec, v)
     assert torch.allclose(out.attention_weights.sum(1), torch.ones(6, dtype=F64))
     assert torch.all(out.attention_weights[~out.capsule_mask] == 0)
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "in_batch"])
+def test_forward_routes_only_positive_rows(sampler: str) -> None:
+    """forward() routes the label-1 rows alone: the loss and every gradient (inputs, parameters) equal
+    those of routing the whole batch and masking label-0 rows in the loss, in training mode with
+    a jagged history and ids / log Q for the collision masking and the correction."""
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    torch.manual_seed(0)
+    task = IaCNTask(IaCNConfig(sampler=sampler), item_dim=4, max_len=5, user_dim=3).train()
+    b = _batch(dtype=torch.float32)  # fbgemm's jagged kernels are float32
+    if sampler == "in_batch":
+        b.pop("aux_negatives")
+    lengths = b.pop("hist_lengths")
+    real = torch.arange(5).unsqueeze(0) < lengths.unsqueeze(1)
+    values = b.pop("aux_hist")[real].requires_grad_(True)
+    leaves = {k: b[k].requires_grad_(True) for k in ("aux_target", "user", "aux_negatives") if k in b}
+    ids = dict(target_ids=torch.tensor([3, 4, 3, 5, 6, 7]), target_log_q=torch.linspace(-3, -1, 6))
+    if sampler == "uniform":
+        ids.update(negative_ids=torch.tensor([[3, 1, 2]] * 6), neg_log_q=torch.full((6, 3), -2.0))
+    logits = task.routing.training_logits(torch.zeros(6, 5, 4))  # [B, K, L]: what the framework passes
+
+    def grads(loss):
+        return torch.autograd.grad(loss, [values, *leaves.values(), *task.parameters()])
+
+    hist = JaggedTensor(values=values, lengths=lengths)
+    loss = task(hist, None, labels=b["labels"], init_logits=logits, **ids, **{k: b[k] for k in leaves})
+    out = task.interests(hist, None, b["aux_target"], user=b["user"], init_logits=logits)
+    ref = sampled_softmax_loss(out.user_vec, b["aux_target"], b.get("aux_negatives"), b["labels"],
+                               in_batch=sampler == "in_batch", **ids)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads(loss), grads(ref), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    # without init_logits the draw still covers every row (the RNG stream does not depend on labels)
+    torch.manual_seed(7)
+    a = task(hist, None, labels=b["labels"], **ids, **{k: b[k] for k in leaves})
+    torch.manual_seed(7)
+    drawn = task.routing.training_logits(hist)
+    c = task(hist, None, labels=b["labels"], init_logits=drawn, **ids, **{k: b[k] for k in leaves})
+    assert torch.equal(a, c)
 
 
 def test_gradcheck_whole_task() -> None:

@@ -91,6 +91,18 @@ class IaCNConfig:
         self.pow_p = float(self.pow_p)
 
 
+def _select_jagged_rows(jt: JaggedTensor, rows: torch.Tensor) -> JaggedTensor:
+    """The rows ``rows`` (int64 ``[P]``) of a jagged tensor, in that order (any dtype; gradients
+    flow back to the selected values)."""
+    lengths = jt.lengths().index_select(0, rows)
+    starts = jt.offsets()[:-1].index_select(0, rows)
+    n = int(lengths.sum())
+    new_starts = torch.ops.fbgemm.asynchronous_exclusive_cumsum(lengths)
+    index = torch.repeat_interleave(starts - new_starts, lengths, output_size=n) + torch.arange(
+        n, device=lengths.device)
+    return JaggedTensor(values=jt.values().index_select(0, index), lengths=lengths)
+
+
 class IaCNInterests(NamedTuple):
     """Intermediate results of :meth:`IaCNTask.interests`, for inspection and the explain tool.
 
@@ -221,6 +233,24 @@ class IaCNTask(nn.Module):
                 raise ValueError(
                     "IaCNTask: sampler='log_uniform' needs neg_log_q [B, S] for the logQ correction"
                 )
+        # L_IaCN scores label-1 rows only, and no part of IaCN couples rows except through positive
+        # rows (in-batch candidates are positive rows' targets): route the positive rows alone.
+        # The same loss and gradients, for half the routing / attention / loss work on batches
+        # with one negative per positive (the din protocol).
+        rows = torch.nonzero(labels > 0.5).squeeze(1)
+        if 0 < rows.numel() < labels.numel():
+            if init_logits is None and self.routing.training:  # drawn for every row, as without the selection
+                init_logits = self.routing.training_logits(aux_hist, generator)
+            if isinstance(aux_hist, JaggedTensor):
+                aux_hist = _select_jagged_rows(aux_hist, rows)
+            else:
+                aux_hist = aux_hist.index_select(0, rows)
+            if init_logits is not None and init_logits.dim() == 3:
+                init_logits = init_logits.index_select(0, rows)
+            (hist_lengths, aux_target, labels, user, aux_negatives, neg_log_q, target_log_q, target_ids,
+             negative_ids) = (None if x is None else x.index_select(0, rows) for x in (
+                hist_lengths, aux_target, labels, user, aux_negatives, neg_log_q, target_log_q,
+                target_ids, negative_ids))
         out = self.interests(aux_hist, hist_lengths, aux_target, user=user, generator=generator,
                              init_logits=init_logits)
         return sampled_softmax_loss(
