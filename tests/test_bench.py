@@ -114,6 +114,7 @@ def test_render_and_plot(tmp_path):
                               "dense_vs_12k": 1.0, "fused_vs_12k": 1.0}]}
     text = bench.render(res)
     assert "din+iacn@128" in text and "| 10 |" in text
+    assert "| din@128 | 10.00 | 12,800 | 500 |" in text and "| din+iacn@128 | 11.00 | 11,636 | – |" in text
     bench.plot(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
     json.dumps(res)

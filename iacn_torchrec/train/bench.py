@@ -512,8 +512,8 @@ def render(res: dict[str, Any]) -> str:
              f"load {res['load_before']} -> {res['load_after']}", "",
              "| arm | step ms | samples/s | peak RSS MiB |", "|---|---:|---:|---:|"]
     for name, r in res["throughput"].items():
-        lines.append(f"| {name} | {r['step_ms']:.2f} | {r['samples_per_s']:,.0f} | "
-                     f"{r.get('peak_rss_mib', float('nan')):.0f} |")
+        rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "–"  # measured per config in full runs
+        lines.append(f"| {name} | {r['step_ms']:.2f} | {r['samples_per_s']:,.0f} | {rss} |")
     lines += ["", "iacn_overhead (paired per round): " + ", ".join(
         f"{k} {v:.3f}" for k, v in res["iacn_overhead_by_arm"].items())]
     if res.get("iacn_overhead_vs_capacity_matched_by_arm"):
