@@ -91,11 +91,15 @@ class EmbeddedBatch:
         self.aux_hist_values: torch.Tensor | None = None
         self.neg_hist_values: torch.Tensor | None = None
 
+    def _padded(self, cached: str, values: torch.Tensor | None) -> torch.Tensor | None:
+        """The padded view in attribute ``cached``, built from the jagged ``values`` on first access."""
+        if getattr(self, cached) is None and values is not None:
+            setattr(self, cached, _pad(values, self.hist_offsets, self._max_len))
+        return getattr(self, cached)
+
     @property
     def hist(self) -> torch.Tensor:
-        if self._hist is None:
-            self._hist = _pad(self.hist_values, self.hist_offsets, self._max_len)
-        return self._hist
+        return self._padded("_hist", self.hist_values)
 
     @hist.setter
     def hist(self, value: torch.Tensor) -> None:
@@ -103,9 +107,7 @@ class EmbeddedBatch:
 
     @property
     def neg_hist(self) -> torch.Tensor | None:
-        if self._neg_hist is None and self.neg_hist_values is not None:
-            self._neg_hist = _pad(self.neg_hist_values, self.hist_offsets, self._max_len)
-        return self._neg_hist
+        return self._padded("_neg_hist", self.neg_hist_values)
 
     @neg_hist.setter
     def neg_hist(self, value: torch.Tensor | None) -> None:
@@ -113,9 +115,7 @@ class EmbeddedBatch:
 
     @property
     def aux_hist(self) -> torch.Tensor | None:
-        if self._aux_hist is None and self.aux_hist_values is not None:
-            self._aux_hist = _pad(self.aux_hist_values, self.hist_offsets, self._max_len)
-        return self._aux_hist
+        return self._padded("_aux_hist", self.aux_hist_values)
 
     @aux_hist.setter
     def aux_hist(self, value: torch.Tensor | None) -> None:
