@@ -18,6 +18,7 @@ from iacn_torchrec.models.layers import (
     masked_sum,
     pack_history,
     segment_ids,
+    segment_sum,
     sequence_mask,
 )
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
@@ -270,6 +271,5 @@ class DIEN(nn.Module):
         _, att = self.attention.forward_jagged(emb.target, states, packed.rows, B)  # att [N]
         live = self.augru.forward_packed(states, att, packed.batch_sizes)
         final = live.new_zeros(B, live.shape[1]).index_copy(0, packed.order[: live.shape[0]], live)
-        hist_sum = values.new_zeros(B, values.shape[1]).index_add(
-            0, segment_ids(lengths, values.shape[0]), values)
+        hist_sum = segment_sum(values, segment_ids(lengths, values.shape[0]), B)
         return final, hist_sum, aux_loss

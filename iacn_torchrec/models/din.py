@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from iacn_torchrec.models.layers import MLP, AttentionUnit, jagged_history, segment_ids
+from iacn_torchrec.models.layers import MLP, AttentionUnit, jagged_history, segment_ids, segment_sum
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
 
 __all__ = ["DINConfig", "DIN"]
@@ -66,6 +66,6 @@ class DIN(nn.Module):
         else:
             values, segments = jagged_history(emb.hist, emb.hist_lengths)
         att, _ = self.attention.forward_jagged(emb.target, values, segments, B)
-        hist_sum = values.new_zeros(B, values.shape[-1]).index_add(0, segments, values)
+        hist_sum = segment_sum(values, segments, B)
         x = torch.cat([emb.user, emb.target, hist_sum, emb.target * hist_sum, att], dim=1)
         return self.tower(x).squeeze(-1), None

@@ -41,7 +41,7 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from iacn_torchrec.models.layers import effective_length, masked_sum, sequence_mask
+from iacn_torchrec.models.layers import effective_length, masked_sum, segment_ids, segment_sum, sequence_mask
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
 from iacn_torchrec.modules.gradient_split import scale_grad
 from iacn_torchrec.modules.iacn import IaCNTask
@@ -115,8 +115,7 @@ def _pool(jt: JaggedTensor, B: int, pooling: PoolingType) -> torch.Tensor:
     """Sum / mean of a jagged ``[N, d]`` lookup per sample → ``[B, d]`` (empty bags give 0, as
     ``nn.EmbeddingBag`` does)."""
     values, lengths = jt.values(), jt.lengths()
-    owner = torch.repeat_interleave(torch.arange(B, device=values.device), lengths)
-    out = values.new_zeros(B, values.shape[1]).index_add_(0, owner, values)
+    out = segment_sum(values, segment_ids(lengths, values.shape[0]), B)
     if pooling == PoolingType.MEAN:
         out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)
     elif pooling != PoolingType.SUM:

@@ -18,6 +18,7 @@ __all__ = [
     "effective_length",
     "jagged_history",
     "segment_ids",
+    "segment_sum",
     "PackedHistory",
     "pack_history",
     "MASK_FILL",
@@ -135,6 +136,12 @@ def segment_ids(lengths: torch.Tensor, total: int | None = None) -> torch.Tensor
     """``[B]`` lengths → ``[N]`` int64 row index of each jagged value (``N = Σ lengths``)."""
     rows = torch.arange(lengths.shape[0], device=lengths.device)
     return torch.repeat_interleave(rows, lengths, output_size=total)
+
+
+def segment_sum(values: torch.Tensor, segments: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``Σ`` of the jagged ``values [N, ...]`` per row: ``[num_rows, ...]`` (``segments [N]``: the row
+    of each value, any order; a row without values gets 0). The jagged twin of :func:`masked_sum`."""
+    return values.new_zeros((num_rows, *values.shape[1:])).index_add(0, segments, values)
 
 
 def jagged_history(hist: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,10 +280,9 @@ class AttentionUnit(nn.Module):
             row_max = scores.new_full((num_rows,), float("-inf")).scatter_reduce(
                 0, segments, scores.detach(), "amax", include_self=True)
             e = torch.exp(scores - row_max.index_select(0, segments))
-            denom = e.new_zeros(num_rows).index_add(0, segments, e)
+            denom = segment_sum(e, segments, num_rows)
             weights = e / denom.index_select(0, segments)
         else:
             weights = scores
-        out = values.new_zeros(num_rows, values.shape[-1])
-        out = out.index_add(0, segments, weights.unsqueeze(-1) * values)
+        out = segment_sum(weights.unsqueeze(-1) * values, segments, num_rows)
         return out, weights
