@@ -89,7 +89,8 @@ def test_synthetic_batches_layout():
                           "iacn_neg_item", "iacn_neg_cate"]
     lengths = kjt.lengths().view(len(kjt.keys()), 4)
     assert torch.equal(lengths[3], lengths[5]) and bool((lengths[3] >= 1).all() and (lengths[3] <= 5).all())
-    assert bool((lengths[7] == 2).all())
+    # the loader's layout: S = 2 negatives for each label-1 row, none for the others
+    assert torch.equal(lengths[7], 2 * bs[0].labels.long()) and torch.equal(lengths[8], lengths[7])
     again = bench.synthetic_batches(4, 5, 10, 20, 3, True, 2, seed=1, count=2)
     assert torch.equal(again[1].sparse_features.values(), bs[1].sparse_features.values())
 

@@ -179,7 +179,14 @@ def test_iacn_negatives_features(small):
     fresh = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths())
     assert kjt.length_per_key() == fresh.length_per_key() and kjt.offset_per_key() == fresh.offset_per_key()
     ni = kjt["iacn_neg_item"]
-    assert (ni.lengths() == 6).all()
+    # S = 6 negatives for each label-1 row, none for label-0 rows; a positive keeps the negatives of
+    # the batch's full [B, S] draw, whatever its batch-mates' labels
+    labels = batches[0].labels
+    assert 0 < labels.sum() < len(labels)
+    assert torch.equal(ni.lengths(), 6 * labels.long())
+    assert torch.equal(kjt["iacn_neg_cate"].lengths(), ni.lengths())
+    full = neg.sample(np.random.default_rng([neg.seed, loader.seed, 0, 0, loader.rank]), len(labels))
+    assert torch.equal(ni.values(), torch.from_numpy(full[labels.numpy() > 0].reshape(-1)))
     assert torch.equal(kjt["iacn_neg_cate"].values(), torch.from_numpy(ds.item2cate)[ni.values()])
     assert ni.values().min() >= 1 and ni.values().max() <= ds.num_items
     again = [b.sparse_features["iacn_neg_item"].values() for b in loader]  # same (seed, epoch, batch, rank)

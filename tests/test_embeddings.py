@@ -195,6 +195,20 @@ def test_bad_input_errors():
     )
     with pytest.raises(ValueError, match="same length S"):
         emb(bad)
+    # the loader's layout: S ids for some rows (its label-1 rows), none for the others
+    def negatives(item_lengths, cate_lengths):
+        n = int(sum(item_lengths) + sum(cate_lengths))
+        return KeyedJaggedTensor.from_lengths_sync(
+            ["uid", "item", "cate", "hist_item", "hist_cate", "iacn_neg_item", "iacn_neg_cate"],
+            torch.arange(1, 2 * 5 + n + 1, dtype=torch.long) % 5 + 1,
+            torch.cat([ones, ones, ones, ones, ones, torch.tensor(item_lengths), torch.tensor(cate_lengths)]),
+        )
+    out = emb(negatives([0, 3], [0, 3]))
+    assert out.negative_ids.shape == (1, 3) and out.aux_negatives.shape == (1, 3, 6)
+    assert torch.equal(out.negative_rows, torch.tensor([1]))
+    assert emb(negatives([3, 3], [3, 3])).negative_rows is None  # every row: no row index needed
+    with pytest.raises(ValueError, match="lengths of 'iacn_neg_item'"):
+        emb(negatives([0, 3], [3, 0]))
     with pytest.raises(ValueError, match="with_iacn_negatives"):
         InterestAwareEmbeddings(NU, NI, NC, L, aux_dim=0, with_iacn_negatives=True)
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import Batch, planted_batch
 from torchrec.distributed.train_pipeline.tracing import Tracer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iacn_torchrec.models.din import DIN, DINConfig
 from iacn_torchrec.models.framework import CTRWithIaCN, build_model
@@ -275,3 +276,54 @@ def test_iacn_worker_refuses_gradients_cleared_between_forward_and_backward():
     model.zero_grad(set_to_none=True)
     with pytest.raises(RuntimeError, match="zero_grad"):
         loss.backward()
+
+
+def positives_only_negatives(batch: Batch, rows: torch.Tensor | None = None) -> Batch:
+    """``batch`` with the IaCN negatives of ``rows`` only (default: the label-1 rows), the
+    loader's layout; the other features unchanged."""
+    d = batch.sparse_features.to_dict()
+    B = batch.labels.numel()
+    keep = batch.labels > 0.5 if rows is None else torch.zeros(B, dtype=torch.bool).index_fill(0, rows, True)
+    keys, vals, lens = [], [], []
+    for k, jt in d.items():
+        v, n = jt.values(), jt.lengths()
+        if k.startswith("iacn_neg_"):
+            v, n = v.view(B, -1)[keep].reshape(-1), n * keep
+        keys.append(k), vals.append(v), lens.append(n)
+    return Batch(KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(vals), torch.cat(lens)), batch.labels)
+
+
+@pytest.mark.parametrize("name", ["din", "dien"])
+@pytest.mark.parametrize("worker", [False, True])
+def test_negatives_of_positive_rows_only_give_the_same_step(name, worker):
+    """The loader samples IaCN's negatives for label-1 rows only (the loss reads no other): the
+    loss and every gradient equal, bit for bit, those of the same batch with negatives on every row."""
+    log_q = torch.log(torch.linspace(1.0, 2.0, NI + 1) / 100)
+    full = make_batch(16, seed=6, S=S, neg_hist=name == "dien")
+    assert 0 < full.labels.sum() < 16
+    lean = positives_only_negatives(full)
+    assert lean.sparse_features["iacn_neg_item"].values().numel() == int(full.labels.sum()) * S
+    results = []
+    for batch in (full, lean):
+        torch.manual_seed(0)
+        cfg = IaCNConfig(enabled=True, lam=1.0, aux_dim=3, sampler="log_uniform", num_negatives=S)
+        model = build_model(name, NU, NI, NC, L, cfg, emb_dim=4, item_log_q=log_q).run_iacn_on_worker(worker)
+        torch.manual_seed(1)
+        loss, (_, _, iacn_loss) = model(batch)
+        loss.backward()
+        results.append((loss.detach(), iacn_loss, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                    if p.grad is not None}))
+    (loss_a, iacn_a, grads_a), (loss_b, iacn_b, grads_b) = results
+    assert iacn_a > 0 and torch.equal(loss_a, loss_b) and torch.equal(iacn_a, iacn_b)
+    assert grads_a.keys() == grads_b.keys() and any(".aux." in n for n in grads_a)
+    for n in grads_a:
+        assert torch.equal(grads_a[n], grads_b[n]), n
+
+
+def test_negatives_of_other_rows_are_refused():
+    torch.manual_seed(0)
+    model = build_model("din", NU, NI, NC, L, IaCNConfig(enabled=True, aux_dim=3, num_negatives=S), emb_dim=4)
+    full = make_batch(16, seed=6, S=S)
+    wrong = positives_only_negatives(full, rows=torch.nonzero(full.labels < 0.5).squeeze(1))
+    with pytest.raises(ValueError, match="the label-1 rows"):
+        model(wrong)

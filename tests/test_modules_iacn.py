@@ -159,6 +159,20 @@ def test_label_zero_rows_do_not_matter(sampler: str) -> None:
         assert torch.equal(a, c), mode
 
 
+def test_no_positive_row_needs_no_negatives() -> None:
+    """A batch without label-1 rows gets no negatives from the loader: the loss is a zero with zero
+    gradients, as with negatives."""
+    task = IaCNTask(IaCNConfig(), 4, 5, 3).double()
+    b = {**_batch(), "labels": torch.zeros(6, dtype=F64)}
+    b["aux_target"].requires_grad_(True)
+    with_negatives = task(**b)
+    without = task(**{**b, "aux_negatives": None})
+    assert with_negatives.item() == 0.0 and without.item() == 0.0
+    without.backward()
+    assert torch.equal(b["aux_target"].grad, torch.zeros_like(b["aux_target"]))
+    assert all(p.grad is not None and not p.grad.any() for p in task.parameters())
+
+
 def test_sampler_arguments_are_checked() -> None:
     b = _batch()
     with pytest.raises(ValueError, match="needs aux_negatives"):

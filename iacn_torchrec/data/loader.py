@@ -18,8 +18,9 @@ larger than RAM streams from the page cache. ``BatchLoader`` walks one split in 
 
 KJT keys, in order: ``uid``, ``item``, ``cate`` (length 1), ``hist_item``, ``hist_cate`` (length =
 history length, oldest first), with ``with_neg_hist`` ``neg_hist_item``, ``neg_hist_cate`` (same
-lengths), with an IaCN sampler ``iacn_neg_item``, ``iacn_neg_cate`` (length S each). Values and
-lengths are int64.
+lengths), with an IaCN sampler ``iacn_neg_item``, ``iacn_neg_cate`` (length S for each label-1
+sample, 0 for label-0 samples: ``L_IaCN`` scores positives only, so a negative's negatives would be
+looked up, sent and dropped). Values and lengths are int64.
 """
 
 from __future__ import annotations
@@ -176,7 +177,10 @@ class BatchLoader:
         rank, world_size: this process's slice of each global batch.
         drop_last: drop the last partial global batch.
         with_neg_hist: add DIEN's ``neg_hist_item``/``neg_hist_cate``.
-        iacn_negatives: a :class:`NegativeSampler` adding ``iacn_neg_item``/``iacn_neg_cate``.
+        iacn_negatives: a :class:`NegativeSampler` adding ``iacn_neg_item``/``iacn_neg_cate``: S
+            ids for each label-1 sample, none for label-0 samples. The sampler still draws ``[B, S]``
+            per batch and the label-1 rows keep theirs, so a positive's negatives do not depend on
+            its batch-mates' labels.
         limit: use only the first ``limit`` samples of the split (a fixed subset, e.g. for a quick
             evaluation; shuffling then permutes that subset); ``None`` = all.
         placeholder_features: the optional keys that ``with_neg_hist`` / ``iacn_negatives`` add are
@@ -304,7 +308,9 @@ class BatchLoader:
         S = self.iacn_negatives.num_negatives if self.iacn_negatives is not None else 0
         if self.placeholder_features:
             S = 0
-        n_sparse = 3 * B + len(hist_arrays) * T + (2 * B * S if S else 0)
+        positive = d.label[idx] > 0 if S else None  # negatives for the label-1 rows only
+        P = int(positive.sum()) if S else 0
+        n_sparse = 3 * B + len(hist_arrays) * T + 2 * P * S
         values = np.empty(n_sparse, dtype=np.int64)
         np.take(d.uid, idx, out=values[:B])
         np.take(d.item, idx, out=values[B : 2 * B])
@@ -321,10 +327,11 @@ class BatchLoader:
             rng = np.random.default_rng(
                 [self.iacn_negatives.seed, self.seed, self.epoch, batch_index, self.rank]
             )
-            neg = self.iacn_negatives.sample(rng, B).reshape(-1)
-            values[o : o + B * S] = neg
-            np.take(self.ds.item2cate, neg, out=values[o + B * S : o + 2 * B * S])
-            lengths[(3 + len(hist_arrays)) * B :] = S
+            neg = self.iacn_negatives.sample(rng, B)[positive].reshape(-1)
+            values[o : o + P * S] = neg
+            np.take(self.ds.item2cate, neg, out=values[o + P * S : o + 2 * P * S])
+            k = 3 + len(hist_arrays)
+            lengths[k * B : (k + 1) * B] = lengths[(k + 1) * B : (k + 2) * B] = S * positive
         # per-key sizes from here (no torch sum + sync when the model slices the KJT by key)
         per_key = lengths.reshape(len(self.keys), B).sum(1).tolist() if B else [0] * len(self.keys)
         kjt = KeyedJaggedTensor(

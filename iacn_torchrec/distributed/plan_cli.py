@@ -317,7 +317,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--aux-dim", type=int, nargs="+", help="IaCN aux dim(s) to compare (default: orig dim)")
     m.add_argument("--hist-len", type=float, help="mean history length (default with --meta: max_len)")
     m.add_argument("--neg-hist", action="store_true", help="DIEN negative behaviours (features neg_hist_*)")
-    m.add_argument("--iacn-negatives", type=int, help="IaCN sampled-softmax negatives per sample (S_neg)")
+    m.add_argument("--iacn-negatives", type=int, help="IaCN sampled-softmax negatives per sample, on average "
+                   "(S_neg x the positive share: the loader samples them for label-1 samples only)")
     t = parser.add_argument_group("topology")
     t.add_argument("--world-size", type=int, nargs="+", help="simulated ranks (default: 8, or the spec's)")
     t.add_argument("--local-world-size", type=int)

@@ -60,9 +60,11 @@ class ModelSpec:
     Counts exclude the padding row: a table has ``count + 1`` rows (index 0 = padding/unknown).
     ``hist_len`` is the mean behaviour-history length per sample (the pooling factor of the
     ``hist_*`` sequence features); ``neg_hist`` adds DIEN's negative behaviours (same length);
-    ``iacn_negatives`` is S_neg, the sampled-softmax negatives IaCN looks up per sample in the aux
-    tables (0 for the in-batch sampler). ``pooled=True`` builds DLRM-style EmbeddingBagCollections
-    (one pooled lookup per feature) instead of sequence EmbeddingCollections.
+    ``iacn_negatives`` is the mean number of sampled-softmax negatives IaCN looks up per sample in
+    the aux tables: the loader draws S_neg for each label-1 sample and none for the others, so
+    S_neg × the positive share (S_neg / 2 on din-protocol data; 0 for the in-batch sampler).
+    ``pooled=True`` builds DLRM-style EmbeddingBagCollections (one pooled lookup per feature)
+    instead of sequence EmbeddingCollections.
     """
 
     name: str

@@ -42,7 +42,7 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from iacn_torchrec.models.layers import effective_length, masked_sum, segment_ids, segment_sum, sequence_mask
-from iacn_torchrec.modules.embeddings import EmbeddedBatch
+from iacn_torchrec.modules.embeddings import EmbeddedBatch, fixed_length_ids
 from iacn_torchrec.modules.gradient_split import scale_grad
 from iacn_torchrec.modules.iacn import IaCNTask
 
@@ -98,8 +98,10 @@ class EBCIaCNSpec:
 class IaCNViews:
     """IaCN's inputs for one batch (aux views carry gradient × (1-δ)).
 
-    aux_hist ``[B, L, h]``, hist_lengths ``[B]``, aux_target ``[B, h]``, aux_negatives ``[B, S, h]``
-    or None, target_ids ``[B]``, negative_ids ``[B, S]`` or None, user ``[B, Du]`` (detached) or None.
+    aux_hist ``[B, L, h]``, hist_lengths ``[B]``, aux_target ``[B, h]``, aux_negatives ``[R, S, h]``
+    or None, target_ids ``[B]``, negative_ids ``[R, S]`` or None, negative_rows ``[R]`` (None: R = B,
+    every row has negatives; the project's loader samples them for label-1 rows only), user
+    ``[B, Du]`` (detached) or None.
     """
 
     aux_hist: torch.Tensor
@@ -108,6 +110,7 @@ class IaCNViews:
     aux_negatives: torch.Tensor | None = None
     target_ids: torch.Tensor | None = None
     negative_ids: torch.Tensor | None = None
+    negative_rows: torch.Tensor | None = None
     user: torch.Tensor | None = None
 
 
@@ -272,14 +275,12 @@ class IaCNEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             cat(spec.history_features), [hist.offsets()], [spec.max_len], 0.0)
         views = IaCNViews(aux_hist=aux_hist, hist_lengths=lengths, aux_target=cat(spec.target_features),
                           target_ids=features[spec.target_features[0]].values())
-        if spec.negative_features:
-            ids = features[spec.negative_features[0]].values()
-            if B == 0 or ids.numel() % B:
-                raise ValueError(f"{__file__}: feature {spec.negative_features[0]!r} must have S ids "
-                                 "per sample")
-            S = ids.numel() // B
-            views.negative_ids = ids.view(B, S)
-            views.aux_negatives = cat(spec.negative_features).view(B, S, self.aux_item_dim)
+        first = features[spec.negative_features[0]] if spec.negative_features else None
+        if first is not None and first.values().numel():  # none at all: no label-1 row, or placeholders
+            views.negative_ids, views.negative_rows = fixed_length_ids(
+                first.values(), first.lengths(), spec.negative_features[0])
+            views.aux_negatives = cat(spec.negative_features).view(*views.negative_ids.shape,
+                                                                   self.aux_item_dim)
         if spec.user_feature is not None:
             user = pooled[spec.user_feature] if pooled is not None else self.orig(features)[spec.user_feature]
             # E_orig belongs to the main model (g_main only): IaCN reads the user as a feature
@@ -373,7 +374,7 @@ class EBCModelWithIaCN(nn.Module):
         assert self.iacn is not None
         return self.iacn(views.aux_hist, views.hist_lengths, views.aux_target, labels, user=views.user,
                          aux_negatives=views.aux_negatives, target_ids=views.target_ids,
-                         negative_ids=views.negative_ids)
+                         negative_ids=views.negative_ids, negative_rows=views.negative_rows)
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         labels = batch.labels.float()

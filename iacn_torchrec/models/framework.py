@@ -171,6 +171,7 @@ class CTRWithIaCN(nn.Module):
             target_log_q=target_log_q,
             target_ids=emb.target_ids,
             negative_ids=emb.negative_ids,
+            negative_rows=emb.negative_rows,
             # not under fx tracing (TorchRec's pipelines trace this forward with IaCN as a leaf)
             init_logits=self.iacn.routing.training_logits(aux_hist)
             if self.iacn.routing.training and not isinstance(aux_hist, torch.fx.Proxy) else None,

@@ -30,7 +30,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from iacn_torchrec.modules.gradient_split import scale_grad
 
-__all__ = ["EmbeddedBatch", "InterestAwareEmbeddings", "TABLE_NAMES"]
+__all__ = ["EmbeddedBatch", "InterestAwareEmbeddings", "TABLE_NAMES", "fixed_length_ids"]
 
 #: every table this module can hold, in creation order.
 TABLE_NAMES: tuple[str, ...] = ("uid", "item_orig", "cate_orig", "item_aux", "cate_aux")
@@ -53,9 +53,12 @@ class EmbeddedBatch:
             None without aux tables or when aux views were not requested.
         aux_hist: ``[B, L, h]`` ``c_i`` of the history (grad × (1-δ)), zero past ``hist_lengths``, or None;
             padded on first access from ``aux_hist_values`` (``[N, h]``) when those exist.
-        aux_negatives: ``[B, S, h]`` sampled-softmax negatives (grad × (1-δ)) or None.
+        aux_negatives: ``[R, S, h]`` sampled-softmax negatives (grad × (1-δ)) of the R rows that
+            have negatives (every row, or the label-1 rows as the loader samples them), or None.
         target_ids: ``[B]`` target item ids (IaCN collision masking / logQ lookup).
-        negative_ids: ``[B, S]`` sampled negative item ids, or None.
+        negative_ids: ``[R, S]`` sampled negative item ids, or None.
+        negative_rows: ``[R]`` int64, the rows of ``negative_ids`` / ``aux_negatives``; None when every
+            row has negatives (R = B).
         hist_values: ``[N, D]`` the history's jagged values (``N = Σ n_u``, sample-major, oldest
             first), or None when only the padded view exists.
         hist_offsets: ``[B + 1]`` offsets of ``hist_values`` (with ``hist_values``), or None.
@@ -90,6 +93,7 @@ class EmbeddedBatch:
         self.hist_values, self.hist_offsets, self._max_len = hist_values, hist_offsets, max_len
         self.aux_hist_values: torch.Tensor | None = None
         self.neg_hist_values: torch.Tensor | None = None
+        self.negative_rows: torch.Tensor | None = None
 
     def _padded(self, cached: str, values: torch.Tensor | None) -> torch.Tensor | None:
         """The padded view in attribute ``cached``, built from the jagged ``values`` on first access."""
@@ -360,15 +364,22 @@ def _pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Ten
     return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], 0.0)
 
 
-def _fixed_length(values: torch.Tensor, lengths: torch.Tensor, B: int, name: str) -> torch.Tensor:
-    """Ids of a feature with the same length S for every sample → ``[B, S]``."""
-    if B == 0 or values.numel() % B:
+def fixed_length_ids(
+    values: torch.Tensor, lengths: torch.Tensor, name: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ids of a feature with S ids for some samples and none for the others (the loader's sampled
+    negatives: label-1 rows only) → ``(ids [R, S], rows [R])`` for the R samples that have any;
+    ``rows`` is None when every sample has S ids."""
+    has = lengths > 0
+    R = int(has.sum())
+    if R == 0 or values.numel() % R:
         raise ValueError(f"{__file__}: feature {name!r} must have the same length S for every sample "
-                         f"(batch {B}, {values.numel()} ids)")
-    S = values.numel() // B
-    if lengths.device.type == "cpu" and bool((lengths != S).any()):
-        raise ValueError(f"{__file__}: feature {name!r} must have the same length S={S} for every sample")
-    return values.view(B, S)
+                         f"that has any ({R} such samples, {values.numel()} ids)")
+    S = values.numel() // R
+    if bool((lengths[has] != S).any()):
+        raise ValueError(f"{__file__}: feature {name!r} must have the same length S={S} for every sample "
+                         f"that has any (lengths {lengths.tolist()})")
+    return values.view(R, S), (None if R == lengths.numel() else torch.nonzero(has).squeeze(1))
 
 
 def _assemble(
@@ -442,13 +453,15 @@ def _assemble(
         # padded on first .neg_hist access (DIEN reads the jagged values)
         out.neg_hist_values = main_values("neg_hist_item", "neg_hist_cate")
     if with_iacn_negatives:
-        out.negative_ids = _fixed_length(*features["iacn_neg_item"], B, "iacn_neg_item")
+        out.negative_ids, out.negative_rows = fixed_length_ids(*features["iacn_neg_item"], "iacn_neg_item")
+        if not torch.equal(features["iacn_neg_cate"][1], features["iacn_neg_item"][1]):
+            raise ValueError(f"{__file__}: feature 'iacn_neg_cate' must have the lengths of 'iacn_neg_item'")
     if aux is not None and aux_views:
         out.aux_target = aux_values("item", "cate")
         out.aux_hist_values = aux_values("hist_item", "hist_cate")  # padded on first .aux_hist access
         if with_iacn_negatives:
-            S = out.negative_ids.shape[1]
-            out.aux_negatives = aux_values("iacn_neg_item", "iacn_neg_cate").view(B, S, 2 * aux_dim)
+            out.aux_negatives = aux_values("iacn_neg_item", "iacn_neg_cate").view(
+                *out.negative_ids.shape, 2 * aux_dim)
     return out
 
 

@@ -197,6 +197,7 @@ class IaCNTask(nn.Module):
         negative_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         init_logits: torch.Tensor | None = None,
+        negative_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The IaCN loss ``L_IaCN = mean over label-1 rows of -log P(e_t | v_u)``.
 
@@ -208,7 +209,9 @@ class IaCNTask(nn.Module):
             aux_target: ``[B, h]`` aux embedding of the target item e_t.
             labels: ``[B]`` click labels; only label-1 rows are scored.
             user: ``[B, Du]`` user embedding (required iff the user-profile layer exists).
-            aux_negatives: ``[B, S, h]`` sampled negatives (required unless ``sampler == "in_batch"``).
+            aux_negatives: ``[B, S, h]`` sampled negatives, or ``[P, S, h]`` for the P label-1 rows
+                with ``negative_rows`` (required unless ``sampler == "in_batch"`` or no row has
+                label 1).
             neg_log_q: ``[B, S]`` log sampling probabilities of the negatives (required for
                 ``log_uniform``; optional otherwise).
             target_log_q: ``[B]`` log sampling probabilities of the targets (optional).
@@ -216,16 +219,27 @@ class IaCNTask(nn.Module):
             generator: RNG for the training-mode routing logits (default: global RNG).
             init_logits: ``[B, K_max, L]`` routing logits to use instead of drawing them (see
                 :meth:`InterestCapsuleRouting.training_logits`).
+            negative_rows: None when ``aux_negatives`` / ``neg_log_q`` / ``negative_ids`` hold every
+                row (``[B, S, ·]``); else the ``[P]`` rows they belong to, which must be the label-1
+                rows in order (the loader samples negatives for positives only: ``[P, S, ·]``).
 
         Returns:
             a scalar; 0 (attached to the graph) when no row has label 1.
         """
         sampler = self.config.sampler
+        # L_IaCN scores label-1 rows only, and no part of IaCN couples rows except through positive
+        # rows (in-batch candidates are positive rows' targets): route the positive rows alone.
+        # The same loss and gradients, for half the routing / attention / loss work on batches
+        # with one negative per positive (the din protocol).
+        rows = torch.nonzero(labels > 0.5).squeeze(1)
         if sampler == "in_batch":
             if aux_negatives is not None:
                 raise ValueError(
                     "IaCNTask: sampler='in_batch' takes no aux_negatives (in-batch negatives are used)"
                 )
+        elif rows.numel() == 0:  # nothing to score: the loss is 0 whatever the negatives are
+            aux_negatives = aux_target.new_zeros(labels.shape[0], 0, aux_target.shape[-1])
+            neg_log_q = negative_ids = negative_rows = None
         else:
             if aux_negatives is None:
                 raise ValueError(f"IaCNTask: sampler={sampler!r} needs aux_negatives [B, S, h]")
@@ -233,11 +247,11 @@ class IaCNTask(nn.Module):
                 raise ValueError(
                     "IaCNTask: sampler='log_uniform' needs neg_log_q [B, S] for the logQ correction"
                 )
-        # L_IaCN scores label-1 rows only, and no part of IaCN couples rows except through positive
-        # rows (in-batch candidates are positive rows' targets): route the positive rows alone.
-        # The same loss and gradients, for half the routing / attention / loss work on batches
-        # with one negative per positive (the din protocol).
-        rows = torch.nonzero(labels > 0.5).squeeze(1)
+        if negative_rows is not None and not torch.equal(negative_rows, rows):
+            raise ValueError(
+                f"IaCNTask: the negatives belong to rows {negative_rows.tolist()}, but the label-1 rows "
+                f"are {rows.tolist()}: sample negatives for exactly the positive rows, or for every row"
+            )
         if 0 < rows.numel() < labels.numel():
             if init_logits is None and self.routing.training:  # drawn for every row, as without the selection
                 init_logits = self.routing.training_logits(aux_hist, generator)
@@ -247,10 +261,13 @@ class IaCNTask(nn.Module):
                 aux_hist = aux_hist.index_select(0, rows)
             if init_logits is not None and init_logits.dim() == 3:
                 init_logits = init_logits.index_select(0, rows)
-            (hist_lengths, aux_target, labels, user, aux_negatives, neg_log_q, target_log_q, target_ids,
-             negative_ids) = (None if x is None else x.index_select(0, rows) for x in (
-                hist_lengths, aux_target, labels, user, aux_negatives, neg_log_q, target_log_q,
-                target_ids, negative_ids))
+            hist_lengths, aux_target, labels, user, target_log_q, target_ids = (
+                None if x is None else x.index_select(0, rows)
+                for x in (hist_lengths, aux_target, labels, user, target_log_q, target_ids))
+            if negative_rows is None:  # per-row negatives: keep the positive rows'
+                aux_negatives, neg_log_q, negative_ids = (
+                    None if x is None else x.index_select(0, rows)
+                    for x in (aux_negatives, neg_log_q, negative_ids))
         out = self.interests(aux_hist, hist_lengths, aux_target, user=user, generator=generator,
                              init_logits=init_logits)
         return sampled_softmax_loss(

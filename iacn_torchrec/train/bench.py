@@ -188,12 +188,14 @@ def synthetic_batches(batch: int, max_len: int, num_users: int, num_items: int, 
         if neg_hist:
             parts += [item(n), cate(n)]
             lengths += [lens, lens]
-        if num_negatives:
-            parts += [item(batch * num_negatives), cate(batch * num_negatives)]
-            lengths += [np.full(batch, num_negatives, np.int64)] * 2
+        labels = rng.integers(0, 2, size=batch)
+        if num_negatives:  # the loader's layout: S negatives for each label-1 row, none for the others
+            p = int(labels.sum())
+            parts += [item(p * num_negatives), cate(p * num_negatives)]
+            lengths += [num_negatives * labels] * 2
         kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(parts).astype(np.int64)),
                                 lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64)))
-        out.append(Batch(kjt, torch.from_numpy(rng.integers(0, 2, size=batch).astype(np.float32))))
+        out.append(Batch(kjt, torch.from_numpy(labels.astype(np.float32))))
     return out
 
 
@@ -219,7 +221,7 @@ def _time_steps(it, n: int) -> float:
     t = time.perf_counter()
     for _ in range(n):
         loss, _ = next(it)
-    float(loss)
+    float(loss.detach())
     return (time.perf_counter() - t) / n
 
 
