@@ -248,9 +248,13 @@ class IaCNTask(nn.Module):
                     "IaCNTask: sampler='log_uniform' needs neg_log_q [B, S] for the logQ correction"
                 )
         if negative_rows is not None and not torch.equal(negative_rows, rows):
+            neg_only = sorted(set(negative_rows.tolist()) - set(rows.tolist()))
+            pos_only = sorted(set(rows.tolist()) - set(negative_rows.tolist()))
             raise ValueError(
-                f"IaCNTask: the negatives belong to rows {negative_rows.tolist()}, but the label-1 rows "
-                f"are {rows.tolist()}: sample negatives for exactly the positive rows, or for every row"
+                f"IaCNTask: the negatives belong to {negative_rows.numel()} rows, the label-1 rows are "
+                f"{rows.numel()} (rows with negatives but label 0: {neg_only[:5]}; label-1 rows without "
+                f"negatives: {pos_only[:5]}): sample negatives for exactly the positive rows, or for "
+                "every row"
             )
         if 0 < rows.numel() < labels.numel():
             if init_logits is None and self.routing.training:  # drawn for every row, as without the selection
