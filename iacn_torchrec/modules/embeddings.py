@@ -376,9 +376,11 @@ def fixed_length_ids(
         raise ValueError(f"{__file__}: feature {name!r} must have the same length S for every sample "
                          f"that has any ({R} such samples, {values.numel()} ids)")
     S = values.numel() // R
-    if bool((lengths[has] != S).any()):
+    bad = has & (lengths != S)
+    if lengths.device.type == "cpu" and bool(bad.any()):  # data-dependent: checked on CPU only
+        i = int(torch.nonzero(bad)[0])
         raise ValueError(f"{__file__}: feature {name!r} must have the same length S={S} for every sample "
-                         f"that has any (lengths {lengths.tolist()})")
+                         f"that has any (sample {i} has {int(lengths[i])})")
     return values.view(R, S), (None if R == lengths.numel() else torch.nonzero(has).squeeze(1))
 
 
