@@ -52,6 +52,21 @@ def planted_batch(
     return Batch(kjt, labels.float())
 
 
+def positives_only_negatives(batch: Batch, rows: torch.Tensor | None = None) -> Batch:
+    """``batch`` with the IaCN negatives of ``rows`` only (default: the label-1 rows), the
+    loader's layout; the other features unchanged."""
+    d = batch.sparse_features.to_dict()
+    B = batch.labels.numel()
+    keep = batch.labels > 0.5 if rows is None else torch.zeros(B, dtype=torch.bool).index_fill(0, rows, True)
+    keys, vals, lens = [], [], []
+    for k, jt in d.items():
+        v, n = jt.values(), jt.lengths()
+        if k.startswith("iacn_neg_"):
+            v, n = v.view(B, -1)[keep].reshape(-1), n * keep
+        keys.append(k), vals.append(v), lens.append(n)
+    return Batch(KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(vals), torch.cat(lens)), batch.labels)
+
+
 def prepare_planted(root: Path, num_users: int, seed: int, **planted_kwargs):
     """A planted-interest dataset (``data.synthetic.make_planted_interests``) prepared like the
     real data (din protocol, max_len 16) under ``root``; returns ``(planted, prepared_dir)``."""

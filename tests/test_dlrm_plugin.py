@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchrec.models.dlrm as dlrm_module
-from helpers import Batch, planted_batch
+from helpers import Batch, planted_batch, positives_only_negatives
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -173,6 +173,28 @@ def test_dlrm_with_iacn_trains():
     assert main1 < main0 - 0.1, (main0, main1)  # the planted signal is learnt
     assert iacn1 < iacn0 - 0.1, (iacn0, iacn1)
     assert tr.ebc._last is None  # the aux lookup is not kept past a step
+
+
+def test_negatives_of_positive_rows_only_give_the_same_step():
+    """The project's loader writes IaCN's negatives on label-1 samples only: through the plug-in the
+    loss and every gradient equal those of the same batch with negatives on every sample."""
+    full = make_batch(16, seed=5)
+    assert 0 < full.labels.sum() < 16
+    results = []
+    for batch in (full, positives_only_negatives(full)):
+        tr = dlrm_with_iacn()
+        torch.manual_seed(1)
+        loss, (_, _, iacn_loss) = tr(batch)
+        loss.backward()
+        results.append((loss.detach(), iacn_loss, {n: p.grad for n, p in tr.named_parameters()
+                                                    if p.grad is not None}))
+    (la, ia, ga), (lb, ib, gb) = results
+    assert ia > 0 and torch.equal(la, lb) and torch.equal(ia, ib) and ga.keys() == gb.keys()
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n
+    negatives_on_label0 = positives_only_negatives(full, rows=torch.nonzero(full.labels < 0.5).squeeze(1))
+    with pytest.raises(ValueError, match="the label-1 rows"):
+        dlrm_with_iacn()(negatives_on_label0)
 
 
 def test_plugin_errors_name_the_field():

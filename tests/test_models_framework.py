@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Batch, planted_batch
+from helpers import Batch, planted_batch, positives_only_negatives
 from torchrec.distributed.train_pipeline.tracing import Tracer
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iacn_torchrec.models.din import DIN, DINConfig
 from iacn_torchrec.models.framework import CTRWithIaCN, build_model
@@ -276,21 +275,6 @@ def test_iacn_worker_refuses_gradients_cleared_between_forward_and_backward():
     model.zero_grad(set_to_none=True)
     with pytest.raises(RuntimeError, match="zero_grad"):
         loss.backward()
-
-
-def positives_only_negatives(batch: Batch, rows: torch.Tensor | None = None) -> Batch:
-    """``batch`` with the IaCN negatives of ``rows`` only (default: the label-1 rows), the
-    loader's layout; the other features unchanged."""
-    d = batch.sparse_features.to_dict()
-    B = batch.labels.numel()
-    keep = batch.labels > 0.5 if rows is None else torch.zeros(B, dtype=torch.bool).index_fill(0, rows, True)
-    keys, vals, lens = [], [], []
-    for k, jt in d.items():
-        v, n = jt.values(), jt.lengths()
-        if k.startswith("iacn_neg_"):
-            v, n = v.view(B, -1)[keep].reshape(-1), n * keep
-        keys.append(k), vals.append(v), lens.append(n)
-    return Batch(KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(vals), torch.cat(lens)), batch.labels)
 
 
 @pytest.mark.parametrize("name", ["din", "dien"])
