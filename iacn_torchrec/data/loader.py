@@ -308,8 +308,8 @@ class BatchLoader:
         S = self.iacn_negatives.num_negatives if self.iacn_negatives is not None else 0
         if self.placeholder_features:
             S = 0
-        positive = d.label[idx] > 0 if S else None  # negatives for the label-1 rows only
-        P = int(positive.sum()) if S else 0
+        positive = d.label[idx] > 0 if S else np.zeros(B, dtype=bool)  # negatives: label-1 rows only
+        P = int(positive.sum())
         n_sparse = 3 * B + len(hist_arrays) * T + 2 * P * S
         values = np.empty(n_sparse, dtype=np.int64)
         np.take(d.uid, idx, out=values[:B])
