@@ -218,7 +218,7 @@ def test_iacn_on_worker_thread_equals_serial(name, sampler, dropout):
         outs = []
         for m, opt in zip(models, opts):
             torch.manual_seed(100 + step)  # the training-mode routing logits: the same draws
-            opt.zero_grad(set_to_none=True)  # before the forward: the worker writes IaCN's grads in it
+            opt.zero_grad(set_to_none=True)  # before the forward: the worker writes IaCN's grads after it
             loss, (_, main_loss, iacn_loss) = m(batches[step % 3])
             loss.backward()
             outs.append((loss.detach(), main_loss, iacn_loss))
@@ -255,6 +255,29 @@ def test_iacn_worker_error_reaches_the_caller():
         loss.backward()
     model.iacn.config.pow_p = 2.0
     model.zero_grad(set_to_none=True)
+    loss, (_, main_loss, iacn_loss) = model(batch)
+    loss.backward()
+    assert iacn_loss > 0 and model.iacn.routing.bilinear.grad is not None
+    torch.testing.assert_close(loss.detach(), main_loss + iacn_loss)
+
+
+def test_main_model_error_with_the_worker_on():
+    """An error in the main model's forward reaches the caller at once, leaves no IaCN work behind
+    (the worker starts only once the loss exists), and the next step trains normally."""
+    torch.manual_seed(0)
+    cfg = IaCNConfig(enabled=True, aux_dim=4, num_negatives=S)
+    model = build_model("din", NU, NI, NC, L, cfg, emb_dim=4).run_iacn_on_worker()
+    batch = make_batch(16, seed=1, S=S)
+    forward = model.main_model.forward
+
+    def broken(emb):
+        raise RuntimeError("main model failed")
+
+    model.main_model.forward = broken
+    with pytest.raises(RuntimeError, match="main model failed"):
+        model(batch)
+    model.main_model.forward = forward
+    assert model.iacn.routing.bilinear.grad is None  # IaCN never ran for the failed step
     loss, (_, main_loss, iacn_loss) = model(batch)
     loss.backward()
     assert iacn_loss > 0 and model.iacn.routing.bilinear.grad is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -71,8 +72,8 @@ class _JoinBranch(torch.autograd.Function):
         # between forward and backward would drop them silently (the step-loop contract).
         if any(p.grad is not g for p, g in produced):
             raise RuntimeError(
-                "CTRWithIaCN: IaCN's parameter gradients, computed on the worker thread during the "
-                "forward, were cleared before backward; with run_iacn_on_worker() call "
+                "CTRWithIaCN: IaCN's parameter gradients, computed on the worker thread from the end "
+                "of the forward, were cleared before backward; with run_iacn_on_worker() call "
                 "optimizer.zero_grad() before the forward (or run_iacn_on_worker(False))"
             )
         return (None, *[g * grad for g in grads])
@@ -184,17 +185,18 @@ class CTRWithIaCN(nn.Module):
 
     def _iacn_on_worker(
         self, emb: EmbeddedBatch, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, concurrent.futures.Future]:
-        """Starts IaCN's forward *and backward* on the worker thread, to overlap the main model.
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]]:
+        """Prepares IaCN's forward *and backward* for the worker thread.
 
         IaCN reads detached copies of its aux views; the worker's backward fills IaCN's parameter
         gradients and the copies' gradients, which :class:`_JoinBranch` hands to the real aux views
         when the main backward reaches them.
 
-        Returns ``(join, iacn_loss, loss_ready)``: add ``join`` (value 0) to the loss; ``iacn_loss``
-        is a scalar the worker fills with ``L_IaCN``; resolve ``loss_ready`` with the total loss
-        tensor (or None), to which the worker then adds ``λ·L_IaCN`` in place. Both values are
-        final once ``backward`` through ``join`` has returned.
+        Returns ``(join, iacn_loss, start)``: add ``join`` (value 0) to the loss, then call
+        ``start(total)`` with the (detached) total loss: the worker runs IaCN and adds ``λ·L_IaCN``
+        to ``total`` in place; ``iacn_loss`` is a scalar it fills with ``L_IaCN``. Both values are
+        final once ``backward`` through ``join`` has returned. An exception on the worker is raised
+        by that ``backward``.
         """
         assert self.iacn is not None
         kwargs = self._iacn_inputs(emb)
@@ -213,36 +215,38 @@ class CTRWithIaCN(nn.Module):
             views.append(values)
             leaves.append(leaf)
         iacn_loss = labels.new_zeros(())
-        loss_ready: concurrent.futures.Future = concurrent.futures.Future()
+        pending: concurrent.futures.Future = concurrent.futures.Future()
         lam = self.lam
 
-        def work() -> tuple[list[torch.Tensor], list[tuple[nn.Parameter, torch.Tensor]]]:
-            loss = self.iacn(labels=labels, **kwargs)
-            (lam * loss).backward()
-            with torch.no_grad():
-                iacn_loss.copy_(loss)
-                total = loss_ready.result()
-                if total is not None:
+        def work(total: torch.Tensor) -> None:
+            try:  # the outcome goes to `pending`, which the main backward's join waits on
+                loss = self.iacn(labels=labels, **kwargs)
+                (lam * loss).backward()
+                with torch.no_grad():
+                    iacn_loss.copy_(loss)
                     total.add_(lam * loss)
-            grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-            produced = [(p, p.grad) for p in self.iacn.parameters() if p.grad is not None]
-            return grads, produced
+                grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+                produced = [(p, p.grad) for p in self.iacn.parameters() if p.grad is not None]
+                pending.set_result((grads, produced))
+            except BaseException as e:
+                pending.set_exception(e)
 
-        pending = _iacn_worker().submit(work)
-        return _JoinBranch.apply(pending, *views), iacn_loss, loss_ready
+        def start(total: torch.Tensor) -> None:
+            _iacn_worker().submit(work, total)
+
+        return _JoinBranch.apply(pending, *views), iacn_loss, start
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         labels = batch.labels.float()
         run_iacn = self.runs_iacn
         emb = self.embeddings(batch.sparse_features, self.delta, aux_views=run_iacn)
         if run_iacn and self.iacn_on_worker and self.training and torch.is_grad_enabled():
-            join, iacn_loss, loss_ready = self._iacn_on_worker(emb, labels)  # runs beside the main model
-            loss = None
-            try:
-                logits, main_loss = self._main_loss(emb, labels)
-                loss = main_loss + join
-            finally:  # always answer the worker, even when the main model raised
-                loss_ready.set_result(None if loss is None else loss.detach())
+            join, iacn_loss, start = self._iacn_on_worker(emb, labels)
+            logits, main_loss = self._main_loss(emb, labels)
+            loss = main_loss + join
+            # Started now, IaCN runs beside the main *backward*, whose autograd engine runs without
+            # the GIL: beside the Python-heavy main forward, both threads kept waiting for the GIL.
+            start(loss.detach())
         else:
             iacn_inputs = self._iacn_inputs(emb) if run_iacn else {}  # before the main model (RNG order)
             logits, main_loss = self._main_loss(emb, labels)
@@ -263,16 +267,18 @@ class CTRWithIaCN(nn.Module):
         return logits, main_loss
 
     def run_iacn_on_worker(self, enabled: bool = True) -> CTRWithIaCN:
-        """Run IaCN's forward and backward on a worker thread while the main model runs (training
-        mode with gradients only; evaluation and ``predict`` never run IaCN).
+        """Run IaCN's forward and backward on a worker thread while the main model runs its
+        backward (training mode with gradients only; evaluation and ``predict`` never run IaCN).
 
         On a CPU the main model's many small ops cannot use a second core through intra-op threads,
         but IaCN is an independent branch of the graph: with one torch thread each, the two
-        branches overlap on two cores. The result is the same computation (the gradients reaching
-        every parameter are the serial ones up to float summation order), so this is an execution
+        branches overlap on two cores. The worker starts when the forward has built the loss, so
+        IaCN's Python-heavy forward meets the main backward, which runs in the autograd engine
+        without the GIL. The result is the same computation (the gradients reaching every
+        parameter are the serial ones up to float summation order), so this is an execution
         choice, made by the trainer for the single-process, unsharded path. The caller must zero
-        the gradients *before* the forward (the worker writes IaCN's gradients during it) and
-        call ``backward`` on the returned loss once per forward; sharded/DDP models must not use it
+        the gradients *before* the forward (the worker writes IaCN's gradients after it) and call
+        ``backward`` on the returned loss once per forward; sharded/DDP models must not use it
         (their gradient hooks expect one backward pass).
         """
         self.iacn_on_worker = bool(enabled)
