@@ -135,8 +135,9 @@ def build_training(
     n_params = sum(p.numel() for p in model.parameters())
     if world_size == 1 and not config.optim.fused:
         model = model.to(device)
-        # not with a compiled main model: its kernels hold the GIL, and the worker then only
-        # contends (measured slower than serial on the 2-core box, docs/results/performance.md)
+        # not with a compiled main model, whose kernels hold the GIL: there the worker gains little
+        # (round 7: DIN+IaCN 7.89 ms a step on the worker, 8.38 serial) and eager DIN+IaCN on the
+        # worker is faster than either (7.25 ms), docs/results/performance.md
         if config.model.iacn_worker and not config.model.compile:
             model.run_iacn_on_worker()
         optimizer = torch.optim.Adam(
