@@ -110,11 +110,13 @@ def test_render_and_plot(tmp_path):
            "throughput": {"din@128": {"step_ms": 10.0, "samples_per_s": 12800.0, "peak_rss_mib": 500.0},
                           "din+iacn@128": {"step_ms": 11.0, "samples_per_s": 11636.0}},
            "iacn_overhead_by_arm": {"din@128": 1.1}, "iacn_overhead": 1.1,
+           "iacn_overhead_spread_by_arm": {"din@128": [1.04, 1.15]},
            "scaling_length": [{"L": 10, "din_ms": 1.0, "din_iacn_ms": 1.2, "iacn_overhead": 1.2}],
            "scaling_vocab": [{"items": 10, "dense_adam_ms": 1.0, "fused_rowwise_adagrad_ms": 1.0,
                               "dense_vs_12k": 1.0, "fused_vs_12k": 1.0}]}
     text = bench.render(res)
     assert "din+iacn@128" in text and "| 10 |" in text
+    assert "din@128 1.100 (1.04–1.15)" in text
     assert "| din@128 | 10.00 | 12,800 | 500 |" in text and "| din+iacn@128 | 11.00 | 11,636 | – |" in text
     bench.plot(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
@@ -181,6 +183,16 @@ def test_din_jagged_values_equal_padded_view():
     gb = torch.autograd.grad(b.sum(), values)[0]
     torch.testing.assert_close(ga, gb)
     assert not math.isnan(float(a.sum()))
+
+
+def test_paired_ratio_and_its_spread():
+    num, den = [2.0, 3.0, 4.0, 10.0, 6.0], [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert bench._paired(num, den) == 4.0
+    # inclusive quartiles of the ratios 2, 3, 4, 6, 10: 3 and 6
+    assert bench._paired_spread(num, den) == [3.0, 6.0]
+    assert bench._paired_spread([3.0], [2.0]) == [1.5, 1.5]
+    with pytest.raises(ValueError):
+        bench._paired_spread([1.0, 2.0], [1.0])
 
 
 # ------------------------------------------------- round-2 fast paths ≡ the computations they replace

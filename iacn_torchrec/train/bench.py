@@ -5,7 +5,8 @@
 1. **Throughput** (forward + backward + update, data loading included, steady state) of DIN,
    DIN+IaCN, DIEN, DIEN+IaCN at batch 128 and 1024 on the prepared dataset, all configurations in
    one worker process and *interleaved* (round-robin blocks of steps), so a load change on this
-   shared machine hits every configuration alike; ratios are medians of per-round ratios.
+   shared machine hits every configuration alike; ratios are medians of per-round ratios
+   (``iacn_overhead_spread_by_arm``: their quartiles, how far the rounds scatter).
    ``iacn_overhead = step_time(main+IaCN) / step_time(main)``; a capacity-matched control arm
    (``+aux``: the same main model with the aux tables, λ = 0, no sampled negatives) splits it into
    the wider main model's cost and ``iacn_overhead_vs_capacity_matched`` (the capsule network's own).
@@ -357,6 +358,16 @@ def _paired(num: list[float], den: list[float]) -> float:
     return _med([x / y for x, y in zip(num, den, strict=True)])
 
 
+def _paired_spread(num: list[float], den: list[float]) -> list[float]:
+    """``[25 %, 75 %]`` quartiles of the per-round ratios behind :func:`_paired`: how far one run's
+    rounds scatter (the second core's availability moves the IaCN worker's figures)."""
+    ratios = [x / y for x, y in zip(num, den, strict=True)]
+    if len(ratios) < 2:
+        return [ratios[0], ratios[0]]
+    q = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -384,7 +395,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     n_test = tp["samples_per_step"]["din/eval@2048"]
     res["eval_over_train"] = n_test / 128 * _paired(tp["step_s"]["din@128"], tp["step_s"]["din/eval@2048"])
     overhead, vs_capacity, width = {}, {}, {}
-    serial = {}
+    serial, spread = {}, {}
     for name in step:
         if "+iacn/serial" in name:
             base = name.replace("+iacn/serial", "")
@@ -392,12 +403,14 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
         elif "+iacn" in name:
             base = name.replace("+iacn", "")
             overhead[base] = _paired(step[name], step[base])
+            spread[base] = _paired_spread(step[name], step[base])
             matched = name.replace("+iacn", "+aux")
             if matched in step:  # the capsule network's own cost, and the wider main model's
                 vs_capacity[base] = _paired(step[name], step[matched])
                 width[base] = _paired(step[matched], step[base])
     res["throughput"] = table
     res["iacn_overhead_by_arm"] = overhead
+    res["iacn_overhead_spread_by_arm"] = spread
     res["iacn_overhead_vs_capacity_matched_by_arm"] = vs_capacity
     res["width_overhead_by_arm"] = width
     res["iacn_overhead_serial_by_arm"] = serial
@@ -516,8 +529,10 @@ def render(res: dict[str, Any]) -> str:
     for name, r in res["throughput"].items():
         rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "–"  # measured per config in full runs
         lines.append(f"| {name} | {r['step_ms']:.2f} | {r['samples_per_s']:,.0f} | {rss} |")
-    lines += ["", "iacn_overhead (paired per round): " + ", ".join(
-        f"{k} {v:.3f}" for k, v in res["iacn_overhead_by_arm"].items())]
+    spread = res.get("iacn_overhead_spread_by_arm", {})
+    lines += ["", "iacn_overhead (paired per round; the middle half of the rounds in brackets): " + ", ".join(
+        f"{k} {v:.3f}" + (f" ({spread[k][0]:.2f}–{spread[k][1]:.2f})" if k in spread else "")
+        for k, v in res["iacn_overhead_by_arm"].items())]
     if res.get("iacn_overhead_vs_capacity_matched_by_arm"):
         lines.append("iacn_overhead_vs_capacity_matched (vs aux tables, λ=0): " + ", ".join(
             f"{k} {v:.3f}" for k, v in res["iacn_overhead_vs_capacity_matched_by_arm"].items()))
