@@ -124,7 +124,7 @@ class CTRWithIaCN(nn.Module):
         self.iacn = iacn
         self.lam = float(lam)
         self.delta = float(delta)
-        #: run IaCN's forward+backward on a worker thread, overlapping the main model (see
+        #: run IaCN's forward+backward on a worker thread, beside the main backward (see
         #: :meth:`run_iacn_on_worker`); off by default.
         self.iacn_on_worker = False
         self.item_log_q: torch.Tensor | None

@@ -49,7 +49,7 @@ class ModelConfig:
     # DIEN's GRU/AUGRU hidden size; None: 2·emb_dim, the plain model's item width (reference code)
     dien_hidden: int | None = None
     compile: bool = False  # torch.compile the main model in place (CTRWithIaCN.compile_submodules)
-    # one process, unsharded: IaCN's forward+backward on a worker thread, overlapping the main model
+    # one process, unsharded: IaCN's forward+backward on a worker thread, beside the main backward
     iacn_worker: bool = True
 
     def __post_init__(self) -> None:
