@@ -36,6 +36,24 @@ __all__ = ["EmbeddedBatch", "InterestAwareEmbeddings", "TABLE_NAMES", "fixed_len
 TABLE_NAMES: tuple[str, ...] = ("uid", "item_orig", "cate_orig", "item_aux", "cate_aux")
 
 
+class _PaddedView:
+    """An :class:`EmbeddedBatch` history view ``name`` (``[B, L, d]``): set directly, or padded from
+    the jagged ``<name>_values`` (offsets ``hist_offsets``) on first access and kept."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.cached, self.values = f"_{name}", f"{name}_values"
+
+    def __get__(self, batch: EmbeddedBatch | None, owner: type | None = None) -> torch.Tensor | None:
+        if batch is None:
+            return self  # type: ignore[return-value]  # class access: the descriptor itself
+        if getattr(batch, self.cached) is None and getattr(batch, self.values) is not None:
+            setattr(batch, self.cached, _pad(getattr(batch, self.values), batch.hist_offsets, batch._max_len))
+        return getattr(batch, self.cached)
+
+    def __set__(self, batch: EmbeddedBatch, value: torch.Tensor | None) -> None:
+        setattr(batch, self.cached, value)
+
+
 class EmbeddedBatch:
     """Dense views of one batch (docs/architecture.md, "Embeddings").
 
@@ -66,6 +84,11 @@ class EmbeddedBatch:
             or None.
     """
 
+    # padded lazily from hist_values / neg_hist_values / aux_hist_values (or set directly)
+    hist = _PaddedView()
+    neg_hist = _PaddedView()
+    aux_hist = _PaddedView()
+
     def __init__(
         self,
         user: torch.Tensor,
@@ -94,36 +117,6 @@ class EmbeddedBatch:
         self.aux_hist_values: torch.Tensor | None = None
         self.neg_hist_values: torch.Tensor | None = None
         self.negative_rows: torch.Tensor | None = None
-
-    def _padded(self, cached: str, values: torch.Tensor | None) -> torch.Tensor | None:
-        """The padded view in attribute ``cached``, built from the jagged ``values`` on first access."""
-        if getattr(self, cached) is None and values is not None:
-            setattr(self, cached, _pad(values, self.hist_offsets, self._max_len))
-        return getattr(self, cached)
-
-    @property
-    def hist(self) -> torch.Tensor:
-        return self._padded("_hist", self.hist_values)
-
-    @hist.setter
-    def hist(self, value: torch.Tensor) -> None:
-        self._hist = value
-
-    @property
-    def neg_hist(self) -> torch.Tensor | None:
-        return self._padded("_neg_hist", self.neg_hist_values)
-
-    @neg_hist.setter
-    def neg_hist(self, value: torch.Tensor | None) -> None:
-        self._neg_hist = value
-
-    @property
-    def aux_hist(self) -> torch.Tensor | None:
-        return self._padded("_aux_hist", self.aux_hist_values)
-
-    @aux_hist.setter
-    def aux_hist(self, value: torch.Tensor | None) -> None:
-        self._aux_hist = value
 
     def aux_hist_jagged(self) -> JaggedTensor | torch.Tensor | None:
         """IaCN's history view without padding: a ``JaggedTensor`` (values ``[N, h]``) when the
