@@ -166,6 +166,11 @@ def test_resume_mid_epoch(small):
     assert rest == full[3:] and len(rest) == len(full) - 3
     with pytest.raises(ValueError, match="batch_size"):
         BatchLoader(ds, "train", 9, seed=5, world_size=2).load_state_dict(state)
+    for other, key in ((dict(shuffle=False), "shuffle"), (dict(drop_last=True), "drop_last"),
+                       (dict(iacn_negatives=UniformNegatives(ds.num_items, 4, seed=8)), "negatives_seed")):
+        kw = dict(shuffle=True, seed=5, rank=1, world_size=2, with_neg_hist=True, iacn_negatives=neg)
+        with pytest.raises(ValueError, match=rf"cannot resume: state has {key}="):
+            BatchLoader(ds, "train", 8, **{**kw, **other}).load_state_dict(state)
 
 
 def test_iacn_negatives_features(small):
@@ -286,7 +291,7 @@ def test_half_written_and_damaged_dirs(small, tmp_path, monkeypatch):
     assert not (tmp_path / "crash").exists() and not list(tmp_path.glob(".crash*"))
 
 
-def test_overwrite_rules(tmp_path):
+def test_overwrite_rules(tmp_path, monkeypatch):
     inter, items = synthetic_tsv(tmp_path / "raw")
     kw = dict(interactions=inter, items=items, progress=False)
     out = prepare_dataset("tsv", out=tmp_path / "o", **kw)
@@ -301,6 +306,21 @@ def test_overwrite_rules(tmp_path):
         prepare_dataset("tsv", out=tmp_path / "mine", **kw)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "o", "raw"]  # no temp siblings left
+    # an overwrite whose final rename fails puts the previous dataset back
+    h1 = json.loads((out / "meta.json").read_text())["content_hash"]
+    real_rename = Path.rename
+
+    def failing_rename(self, target):
+        if self.name.startswith(".o.tmp-"):
+            raise OSError("disk gone")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="disk gone"):
+        prepare_dataset("tsv", out=out, seed=2, overwrite=True, **kw)
+    monkeypatch.undo()
+    assert json.loads((out / "meta.json").read_text())["content_hash"] == h1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "o", "raw"]
     ds = PreparedDataset.open(out, verify=True)
     np.asarray(ds.split("train").item)  # mapped read-only
     assert not ds.split("train").item.flags.writeable

@@ -354,3 +354,91 @@ def test_movielens(tmp_path):
     assert cate[ds.item2cate[items.index("1") + 1] - 1] == "Animation"
     assert cate[ds.item2cate[items.index("2") + 1] - 1] == "Action"
     assert items[:3] == ["1", "2", "3"]  # numeric ids, numeric order
+    assert ds.meta["source"]["category_column"] == "class"  # the column actually read
+
+
+# ---- ids, tokens and columns that must not pass silently
+
+
+def test_id_order_comes_from_the_interactions(tmp_path):
+    # one non-integer id in the item table must not turn the integer ids' order into text order
+    inter = "user_id\titem_id\ttimestamp\n1\t9\t1\n1\t100\t2\n1\t10\t3\n"
+    ds = PreparedDataset.open(prep(tmp_path, inter, "item_id\tcate_leaf\n9\ta\n10\tb\n100\tc\nX1\td\n"))
+    assert ds.vocab("item") == ["9", "10", "100"]
+    assert ds.item2cate.tolist() == [0, 1, 2, 3]
+    assert ds.meta["skipped"]["items_without_interactions"]["count"] == 1  # X1
+
+
+def test_plus_signed_ids_stay_apart_on_both_read_paths(tmp_path):
+    inter = "user_id\titem_id\ttimestamp\n1\t+5\t1\n1\t5\t2\n1\t6\t3\n"
+    for items in ("item_id\tcate_leaf\n5\t1\n6\t1\n", "item_id\tcate_leaf\n5\tx\n6\tx\n"):
+        ds = PreparedDataset.open(prep(tmp_path, inter, items, overwrite=True))
+        assert sorted(ds.vocab("item")) == ["+5", "5", "6"]
+
+
+def test_bad_timestamp_out_of_int64_range(tmp_path):
+    for big in ("99999999999999999999", "1e30"):
+        msg = rf"i\.tsv: line 3: field 'timestamp': '{big}' is out of the int64 range"
+        with pytest.raises(DataError, match=msg):
+            prep(tmp_path, INTER.replace("\t200\n", f"\t{big}\n"))
+
+
+def test_bad_seed_and_empty_splits(tmp_path):
+    with pytest.raises(DataError, match=r"seed must be >= 0"):
+        prep(tmp_path, seed=-1)
+    short = "user_id\titem_id\ttimestamp\n1\t10\t1\n1\t11\t2\n2\t12\t1\n"
+    for protocol in ("din", "dien"):
+        msg = rf"protocol '{protocol}' built no train and no test samples: 0 user"
+        with pytest.raises(DataError, match=msg):
+            prep(tmp_path, short, protocol=protocol)
+    # dien: the one user goes to the test split (ceil(1/10)), none is left to train on
+    with pytest.raises(DataError, match=r"'dien' built no train samples: 1 user\(s\) have at least 3"):
+        prep(tmp_path, INTER.split("2\t10")[0], protocol="dien")
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_ids_with_unusual_characters_round_trip(tmp_path):
+    ids = ["a\x1cb", "c\u2028d", "g"]
+    inter = "user_id\titem_id\ttimestamp\n" + "".join(f"1\t{t}\t{k}\n" for k, t in enumerate(ids))
+    (tmp_path / "i.tsv").write_bytes(inter.encode())
+    (tmp_path / "m.tsv").write_bytes(("item_id\tcate_leaf\n" + "".join(f"{t}\tc\n" for t in ids)).encode())
+    out = prepare_dataset("tsv", interactions=tmp_path / "i.tsv", items=tmp_path / "m.tsv",
+                          out=tmp_path / "out", progress=False)
+    assert PreparedDataset.open(out).vocab("item") == sorted(ids)
+
+
+def test_amazon_json_null_and_empty_ids(tmp_path):
+    for bad, shown in (('""', "is empty"), ("null", "None is not an id"), ("[1]", r"\[1\] is not an id")):
+        line = f'{{"reviewerID": {bad}, "asin": "B01", "unixReviewTime": 1}}'
+        rp, mp = write_amazon(tmp_path, REVIEWS[:2] + [line], META)
+        with pytest.raises(DataError, match=rf"_5\.json\.gz: line 3: field 'reviewerID'.*{shown}"):
+            read_amazon_json(rp, mp)
+    rp, mp = write_amazon(tmp_path, REVIEWS, META + ['{"asin": null, "categories": [["x"]]}'])
+    with pytest.raises(DataError, match=r"meta_Beauty\.json\.gz: line 5: field 'asin': None is not an id"):
+        read_amazon_json(rp, mp)
+    rp, mp = write_amazon(tmp_path, [r.replace('"U2"', "7") for r in REVIEWS], META)  # integer ids are ids
+    assert read_amazon_json(rp, mp).user.tolist() == ["U1"] * 3 + ["7"] * 3
+
+
+def test_dien_empty_history_tokens_and_vocab_files(tmp_path):
+    d = tmp_path / "dien"
+    for row, msg in (("m1\x02\x02m3\tc1\x02c1\x02c2", "field 'hist_mids': entry 2 is empty"),
+                     ("m1\x02m3\t\x02c2", "field 'hist_cats': entry 1 is empty"),
+                     ("m1\tc1\x02", "field 'hist_cats' has 2 entries but 'hist_mids' has 1")):
+        write_dien(d, [f"1\tu1\tm2\tc1\t{row}"], ["1\tu2\tm3\tc2\tm1\tc1"])
+        with pytest.raises(DataError, match=rf"local_train_splitByUser: line 1: {msg}"):
+            read_dien(d)
+    write_dien(d, ["1\tu1\tm2\tc1\tm1\tc1"], ["1\tu2\tm3\tc2\tm1\tc1"])
+    for name, voc in (("mid_voc.pkl", {"m1": 0, "m2": 1, "m3": 2}), ("cat_voc.pkl", {"c1": 0, "c2": 1})):
+        (d / name).write_bytes(pickle.dumps(voc))
+    files = read_dien(d).files
+    assert files["item"] == str(d / "mid_voc.pkl") and files["cate"] == str(d / "cat_voc.pkl")
+    assert "uid" not in files and all(Path(p).exists() for p in files.values())
+
+
+@pytest.mark.skipif(not MOVIELENS.exists(), reason="shared MovieLens copy absent")
+def test_movielens_category_column_is_checked(tmp_path):
+    with pytest.raises(DataError, match=r"\.item: no column 'genre_typo' for the category; columns: \["):
+        prepare_dataset("movielens", path=MOVIELENS, category_column="genre_typo", out=tmp_path / "m",
+                        progress=False)
+    assert not (tmp_path / "m").exists()

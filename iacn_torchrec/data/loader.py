@@ -36,7 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from iacn_torchrec.data.negatives import NegativeSampler
-from iacn_torchrec.data.protocols import SPLIT_ARRAYS, SplitArrays
+from iacn_torchrec.data.protocols import SPLIT_ARRAYS, SplitArrays, jagged_index
 from iacn_torchrec.data.sources import DataError
 from iacn_torchrec.data.store import META, content_hash, read_meta
 
@@ -156,8 +156,10 @@ class PreparedDataset:
 
     def vocab(self, kind: str) -> list[str]:
         """Raw ids of ``kind`` (``uid``/``item``/``cate``) in index order (entry ``i - 1`` is index ``i``)."""
-        lines = (self.path / "vocab" / f"{kind}.tsv").read_text().splitlines()
-        return [ln.split("\t", 1)[0] for ln in lines]
+        # bytes split on "\n" only: the writer allows any other character in an id (read_text would
+        # turn "\r" into "\n", str.splitlines also splits on "\x1c", "\u2028" ...)
+        lines = (self.path / "vocab" / f"{kind}.tsv").read_bytes().decode("utf-8").split("\n")
+        return [ln.split("\t", 1)[0] for ln in lines[:-1]]
 
     def __repr__(self) -> str:
         c = self.meta["counts"]
@@ -239,20 +241,26 @@ class BatchLoader:
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "batch"}``: ``batch`` is the index of the next batch to yield
         (``len(self)`` once the epoch is done), plus the settings a resume must match."""
-        return {
+        state = {
             "epoch": self.epoch,
             "batch": self._next,
             "seed": self.seed,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "num_samples": self.num_samples,
+            "shuffle": int(self.shuffle),
+            "drop_last": int(self.drop_last),
         }
+        if self.iacn_negatives is not None:
+            state["negatives_seed"] = self.iacn_negatives.seed
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "batch_size", "world_size", "num_samples"):
-            mine = self.state_dict()[key]
-            if key in state and int(state[key]) != mine:
-                raise ValueError(f"cannot resume: state has {key}={state[key]}, this loader {mine}")
+        mine = self.state_dict()
+        for key, value in mine.items():
+            # a key the state lacks (older checkpoints) is not checked
+            if key not in ("epoch", "batch") and key in state and int(state[key]) != value:
+                raise ValueError(f"cannot resume: state has {key}={state[key]}, this loader {value}")
         self.epoch = int(state["epoch"])
         self._next = int(state["batch"])
 
@@ -296,10 +304,8 @@ class BatchLoader:
         B = len(idx)
         starts = d.hist_offsets[idx]
         lens = d.hist_offsets[idx + 1] - starts
-        ends = np.cumsum(lens)
-        T = int(ends[-1]) if B else 0
-        # flat history positions: start of each sample repeated over its length, plus 0..len-1
-        pos = np.repeat(starts - (ends - lens), lens) + np.arange(T, dtype=np.int64)
+        _, pos = jagged_index(starts, lens)  # the flat history positions of the batch's rows
+        T = len(pos)
 
         real_neg_hist = self.with_neg_hist and not self.placeholder_features
         hist_arrays = [d.hist_item, d.hist_cate]

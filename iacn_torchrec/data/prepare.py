@@ -28,7 +28,7 @@ def prepare_dataset(
     reviews: str | Path | None = None,
     meta: str | Path | None = None,
     path: str | Path | None = None,
-    category_column: str = "cate_leaf",
+    category_column: str | None = None,
     protocol: str = "din",
     max_len: int = 20,
     seed: int = 0,
@@ -43,8 +43,8 @@ def prepare_dataset(
             ``dien`` (``path``: DIEN's files; with ``local_*`` files the split and negatives are
             theirs and ``protocol`` is recorded as ``dien-files``) or ``movielens`` (``path``:
             RecBole ``.inter``/``.item``).
-        category_column: the item-table column used as category (``tsv``; ``movielens`` uses it
-            when present, else ``class``).
+        category_column: the item-table column used as category: ``tsv`` (default ``cate_leaf``)
+            and ``movielens`` (default ``class``); the column used is recorded in ``meta.json``.
         protocol: ``din`` or ``dien`` (see :mod:`iacn_torchrec.data.protocols`).
         max_len: histories keep the last ``max_len`` items.
         seed: seeds every random draw (target negatives, DIEN negative behaviours, dien split).
@@ -60,6 +60,8 @@ def prepare_dataset(
         raise DataError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     if int(max_len) < 1:
         raise DataError(f"max_len must be >= 1, got {max_len}")
+    if int(seed) < 0:
+        raise DataError(f"seed must be >= 0 (numpy's generators refuse negative seeds), got {seed}")
     store.check_target(out, overwrite)  # fail before doing any work
     stages = ["read", "build", "write"]
     bar = None
@@ -77,6 +79,7 @@ def prepare_dataset(
     try:
         if source == "tsv":
             _need(source, interactions=interactions, items=items)
+            category_column = category_column or "cate_leaf"
             raw = sources.read_tsv(interactions, items, category_column)
         elif source == "amazon-json":
             _need(source, reviews=reviews, meta=meta)
@@ -86,7 +89,8 @@ def prepare_dataset(
             raw = sources.read_dien(path, max_len)
         else:
             _need(source, path=path)
-            raw = sources.read_movielens(path, category_column if category_column != "cate_leaf" else "class")
+            category_column = category_column or "class"
+            raw = sources.read_movielens(path, category_column)
         step("read", "build")
         if isinstance(raw, sources.PrebuiltSamples):
             built = protocols.build_prebuilt(raw, seed)

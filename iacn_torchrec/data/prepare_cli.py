@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", type=Path, help="dien / movielens: directory holding the files")
     parser.add_argument(
         "--category-column",
-        default="cate_leaf",
+        default=None,
         help="tsv: category column of items.tsv "
-        "(default: cate_leaf); movielens: genre column (default: class)",
+        "(default: cate_leaf); movielens: genre column of the .item file (default: class)",
     )
     parser.add_argument("--protocol", choices=PROTOCOLS, default="din", help="sample protocol (default: din)")
     parser.add_argument("--max-len", type=int, default=20, help="history length kept (default: 20)")

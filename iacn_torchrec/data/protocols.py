@@ -126,15 +126,17 @@ def index_interactions(inter: Interactions) -> IndexedInteractions:
     """Remap ids (sorted raw order, from 1), attach categories, sort events by (user, time)."""
     report = inter.report
     user_vocab, uinv = np.unique(inter.user, return_inverse=True)
-    item_raw, tab_ids = _as_common_ids(inter.item, inter.item_ids)
-    item_vocab, iinv = np.unique(item_raw, return_inverse=True)
+    # the id order comes from the interactions alone (numeric when all their item ids are integers);
+    # the item table only has to be compared with them, in one common type
+    item_vocab, iinv = np.unique(inter.item, return_inverse=True)
     n_items = len(item_vocab)
+    vocab_ids, tab_ids = _as_common_ids(item_vocab, inter.item_ids)
 
     # item -> category through the item table (sorted lookup, no Python loop)
     srt = np.argsort(tab_ids, kind="stable")
     if len(tab_ids):
-        pos = srt[np.searchsorted(tab_ids, item_vocab, sorter=srt).clip(0, len(srt) - 1)]
-        found = tab_ids[pos] == item_vocab
+        pos = srt[np.searchsorted(tab_ids, vocab_ids, sorter=srt).clip(0, len(srt) - 1)]
+        found = tab_ids[pos] == vocab_ids
     else:
         pos = np.zeros(n_items, dtype=np.int64)
         found = np.zeros(n_items, dtype=bool)
@@ -147,7 +149,7 @@ def index_interactions(inter: Interactions) -> IndexedInteractions:
         int((~found).sum()),
         "items occurring in the interactions with no category in the item table: category 0 'unknown'",
     )
-    unused = len(tab_ids) - int(np.isin(tab_ids, item_vocab).sum())
+    unused = len(tab_ids) - int(np.isin(tab_ids, vocab_ids).sum())
     report.skip(
         "items_without_interactions", unused, "item-table rows whose item never occurs in the interactions"
     )
@@ -235,6 +237,16 @@ def _user_runs(ix: IndexedInteractions, min_len: int):
     return start, count, keep
 
 
+def _check_splits(protocol: str, splits: dict[str, SplitArrays], users: int, min_len: int) -> None:
+    """A dataset with an empty split trains or evaluates on nothing: refuse to write it."""
+    empty = [name for name, s in splits.items() if len(s) == 0]
+    if empty:
+        raise DataError(
+            f"protocol {protocol!r} built no {' and no '.join(empty)} samples: {users} user(s) have "
+            f"at least {min_len} interactions (after the reader's filters); more are needed"
+        )
+
+
 def _counts(ix: IndexedInteractions, splits: dict[str, SplitArrays]) -> dict[str, int]:
     c = {
         "users": len(ix.vocabs["uid"]),
@@ -282,6 +294,7 @@ def build_din(
             neg_of_event,
             ix.item2cate,
         )
+    _check_splits("din", splits, int(keep.sum()), min_len)
     train_events = keep_of & (k < count_of - 1)  # everything but each user's held-out last interaction
     item_count = np.bincount(ix.item[train_events], minlength=n_items + 1).astype(np.int64)
     return BuiltDataset("din", splits, ix.item2cate, item_count, ix.vocabs, _counts(ix, splits), ix.report)
@@ -325,6 +338,7 @@ def build_dien(
             neg_of_event,
             ix.item2cate,
         )
+    _check_splits("dien", splits, n_users, min_len)
     _, ev = jagged_index(start, count)  # the events of kept users, user by user
     train_ev = ev[np.repeat(~is_test, count)]  # all events of train users
     item_count = np.bincount(ix.item[train_ev], minlength=n_items + 1).astype(np.int64)

@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -153,21 +154,33 @@ def _to_ids(values: list[str]) -> np.ndarray:
     return arr
 
 
-def _int_field(tok: str, path: Path | str, line: int, name: str) -> int:
+_INT64 = np.iinfo(np.int64)
+
+
+def _float_int_field(tok: str, path: Path | str, line: int, name: str) -> int:
+    """An integer written as a float (``1.4e9``, ``17.0``)."""
     try:
-        return int(tok)
-    except ValueError:
-        pass
-    try:
-        v = float(tok)
+        f = float(tok)
     except ValueError:
         raise DataError(f"{path}: line {line}: field '{name}': {tok!r} is not a number") from None
-    if not np.isfinite(v) or v != int(v):
+    if not np.isfinite(f) or f != int(f):
         raise DataError(f"{path}: line {line}: field '{name}': {tok!r} is not an integer")
-    return int(v)
+    return int(f)
 
 
-_LEADING_ZERO = re.compile(r"(?:^|\t)[-+]?0\d", re.M)
+def _int_field(tok: str, path: Path | str, line: int, name: str) -> int:
+    try:
+        v = int(tok)
+    except ValueError:
+        v = _float_int_field(tok, path, line, name)
+    if not _INT64.min <= v <= _INT64.max:
+        raise DataError(f"{path}: line {line}: field '{name}': {tok!r} is out of the int64 range")
+    return v
+
+
+# ids such as "0042" or "+42" must keep their spelling (and stay apart from "42"): a leading zero or
+# plus sign anywhere sends a file to read_table's slow path, whose id conversion is exact
+_NOT_PLAIN_INT = re.compile(r"(?:^|\t)(?:\+|-?0\d)", re.M)
 
 
 def read_table(
@@ -210,9 +223,7 @@ def read_table(
     if not body.strip():
         raise DataError(f"{path}: no data lines")
 
-    # ids such as "0042" must keep their spelling (and stay apart from "42"): leading zeros anywhere
-    # send the file to the slow path, whose id conversion is exact
-    if "\n\n" not in body and not body.startswith("\n") and not _LEADING_ZERO.search(body):
+    if "\n\n" not in body and not body.startswith("\n") and not _NOT_PLAIN_INT.search(body):
         try:
             arr = np.loadtxt(
                 io.StringIO(body),
@@ -336,6 +347,16 @@ def _records(path: str | Path, report: Report):
     report.skip("blank_lines", blank, "blank lines in input files")
 
 
+def _json_id(v: Any, path: str | Path, n: int, field: str) -> str:
+    """An id field of a JSON record: a non-empty string or an integer (not null, bool, float...)."""
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise DataError(f"{path}: line {n}: field '{field}': {v!r} is not an id (a string or an integer)")
+    s = str(v).strip()
+    if not s:
+        raise DataError(f"{path}: line {n}: field '{field}' is empty")
+    return s
+
+
 def read_amazon_json(reviews: str | Path, meta: str | Path) -> Interactions:
     """Amazon 2014 ``reviews_<Cat>_5.json(.gz)`` (``reviewerID``, ``asin``, ``unixReviewTime``) and
     ``meta_<Cat>.json(.gz)`` (``asin``, ``categories``: list of category paths; the item's
@@ -351,8 +372,8 @@ def read_amazon_json(reviews: str | Path, meta: str | Path) -> Interactions:
         t = rec["unixReviewTime"]
         if isinstance(t, bool) or not isinstance(t, (int, float, str)):
             raise DataError(f"{reviews}: line {n}: field 'unixReviewTime': {t!r} is not a number")
-        users.append(str(rec["reviewerID"]))
-        items.append(str(rec["asin"]))
+        users.append(_json_id(rec["reviewerID"], reviews, n, "reviewerID"))
+        items.append(_json_id(rec["asin"], reviews, n, "asin"))
         ts.append(_int_field(str(t), reviews, n, "unixReviewTime"))
     if not users:
         raise DataError(f"{reviews}: no data lines")
@@ -367,7 +388,7 @@ def read_amazon_json(reviews: str | Path, meta: str | Path) -> Interactions:
             cat = str(cats[0][-1])
         elif cats not in (None, [], [[]]) and not isinstance(cats, (list, tuple)):
             raise DataError(f"{meta}: line {n}: field 'categories': expected a list of category paths")
-        m_ids.append(str(rec["asin"]))
+        m_ids.append(_json_id(rec["asin"], meta, n, "asin"))
         m_cat.append(cat)
     ids, cates = _item_table(np.array(m_ids, dtype=str), np.array(m_cat, dtype=str), meta, report)
     return Interactions(
@@ -397,8 +418,10 @@ def read_movielens(path: str | Path, category_column: str = "class") -> Interact
     inter = read_table(
         inter_files[0], ["user_id", "item_id", "timestamp"], int_columns={"timestamp"}, report=report
     )
-    head = read_text(item_files[0]).split("\n", 1)[0]
-    col = category_column if category_column in [h.split(":")[0] for h in head.split("\t")] else "class"
+    head = [h.split(":")[0] for h in read_text(item_files[0]).split("\n", 1)[0].split("\t")]
+    if category_column not in head:
+        raise DataError(f"{item_files[0]}: no column {category_column!r} for the category; columns: {head}")
+    col = category_column
     tab = read_table(item_files[0], ["item_id", col], allow_empty={col}, report=report)
     genres = tab[col].astype(str)
     first = np.array([g.split(" ", 1)[0] for g in genres], dtype=str)  # 1,682 rows: fine in Python
@@ -480,6 +503,9 @@ def _read_dien_samples(path: Path, max_len: int, report: Report) -> dict[str, np
             raise DataError(
                 f"{path}: line {n}: field 'hist_cats' has {len(hc)} entries but 'hist_mids' has {len(hm)}"
             )
+        for name, toks in (("hist_mids", hm), ("hist_cats", hc)):
+            if "" in toks:
+                raise DataError(f"{path}: line {n}: field '{name}': entry {toks.index('') + 1} is empty")
         if len(hm) > max_len:
             truncated += 1
             hm, hc = hm[-max_len:], hc[-max_len:]
@@ -535,11 +561,11 @@ def read_dien(path: str | Path, max_len: int = 20) -> PrebuiltSamples | Interact
                 "test": _read_dien_samples(d / test, max_len, report),
             }
             vocabs = {}
+            files = {"train": str(d / train), "test": str(d / test)}
             for key, fname in (("uid", "uid_voc.pkl"), ("item", "mid_voc.pkl"), ("cate", "cat_voc.pkl")):
                 if (d / fname).exists():
                     vocabs[key] = _load_voc(d / fname)
-            files = {"train": str(d / train), "test": str(d / test)}
-            files.update({k: str(d / f"{k}_voc.pkl") for k in vocabs})
+                    files[key] = str(d / fname)
             if item_info is not None:
                 files["item-info"] = str(d / "item-info")
             return PrebuiltSamples(

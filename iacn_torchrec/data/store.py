@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iacn_torchrec.data.protocols import SPLIT_ARRAYS, BuiltDataset
+from iacn_torchrec.data.protocols import BuiltDataset
 from iacn_torchrec.data.sources import DataError
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "read_meta",
     "is_prepared",
     "content_hash",
-    "array_files",
 ]
 
 FORMAT = "iacn-prepared-dataset"
@@ -48,14 +47,9 @@ META = "meta.json"
 VOCABS = ("uid", "item", "cate")
 
 
-def array_files(splits=("train", "test")) -> list[str]:
-    """Relative paths of every array of a prepared directory, in hashing order."""
-    return ["item2cate.npy", "item_count.npy"] + [f"{s}/{a}.npy" for s in splits for a in SPLIT_ARRAYS]
-
-
 def content_hash(arrays: dict[str, np.ndarray], vocab_bytes: dict[str, bytes]) -> str:
-    """``sha256`` over (relative path, dtype, shape, raw bytes) of every array in
-    :func:`array_files` order, then over every vocabulary file: equal hashes <=> equal content."""
+    """``sha256`` over (relative path, dtype, shape, raw bytes) of every array, in sorted path
+    order, then over every vocabulary file: equal hashes <=> equal content."""
     h = hashlib.sha256()
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
@@ -183,7 +177,12 @@ def write_dataset(built: BuiltDataset, out: str | Path, meta: dict, *, overwrite
             check_target(out, overwrite)  # re-check: someone may have written there meanwhile
             old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
             out.rename(old)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old is not None:  # put the previous dataset back: a failed overwrite loses nothing
+                old.rename(out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -188,13 +188,13 @@ def dataset_at_length(base: Path, max_len: int) -> Path:
     kwargs: dict[str, Any] = {}
     if kind == "tsv":
         kwargs = {"interactions": files.get("interactions"), "items": files.get("items"),
-                  "category_column": src.get("category_column", "cate_leaf")}
+                  "category_column": src.get("category_column")}
     elif kind == "amazon-json":
         kwargs = {"reviews": files.get("reviews"), "meta": files.get("meta")}
     elif files:
         kwargs = {"path": next(iter(files.values())).parent}
         if kind == "movielens":
-            kwargs["category_column"] = src.get("category_column", "class")
+            kwargs["category_column"] = src.get("category_column")
     missing = [str(p) for p in kwargs.values() if isinstance(p, Path) and not p.exists()]
     if not kwargs or missing:
         raise SystemExit(f"iacn reproduce: cannot re-prepare {base} at max_len {max_len}: its raw source "

@@ -57,7 +57,9 @@ def read_vocab(path: str | Path) -> dict[str, int]:
     """``raw id <TAB> index`` lines → ``{raw id: index}``; a bad line raises naming file and line."""
     out: dict[str, int] = {}
     p = Path(path)
-    for n, line in enumerate(p.read_text().splitlines(), start=1):
+    # bytes split on "\n" only, as the writer: read_text would turn "\r" into "\n", splitlines
+    # would also split on "\x1c", "\u2028" ...
+    for n, line in enumerate(p.read_bytes().decode("utf-8").split("\n"), start=1):
         if not line:
             continue
         raw, sep, idx = line.rpartition("\t")
