@@ -49,15 +49,16 @@ def tables() -> list[EmbeddingBagConfig]:
     ]
 
 
-def dlrm_with_iacn(delta: float = 0.3, lam: float = 1.0, seed: int = 0) -> EBCModelWithIaCN:
+def dlrm_with_iacn(delta: float = 0.3, lam: float = 1.0, seed: int = 0, sampler: str = "uniform",
+                   item_log_q: torch.Tensor | None = None) -> EBCModelWithIaCN:
     torch.manual_seed(seed)
     model = DLRM(EmbeddingBagCollection(tables()), dense_in_features=1, dense_arch_layer_sizes=[8, D],
                  over_arch_layer_sizes=[16, 1])
     attach_iacn(model, EBCIaCNSpec(max_len=L), aux_dim=A, delta=delta)
     ebc = model.sparse_arch.embedding_bag_collection
-    task = IaCNTask(IaCNConfig(enabled=True, aux_dim=A, num_negatives=S), item_dim=ebc.aux_item_dim,
-                    max_len=L, user_dim=ebc.user_dim)
-    return EBCModelWithIaCN(model, task, lam=lam)
+    task = IaCNTask(IaCNConfig(enabled=True, aux_dim=A, num_negatives=S, sampler=sampler),
+                    item_dim=ebc.aux_item_dim, max_len=L, user_dim=ebc.user_dim)
+    return EBCModelWithIaCN(model, task, lam=lam, item_log_q=item_log_q)
 
 
 def test_plugin_leaves_dlrm_untouched():
@@ -195,6 +196,30 @@ def test_negatives_of_positive_rows_only_give_the_same_step():
     negatives_on_label0 = positives_only_negatives(full, rows=torch.nonzero(full.labels < 0.5).squeeze(1))
     with pytest.raises(ValueError, match="the label-1 rows"):
         dlrm_with_iacn()(negatives_on_label0)
+
+
+def test_log_uniform_sampler_through_the_plugin():
+    """The plug-in passes log Q of the targets and negatives (by item id) to IaCN, as CTRWithIaCN
+    does: its loss equals IaCN called by hand with them, and differs from the uncorrected one."""
+    log_q = torch.log_softmax(torch.randn(NI + 1, generator=torch.Generator().manual_seed(4)), 0)
+    with pytest.raises(ValueError, match="'log_uniform' needs item_log_q"):
+        dlrm_with_iacn(sampler="log_uniform")
+    batch = make_batch(16, seed=3)
+    losses = []
+    for q in (log_q, torch.zeros(NI + 1)):
+        model = dlrm_with_iacn(sampler="log_uniform", item_log_q=q)
+        torch.manual_seed(1)  # the routing logits' draws
+        losses.append(model(batch)[1][2])
+    ref_model = dlrm_with_iacn(sampler="log_uniform", item_log_q=log_q)
+    torch.manual_seed(1)
+    ref_model._logits(batch)
+    v = ref_model.ebc.iacn_views(batch.sparse_features)
+    ref = ref_model.iacn(v.aux_hist, v.hist_lengths, v.aux_target, batch.labels.float(), user=v.user,
+                         aux_negatives=v.aux_negatives, target_ids=v.target_ids, negative_ids=v.negative_ids,
+                         negative_rows=v.negative_rows, neg_log_q=log_q[v.negative_ids],
+                         target_log_q=log_q[v.target_ids])
+    torch.testing.assert_close(losses[0], ref.detach())
+    assert not torch.allclose(losses[0], losses[1])
 
 
 def test_plugin_errors_name_the_field():

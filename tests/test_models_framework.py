@@ -139,6 +139,18 @@ def test_sampler_needs_matching_embeddings():
         build_model("dlrm9", NU, NI, NC, L)
 
 
+def test_lam_and_delta_come_from_the_task_config():
+    cfg = IaCNConfig(enabled=True, aux_dim=3, lam=0.4, delta=0.8, sampler="in_batch")
+    torch.manual_seed(0)
+    model = build_model("din", NU, NI, NC, L, cfg, emb_dim=4)
+    again = CTRWithIaCN(model.embeddings, model.main_model, model.iacn)
+    assert (model.lam, model.delta) == (again.lam, again.delta) == (0.4, 0.8)
+    assert CTRWithIaCN(model.embeddings, model.main_model, model.iacn, lam=0.4, delta=0.8).lam == 0.4
+    for kw in (dict(lam=1.0), dict(delta=0.3)):
+        with pytest.raises(ValueError, match=rf"{next(iter(kw))}=.* differs from the IaCN task's config"):
+            CTRWithIaCN(model.embeddings, model.main_model, model.iacn, **kw)
+
+
 def test_predict_skips_iacn_and_matches_forward():
     torch.manual_seed(0)
     model = build_model("dien", NU, NI, NC, L, IaCNConfig(enabled=True, aux_dim=3, sampler="in_batch"),
@@ -284,20 +296,31 @@ def test_main_model_error_with_the_worker_on():
     torch.testing.assert_close(loss.detach(), main_loss + iacn_loss)
 
 
-def test_iacn_worker_refuses_gradients_cleared_between_forward_and_backward():
-    """zero_grad after the forward would drop the gradients the worker already wrote: a clear error,
-    not a silently IaCN-free step."""
-    import time
-
-    torch.manual_seed(0)
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_iacn_worker_grads_follow_the_backward(scale):
+    """IaCN's parameter gradients reach ``.grad`` inside the main backward, scaled by what it
+    brings: ``(c·loss).backward()`` equals the serial graph's for every parameter, gradients
+    cleared between forward and backward do not matter, and a second backward accumulates."""
     cfg = IaCNConfig(enabled=True, aux_dim=4, num_negatives=S)
-    model = build_model("din", NU, NI, NC, L, cfg, emb_dim=4).run_iacn_on_worker()
+    models = []
+    for worker in (False, True):
+        torch.manual_seed(0)
+        models.append(build_model("din", NU, NI, NC, L, cfg, emb_dim=4).run_iacn_on_worker(worker))
     batch = make_batch(16, seed=1, S=S)
-    loss, _ = model(batch)
-    time.sleep(0.5)  # the worker's few-ms forward+backward is done by now
-    model.zero_grad(set_to_none=True)
-    with pytest.raises(RuntimeError, match="zero_grad"):
-        loss.backward()
+    grads = []
+    for m in models:
+        torch.manual_seed(5)
+        loss, _ = m(batch)
+        m.zero_grad(set_to_none=True)  # after the forward: nothing of IaCN's is lost
+        (scale * loss).backward()
+        torch.manual_seed(5)
+        loss2, _ = m(batch)
+        loss2.backward()  # accumulates onto the first step's gradients
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    serial, threaded = grads
+    assert serial.keys() == threaded.keys() and any(k.startswith("iacn.") for k in threaded)
+    for k, g in serial.items():
+        torch.testing.assert_close(threaded[k], g, rtol=1e-5, atol=1e-7, msg=k)
 
 
 @pytest.mark.parametrize("name", ["din", "dien"])

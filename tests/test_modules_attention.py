@@ -41,11 +41,11 @@ def _inputs(seed=0):
 def test_matches_reference(p: float) -> None:
     capsules, mask, target = _inputs()
     capsules[~mask] = 50.0  # dead capsules with a huge score must still get no weight
-    v = label_aware_attention(capsules, mask, target, p)
+    v, w_out = label_aware_attention(capsules, mask, target, p)
     w = label_aware_attention_weights(capsules, mask, target, p)
     ref_v, ref_w = ref_attention(capsules, mask, target, p)
     assert torch.allclose(w, ref_w, atol=1e-12)
-    assert torch.allclose(v, ref_v, atol=1e-12)
+    assert torch.allclose(v, ref_v, atol=1e-12) and torch.equal(w_out, w)
     assert torch.all(w[~mask] == 0)
     assert torch.allclose(w.sum(1), torch.ones(4, dtype=w.dtype))
 
@@ -63,7 +63,7 @@ def test_negative_score_never_becomes_a_large_weight() -> None:
 def test_hard_attention_picks_argmax_and_routes_gradient_to_it() -> None:
     capsules, mask, target = _inputs(1)
     capsules.requires_grad_(True)
-    v = label_aware_attention(capsules, mask, target, math.inf)
+    v, _ = label_aware_attention(capsules, mask, target, math.inf)
     scores = torch.einsum("bkh,bh->bk", capsules.detach(), target).masked_fill(~mask, -math.inf)
     best = scores.argmax(1)
     assert torch.equal(v, capsules.detach()[torch.arange(4), best])
@@ -78,14 +78,14 @@ def test_gradcheck(p: float) -> None:
     capsules, mask, target = _inputs(2)
     capsules.requires_grad_(True)
     target.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda c, t: label_aware_attention(c, mask, t, p), (capsules, target))
+    assert torch.autograd.gradcheck(lambda c, t: label_aware_attention(c, mask, t, p)[0], (capsules, target))
 
 
 def test_zero_scores_give_finite_gradients_for_small_p() -> None:
     capsules = torch.zeros(2, 3, 4, dtype=torch.float64, requires_grad=True)
     target = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    label_aware_attention(capsules, mask, target, 0.5).sum().backward()
+    label_aware_attention(capsules, mask, target, 0.5)[0].sum().backward()
     assert torch.isfinite(capsules.grad).all() and torch.isfinite(target.grad).all()
 
 

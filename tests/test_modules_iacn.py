@@ -65,12 +65,12 @@ def test_forward_composes_routing_attention_softmax() -> None:
     b = _batch()
     loss = task(**b)
     caps, mask = task.routing(b["aux_hist"], b["hist_lengths"], user=b["user"])
-    v = label_aware_attention(caps, mask, b["aux_target"], 3.0)
+    v, a = label_aware_attention(caps, mask, b["aux_target"], 3.0)
     ref = sampled_softmax_loss(v, b["aux_target"], b["aux_negatives"], b["labels"])
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)  # forward routes the positive rows only
     out = task.interests(b["aux_hist"], b["hist_lengths"], b["aux_target"], user=b["user"])
     assert out.capsules.shape == (6, 3, 4) and out.routing_weights.shape == (6, 3, 5)
-    assert out.attention_weights.shape == (6, 3) and torch.equal(out.user_vec, v)
+    assert torch.equal(out.attention_weights, a) and torch.equal(out.user_vec, v)
     assert torch.allclose(out.attention_weights.sum(1), torch.ones(6, dtype=F64))
     assert torch.all(out.attention_weights[~out.capsule_mask] == 0)
 

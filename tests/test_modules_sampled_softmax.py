@@ -66,6 +66,14 @@ def test_label_zero_rows_do_not_matter(in_batch: bool) -> None:
     assert torch.equal(a, b)
     (gu,) = torch.autograd.grad(a, user)
     assert torch.all(gu[zero] == 0) and torch.all(gu[~zero] != 0)
+    # non-finite values in label-0 rows reach neither the loss nor any gradient
+    user3, target3, negatives3 = user.detach().clone(), target.clone(), negatives.clone()
+    user3[zero], target3[zero], negatives3[zero] = float("nan"), float("inf"), float("nan")
+    leaves = [x.requires_grad_() for x in (user3, target3, negatives3)]
+    c = sampled_softmax_loss(*leaves, labels, in_batch=in_batch, target_ids=ids)
+    torch.testing.assert_close(c, a, rtol=0, atol=1e-12)
+    for grad in torch.autograd.grad(c, leaves):
+        assert torch.isfinite(grad).all() and torch.all(grad[zero] == 0)
 
 
 def test_no_positive_row_gives_zero_with_graph() -> None:

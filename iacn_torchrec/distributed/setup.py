@@ -91,7 +91,6 @@ def build_model_from_config(
 def _plain_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     def steps(loader) -> Iterator[StepOutput]:
         for batch in loader:
-            # before the forward: with IaCN on the worker thread, its gradients are written during it
             optimizer.zero_grad(set_to_none=True)
             loss, out = model(batch)
             loss.backward()

@@ -333,6 +333,8 @@ class EBCModelWithIaCN(nn.Module):
         lam: λ (0 ⇒ IaCN is not run).
         ebc_path: where the IaCN EBC sits in ``model``; None finds it.
         dense_fn: ``kjt → [B, n]`` dense features when a batch has no ``dense_features``.
+        item_log_q: ``[num_items + 1]`` log sampling probability of every item id, for the
+            log-uniform sampler's logQ correction (required by that sampler), or None.
 
     ``forward(batch) -> (loss, (logits, main_loss, iacn_loss))`` as :class:`CTRWithIaCN`;
     ``predict(batch)`` → click probabilities without IaCN.
@@ -345,6 +347,7 @@ class EBCModelWithIaCN(nn.Module):
         lam: float = 1.0,
         ebc_path: str | None = None,
         dense_fn: Callable[[KeyedJaggedTensor], torch.Tensor] = log_history_length,
+        item_log_q: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if ebc_path is None:
@@ -355,8 +358,19 @@ class EBCModelWithIaCN(nn.Module):
             ebc_path = found[0]
         if float(lam) < 0:
             raise ValueError(f"EBCModelWithIaCN: lam must be >= 0, got {lam}")
+        if iacn is not None and iacn.config.sampler == "log_uniform" and item_log_q is None:
+            raise ValueError("EBCModelWithIaCN: IaCN sampler 'log_uniform' needs item_log_q "
+                             "(log Q per item id)")
         self.model, self.iacn, self.lam = model, iacn, float(lam)
         self.ebc_path, self.dense_fn = ebc_path, dense_fn
+        self.item_log_q: torch.Tensor | None
+        if item_log_q is not None:
+            if item_log_q.dim() != 1:
+                raise ValueError(f"EBCModelWithIaCN: item_log_q must be [num_items + 1], "
+                                 f"got {list(item_log_q.shape)}")
+            self.register_buffer("item_log_q", item_log_q.detach().float().clone(), persistent=False)
+        else:
+            self.item_log_q = None
 
     @property
     def ebc(self) -> IaCNEmbeddingBagCollection:
@@ -372,9 +386,15 @@ class EBCModelWithIaCN(nn.Module):
 
     def iacn_loss(self, views: IaCNViews, labels: torch.Tensor) -> torch.Tensor:
         assert self.iacn is not None
+        target_log_q = neg_log_q = None
+        if self.item_log_q is not None:  # as CTRWithIaCN: log Q of targets and negatives, by item id
+            target_log_q = self.item_log_q[views.target_ids]
+            if views.negative_ids is not None:
+                neg_log_q = self.item_log_q[views.negative_ids]
         return self.iacn(views.aux_hist, views.hist_lengths, views.aux_target, labels, user=views.user,
                          aux_negatives=views.aux_negatives, target_ids=views.target_ids,
-                         negative_ids=views.negative_ids, negative_rows=views.negative_rows)
+                         negative_ids=views.negative_ids, negative_rows=views.negative_rows,
+                         neg_log_q=neg_log_q, target_log_q=target_log_q)
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         labels = batch.labels.float()

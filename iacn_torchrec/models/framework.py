@@ -55,9 +55,12 @@ class _JoinBranch(torch.autograd.Function):
     """Joins the IaCN branch, computed on the worker thread, back into the main graph.
 
     Forward: a zero scalar (so the main forward never waits for the worker). Backward: waits for
-    the worker's forward+backward and returns its gradients w.r.t. the detached copies of the aux
-    views as the gradients of ``views`` (whose own backward applies the 1-δ split and reaches the
-    tables)."""
+    the worker's forward+backward, which computed (not accumulated) the gradients of ``λ·L_IaCN``
+    w.r.t. the detached copies of the aux views and IaCN's parameters; scales them by the
+    upstream gradient (so ``(c·loss).backward()`` and loss scalers act on IaCN as on the serial
+    graph), returns the views' part as the gradients of ``views`` (whose own backward applies the
+    1-δ split and reaches the tables) and accumulates the parameters' part into their ``.grad``,
+    as the serial backward would at this point."""
 
     @staticmethod
     def forward(ctx, pending, *views: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -66,17 +69,17 @@ class _JoinBranch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grads, produced = ctx.pending.result()
+        view_grads, param_grads = ctx.pending.result()
         ctx.pending = None
-        # The worker's parameter gradients must still be there: a zero_grad(set_to_none=True)
-        # between forward and backward would drop them silently (the step-loop contract).
-        if any(p.grad is not g for p, g in produced):
-            raise RuntimeError(
-                "CTRWithIaCN: IaCN's parameter gradients, computed on the worker thread from the end "
-                "of the forward, were cleared before backward; with run_iacn_on_worker() call "
-                "optimizer.zero_grad() before the forward (or run_iacn_on_worker(False))"
-            )
-        return (None, *[g * grad for g in grads])
+        unit = bool(grad == 1)  # the usual loss.backward(): no multiplications
+        with torch.no_grad():
+            for p, g in param_grads:
+                g = g if unit else g * grad
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+        return (None, *[g if unit else g * grad for g in view_grads])
 
 
 class CTRWithIaCN(nn.Module):
@@ -86,9 +89,11 @@ class CTRWithIaCN(nn.Module):
         embeddings: the interest-aware embeddings (``aux_dim > 0`` iff IaCN is on).
         main_model: ``forward(EmbeddedBatch) -> (logits [B], model_aux_loss | None)``.
         iacn: the IaCN task, or None (the plain main model).
-        lam: λ. With λ = 0 IaCN is not run at all (its loss cannot reach any parameter) and
-            ``iacn_loss`` is reported as 0.
-        delta: δ, the main model's share of the gradient reaching ``E_aux``.
+        lam: λ (default: ``iacn.config.lam``; 0 without a task). With λ = 0 IaCN is not run at all
+            (its loss cannot reach any parameter) and ``iacn_loss`` is reported as 0.
+        delta: δ, the main model's share of the gradient reaching ``E_aux`` (default:
+            ``iacn.config.delta``; 1 without a task). Given together with a task, λ and δ must
+            equal its config's: the config stays the one source of truth.
         item_log_q: ``[num_items + 1]`` log sampling probability of every item id (the log-uniform
             sampler's logQ correction), or None.
 
@@ -103,11 +108,19 @@ class CTRWithIaCN(nn.Module):
         embeddings: InterestAwareEmbeddings,
         main_model: nn.Module,
         iacn: IaCNTask | None = None,
-        lam: float = 1.0,
-        delta: float = 0.3,
+        lam: float | None = None,
+        delta: float | None = None,
         item_log_q: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        if iacn is not None:
+            for name, given in (("lam", lam), ("delta", delta)):
+                if given is not None and float(given) != float(getattr(iacn.config, name)):
+                    raise ValueError(f"CTRWithIaCN: {name}={given} differs from the IaCN task's "
+                                     f"config.{name}={getattr(iacn.config, name)}")
+            lam, delta = iacn.config.lam, iacn.config.delta
+        lam = 0.0 if lam is None else lam
+        delta = 1.0 if delta is None else delta
         if iacn is not None and embeddings.aux is None:
             raise ValueError("CTRWithIaCN: an IaCN task needs aux tables (aux_dim > 0)")
         if not 0.0 <= float(delta) <= 1.0:
@@ -218,16 +231,20 @@ class CTRWithIaCN(nn.Module):
         pending: concurrent.futures.Future = concurrent.futures.Future()
         lam = self.lam
 
+        params = [p for p in self.iacn.parameters() if p.requires_grad]
+
         def work(total: torch.Tensor) -> None:
             try:  # the outcome goes to `pending`, which the main backward's join waits on
                 loss = self.iacn(labels=labels, **kwargs)
-                (lam * loss).backward()
+                # computed, not accumulated into .grad: the join scales and accumulates them inside
+                # the main backward (so zero_grad or a second forward meanwhile cannot interfere)
+                grads = torch.autograd.grad(lam * loss, leaves + params, allow_unused=True)
                 with torch.no_grad():
                     iacn_loss.copy_(loss)
                     total.add_(lam * loss)
-                grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-                produced = [(p, p.grad) for p in self.iacn.parameters() if p.grad is not None]
-                pending.set_result((grads, produced))
+                view_grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+                param_grads = [(p, g) for p, g in zip(params, grads[len(leaves):]) if g is not None]
+                pending.set_result((view_grads, param_grads))
             except BaseException as e:
                 pending.set_exception(e)
 
@@ -240,7 +257,10 @@ class CTRWithIaCN(nn.Module):
         labels = batch.labels.float()
         run_iacn = self.runs_iacn
         emb = self.embeddings(batch.sparse_features, self.delta, aux_views=run_iacn)
-        if run_iacn and self.iacn_on_worker and self.training and torch.is_grad_enabled():
+        # CPU only: on CUDA the join would block the device's autograd thread, which the worker's
+        # own backward needs (there IaCN runs serially, as it would with run_iacn_on_worker(False))
+        if (run_iacn and self.iacn_on_worker and self.training and torch.is_grad_enabled()
+                and labels.device.type == "cpu"):
             join, iacn_loss, start = self._iacn_on_worker(emb, labels)
             logits, main_loss = self._main_loss(emb, labels)
             loss = main_loss + join
@@ -276,10 +296,11 @@ class CTRWithIaCN(nn.Module):
         IaCN's Python-heavy forward meets the main backward, which runs in the autograd engine
         without the GIL. The result is the same computation (the gradients reaching every
         parameter are the serial ones up to float summation order), so this is an execution
-        choice, made by the trainer for the single-process, unsharded path. The caller must zero
-        the gradients *before* the forward (the worker writes IaCN's gradients after it) and call
-        ``backward`` on the returned loss once per forward; sharded/DDP models must not use it
-        (their gradient hooks expect one backward pass).
+        choice, made by the trainer for the single-process, unsharded path. IaCN's parameter
+        gradients reach ``.grad`` during the main backward (scaled by its upstream gradient), as in
+        the serial graph. Call ``backward`` on the returned loss once per forward; sharded/DDP
+        models must not use it (their gradient hooks expect one backward pass). CPU tensors only:
+        on CUDA the join would block the device's autograd thread, so IaCN runs serially there.
         """
         self.iacn_on_worker = bool(enabled)
         return self
@@ -374,11 +395,6 @@ def build_model(
     task = None
     if on:
         task = IaCNTask(iacn, item_dim=embeddings.aux_item_dim, max_len=max_len, user_dim=user_dim)
-    model = CTRWithIaCN(
-        embeddings, main_model, task,
-        lam=iacn.lam if on else 0.0,
-        delta=iacn.delta if on else 1.0,
-        item_log_q=item_log_q if on else None,
-    )
+    model = CTRWithIaCN(embeddings, main_model, task, item_log_q=item_log_q if on else None)
     return model.to(device) if device is not None else model
 

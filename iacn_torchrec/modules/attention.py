@@ -71,14 +71,14 @@ def label_aware_attention_weights(
 
 def label_aware_attention(
     capsules: torch.Tensor, capsule_mask: torch.Tensor, target: torch.Tensor, p: float = 2.0
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``v_u = Σ_j softmax_j(sign(V_j·e_t)|V_j·e_t|^p) V_j`` over the live capsules.
 
     Args: as :func:`label_aware_attention_weights`.
 
     Returns:
-        ``[B, h]`` the user vector v_u. With p = inf the gradient flows to the chosen capsule only
-        (and not through the choice).
+        ``(v_u [B, h], weights [B, K])``: the user vector and the attention weights. With p = inf
+        the gradient flows to the chosen capsule only (and not through the choice).
     """
     weights = label_aware_attention_weights(capsules, capsule_mask, target, p)
-    return (weights.unsqueeze(-1) * capsules).sum(1)
+    return (weights.unsqueeze(-1) * capsules).sum(1), weights

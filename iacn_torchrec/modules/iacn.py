@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from iacn_torchrec.modules.attention import label_aware_attention_weights
+from iacn_torchrec.modules.attention import label_aware_attention
 from iacn_torchrec.modules.capsule import InterestCapsuleRouting
 from iacn_torchrec.modules.sampled_softmax import sampled_softmax_loss
 
@@ -175,10 +175,9 @@ class IaCNTask(nn.Module):
                                     init_logits=init_logits)
         attention = user_vec = None
         if aux_target is not None:
-            attention = label_aware_attention_weights(
+            user_vec, attention = label_aware_attention(
                 routed.capsules, routed.capsule_mask, aux_target, self.config.pow_p
             )
-            user_vec = (attention.unsqueeze(-1) * routed.capsules).sum(1)  # Σ_k a_k V_k
         return IaCNInterests(
             routed.capsules, routed.capsule_mask, routed.routing_weights, attention, user_vec
         )

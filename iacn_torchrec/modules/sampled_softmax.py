@@ -75,6 +75,19 @@ def sampled_softmax_loss(
             raise ValueError("sampled_softmax_loss: negative_ids needs target_ids to detect accidental hits")
 
     positive = labels > 0.5  # [B]
+    if not bool(positive.all()):
+        # only the label-1 rows enter the loss: select them first, so a label-0 row reaches neither
+        # the loss nor any gradient (masking afterwards would still let 0·NaN through a backward).
+        # IaCNTask passes positive rows only; this covers direct callers.
+        rows = positive.nonzero().squeeze(1)
+        user_vec, target, positive = user_vec[rows], target[rows], positive[rows]
+        target_log_q = target_log_q[rows] if target_log_q is not None else None
+        target_ids = target_ids[rows] if target_ids is not None else None
+        if negatives is not None:
+            negatives = negatives[rows]
+            neg_log_q = neg_log_q[rows] if neg_log_q is not None else None
+            negative_ids = negative_ids[rows] if negative_ids is not None else None
+        batch = len(rows)
     neg_inf = float("-inf")
 
     pos_logit = (user_vec * target).sum(-1)  # [B]
@@ -96,14 +109,12 @@ def sampled_softmax_loss(
         cand = user_vec @ target.t()  # [B, B]: row b against every row's target
         if target_log_q is not None:
             cand = cand - target_log_q.unsqueeze(0)
-        # Only other rows' targets of *positive* rows are candidates; the diagonal is o_b+ already.
-        drop = ~positive.unsqueeze(0) | torch.eye(batch, dtype=torch.bool, device=user_vec.device)
+        # The other (positive) rows' targets are candidates; the diagonal is o_b+ already.
+        drop = torch.eye(batch, dtype=torch.bool, device=user_vec.device)
         if target_ids is not None:
             drop = drop | (target_ids.unsqueeze(0) == target_ids.unsqueeze(1))
         parts.append(cand.masked_fill(drop, neg_inf))
 
     logits = torch.cat(parts, dim=1)
-    per_row = torch.logsumexp(logits, dim=1) - pos_logit  # -log P(t_b | v_b): [B]
-    # where(), not a product: a label-0 row must not leak even a NaN into the loss or its gradient.
-    per_row = torch.where(positive, per_row, torch.zeros_like(per_row))
-    return per_row.sum() / positive.sum().clamp_min(1).to(per_row.dtype)
+    per_row = torch.logsumexp(logits, dim=1) - pos_logit  # -log P(t_b | v_b): [B'] positive rows
+    return per_row.sum() / max(batch, 1)
