@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from iacn_torchrec import versions
 from iacn_torchrec.distributed.plan_cli import (
     load_scenario,
     markdown_table,
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t_start
 
     payload = {
+        "versions": versions(),
         "scenarios": [
             dataclasses.asdict(s.model)
             | {

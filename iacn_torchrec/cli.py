@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from iacn_torchrec.errors import UserError
 from iacn_torchrec.runtime import apply_process_defaults
 
 # name -> (module, one-line help)
@@ -75,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     if run is None:
         parser.print_help()
         return 0 if not argv else 2
-    return int(run(args) or 0)
+    try:
+        return int(run(args) or 0)
+    except (UserError, FileExistsError) as e:  # bad input/config/files: the message, no traceback
+        what = " ".join(x for x in (args.command, getattr(args, "bench", None)) if x)
+        print(f"iacn {what}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

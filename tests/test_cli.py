@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+SCENARIO = Path(__file__).resolve().parents[1] / "apps" / "scenarios" / "amazon_books.yaml"
 
 
 def _iacn(*args: str) -> subprocess.CompletedProcess:
@@ -46,3 +49,23 @@ def test_process_defaults_keep_freed_memory_unless_the_environment_says_otherwis
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("PASSIVE")
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    """Bad input, config or files reach the user as `iacn <command>: <message>`, exit status 2."""
+    (tmp_path / "notes.txt").write_text("keep me")
+    cases = [
+        (("train", "--data", str(tmp_path / "nope")), "iacn train: ", "nope"),
+        (("train", "--data", str(tmp_path), "--lr", "1e-5", "--set", "log_every=0"), "iacn train: ",
+         "log_every"),
+        (("export", "--run", str(tmp_path), "--out", str(tmp_path / "m")), "iacn export: ", "config.yaml"),
+        (("demo", "--prepared", str(tmp_path), "--max-steps", "1"), "iacn demo: ", "not a prepared dataset"),
+        (("plan", "--spec", str(SCENARIO), "--world-size", "0", "--out", str(tmp_path / "p")), "iacn plan: ",
+         "world_size"),
+    ]
+    for args, prefix, detail in cases:
+        r = _iacn(*args)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        err = r.stderr
+        assert "Traceback" not in err and prefix in err and detail in err, (args, err[-2000:])
+    assert (tmp_path / "notes.txt").read_text() == "keep me"  # the demo never replaces a foreign folder

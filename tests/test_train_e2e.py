@@ -107,3 +107,54 @@ def test_resume_across_iacn_execution_modes(beauty_prepared, tmp_path):
     a, b = _final_state(tmp_path / "full")["model"], _final_state(tmp_path / "mixed")["model"]
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_plain_path_gives_the_tables_their_own_learning_rate(beauty_prepared):
+    """One-process Adam: ``optim.embedding_lr`` reaches the tables (and weight decay only the dense
+    parameters, as on the sharded path). Adam's first step moves every touched weight by about its lr."""
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.distributed.setup import build_training
+    from iacn_torchrec.train.loop import make_loaders, seed_everything
+
+    cfg = _config(beauty_prepared, "unused", 1)
+    cfg.optim.lr, cfg.optim.embedding_lr, cfg.optim.weight_decay = 1e-3, 0.05, 0.01
+    seed_everything(0)
+    ds = PreparedDataset.open(beauty_prepared)
+    train_loader, _, log_q = make_loaders(cfg, ds, 0, 1)
+    setup = build_training(cfg, ds, item_log_q=log_q)
+    groups = setup.optimizer.param_groups
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-3, 0.01), (0.05, 0.0)]
+    before = {n: p.detach().clone() for n, p in setup.model.named_parameters()}
+    next(setup.train_steps(train_loader))
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in setup.model.named_parameters()}
+    tables = [n for n in moved if n.startswith("embeddings.")]
+    assert tables and all(abs(moved[n] - 0.05) < 5e-3 for n in tables), {n: moved[n] for n in tables}
+    dense = [n for n in moved if not n.startswith("embeddings.") and moved[n] > 0]
+    assert dense and all(moved[n] < 2e-3 for n in dense)
+
+
+def test_resume_keeps_the_evaluation_history_and_counts_epochs(tmp_path):
+    """A resumed run's metrics.json still holds the evaluations made before the interruption, and a
+    max_steps stop on an epoch's last batch counts that epoch."""
+    from helpers import prepare_planted
+
+    _, data = prepare_planted(tmp_path, num_users=60, seed=0)
+    from iacn_torchrec.data.loader import PreparedDataset
+
+    n_train = PreparedDataset.open(data).meta["counts"]["train_samples"]
+    per_epoch = -(-n_train // 64)
+
+    def cfg(out, max_steps):
+        c = _config(data, out, max_steps, eval_every=4)
+        c.data = DataConfig(path=str(data), batch_size=64)
+        return c
+
+    full = train(cfg(tmp_path / "full", per_epoch))
+    train(cfg(tmp_path / "resumed", 5))
+    resumed = train(cfg(tmp_path / "resumed", per_epoch))
+    assert resumed["resumed_from_step"] == 5
+    steps = [h["step"] for h in full["history"]]
+    assert steps == list(range(4, per_epoch, 4)) and steps
+    assert [h["step"] for h in resumed["history"]] == steps
+    assert full["epochs_completed"] == resumed["epochs_completed"] == 1
+    assert train(cfg(tmp_path / "short", per_epoch - 1))["epochs_completed"] == 0

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from iacn_torchrec import versions
+
 EMBEDDED = Path(__file__).resolve().parents[2] / "data" / "amazon-beauty"
 
 
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from iacn_torchrec.data.negatives import LogUniformNegatives
     from iacn_torchrec.data.prepare import prepare_dataset
 
-    result: dict[str, object] = {"threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}
+    result: dict[str, object] = {"threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
+                                 "versions": versions()}
     with tempfile.TemporaryDirectory(prefix="iacn-bench-") as tmp:
         data = args.data
         if data is None:

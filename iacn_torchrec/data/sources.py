@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from iacn_torchrec.errors import UserError
+
 __all__ = [
     "DataError",
     "Report",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad or unreadable input data. The message names the file, the line and the field."""
 
 

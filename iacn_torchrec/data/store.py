@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import secrets
 import shutil
 from pathlib import Path
@@ -126,14 +125,9 @@ def _vocab_bytes(tokens: np.ndarray, kind: str) -> bytes:
 
 
 def _versions() -> dict[str, str]:
-    from iacn_torchrec import __version__ as ours  # noqa: PLC0415 (tiny, avoids a cycle at import)
+    from iacn_torchrec import versions  # noqa: PLC0415 (tiny, avoids a cycle at import)
 
-    return {
-        "iacn_torchrec": ours,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "format_version": str(FORMAT_VERSION),
-    }
+    return {**versions(), "format_version": str(FORMAT_VERSION)}
 
 
 def write_dataset(built: BuiltDataset, out: str | Path, meta: dict, *, overwrite: bool = False) -> Path:

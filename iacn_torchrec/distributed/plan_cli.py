@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from iacn_torchrec import versions
 from iacn_torchrec.distributed.plan_specs import (
     GIB,
     OPTIMIZERS,
@@ -387,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
         "topology": scn.topology,
         "options": dataclasses.asdict(scn.options),
         "rows": rows_to_json(rows, per_rank=True),
+        "versions": versions(),  # the planner's estimates depend on TorchRec's
     }
     (out / "plan.json").write_text(json.dumps(payload, indent=1, default=str))
     md = f"# Sharding plan: {scn.name}\n\nModel: `{scn.model}`\n\n" + markdown_table(rows)

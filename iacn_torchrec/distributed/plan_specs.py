@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iacn_torchrec.errors import UserError
+
 GIB = 1024**3
 GBPS = 1e9 / 1000  # 1 GB/s in bytes/ms, TorchRec's bandwidth unit
 
@@ -28,7 +30,7 @@ OPTIMIZERS: dict[str, tuple[str, int, int]] = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A model spec, topology or meta.json that cannot be used; the message names where and what."""
 
 
@@ -213,8 +215,16 @@ class TopologySpec:
     inter_host_bw_gbps: float | None = None
 
     def __post_init__(self) -> None:
-        if self.world_size < 1 or self.local_world_size < 1:
-            raise SpecError(f"topology: world_size and local_world_size must be >= 1, got {self}")
+        for name in ("world_size", "local_world_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SpecError(f"topology: {name} must be an integer >= 1, got {v!r}")
+        for name in ("hbm_gib", "ddr_gib", "intra_host_bw_gbps", "inter_host_bw_gbps"):
+            v = getattr(self, name)
+            if v is None and name.endswith("bw_gbps"):
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise SpecError(f"topology: {name} must be a positive number, got {v!r}")
         if self.compute_device not in ("cuda", "cpu"):
             raise SpecError(f"topology: compute_device must be 'cuda' or 'cpu', got {self.compute_device!r}")
 

@@ -48,6 +48,7 @@ from iacn_torchrec.distributed.plan_specs import (
     TopologySpec,
     fmt_bytes,
 )
+from iacn_torchrec.errors import UserError
 
 __all__ = [
     "ModelSpec",
@@ -69,7 +70,7 @@ HBM_KERNELS = ["fused"]
 OFFLOAD_KERNELS = ["fused", "fused_uvm_caching"]
 
 
-class PlanDoesNotFitError(ValueError):
+class PlanDoesNotFitError(UserError, ValueError):
     """No sharding plan fits the topology; ``shortfall`` maps table (or "total") to missing bytes."""
 
     def __init__(self, message: str, shortfall: dict[str, int], tier: str) -> None:

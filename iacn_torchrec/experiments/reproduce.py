@@ -148,18 +148,31 @@ def build_plan(args: argparse.Namespace, datasets: dict[int, Path], base_len: in
 
 
 # ======================================================================================= datasets
-def ensure_default_data(path: Path, raw: Path = DEFAULT_RAW) -> Path:
-    """The embedded Beauty data prepared (din protocol, L 20, seed 0) when ``path`` does not hold it."""
+def _raw_tsv(raw: Path, stem: str) -> Path:
+    for name in (f"{stem}.tsv.gz", f"{stem}.tsv"):
+        if (raw / name).exists():
+            return raw / name
+    raise SystemExit(f"iacn: {raw} has no {stem}.tsv(.gz)")
+
+
+def ensure_default_data(path: Path, raw: Path = DEFAULT_RAW, progress: bool = False) -> Path:
+    """The embedded Beauty data prepared (din protocol, L 20, seed 0) when ``path`` does not hold it.
+
+    A broken prepared dataset at ``path`` is rebuilt; any other non-empty folder there is refused
+    (with the data pipeline's error), never replaced."""
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.data.prepare import prepare_dataset
+    from iacn_torchrec.data.store import is_prepared
 
     try:
         PreparedDataset.open(path)
+        print(f"using prepared data in {path}", flush=True)
         return path
-    except Exception:  # noqa: BLE001 - not there (or broken): build it
+    except Exception:  # noqa: BLE001 - not there (or a broken dataset of ours): build it
         print(f"preparing the embedded Beauty data into {path}", flush=True)
-        return prepare_dataset("tsv", interactions=raw / "interactions.tsv.gz", items=raw / "items.tsv.gz",
-                               protocol="din", max_len=20, seed=0, out=path, overwrite=True, progress=False)
+        return prepare_dataset("tsv", interactions=_raw_tsv(raw, "interactions"),
+                               items=_raw_tsv(raw, "items"), protocol="din", max_len=20, seed=0, out=path,
+                               overwrite=is_prepared(path), progress=progress)
 
 
 def dataset_at_length(base: Path, max_len: int) -> Path:

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from iacn_torchrec import versions
+
 __all__ = ["time_interleaved", "bench_serve", "add_arguments", "run"]
 
 
@@ -120,6 +122,7 @@ def bench_serve(
         "iacn_trained": bool(run.config.iacn.enabled),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "versions": versions(),
         "rows": rows,
     }
 

@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -42,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iacn_torchrec import versions
+from iacn_torchrec.errors import UserError
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
 from iacn_torchrec.serving.artifact import FORMAT, FORMAT_VERSION, INPUT_NAMES, auc, file_sha256
 
@@ -55,7 +56,16 @@ __all__ = [
     "split_inputs",
     "add_arguments",
     "run",
+    "ExportError",
+    "EXPORT_ATOL",
 ]
+
+#: exported scores must equal the eager model's within this (float32 reassociation only)
+EXPORT_ATOL = 1e-6
+
+
+class ExportError(UserError, RuntimeError):
+    """The run cannot be exported, or its export does not reproduce the eager scores."""
 
 
 # --------------------------------------------------------------------------------------- modules
@@ -226,7 +236,7 @@ def load_run(run_dir: str | Path, data: str | None = None, step: int | None = No
     """Rebuild ``run_dir``'s model from its config.yaml and newest (or ``step``'s) checkpoint."""
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.distributed.setup import build_model_from_config
-    from iacn_torchrec.train.checkpoint import latest_step, load_checkpoint
+    from iacn_torchrec.train.checkpoint import latest_step, load_full_model_state
     from iacn_torchrec.train.config import TrainConfig
     from iacn_torchrec.train.loop import make_loaders
 
@@ -240,8 +250,7 @@ def load_run(run_dir: str | Path, data: str | None = None, step: int | None = No
     model = build_model_from_config(config, ds, item_log_q=item_log_q)
     root = str(run_dir / "checkpoints")
     step = latest_step(root) if step is None else step
-    state = load_checkpoint(root, step=step)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(load_full_model_state(root, step=step))
     model.eval()
     metrics = {}
     if (run_dir / "metrics.json").is_file():
@@ -296,24 +305,6 @@ def batched(model: Any, inputs: tuple[torch.Tensor, ...], batch_size: int = 4096
 
 
 # ----------------------------------------------------------------------------------------- export
-def _versions() -> dict[str, str]:
-    from iacn_torchrec import __version__
-
-    out = {
-        "iacn_torchrec": __version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import torchrec
-
-        out["torchrec"] = getattr(torchrec, "__version__", "unknown")
-    except ImportError:  # pragma: no cover
-        pass
-    return out
-
-
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -342,6 +333,11 @@ def export_run(
     inputs, _ = split_inputs(run.ds, limit=len(eager))
     exported = batched(traced, inputs)
     max_diff = float(np.abs(exported - eager).max()) if eager.size else 0.0
+    if not max_diff <= EXPORT_ATOL:  # `not <=`: a NaN fails too
+        raise ExportError(
+            f"the exported model's scores differ from the eager model's by up to {max_diff:.3g} on "
+            f"{eager.size} test samples (tolerance {EXPORT_ATOL:g}); nothing was written"
+        )
     checks: dict[str, Any] = {
         "samples": int(eager.size),
         "max_abs_diff_vs_eager": max_diff,
@@ -429,7 +425,7 @@ def export_run(
             | {"counts": {k: run.ds.meta["counts"].get(k) for k in ("users", "items", "categories")}},
             "run": {"path": str(Path(run_dir).resolve()), "step": run.step, "test": run.metrics.get("test")},
             "checks": checks,
-            "versions": _versions(),
+            "versions": versions(),
             "files": files,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))

@@ -47,6 +47,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from iacn_torchrec import versions
+
 REPO = Path(__file__).resolve().parents[2]
 PEER_SCRIPT = REPO.parent / "shared" / "bench" / "peer_deepctr.py"
 PEER_DATA = REPO.parent / "shared" / "data" / "amazon-beauty"
@@ -373,7 +375,8 @@ def _log(msg: str) -> None:
 
 
 def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
-    res: dict[str, Any] = {"machine": _machine(), "threads": a.threads, "data": str(a.data),
+    res: dict[str, Any] = {"machine": _machine(), "versions": versions(), "threads": a.threads,
+                           "data": str(a.data),
                            "quick": bool(a.quick), "load_before": _uptime()}
     batches = [128] if a.quick else [128, 1024]
     models = ["din"] if a.quick else ["din", "dien"]

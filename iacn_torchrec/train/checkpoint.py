@@ -30,12 +30,14 @@ import torch
 import torch.distributed as dist
 from iopath.common.file_io import PathManager
 
+from iacn_torchrec.errors import UserError
+
 path_manager = PathManager()
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or does not match this run."""
 
 
@@ -123,11 +125,14 @@ def latest_step(root: str) -> int | None:
     return steps[-1] if steps else None
 
 
-def load_checkpoint(root: str, step: int | None = None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+def load_checkpoint(
+    root: str, step: int | None = None, rank: int = 0, world_size: int = 1, sharded: bool = True
+) -> dict[str, Any]:
     """Load this rank's state of checkpoint ``step`` (default: the newest complete one), verified.
 
-    ShardedTensors come back as such when a process group is initialised, else as
-    `PortableShards` (this rank's shards + global metadata).
+    ShardedTensors come back as such when ``sharded`` and this process is that rank of a process
+    group of that size (the training run), else as `PortableShards` (this rank's shards + global
+    metadata).
 
     Raises `CheckpointError` when there is none, when it was written by another world size (the
     per-rank files hold that run's shards), or when a file's size or sha256 does not match.
@@ -162,14 +167,42 @@ def load_checkpoint(root: str, step: int | None = None, rank: int = 0, world_siz
         raise CheckpointError(f"{fpath}: corrupted (sha256 does not match the manifest)")
     from iacn_torchrec.distributed.checkpointing import from_portable
 
-    state = torch.load(io.BytesIO(payload), weights_only=False)
     # ShardedTensors again only in the rank that wrote the file, inside a group of the same size (the
-    # training run); portable shards for inspection anywhere else (e.g. rank 1's file read by rank 0)
+    # training run); portable shards for inspection anywhere else (e.g. rank 1's file read by rank 0),
+    # on the CPU (a GPU run's checkpoint then loads on a CPU-only box too)
     in_run = (
-        dist.is_available() and dist.is_initialized()
+        sharded and dist.is_available() and dist.is_initialized()
         and dist.get_world_size() == world_size and dist.get_rank() == rank
     )
+    state = torch.load(io.BytesIO(payload), weights_only=False, map_location=None if in_run else "cpu")
     return from_portable(state) if in_run else state
+
+
+def load_full_model_state(root: str, step: int | None = None) -> dict[str, Any]:
+    """The whole model state of checkpoint ``step`` (default: the newest), outside the training run:
+    every rank's file is read and each sharded table is assembled from all its shards, so a run
+    sharded over any number of processes (or using a fused table optimizer) loads into the
+    unsharded model (export, explain, serving benchmarks)."""
+    from iacn_torchrec.distributed.checkpointing import PortableShards, full_tensor
+
+    if step is None:
+        step = latest_step(root)
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint under {root}")
+    mpath = _join(root, f"step_{step:08d}", MANIFEST)
+    if not path_manager.exists(mpath):
+        raise CheckpointError(f"{mpath}: missing (no complete checkpoint at step {step})")
+    with path_manager.open(mpath, "r") as f:
+        world_size = int(json.load(f)["world_size"])
+    states = [load_checkpoint(root, step, rank=r, world_size=world_size, sharded=False)["model"]
+              for r in range(world_size)]
+    out = {}
+    for key, value in states[0].items():
+        if isinstance(value, PortableShards):
+            out[key] = full_tensor([s[key] for s in states])
+        else:
+            out[key] = value
+    return out
 
 
 def rng_state() -> dict[str, Any]:
@@ -177,7 +210,10 @@ def rng_state() -> dict[str, Any]:
 
     import numpy as np
 
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # IaCN's routing logits draw there
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -188,3 +224,5 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -123,10 +123,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-    except ConfigError as e:
-        raise SystemExit(f"iacn train: {e}") from None
+    config = config_from_args(args)  # a ConfigError reaches the user as one line (cli.main)
     from iacn_torchrec.train.loop import train
 
     rank = int(os.environ.get("RANK", "0"))

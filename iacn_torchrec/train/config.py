@@ -8,12 +8,16 @@ Precedence: dataclass defaults < ``--config FILE.yaml`` < explicit flags (``--lr
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from iacn_torchrec.errors import UserError
 from iacn_torchrec.modules.iacn import IaCNConfig
 
 MODELS = ("din", "dien", "wide_deep", "dlrm")
@@ -23,7 +27,7 @@ EMBEDDING_OPTIMIZERS = ("adam", "sgd", "rowwise_adagrad")
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or out of range; the message names the field."""
 
 
@@ -38,6 +42,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
+        if self.num_test_samples is not None and self.num_test_samples <= 0:
+            raise ConfigError(f"data.num_test_samples must be positive or null, got {self.num_test_samples}")
 
 
 @dataclass
@@ -55,8 +61,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.name not in MODELS:
             raise ConfigError(f"model.name={self.name!r}: choose one of {', '.join(MODELS)}")
-        if self.emb_dim <= 0:
-            raise ConfigError("model.emb_dim must be positive")
+        if self.emb_dim <= 0 or self.user_dim <= 0:
+            raise ConfigError("model.emb_dim and model.user_dim must be positive")
+        if self.dien_aux_loss_weight < 0:
+            raise ConfigError(f"model.dien_aux_loss_weight must be >= 0, got {self.dien_aux_loss_weight}")
         if self.dien_hidden is not None and self.dien_hidden <= 0:
             raise ConfigError(f"model.dien_hidden must be positive (or null), got {self.dien_hidden}")
 
@@ -67,7 +75,7 @@ class OptimConfig:
     embedding_optimizer: str = "adam"
     embedding_lr: float | None = None  # defaults to lr for adam, 0.05 for fused sgd/adagrad
     aux_embedding_optimizer: str | None = None  # aux tables may use another one (None: same)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # dense parameters only (the tables get none, on every path)
 
     def __post_init__(self) -> None:
         for name in ("embedding_optimizer", "aux_embedding_optimizer"):
@@ -76,6 +84,10 @@ class OptimConfig:
                 raise ConfigError(f"optim.{name}={v!r}: choose one of {', '.join(EMBEDDING_OPTIMIZERS)}")
         if self.lr <= 0:
             raise ConfigError("optim.lr must be positive")
+        if self.embedding_lr is not None and self.embedding_lr <= 0:
+            raise ConfigError(f"optim.embedding_lr must be positive (or null), got {self.embedding_lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
 
     @property
     def fused(self) -> bool:
@@ -97,6 +109,8 @@ class DistributedConfig:
     pipeline: bool = True  # TrainPipelineSparseDist when sharded
 
     def __post_init__(self) -> None:
+        if self.backend not in (None, "gloo", "nccl"):
+            raise ConfigError(f"distributed.backend={self.backend!r}: choose gloo, nccl or null")
         for table, st in self.sharding_types.items():
             if st not in SHARDING_TYPES:
                 raise ConfigError(
@@ -132,6 +146,13 @@ class TrainConfig:
             raise ConfigError("epochs must be positive")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError("max_steps must be positive")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0 (numpy refuses negative seeds), got {self.seed}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: only at the end), got {getattr(self, name)}")
         for name in ("threads", "eval_threads"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -191,15 +212,56 @@ def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
     if unknown:
         raise ConfigError(f"unknown config field(s) {', '.join(prefix + u for u in unknown)}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in d.items():
         sub = _DATACLASS_FIELDS.get((cls, name))
-        kwargs[name] = _build(sub, value, f"{prefix}{name}.") if sub is not None else value
+        if sub is not None:
+            kwargs[name] = _build(sub, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
     try:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """``value`` (from YAML or ``--set``) as the field's declared type: ``float``, ``int``, ``bool``,
+    ``str`` or a ``dict``, each possibly ``| None``. YAML reads ``1e-5`` as a string (it wants
+    ``1.0e-5``): a number in a string is accepted for a number field, nothing else is converted."""
+    args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union \
+        else ()
+    if args:
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    base = typing.get_origin(tp) or tp
+    kind = {float: "a number", int: "an integer", bool: "true or false", str: "a string", dict: "a mapping"}
+    if base not in kind:
+        return value
+    ok = value
+    if base is float and isinstance(value, str):
+        try:
+            ok = float(value)
+        except ValueError:
+            ok = None
+    elif base is int and isinstance(value, str):
+        try:
+            ok = int(value)
+        except ValueError:
+            ok = None
+    elif base is int and isinstance(value, float) and value.is_integer():
+        ok = int(value)
+    if base is float and isinstance(ok, int) and not isinstance(ok, bool):
+        ok = float(ok)
+    good = isinstance(ok, base) and not (base in (int, float) and isinstance(ok, bool))
+    if base is float and good and math.isnan(ok):
+        good = False
+    if not good:
+        raise ConfigError(f"{name}: expected {kind[base]}{' or null' if args else ''}, got {value!r}")
+    return ok
 
 
 _DATACLASS_FIELDS: dict[tuple[type, str], type] = {

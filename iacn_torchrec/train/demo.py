@@ -22,27 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None)
 
 
-def _find(raw: Path, stem: str) -> Path:
-    for name in (f"{stem}.tsv.gz", f"{stem}.tsv"):
-        if (raw / name).exists():
-            return raw / name
-    raise SystemExit(f"iacn demo: {raw} has no {stem}.tsv(.gz)")
-
-
 def run(args: argparse.Namespace) -> int:
-    from iacn_torchrec.data.loader import PreparedDataset
-    from iacn_torchrec.data.prepare import prepare_dataset
+    from iacn_torchrec.experiments.reproduce import ensure_default_data
     from iacn_torchrec.modules.iacn import IaCNConfig
     from iacn_torchrec.train.config import DataConfig, ModelConfig, TrainConfig
     from iacn_torchrec.train.loop import train
 
-    raw, prepared = Path(args.raw), Path(args.prepared)
-    try:
-        PreparedDataset.open(prepared)
-        print(f"using prepared data in {prepared}")
-    except Exception:
-        prepare_dataset("tsv", interactions=_find(raw, "interactions"), items=_find(raw, "items"),
-                        protocol="din", max_len=20, seed=0, out=prepared, overwrite=True)
+    prepared = ensure_default_data(Path(args.prepared), Path(args.raw), progress=True)
     results = {}
     for arm, enabled in (("plain", False), ("iacn", True)):
         cfg = TrainConfig(

@@ -12,7 +12,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import platform
 import random
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from iacn_torchrec import versions
 from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
 from iacn_torchrec.train.checkpoint import (
     CheckpointError,
@@ -37,25 +37,6 @@ from iacn_torchrec.train.config import TrainConfig
 from iacn_torchrec.train.metrics import CTRMetrics
 
 logger = logging.getLogger("iacn")
-
-
-def versions() -> dict[str, str]:
-    """Library versions recorded with every result."""
-    import fbgemm_gpu
-    import torchmetrics
-    import torchrec
-
-    import iacn_torchrec
-
-    return {
-        "iacn_torchrec": iacn_torchrec.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchrec": torchrec.__version__,
-        "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?"),
-        "torchmetrics": torchmetrics.__version__,
-        "numpy": np.__version__,
-    }
 
 
 def seed_everything(seed: int) -> None:
@@ -190,6 +171,8 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     eval_kw = evaluation_cores(config, setup, world_size)
 
     state = TrainState()
+    history: list[dict[str, Any]] = []  # the periodic evaluations (kept across a resume)
+    loss_ema = None
     resumed_from = None
     ckpt_root = str(out / "checkpoints")
     if config.resume and latest_step(ckpt_root) is not None:
@@ -206,6 +189,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         # the position trained so far, not the loader's read-ahead position (pipelining prefetches)
         train_loader.load_state_dict({"epoch": state.epoch, "batch": state.batch_in_epoch})
         set_rng_state(ck["rng"])
+        history, loss_ema = list(ck.get("history", [])), ck.get("loss_ema")
         resumed_from = state.step
         if rank == 0:
             logger.info("resumed from step %d (epoch %d)", state.step, state.epoch)
@@ -219,6 +203,8 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                 "optimizer": optimizer.state_dict(),
                 "train_state": vars(state).copy(),
                 "rng": rng_state(),
+                "history": history,
+                "loss_ema": loss_ema,
                 "config_fingerprint": _fingerprint(config),
             },
             rank=rank,
@@ -226,7 +212,6 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         )
         _maybe_inject_fault(state.step, rank, final)
 
-    history: list[dict[str, Any]] = []
     max_steps = config.max_steps
     steps_per_epoch = len(train_loader)
     total = steps_per_epoch * config.epochs
@@ -235,7 +220,6 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                dynamic_ncols=True)
     model.train()
     done = max_steps is not None and state.step >= max_steps
-    loss_ema = None
     while state.epoch < config.epochs and not done:
         if state.batch_in_epoch == 0:
             train_loader.set_epoch(state.epoch)
@@ -287,7 +271,8 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         "history": history,
         "steps": state.step,
         "resumed_from_step": resumed_from,
-        "epochs_completed": state.epoch,
+        # a max_steps stop on an epoch's last batch leaves the loop before the epoch is counted
+        "epochs_completed": state.epoch + int(state.batch_in_epoch >= steps_per_epoch),
         "train_samples": state.train_samples,
         "train_time_s": state.train_time_s,
         "train_samples_per_s": state.train_samples / max(state.train_time_s, 1e-9),
