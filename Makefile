@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 2
 
 install: $(STAMP)
 
-# The pinned CPU stack (DEVELOPERS.md). torchrec's metadata requires the CUDA fbgemm-gpu, so it and
+# The pinned CPU stack (README, "Quick start"). torchrec's metadata requires the CUDA fbgemm-gpu, so it and
 # our own package go in with --no-deps after their real dependencies.
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)

@@ -345,6 +345,10 @@ def run_peer(a: argparse.Namespace, model: str, limit: int | None) -> tuple[dict
     if not PEER_PYTHON.exists():
         raise SystemExit(f"iacn bench train: {PEER_PYTHON} missing: run `bash apps/peer_setup.sh` first "
                          "(or pass --no-peer)")
+    for what, path in (("peer script", PEER_SCRIPT), ("peer data (--peer-data)", Path(a.peer_data))):
+        if not path.exists():
+            raise SystemExit(f"iacn bench train: {what} {path} not found: it comes from the shared/ "
+                             "checkout beside this repository (or pass --no-peer)")
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--data", str(a.peer_data), "--model", model, "--epochs", "1",
            "--threads", str(a.threads), "--max-len", str(a.max_len), "--batch", "128"]
     if limit:
@@ -638,7 +642,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads, ours and the peer's (default 1: faster for both on this 2-core box)")
     p.add_argument("--max-len", dest="max_len", type=int, default=20)
-    p.add_argument("--quick", action="store_true", help="only DIN / DIN+IaCN at batch 128 and the peer's DIN")
+    p.add_argument("--quick", action="store_true", help="DIN only, batch 128 (plain, +aux, +IaCN, serial, "
+                   "compiled, evaluation) and the peer's DIN")
     p.add_argument("--no-peer", dest="no_peer", action="store_true", help="skip DeepCTR-Torch")
     p.add_argument("--peer-limit", dest="peer_limit", type=int, default=30_000,
                    help="train rows of the peer's throughput-only runs (--quick DIN, DIEN)")
