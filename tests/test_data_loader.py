@@ -302,8 +302,9 @@ def test_overwrite_rules(tmp_path, monkeypatch):
     assert json.loads((out / "meta.json").read_text())["content_hash"] != h0
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match=r"exists, is not empty and is not a prepared dataset"):
-        prepare_dataset("tsv", out=tmp_path / "mine", **kw)
+    for force in (False, True):  # a folder of something else is never replaced, not even with --force
+        with pytest.raises(DataError, match=r"exists, is not empty and is not a prepared dataset"):
+            prepare_dataset("tsv", out=tmp_path / "mine", overwrite=force, **kw)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "o", "raw"]  # no temp siblings left
     # an overwrite whose final rename fails puts the previous dataset back

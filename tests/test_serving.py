@@ -176,6 +176,15 @@ def test_a_sharded_run_exports_from_its_assembled_shards(data_dir, tmp_path):
     m = export_run(tmp_path / "run", tmp_path / "model", check_samples=None)
     assert m["checks"]["max_abs_diff_vs_eager"] <= ATOL
     assert m["checks"]["auc_eager"] == pytest.approx(trained["test"]["auc"], abs=1e-6)
+    # --force replaces an earlier export, never a folder of something else
+    with pytest.raises(FileExistsError, match="pass --force"):
+        export_run(tmp_path / "run", tmp_path / "model")
+    export_run(tmp_path / "run", tmp_path / "model", check_samples=64, overwrite=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an exported model"):
+        export_run(tmp_path / "run", tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_iacn_model_exports_to_the_same_graph_as_plain_model_of_same_width(exported):

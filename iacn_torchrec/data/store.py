@@ -97,20 +97,22 @@ def read_meta(path: str | Path) -> dict:
 
 
 def check_target(out: str | Path, overwrite: bool) -> None:
-    """Refuse to replace an existing directory unless ``overwrite`` (an empty one is fine)."""
+    """Refuse to replace an existing prepared dataset unless ``overwrite``; an empty directory is
+    fine; any other existing path (a file, a folder of something else) is never replaced."""
     d = Path(out)
-    if not d.exists() or overwrite:
+    if not d.exists():
         return
     if not d.is_dir():
         raise DataError(f"{d}: exists and is not a directory")
     if is_prepared(d):
+        if not overwrite:
+            raise DataError(
+                f"{d}: a prepared dataset already exists; pass --force (overwrite=True) to replace it"
+            )
+    elif any(d.iterdir()):
         raise DataError(
-            f"{d}: a prepared dataset already exists; pass --force (overwrite=True) to replace it"
-        )
-    if any(d.iterdir()):
-        raise DataError(
-            f"{d}: exists, is not empty and is not a prepared dataset (no valid {META}); "
-            "pass --force (overwrite=True) to replace it"
+            f"{d}: exists, is not empty and is not a prepared dataset (no valid {META}): not replaced, "
+            "even with --force; choose another --out or empty it yourself"
         )
 
 

@@ -384,7 +384,8 @@ def execute(args: argparse.Namespace, plan: list[Run], out: Path) -> dict[str, d
                 t0 = time.perf_counter()
                 try:
                     result = train(cfg)
-                except CheckpointError:  # a checkpoint from another configuration: start afresh
+                except CheckpointError as e:  # another configuration's (or a damaged) checkpoint
+                    print(f"  {run.run_id}: {e}; retraining from scratch", flush=True)
                     shutil.rmtree(run_dir)
                     result = train(cfg)
                 wall = time.perf_counter() - t0

@@ -322,6 +322,13 @@ def export_run(
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
+        try:  # --force replaces an earlier export only, never a folder of something else
+            is_artefact = json.loads((out / "manifest.json").read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            is_artefact = False
+        if not is_artefact:
+            raise FileExistsError(f"{out}: exists, is not empty and is not an exported model: not "
+                                  "replaced, even with --force")
     t0 = time.perf_counter()
     run = load_run(run_dir, data=data, step=step)
     emb = run.model.embeddings

@@ -68,7 +68,10 @@ class CTRMetrics:
         self._uids.append(uids.detach().long().cpu().reshape(-1))
 
     def _gathered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cat = [torch.cat(x) if x else torch.empty(0) for x in (self._probs, self._labels, self._uids)]
+        # a rank without test batches contributes empty tensors of the same dtypes (all_gather needs them)
+        cat = [torch.cat(x) if x else torch.empty(0, dtype=dtype)
+               for x, dtype in ((self._probs, torch.float32), (self._labels, torch.float32),
+                                (self._uids, torch.int64))]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             cat = [torch.cat(gather_all_tensors(t)) for t in cat]
         return cat[0], cat[1], cat[2].long()
