@@ -88,14 +88,21 @@ def build_model_from_config(
     )
 
 
-def _plain_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+def plain_steps(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> Callable[[Any], Iterator[StepOutput]]:
+    """The step loop without a pipeline: batch to ``device``, zero_grad, forward, backward, step."""
+    move = device.type != "cpu"  # the loader's batches are CPU tensors already
+
     def steps(loader) -> Iterator[StepOutput]:
         for batch in loader:
+            if move:
+                batch = batch.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss, out = model(batch)
             loss.backward()
             optimizer.step()
-            yield loss, out
+            yield loss.detach(), out
 
     return steps
 
@@ -149,7 +156,7 @@ def build_training(
             fused=True,  # one vectorised kernel per tensor on CPU too: ~4x cheaper than the default loop
         )
         return TrainingSetup(
-            model, optimizer, device, _plain_steps(model, optimizer), n_params, sharded=False
+            model, optimizer, device, plain_steps(model, optimizer, device), n_params, sharded=False
         )
 
     from iacn_torchrec.distributed.sharding import shard_model

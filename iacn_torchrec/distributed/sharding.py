@@ -47,7 +47,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from iacn_torchrec.distributed.setup import StepOutput, TrainingSetup
+from iacn_torchrec.distributed.setup import StepOutput, TrainingSetup, plain_steps
 from iacn_torchrec.train.config import ConfigError, TrainConfig
 
 __all__ = [
@@ -326,13 +326,5 @@ def shard_model(
 
         return TrainingSetup(dmp, optimizer, device, steps, n_params, sharded=True, plan=plan, pause=pause)
 
-    def plain_steps(loader) -> Iterator[StepOutput]:
-        for batch in loader:
-            batch = batch.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss, out = dmp(batch)
-            loss.backward()
-            optimizer.step()
-            yield loss.detach(), out
-
-    return TrainingSetup(dmp, optimizer, device, plain_steps, n_params, sharded=True, plan=plan)
+    return TrainingSetup(dmp, optimizer, device, plain_steps(dmp, optimizer, device), n_params, sharded=True,
+                         plan=plan)
