@@ -112,12 +112,19 @@ def test_wrapper_output_is_orig_pool_concat_aux_pool():
     v = ebc.iacn_views(kjt)
     hist_ids, lengths = kjt["hist_item"].to_dense(), kjt["hist_item"].lengths()
     assert v.aux_hist.shape == (5, L, 2 * A) and v.aux_negatives.shape == (5, S, 2 * A)
+    hist_cates = kjt["hist_cate"].to_dense()
     for b in range(5):
         n = int(lengths[b])
-        torch.testing.assert_close(v.aux_hist[b, :n, :A], Wa["item"][hist_ids[b]])
+        torch.testing.assert_close(v.aux_hist[b, :n], torch.cat([Wa["item"][hist_ids[b]],
+                                                                 Wa["cate"][hist_cates[b]]], dim=1))
         assert v.aux_hist[b, n:].abs().sum() == 0
-    torch.testing.assert_close(v.aux_target[:, A:], Wa["cate"][kjt["cate"].values()])
-    assert torch.equal(v.negative_ids, kjt["iacn_neg_item"].values().view(5, S))
+    torch.testing.assert_close(v.aux_target, torch.cat([Wa["item"][kjt["item"].values()],
+                                                        Wa["cate"][kjt["cate"].values()]], dim=1))
+    neg_items = kjt["iacn_neg_item"].values().view(5, S)
+    neg_cates = kjt["iacn_neg_cate"].values().view(5, S)
+    assert torch.equal(v.negative_ids, neg_items)
+    neg_rows = torch.cat([Wa["item"][neg_items], Wa["cate"][neg_cates]], dim=2)
+    torch.testing.assert_close(v.aux_negatives, neg_rows)
     torch.testing.assert_close(v.user, out["uid"])
 
 
@@ -147,6 +154,13 @@ def test_gradient_split_on_aux_tables(delta, lam):
     loss.backward()
     torch.testing.assert_close(w_aux.grad, (1 - delta) * lam * g_iacn + delta * g_main)
     torch.testing.assert_close(w_orig.grad, g_main_orig)  # L_IaCN never reaches E_orig
+    # nor the uid table (E_orig too), which IaCN's user-profile layer reads as a feature
+    w_uid = ebc.orig.embedding_bags["uid"].weight
+    g_uid = w_uid.grad.clone()
+    w_uid.grad = None
+    torch.manual_seed(7)
+    F.binary_cross_entropy_with_logits(tr._logits(batch), labels).backward()
+    torch.testing.assert_close(g_uid, w_uid.grad)
     torch.testing.assert_close(loss.detach(), main_loss + lam * iacn_loss)
     torch.testing.assert_close(iacn_loss, l_iacn.detach())
 
