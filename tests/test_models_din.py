@@ -76,10 +76,19 @@ def test_attention_unit_against_loop():
         torch.testing.assert_close(w[b, :n], a)
         assert w[b, n:].abs().sum() == 0
         torch.testing.assert_close(out[b], a @ k)
-    # DIN paper variant: raw (unnormalised) scores
+    # DIN paper variant: raw (unnormalised) scores, the same MLP's outputs, masked
     raw = AttentionUnit(D, D, softmax=False)
-    _, w_raw = raw(emb.target, emb.hist, mask)
+    raw.load_state_dict(att.state_dict())
+    out_raw, w_raw = raw(emb.target, emb.hist, mask)
     assert (w_raw[~mask] == 0).all()
+    for b in range(B):
+        n = int(emb.hist_lengths[b])
+        k, q = emb.hist[b, :n], emb.target[b].expand(n, D)
+        h = torch.sigmoid(torch.cat([q, k, q - k, q * k], 1) @ att.mlp.net[0].weight.T + att.mlp.net[0].bias)
+        h = torch.sigmoid(h @ att.mlp.net[2].weight.T + att.mlp.net[2].bias)
+        s = (h @ att.mlp.net[4].weight.T + att.mlp.net[4].bias).squeeze(-1)
+        torch.testing.assert_close(w_raw[b, :n], s)
+        torch.testing.assert_close(out_raw[b], s @ k if n else torch.zeros(D))
 
 
 def test_din_tower_input_is_user_target_sum_product_attention():

@@ -357,3 +357,20 @@ def test_negatives_of_other_rows_are_refused():
     wrong = positives_only_negatives(full, rows=torch.nonzero(full.labels < 0.5).squeeze(1))
     with pytest.raises(ValueError, match="the label-1 rows"):
         model(wrong)
+
+
+@pytest.mark.parametrize("worker", [False, True])
+def test_lam_zero_never_runs_iacn(worker):
+    """λ = 0 (the capacity-matched control): IaCN's forward is never called, on either path, and
+    the reported iacn_loss is 0."""
+    cfg = IaCNConfig(enabled=True, aux_dim=3, lam=0.0, delta=1.0, sampler="in_batch")
+    torch.manual_seed(0)
+    model = build_model("din", NU, NI, NC, L, cfg, emb_dim=4).run_iacn_on_worker(worker)
+    calls = []
+    model.iacn.register_forward_hook(lambda *a: calls.append(1))
+    loss, (_, main_loss, iacn_loss) = model(make_batch(16, seed=2))
+    loss.backward()
+    assert calls == [] and iacn_loss == 0 and torch.equal(loss.detach(), main_loss)
+    model.lam = 1.0  # the hook does fire once IaCN runs
+    model(make_batch(16, seed=2))[0].backward()
+    assert calls == [1]

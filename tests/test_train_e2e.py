@@ -158,3 +158,43 @@ def test_resume_keeps_the_evaluation_history_and_counts_epochs(tmp_path):
     assert [h["step"] for h in resumed["history"]] == steps
     assert full["epochs_completed"] == resumed["epochs_completed"] == 1
     assert train(cfg(tmp_path / "short", per_epoch - 1))["epochs_completed"] == 0
+
+
+def test_samplers_and_seed_pairing_through_the_training_setup(tmp_path):
+    """What `iacn train` builds from a config: the sampler's negatives per row and its log Q are the
+    ones the model corrects with, and a plain and an IaCN arm with the same seed share the data
+    order and the E_orig/user tables' initialisation (the pairing DESIGN.md's Measuring relies on)."""
+    import numpy as np
+    from helpers import prepare_planted
+
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.distributed.setup import build_training
+    from iacn_torchrec.train.loop import make_loaders, seed_everything
+
+    _, data = prepare_planted(tmp_path, num_users=60, seed=0)
+    ds = PreparedDataset.open(data)
+    built = {}
+    for name, iacn in (("plain", IaCNConfig(enabled=False)),
+                       ("log_uniform", IaCNConfig(enabled=True, sampler="log_uniform", num_negatives=7)),
+                       ("in_batch", IaCNConfig(enabled=True, sampler="in_batch"))):
+        cfg = _config(data, tmp_path / name, 2)
+        cfg.iacn = iacn
+        seed_everything(cfg.seed)
+        train_loader, _, log_q = make_loaders(cfg, ds, 0, 1)
+        setup = build_training(cfg, ds, item_log_q=log_q)
+        built[name] = (train_loader, log_q, setup.model)
+    loader, log_q, model = built["log_uniform"]
+    assert loader.iacn_negatives.num_negatives == 7
+    assert torch.equal(model.item_log_q, log_q.float()) and torch.equal(log_q, loader.iacn_negatives.log_q)
+    batch = next(iter(loader))
+    positives = int((batch.labels > 0.5).sum())
+    assert batch.sparse_features["iacn_neg_item"].values().numel() == 7 * positives > 0
+    assert built["in_batch"][0].iacn_negatives is None and built["in_batch"][1] is None
+    orders = [b[0].order() for b in built.values()]
+    assert all(np.array_equal(orders[0], o) for o in orders[1:])
+    plain_state = built["plain"][2].embeddings.orig.state_dict()
+    for name in ("log_uniform", "in_batch"):
+        state = built[name][2].embeddings.orig.state_dict()
+        assert state.keys() == plain_state.keys()
+        for k in state:
+            assert torch.equal(state[k], plain_state[k]), (name, k)

@@ -53,3 +53,5 @@ def test_ctr_metrics_auc_logloss():
     ref_ll = -np.mean([np.log(0.9), np.log(0.8), np.log(0.4), np.log(0.4), np.log(0.7)])
     assert r["logloss"] == pytest.approx(ref_ll, rel=1e-6)
     assert r["samples"] == 5
+    # GAUC by hand: user 1 ranks its pair right (AUC 1, 2 samples), user 2 one of its two pairs (0.5, 3)
+    assert r["gauc"] == pytest.approx((2 * 1.0 + 3 * 0.5) / 5) and r["gauc_users"] == 2
