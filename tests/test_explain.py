@@ -173,6 +173,10 @@ def test_summary_beats_random_grouping_on_planted_data(planted, tmp_path):
     assert explain.run(args) == 0
     md = (tmp_path / "interests.md").read_text()
     assert "| trained IaCN capsules |" in md and "![" in md and "user u00000" in md
+    assert str(run.path) in md and "random-grouping seed 0" in md and "torchrec" in md  # provenance
+    assert interest_summary(run, seed=0, limit_users=7)["users"] == 7  # exactly N, not a whole batch
+    args.example_user, args.md = "no-such-user", str(tmp_path / "x.md")
+    assert explain.run(args) == 2 and not (tmp_path / "x.md").exists()  # a clear error, no traceback
     assert (tmp_path / "s.png").is_file()
 
 

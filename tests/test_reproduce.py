@@ -91,6 +91,12 @@ def test_pipeline_writes_tables_and_plots_and_resumes(tiny, tmp_path, capsys):
     assert '"torchrec"' in t1 and "Wall time" in t1 and "(n=2)" in t1
 
     # the table's numbers are the runs' own AUCs, paired by seed
+    def strict(text: str):  # JSON without NaN/Infinity tokens, as any parser reads it
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+    for part in ("table1", "table2", "delta", "variants"):
+        doc = strict((res / f"{part}.json").read_text())
+        assert "torchrec" in doc["versions"] and all("config" in r for r in doc["runs"].values())
     s = json.loads((res / "table1.json").read_text())["summary"]["din"]
     base = {int(k): v for k, v in s["auc"]["base"].items()}
     iacn = {int(k): v for k, v in s["auc"][rp.IACN.key].items()}
@@ -201,6 +207,18 @@ def test_bad_arguments_are_named():
         rp.variant_arm("nocolon")
     with pytest.raises(SystemExit, match="unknown model"):
         rp.run(_args(["--models", "gru4rec", "--data", "/nonexistent"]))
+    # a variant changes IaCN only (the alone arm it is paired with has none), under its own name
+    with pytest.raises(SystemExit, match=r"\['optim.lr=0.003'\] is not an IaCN setting"):
+        rp.variant_arm("lr:optim.lr=0.003")
+    with pytest.raises(SystemExit, match="--variant names must differ"):
+        rp.run(_args(["--variant", "a:iacn.lam=0.1", "--variant", "a:iacn.lam=0.5", "--data", "/none"]))
+    with pytest.raises(SystemExit, match="--delta-seeds must be >= 1"):
+        rp.run(_args(["--delta-seeds", "0", "--data", "/nonexistent"]))
+
+
+def test_t_critical_is_conservative_beyond_the_table():
+    assert rp.t_critical(2) == 4.303 and rp.t_critical(11) == 2.228 and rp.t_critical(0) == math.inf
+    assert rp.t_critical(40) == 2.042 and rp.t_critical(1000) == 2.042  # never below the df-30 value
 
 
 def test_dien_runs_stored_before_dien_hidden_compare_as_the_gru_they_had():

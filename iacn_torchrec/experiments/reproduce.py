@@ -5,7 +5,7 @@ Examples::
     iacn reproduce                                   # embedded Beauty, 5 seeds, all three parts
     iacn reproduce --seeds 3 --epochs 1 --only table1
     iacn reproduce --only table2 --seeds 2           # DIEN vs DIEN+IaCN at history length 10/20/50
-    iacn reproduce --only variants --variant lam0.1:iacn.lam=0.1 --variant lr3e-3:optim.lr=0.003
+    iacn reproduce --only variants --variant lam0.1:iacn.lam=0.1 --variant aux6:iacn.aux_dim=6
     iacn reproduce --data DIR --max-steps 20 --seeds 2 --out runs/smoke --results /tmp/smoke
 
 Every training run is one directory ``OUT/<model>-L<len>-<arm>-s<seed>/`` whose ``metrics.json`` is
@@ -14,9 +14,12 @@ interrupted reproduction resumes where it stopped (an unfinished run restarts fr
 checkpoint, see ``--checkpoint-every``). Runs shared by several tables (DIEN+IaCN at δ = 0.3 and
 length 20 is in all three) are trained once.
 
-Arms are paired by seed: the same seed gives every arm the same data order and main-model
-initialisation, so lifts are reported as mean ± SD of per-seed differences (and the unpaired
-difference of means), with a two-sided paired t-test at 95 % against the seed noise.
+Arms are paired by seed: the same seed gives every arm the same data order and the same
+initialisation of the E_orig and user tables (drawn first); IaCN's arms then draw their aux tables,
+so the main model's layers start from other draws (and those reading E_orig ⊕ E_aux have other
+shapes) than the plain arm's, while IaCN arms and their λ = 0 / δ = 1 controls share every draw.
+Lifts are reported as mean ± SD of per-seed differences (and the unpaired difference of means),
+with a two-sided paired t-test at 95 % against the seed noise.
 """
 
 from __future__ import annotations
@@ -50,11 +53,11 @@ _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def t_critical(df: int) -> float:
-    """Two-sided 95 % critical t for ``df`` degrees of freedom (table, conservative between entries)."""
+    """Two-sided 95 % critical t for ``df`` degrees of freedom (the table's value at the largest
+    tabulated df ≤ ``df``: conservative between entries, and 2.042 (df 30) beyond the table)."""
     if df < 1:
         return math.inf
-    keys = [k for k in sorted(_T975) if k <= df]
-    return _T975[keys[-1]] if df <= 30 else 1.96
+    return _T975[max(k for k in _T975 if k <= df)]
 
 
 # ============================================================================== the experiment plan
@@ -95,6 +98,11 @@ def variant_arm(spec: str) -> Arm:
     if not sep or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or not sets or any("=" not in s for s in sets):
         raise SystemExit(f"iacn reproduce: --variant {spec!r}: expected NAME:section.field=value[,...] "
                          "(NAME of letters, digits, . _ + -)")
+    other = [s for s in sets if not s.startswith("iacn.")]
+    if other:  # the alone arm a variant is paired with has no IaCN, so only IaCN's settings pair cleanly
+        raise SystemExit(f"iacn reproduce: --variant {spec!r}: {other} is not an IaCN setting (iacn.*); a "
+                         "variant is paired against the model alone, which would not get it: use --set for "
+                         "settings of every arm")
     return Arm(f"var-{name}", f"IaCN {name} ({', '.join(sets)})", PAPER_DELTA, PAPER_LAM, sets)
 
 
@@ -505,7 +513,9 @@ def _header(title: str, args: argparse.Namespace, part_runs: list[Run], results:
         f"- Wall time of these runs (training + evaluation, summed): {wall / 60:.1f} min; "
         f"training throughput median {statistics.median(sps) if sps else math.nan:,.0f} samples/s",
         f"- Versions: {json.dumps(first.get('versions', {}))}",
-        "- Paired by seed: same seed ⇒ same data order and main-model initialisation in every arm. Lift = "
+        "- Paired by seed: same seed ⇒ same data order and the same E_orig and user tables at the start "
+        "in every arm (IaCN's arms then draw their aux tables, so their main-model layers start from "
+        "other draws; IaCN and its λ = 0 / δ = 1 control share every draw). Lift = "
         "mean ± SD of per-seed differences (unpaired difference of means in brackets); \"beyond seed "
         "noise?\" is a two-sided paired t-test at 95 %.",
         *notes,
@@ -524,6 +534,28 @@ def _config_block(results: dict[str, dict[str, Any]], part_runs: list[Run]) -> l
                     f"({r.run_id}); other arms differ only as stated</summary>", "", "```yaml",
                     yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", "</details>", ""]
     return []
+
+
+def _length_datasets(results: dict[str, dict[str, Any]], part_runs: list[Run]) -> list[str]:
+    """One line per history length: the dataset its runs read (the header shows the first only)."""
+    seen: dict[int, str] = {}
+    for r in sorted(part_runs, key=lambda r: r.max_len):
+        if r.run_id in results and r.max_len not in seen:
+            m = results[r.run_id]
+            seen[r.max_len] = (f"  - L = {r.max_len}: `{_rel(Path(m['config']['data']['path']))}`, content "
+                               f"{m.get('dataset', {}).get('content_hash')}")
+    return ["- Datasets by length:", *seen.values()] if seen else []
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf (e.g. a t statistic with one seed) as null: JSON has no NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _rel(p: Path) -> str:
@@ -582,7 +614,8 @@ def write_table2(args, plan, results, out: Path, res_dir: Path) -> dict[str, Any
                     args, runs, results, out,
                     [f"- Each length is the dataset re-prepared from its raw source with that max_len (same "
                      f"samples and seed; only the history truncation differs). IaCN: δ = {PAPER_DELTA:g}, "
-                     f"λ = {PAPER_LAM:g}; K_max = ceil(log2 L)."])
+                     f"λ = {PAPER_LAM:g}; K_max = ceil(log2 L).",
+                     *_length_datasets(results, runs)])
     lines += [f"| max history length | {label} | {label} + IaCN | lift | beyond seed noise? |",
               "|---|---|---|---|---|", *rows, "", "![AUC vs history length](table2_length.png)", ""]
     lines += _per_seed_table(results, runs) + _config_block(results, runs)
@@ -630,11 +663,11 @@ def write_variants(args, plan, results, out: Path, res_dir: Path, base_len: int)
                         f"{p.verdict()} |")
             summary[f"{model}/{arm.key}"] = {"iacn": a, "base": base, "lift": vars(p)}
     lines = _header(f"IaCN variants ({args.name})", args, runs, results, out, [
-        f"- Each variant is IaCN at δ = {PAPER_DELTA:g}, λ = {PAPER_LAM:g} plus the overrides named; "
-        "lifts are paired against the model alone with the same seeds (and the same overrides for "
-        "non-IaCN fields such as the learning rate only where the variant name says so)."])
+        f"- Each variant is IaCN at δ = {PAPER_DELTA:g}, λ = {PAPER_LAM:g} plus the IaCN overrides "
+        "named (only `iacn.*` settings: the model alone has no IaCN to give them to); lifts are paired "
+        "against the model alone with the same seeds."])
     lines += ["| arm | test AUC | lift vs alone | beyond seed noise? |", "|---|---|---|---|", *rows, ""]
-    lines += _per_seed_table(results, runs)
+    lines += _per_seed_table(results, runs) + _config_block(results, runs)
     (res_dir / "variants.md").write_text("\n".join(lines))
     return summary
 
@@ -797,8 +830,12 @@ def run(args: argparse.Namespace) -> int:
     for d in args.deltas:
         if not 0.0 <= d <= 1.0:
             raise SystemExit(f"iacn reproduce: --deltas: δ={d} is not in [0, 1]")
-    for spec in args.variant:
-        variant_arm(spec)
+    names = [variant_arm(spec).key for spec in args.variant]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"iacn reproduce: --variant names must differ, got {[n[4:] for n in names]}")
+    for name in ("table2_seeds", "delta_seeds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"iacn reproduce: --{name.replace('_', '-')} must be >= 1 (omit it for --seeds)")
     if args.data is None:
         data = ensure_default_data(DEFAULT_DATA)
         args.name = args.name or "amazon-beauty"
@@ -835,13 +872,17 @@ def run(args: argparse.Namespace) -> int:
         summary["delta"] = write_delta(args, plan, results, out, res_dir, base_len)
     if "variants" in parts:
         summary["variants"] = write_variants(args, plan, results, out, res_dir, base_len)
+    from iacn_torchrec import versions
+
     for part, s in summary.items():
-        (res_dir / f"{part}.json").write_text(json.dumps(
-            {"command": args.command_line, "summary": s,
-             "runs": {r.run_id: {"seed": r.seed, "model": r.model, "max_len": r.max_len, "arm": r.arm.key,
-                                 "test_auc": results[r.run_id]["test"]["auc"]}
-                      for r in plan if part in r.parts and r.run_id in results}},
-            indent=1, default=str))
+        part_runs = {r.run_id: r for r in plan if part in r.parts and r.run_id in results}
+        (res_dir / f"{part}.json").write_text(json.dumps(_json_safe(
+            {"command": args.command_line, "versions": versions(), "summary": s,
+             "runs": {rid: {"seed": r.seed, "model": r.model, "max_len": r.max_len, "arm": r.arm.key,
+                            "test_auc": results[rid]["test"]["auc"], "config": results[rid]["config"],
+                            "versions": results[rid].get("versions")}
+                      for rid, r in part_runs.items()}}),
+            indent=1, default=str, allow_nan=False))
     minutes = (time.perf_counter() - t0) / 60
     print(f"reproduce: {len(results)}/{len(plan)} runs finished ({minutes:.1f} min this call); tables and "
           f"plots in {res_dir}", flush=True)

@@ -19,7 +19,10 @@ items into groups of the same sizes and (b) the same architecture with untrained
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import shlex
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from iacn_torchrec import versions
 
 __all__ = [
     "UserExplanation",
@@ -368,6 +373,8 @@ def _assignments(model: Any, loader: Any, limit_users: int | None) -> dict[str, 
     base = 0
     for batch in loader:
         keep = batch.labels.numpy() == 1
+        if limit_users is not None:  # exactly the first N users, not the rest of the last batch
+            keep &= np.cumsum(keep) <= limit_users - base
         emb, out = _interests(model, batch.sparse_features)
         L = out.routing_weights.shape[-1]
         hist_cate = batch.sparse_features["hist_cate"].to_padded_dense(L, 0).numpy()
@@ -479,7 +486,7 @@ def interest_summary(run: Any, limit_users: int | None = None, seed: int = 0, ba
             | {
                 "mean_entropy_bits_2plus_over_5_seeds": [
                     float(np.mean(rand_means)),
-                    float(np.std(rand_means)),
+                    float(statistics.stdev(rand_means)),  # the sample SD, as everywhere in the results
                 ]
             },
             "untrained": _coherence(a0, a0["capsule"], k_max),
@@ -540,7 +547,9 @@ def summary_markdown(summary: dict, run: Any, plot_name: str | None, example: st
         f"{run.metrics.get('epochs_completed', '?')} epoch(s), "
         f"step {run.step}, seed {run.config.seed}; test AUC {m.get('auc', float('nan')):.4f}, "
         f"GAUC {m.get('gauc', float('nan')):.4f}. Data: `{run.ds.path}` ({run.ds.protocol} protocol, "
-        f"L={run.ds.max_len}). Produced by `iacn explain --run RUN --summary`.",
+        f"L={run.ds.max_len}). Produced by `{summary.get('command', 'iacn explain --run RUN --summary')}` "
+        f"(run `{run.path}`; random-grouping seed {summary['seed']}; versions "
+        f"{json.dumps(summary.get('versions', {}))}).",
         "",
         f"Users: the {summary['users']:,} label-1 test samples (one per user), mean history length "
         f"{summary['history_length_mean']:.1f}, mean {summary['distinct_categories_mean']:.2f} distinct "
@@ -643,8 +652,16 @@ def run(args: argparse.Namespace) -> int:
                 print(f"\nfigure: {args.plot}")
             return 0
         s = interest_summary(r, limit_users=args.limit_users, seed=args.seed)
+        s["command"] = shlex.join(["iacn", "explain", *sys.argv[2:]]) if sys.argv[1:2] == ["explain"] \
+            else "iacn explain --run RUN --summary"
+        s["versions"] = versions()
+        example = None
+        if args.md and args.example_user:
+            example = format_explanation(explain_user(r, args.example_user, "heldout"))
+        if args.plot:
+            plot_summary(s, args.plot)
     except (KeyError, ValueError, FileNotFoundError) as e:
-        print(f"iacn explain: {e}", file=sys.stderr)
+        print(f"iacn explain: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     c = s["coherence"]
     print(
@@ -658,12 +675,7 @@ def run(args: argparse.Namespace) -> int:
             f"{x['mean_entropy_bits_2plus']:.3f} bits, "
             f"pure {x['pure_fraction_2plus']:.1%} of {x['capsules_with_2plus_items']:,}"
         )
-    if args.plot:
-        plot_summary(s, args.plot)
     if args.md:
-        example = None
-        if args.example_user:
-            example = format_explanation(explain_user(r, args.example_user, "heldout"))
         plot_name = None
         if args.plot:
             plot_name = (

@@ -1,6 +1,6 @@
 """Prepare the embedded Amazon Beauty data (once) and train DIN and DIN+IaCN side by side.
 
-One epoch each, seed 0, paired (same data order and main-model initialisation); prints both test
+One epoch each, seed 0, paired (same data order and E_orig/user tables' initialisation); prints both test
 AUCs and the lift. Runs in a few minutes on a 2-core CPU.
 """
 
