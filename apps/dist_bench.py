@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=2, help="CPU threads in total, split over the processes")
     p.add_argument("--repeats", type=int, default=1, help="round-robin repeats of all arms")
-    p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
 
@@ -145,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['table_optimizer']} | "
               f"{r['step_ms_median']:.1f} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / base:.2f}× |")
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1))
+        from iacn_torchrec import versions
+
+        doc = {"command": " ".join(sys.argv), "versions": versions(), "rows": rows}
+        Path(a.out).write_text(json.dumps(doc, indent=1))
     return 0
 
 
