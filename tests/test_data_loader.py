@@ -256,7 +256,7 @@ def test_half_written_and_damaged_dirs(small, tmp_path, monkeypatch):
     shutil.copytree(small, d)
     (d / "meta.json").unlink()
     with pytest.raises(
-        DataError, match=r"copy: no meta\.json: not a prepared dataset, or a half-written one"
+        DataError, match=r"copy: no meta\.json: not a prepared dataset \(an interrupted"
     ):
         PreparedDataset.open(d)
     shutil.rmtree(d)
@@ -322,6 +322,12 @@ def test_overwrite_rules(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads((out / "meta.json").read_text())["content_hash"] == h1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "o", "raw"]
+    # a dataset of ours that this code cannot open (an older format) is still ours to replace
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "format_version": 0}))
+    with pytest.raises(DataError, match="format_version"):
+        PreparedDataset.open(out)
+    prepare_dataset("tsv", out=out, seed=1, overwrite=True, **kw)
     ds = PreparedDataset.open(out, verify=True)
     np.asarray(ds.split("train").item)  # mapped read-only
     assert not ds.split("train").item.flags.writeable

@@ -158,6 +158,21 @@ def test_resume_keeps_the_evaluation_history_and_counts_epochs(tmp_path):
     assert [h["step"] for h in resumed["history"]] == steps
     assert full["epochs_completed"] == resumed["epochs_completed"] == 1
     assert train(cfg(tmp_path / "short", per_epoch - 1))["epochs_completed"] == 0
+    # a checkpoint at an evaluation step holds that evaluation: resuming from it repeats nothing
+    import shutil
+
+    both = cfg(tmp_path / "both", 9)
+    both.checkpoint_every = 4
+    train(both)
+    shutil.rmtree(tmp_path / "both" / "checkpoints" / "step_00000009")  # as if killed after step 8
+    both.max_steps = 13
+    assert [h["step"] for h in train(both)["history"]] == [4, 8, 12]
+    # epochs without a full batch (drop_last) pass without a step, and are counted once each
+    empty = cfg(tmp_path / "empty", None)
+    empty.data = DataConfig(path=str(data), batch_size=100_000, drop_last=True)
+    empty.epochs = 2
+    r = train(empty)
+    assert (r["steps"], r["epochs_completed"]) == (0, 2)
 
 
 def test_samplers_and_seed_pairing_through_the_training_setup(tmp_path):
@@ -198,3 +213,33 @@ def test_samplers_and_seed_pairing_through_the_training_setup(tmp_path):
         assert state.keys() == plain_state.keys()
         for k in state:
             assert torch.equal(state[k], plain_state[k]), (name, k)
+
+
+def test_one_group_adam_checkpoints_resume_into_the_two_groups(tmp_path):
+    """Checkpoints of one-process runs from before the tables got their own Adam group (one group
+    over model.parameters()) load: every parameter gets back its own moments."""
+    from helpers import prepare_planted
+
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.distributed.setup import build_training, load_training_state
+    from iacn_torchrec.train.loop import make_loaders, seed_everything
+
+    _, data = prepare_planted(tmp_path, num_users=40, seed=0)
+    ds = PreparedDataset.open(data)
+    cfg = _config(data, tmp_path / "x", 1)
+    seed_everything(0)
+    loader, _, log_q = make_loaders(cfg, ds, 0, 1)
+    old = build_training(cfg, ds, item_log_q=log_q)
+    old_opt = torch.optim.Adam(old.model.parameters(), lr=1e-3)  # the old layout: one group
+    old_opt.zero_grad()
+    old.model(next(iter(loader)))[0].backward()
+    old_opt.step()
+    saved = old_opt.state_dict()
+    assert len(saved["param_groups"]) == 1
+    new = build_training(cfg, ds, item_log_q=log_q)
+    load_training_state(new, old.model.state_dict(), saved)
+    assert len(new.optimizer.param_groups) == 2
+    old_params = dict(old.model.named_parameters())
+    for name, p in new.model.named_parameters():
+        want = old_opt.state[old_params[name]]["exp_avg"]
+        torch.testing.assert_close(new.optimizer.state[p]["exp_avg"], want, rtol=0, atol=0, msg=name)

@@ -76,13 +76,14 @@ def read_meta(path: str | Path) -> dict:
     mp = d / META
     if not mp.is_file():
         raise DataError(
-            f"{d}: no {META}: not a prepared dataset, or a half-written one (an interrupted `iacn prepare`); "
-            f"prepare it again with `iacn prepare ... --out {d} --force`"
+            f"{d}: no {META}: not a prepared dataset (an interrupted `iacn prepare` leaves none here: it "
+            "writes into a hidden sibling); prepare one with `iacn prepare ... --out DIR`"
         )
     try:
         meta = json.loads(mp.read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f"{mp}: unreadable or truncated ({e}); prepare the dataset again with --force") from e
+        raise DataError(f"{mp}: unreadable or truncated ({e}); not a prepared dataset this code can replace: "
+                        "remove the folder or prepare into another --out") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DataError(f"{mp}: not an iacn prepared-dataset meta.json (field 'format' is not {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -96,15 +97,26 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def _ours(d: Path) -> bool:
+    """A prepared dataset of this project, valid or not (stale format, damaged arrays): its
+    meta.json names our format. Only such a directory may be replaced."""
+    try:
+        meta = json.loads((d / META).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def check_target(out: str | Path, overwrite: bool) -> None:
-    """Refuse to replace an existing prepared dataset unless ``overwrite``; an empty directory is
-    fine; any other existing path (a file, a folder of something else) is never replaced."""
+    """Refuse to replace an existing prepared dataset (even a stale or damaged one) unless
+    ``overwrite``; an empty directory is fine; any other existing path (a file, a folder of
+    something else, a folder without a meta.json of ours) is never replaced."""
     d = Path(out)
     if not d.exists():
         return
     if not d.is_dir():
         raise DataError(f"{d}: exists and is not a directory")
-    if is_prepared(d):
+    if _ours(d):
         if not overwrite:
             raise DataError(
                 f"{d}: a prepared dataset already exists; pass --force (overwrite=True) to replace it"

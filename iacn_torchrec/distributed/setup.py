@@ -63,8 +63,26 @@ def load_training_state(
             if isinstance(opt, KeyedOptimizerWrapper) and not opt.state:
                 opt.init_state()
         setup.optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer_state = _regroup(setup, optimizer_state)
     setup.model.load_state_dict(model_state)
     setup.optimizer.load_state_dict(optimizer_state)
+
+
+def _regroup(setup: TrainingSetup, state: dict[str, Any]) -> dict[str, Any]:
+    """A one-process Adam state saved with one parameter group (before the tables got their own,
+    for ``optim.embedding_lr``) in this optimizer's groups: per-parameter state is keyed by the
+    position in ``model.parameters()`` there and by the position across the groups here; the
+    groups' settings are this run's."""
+    groups = setup.optimizer.state_dict()["param_groups"]
+    if len(state.get("param_groups", [])) != 1 or len(groups) == 1:
+        return state
+    order = [p for g in setup.optimizer.param_groups for p in g["params"]]
+    position = {id(p): i for i, p in enumerate(order)}
+    params = list(setup.model.parameters())
+    if len(state["param_groups"][0]["params"]) != len(params):
+        return state  # not this model's: load_state_dict names the mismatch
+    return {"state": {position[id(params[i])]: s for i, s in state["state"].items()}, "param_groups": groups}
 
 
 def build_model_from_config(

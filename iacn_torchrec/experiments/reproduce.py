@@ -166,11 +166,11 @@ def _raw_tsv(raw: Path, stem: str) -> Path:
 def ensure_default_data(path: Path, raw: Path = DEFAULT_RAW, progress: bool = False) -> Path:
     """The embedded Beauty data prepared (din protocol, L 20, seed 0) when ``path`` does not hold it.
 
-    A broken prepared dataset at ``path`` is rebuilt; any other non-empty folder there is refused
-    (with the data pipeline's error), never replaced."""
+    A prepared dataset of ours at ``path`` that cannot be opened (older format, damaged arrays) is
+    rebuilt; any other non-empty folder there is refused (with the data pipeline's error), never
+    replaced."""
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.data.prepare import prepare_dataset
-    from iacn_torchrec.data.store import is_prepared
 
     try:
         PreparedDataset.open(path)
@@ -180,7 +180,7 @@ def ensure_default_data(path: Path, raw: Path = DEFAULT_RAW, progress: bool = Fa
         print(f"preparing the embedded Beauty data into {path}", flush=True)
         return prepare_dataset("tsv", interactions=_raw_tsv(raw, "interactions"),
                                items=_raw_tsv(raw, "items"), protocol="din", max_len=20, seed=0, out=path,
-                               overwrite=is_prepared(path), progress=progress)
+                               overwrite=True, progress=progress)
 
 
 def dataset_at_length(base: Path, max_len: int) -> Path:
@@ -215,7 +215,9 @@ def dataset_at_length(base: Path, max_len: int) -> Path:
     elif files:
         kwargs = {"path": next(iter(files.values())).parent}
         if kind == "movielens":
-            kwargs["category_column"] = src.get("category_column")
+            # datasets prepared before the column was checked recorded tsv's default here
+            col = src.get("category_column")
+            kwargs["category_column"] = None if col == "cate_leaf" else col
     missing = [str(p) for p in kwargs.values() if isinstance(p, Path) and not p.exists()]
     if not kwargs or missing:
         raise SystemExit(f"iacn reproduce: cannot re-prepare {base} at max_len {max_len}: its raw source "

@@ -192,8 +192,11 @@ def load_full_model_state(root: str, step: int | None = None) -> dict[str, Any]:
     mpath = _join(root, f"step_{step:08d}", MANIFEST)
     if not path_manager.exists(mpath):
         raise CheckpointError(f"{mpath}: missing (no complete checkpoint at step {step})")
-    with path_manager.open(mpath, "r") as f:
-        world_size = int(json.load(f)["world_size"])
+    try:
+        with path_manager.open(mpath, "r") as f:
+            world_size = int(json.load(f)["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable or damaged ({e!r})") from None
     states = [load_checkpoint(root, step, rank=r, world_size=world_size, sharded=False)["model"]
               for r in range(world_size)]
     out = {}

@@ -242,15 +242,15 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
             periodic_ckpt = config.checkpoint_every and state.step % config.checkpoint_every == 0
             if periodic_eval or periodic_ckpt or stop:
                 state.train_time_s += time.perf_counter() - t0
-                if periodic_ckpt and not stop:
-                    checkpoint()
-                if periodic_eval and not stop:
+                if periodic_eval and not stop:  # before the checkpoint, which saves the history
                     setup.pause()
                     m = evaluate(_unwrap_for_eval(model), test_loader, device, **eval_kw)
                     history.append({"step": state.step, "epoch": state.epoch, **m})
                     if rank == 0:
                         bar.write(f"step {state.step}: test auc {m['auc']:.4f} gauc {m['gauc']:.4f} "
                                   f"logloss {m['logloss']:.4f}")
+                if periodic_ckpt and not stop:
+                    checkpoint()
                 t0 = time.perf_counter()
             if stop:
                 done = True
@@ -272,7 +272,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         "steps": state.step,
         "resumed_from_step": resumed_from,
         # a max_steps stop on an epoch's last batch leaves the loop before the epoch is counted
-        "epochs_completed": state.epoch + int(state.batch_in_epoch >= steps_per_epoch),
+        "epochs_completed": state.epoch + int(0 < steps_per_epoch <= state.batch_in_epoch),
         "train_samples": state.train_samples,
         "train_time_s": state.train_time_s,
         "train_samples_per_s": state.train_samples / max(state.train_time_s, 1e-9),
