@@ -300,7 +300,8 @@ def test_main_model_error_with_the_worker_on():
 def test_iacn_worker_grads_follow_the_backward(scale):
     """IaCN's parameter gradients reach ``.grad`` inside the main backward, scaled by what it
     brings: ``(c·loss).backward()`` equals the serial graph's for every parameter, gradients
-    cleared between forward and backward do not matter, and a second backward accumulates."""
+    cleared between forward and backward do not matter, and further backwards (another forward's,
+    or the same retained graph's) accumulate."""
     cfg = IaCNConfig(enabled=True, aux_dim=4, num_negatives=S)
     models = []
     for worker in (False, True):
@@ -315,7 +316,8 @@ def test_iacn_worker_grads_follow_the_backward(scale):
         (scale * loss).backward()
         torch.manual_seed(5)
         loss2, _ = m(batch)
-        loss2.backward()  # accumulates onto the first step's gradients
+        loss2.backward(retain_graph=True)  # accumulates onto the first step's gradients
+        loss2.backward()  # and a second backward through the retained graph, again
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     serial, threaded = grads
     assert serial.keys() == threaded.keys() and any(k.startswith("iacn.") for k in threaded)

@@ -69,8 +69,8 @@ class _JoinBranch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        # the worker's result stays with the node: a second backward (retain_graph=True) reuses it
         view_grads, param_grads = ctx.pending.result()
-        ctx.pending = None
         unit = bool(grad == 1)  # the usual loss.backward(): no multiplications
         with torch.no_grad():
             for p, g in param_grads:
