@@ -155,3 +155,23 @@ def test_measured_state_bytes_match_plan_on_cpu_rank():
     spec = ModelSpec("m", 1000, 20_000, 50, orig_dim=16, aux_dim=8, user_dim=16, hist_len=4)
     (r,) = measure_sharded_embeddings(spec, True, 1, PlanOptions(batch_size=32), steps=2, warmup=1)
     assert r["measured_weight_bytes"] + r["measured_optimizer_bytes"] == r["planned_state_bytes"]
+
+
+def test_training_planner_gets_ids_per_sample_and_keeps_memory_back():
+    """The training run's planner sees each feature's ids per sample (a history is up to L ids, IaCN's
+    negatives S), and a CPU topology keeps 15 % of each rank's share of memory back (TorchRec's own
+    reservation shrinks HBM only)."""
+    import torch
+
+    from iacn_torchrec.distributed.sharding import _physical_memory, planner_constraints, topology
+    from iacn_torchrec.train.config import TrainConfig
+
+    cfg = TrainConfig().override(["iacn.num_negatives=7"])
+    features = {"item_orig": ["item", "hist_item", "neg_hist_item"], "item_aux": ["item", "iacn_neg_item"]}
+    c = planner_constraints(cfg, {"item_orig": "sgd", "item_aux": "sgd"}, {"item_orig": 16, "item_aux": 16},
+                            2, features, max_len=20)
+    assert c["item_orig"].pooling_factors == [1.0, 20.0, 20.0]
+    assert c["item_aux"].pooling_factors == [1.0, 7.0]
+    topo = topology(2, torch.device("cpu"))
+    mem = _physical_memory()
+    assert all(d.storage.ddr == int(0.85 * mem) // 2 for d in topo.devices)

@@ -336,6 +336,16 @@ def test_bad_score_input_names_file_line_and_field(tmp_path):
         DataError, match=r"c.tsv: line 1: field 'hist_cats' has 1 entries but 'hist_mids' has 2"
     ):
         read_samples(tmp_path / "c.tsv")
+    # a row of empty fields is an error, not a blank line; extra fields too; ids are stripped
+    (tmp_path / "d.tsv").write_text("user_id\titem_id\thistory\nu1\ti\tx\n\t\t\nu3\ti\tx\n")
+    with pytest.raises(DataError, match=r"d.tsv: line 3: field 'user_id' is empty"):
+        read_samples(tmp_path / "d.tsv")
+    (tmp_path / "e.tsv").write_text("user_id\titem_id\thistory\nu1\ti\tx\textra\n")
+    with pytest.raises(DataError, match=r"e.tsv: line 2: malformed line: 4 tab-separated fields"):
+        read_samples(tmp_path / "e.tsv")
+    (tmp_path / "f.tsv").write_text("user_id\titem_id\thistory\n u1 \t i \tx\n\nu2\tj\t\n")
+    s = read_samples(tmp_path / "f.tsv")
+    assert (s.user, s.item, s.hist_len.tolist()) == (["u1", "u2"], ["i", "j"], [1, 0])
 
 
 def test_bench_serve_reports_every_variant_and_batch_size(runs, exported):

@@ -33,6 +33,7 @@ from iacn_torchrec import versions
 from iacn_torchrec.distributed.plan_specs import (
     GIB,
     OPTIMIZERS,
+    ST_ABBR,
     ModelSpec,
     PlanOptions,
     SpecError,
@@ -165,21 +166,14 @@ def _status(r: Any) -> str:
     )
 
 
-_ST = {
-    "table_wise": "TW",
-    "row_wise": "RW",
-    "column_wise": "CW",
-    "data_parallel": "DP",
-    "table_row_wise": "TWRW",
-    "table_column_wise": "TWCW",
-}
 _CK = {"fused": "fused", "dense": "dense", "fused_uvm_caching": "uvm-cache", "fused_uvm": "uvm"}
 
 
 def plan_cell(r: Any) -> str:
     """``item_orig RW/fused`` per table, compact."""
     return "; ".join(
-        f"{t.name} {_ST.get(t.sharding_type, t.sharding_type)}/{_CK.get(t.compute_kernel, t.compute_kernel)}"
+        f"{t.name} {ST_ABBR.get(t.sharding_type, t.sharding_type)}/"
+        f"{_CK.get(t.compute_kernel, t.compute_kernel)}"
         for t in r.tables
     )
 

@@ -30,6 +30,16 @@ OPTIMIZERS: dict[str, tuple[str, int, int]] = {
 }
 
 
+#: sharding type -> its usual abbreviation (plan tables, logs)
+ST_ABBR = {
+    "table_wise": "TW",
+    "row_wise": "RW",
+    "column_wise": "CW",
+    "data_parallel": "DP",
+    "table_row_wise": "TWRW",
+    "table_column_wise": "TWCW",
+}
+
 class SpecError(UserError, ValueError):
     """A model spec, topology or meta.json that cannot be used; the message names where and what."""
 

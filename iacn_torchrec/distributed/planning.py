@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from iacn_torchrec.distributed.plan_specs import (
     GIB,
     OPTIMIZERS,
+    ST_ABBR,
     ModelSpec,
     PlanOptions,
     SpecError,
@@ -64,7 +64,6 @@ __all__ = [
     "measure_sharded_embeddings",
 ]
 
-_ST_ABBR = {"table_wise": "TW", "row_wise": "RW", "column_wise": "CW", "data_parallel": "DP"}
 PERF_FIELDS = ("fwd_compute", "fwd_comms", "bwd_compute", "bwd_comms", "prefetch_compute")
 HBM_KERNELS = ["fused"]
 OFFLOAD_KERNELS = ["fused", "fused_uvm_caching"]
@@ -459,7 +458,7 @@ def _diagnose(
     parts = ", ".join(
         f"{n} "
         + "+".join(f"{fmt_bytes(getattr(total(cheapest[n]), t))} {t.upper()}" for t in tiers)
-        + f" ({_ST_ABBR.get(cheapest[n].sharding_type, '?')}/{cheapest[n].compute_kernel})"
+        + f" ({ST_ABBR.get(cheapest[n].sharding_type, '?')}/{cheapest[n].compute_kernel})"
         for n in order
     )
     avail_s = " + ".join(f"{fmt_bytes(caps[t] * W)} {t.upper()}" for t in tiers)
@@ -547,7 +546,7 @@ def plan_with_fallback(
         topology=dataclasses.asdict(topo),
         batch_size=options.batch_size,
         optimizer=options.optimizer,
-        mode="uvm_caching" if tries[-1] else "hbm",
+        mode="cpu" if topo.compute_device == "cpu" else ("uvm_caching" if tries[-1] else "hbm"),
         fits=False,
         planner_seconds=time.perf_counter() - t0,
         error=str(err),
@@ -722,12 +721,6 @@ def _rank_shards(plan: ShardingPlan, rank: int) -> list[list[int]]:
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def measure_sharded_embeddings(
     spec: ModelSpec,
     with_iacn: bool,
@@ -765,5 +758,7 @@ def measure_sharded_embeddings(
         "threads": threads,
     }
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_measure_worker, args=(world_size, _free_port(), job, d), nprocs=world_size, join=True)
+        from iacn_torchrec.distributed.testing import free_port
+
+        mp.spawn(_measure_worker, args=(world_size, free_port(), job, d), nprocs=world_size, join=True)
         return [json.loads(Path(d, f"rank{r}.json").read_text()) for r in range(world_size)]

@@ -5,10 +5,10 @@ Two paths, one model:
 * **plain** (one process, every table on the dense kernel with ``torch.optim.Adam``, as the peer
   libraries do): the `CTRWithIaCN` module as built, a single Adam optimizer.
 * **sharded** (any fused table optimizer, or more than one process): the same module wrapped in
-  TorchRec's `DistributedModelParallel` with a plan from `EmbeddingShardingPlanner`; tables
-  with a fused optimizer (SGD / row-wise Adagrad) are updated inside backward by FBGEMM, tables
-  on Adam use the dense kernel and join the dense parameters in a `KeyedOptimizerWrapper`; all
-  are combined in one `CombinedOptimizer`. `TrainPipelineSparseDist` drives the steps.
+  TorchRec's `DistributedModelParallel` with a plan from `EmbeddingShardingPlanner`; every table
+  is updated inside backward by its FBGEMM fused optimizer (SGD / row-wise Adagrad; Adam on CUDA
+  only), the dense parameters by Adam in a `KeyedOptimizerWrapper`, both in one
+  `CombinedOptimizer`. `TrainPipelineSparseDist` drives the steps.
 
 The δ gradient split acts on the embedding lookup outputs, before the fused update, so it holds
 on both paths unchanged.
@@ -179,5 +179,7 @@ def build_training(
 
     from iacn_torchrec.distributed.sharding import shard_model
 
+    if device.type == "cuda":  # NCCL's collectives (the planner's broadcast too) use the current device
+        torch.cuda.set_device(device)
     init_process_group(rank, world_size, config.distributed.backend)
     return shard_model(model, config, device, n_params)

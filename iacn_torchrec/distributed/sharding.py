@@ -23,8 +23,11 @@ Pieces, in the order :func:`shard_model` uses them:
 
 Gradient reduction (what makes N ranks equal one process on the same global batch): every rank's
 loss is a mean over its local batch; DDP averages the dense gradients over ranks and TorchRec's
-all-to-all backward divides the embedding gradients by the world size, so with equal local batch
-sizes each update equals the single-process update on the concatenated global batch.
+all-to-all backward divides the embedding gradients by the world size. So the update equals the
+single-process update on the concatenated global batch when every rank's means have equal
+denominators: equal local batch sizes for the click loss, and also equal numbers of label-1 rows
+(``L_IaCN``) and of history positions (DIEN's auxiliary loss) per rank; otherwise it is the mean
+of per-rank means, as in any data-parallel training.
 """
 
 from __future__ import annotations
@@ -144,13 +147,24 @@ def _cw_shard_width(dim: int, world_size: int) -> int:
     return dim
 
 
+def ids_per_sample(feature: str, max_len: int, num_negatives: int) -> float:
+    """The planner's pooling factor of one of the loader's features (ids per sample, an upper
+    bound): a history is up to ``max_len`` ids, IaCN's negatives ``S`` per label-1 sample."""
+    if feature.startswith(("hist_", "neg_hist_")):
+        return float(max_len)
+    if feature.startswith("iacn_neg_"):
+        return float(num_negatives)
+    return 1.0
+
+
 def planner_constraints(
     config: TrainConfig, table_optimizers: dict[str, str], table_dims: dict[str, int] | None = None,
-    world_size: int = 1,
+    world_size: int = 1, table_features: dict[str, list[str]] | None = None, max_len: int = 1,
 ) -> dict[str, ParameterConstraints]:
     """One ``ParameterConstraints`` per table: sharding type (``config.distributed.sharding_types``,
-    else any of TW/RW/CW for the planner to choose), the fused kernel and the column-wise shard
-    width (see :func:`_cw_shard_width`)."""
+    else any of TW/RW/CW for the planner to choose), the fused kernel, the column-wise shard
+    width (see :func:`_cw_shard_width`) and, given ``table_features``, each feature's ids per
+    sample (:func:`ids_per_sample`; TorchRec's default of 1 would undercount the histories)."""
     unknown = set(config.distributed.sharding_types) - set(table_optimizers)
     if unknown:
         raise ConfigError(
@@ -161,10 +175,13 @@ def planner_constraints(
     for table in table_optimizers:
         st = config.distributed.sharding_types.get(table)
         dim = (table_dims or {}).get(table)
+        features = (table_features or {}).get(table)
         constraints[table] = ParameterConstraints(
             sharding_types=[st] if st else ALL_SHARDING_TYPES,
             compute_kernels=[EmbeddingComputeKernel.FUSED.value],
             min_partition=_cw_shard_width(dim, world_size) if dim else None,
+            pooling_factors=[ids_per_sample(f, max_len, config.iacn.num_negatives) for f in features]
+            if features else [1.0],
         )
     return constraints
 
@@ -187,7 +204,9 @@ def topology(world_size: int, device: torch.device) -> Topology:
     trainer = TrainerConfig(
         world_size=world_size,
         local_world_size=local_world_size,
-        ddr_cap_bytes=mem // max(local_world_size, 1) if mem else None,
+        # 85 %: TorchRec's storage reservation shrinks HBM only, so the DDR headroom for dense
+        # parameters, optimizer state and activations is kept back here
+        ddr_cap_bytes=int(0.85 * mem) // max(local_world_size, 1) if mem else None,
         hbm_cap_bytes=hbm,
     )
     return TopologyFactory.create_topology(trainer, kernel_config=KernelConfig(compute_device=device.type))
@@ -217,13 +236,18 @@ def plan_and_wrap(
     ``model`` in `DistributedModelParallel`. Returns ``(dmp, plan, table -> optimizer)``."""
     world_size = dist.get_world_size()
     table_optimizers = apply_table_optimizers(model, config, device)
-    dims = {name: cfg.embedding_dim for name, cfg in _tables(model).items()}
+    tables = _tables(model)
+    dims = {name: cfg.embedding_dim for name, cfg in tables.items()}
+    features = {name: list(cfg.feature_names) for name, cfg in tables.items()}
+    max_len = max((m.max_len for m in model.modules() if hasattr(m, "max_len")), default=1)
     _freeze_table_metadata(model)
     sharders = [EmbeddingCollectionSharder()]
     planner = EmbeddingShardingPlanner(
         topology=topology(world_size, device),
-        constraints=planner_constraints(config, table_optimizers, dims, world_size),
-        # 15% of each rank's memory kept for dense parameters, their optimizer state and activations
+        batch_size=config.data.batch_size,  # per rank (TorchRec's default is 512)
+        constraints=planner_constraints(config, table_optimizers, dims, world_size, features, max_len),
+        # 15% of each rank's HBM kept for dense parameters, their optimizer state and activations
+        # (TorchRec's reservation shrinks HBM only; on CPU topology() leaves the DDR headroom)
         storage_reservation=FixedPercentageStorageReservation(0.15),
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
@@ -232,7 +256,7 @@ def plan_and_wrap(
 
 
 def combined_optimizer(dmp: DistributedModelParallel, config: TrainConfig) -> CombinedOptimizer:
-    """Fused table optimizers + Adam over everything else (dense layers and dense-kernel tables)."""
+    """The fused table optimizers + Adam over the dense parameters (every sharded table is fused)."""
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     dense_opt = KeyedOptimizerWrapper(
         dense,

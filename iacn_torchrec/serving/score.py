@@ -22,6 +22,7 @@ torch-free file reader of :mod:`iacn_torchrec.data.sources`).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -130,12 +131,15 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
     width = len(header)
     seen_header = False
     for n, line in enumerate(lines, start=1):
-        if not line.strip():
+        if not line.strip() and "\t" not in line:  # a blank line; a row of empty fields is an error
             continue
         if not seen_header:
             seen_header = True
             continue
-        f = line.split("\t")
+        f = [x.strip() for x in line.split("\t")]  # ids as the training readers read them
+        if len(f) > width:
+            raise DataError(f"{path}: line {n}: malformed line: {len(f)} tab-separated fields, the header "
+                            f"has {width} {header}")
         if len(f) < width:
             f += [""] * (width - len(f))  # a trailing empty history may lose its tab
         for c, name in ((cu, "user_id"), (ci, "item_id")):
@@ -179,15 +183,22 @@ def score_file(
     probs = art.score(enc, batch_size=batch_size, progress=progress)
     t2 = time.perf_counter()
     out = Path(out)
-    with open(out, "w") as f:
-        f.write("user_id\titem_id\tscore" + ("\tlabel" if raw.label is not None else "") + "\n")
-        if raw.label is None:
-            f.writelines(f"{u}\t{i}\t{p:.6f}\n" for u, i, p in zip(raw.user, raw.item, probs, strict=True))
-        else:
-            f.writelines(
-                f"{u}\t{i}\t{p:.6f}\t{lab}\n"
-                for u, i, p, lab in zip(raw.user, raw.item, probs, raw.label, strict=True)
-            )
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # written whole, then renamed: never half a file
+    try:
+        with open(tmp, "w") as f:
+            f.write("user_id\titem_id\tscore" + ("\tlabel" if raw.label is not None else "") + "\n")
+            if raw.label is None:
+                f.writelines(f"{u}\t{i}\t{p:.6f}\n"
+                             for u, i, p in zip(raw.user, raw.item, probs, strict=True))
+            else:
+                f.writelines(
+                    f"{u}\t{i}\t{p:.6f}\t{lab}\n"
+                    for u, i, p, lab in zip(raw.user, raw.item, probs, raw.label, strict=True)
+                )
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     summary = {
         "rows": len(enc),
         "format": raw.format,

@@ -128,7 +128,13 @@ def run(args: argparse.Namespace) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    result = train(config, rank=rank, world_size=world_size)
+    try:
+        result = train(config, rank=rank, world_size=world_size)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # created by a sharded run's setup
+            dist.destroy_process_group()
     if rank == 0:
         t = result["test"]
         print(f"{config.model.name}{'+IaCN' if config.iacn.enabled else ''}: test AUC {t['auc']:.4f}  "
