@@ -266,25 +266,29 @@ def combined_optimizer(dmp: DistributedModelParallel, config: TrainConfig) -> Co
 
 
 def sharded_table_weights(dmp: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every embedding table gathered into one full tensor on every rank (for tests / export).
+    """Every embedding table gathered into one full tensor on every rank, on the CPU (tests; a
+    finished run's checkpoint is assembled by ``train.checkpoint.load_full_model_state``).
 
     Keys are the unsharded state-dict names (``embeddings.orig.embeddings.item_orig.weight`` ...).
     A collective: all ranks must call it.
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+    # the collective runs where the backend can: NCCL reduces CUDA tensors only
+    on = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
     out: dict[str, torch.Tensor] = {}
     for name, t in dmp.state_dict().items():
         if not isinstance(t, ShardedTensor):
             continue
-        full = torch.zeros(t.size(), dtype=t.dtype)
+        full = torch.zeros(t.size(), dtype=t.dtype, device=on)
         for shard in t.local_shards():
             o = shard.metadata.shard_offsets
             s = shard.metadata.shard_sizes
-            full[o[0] : o[0] + s[0], o[1] : o[1] + s[1]] = shard.tensor.detach().cpu()
+            full[o[0] : o[0] + s[0], o[1] : o[1] + s[1]] = shard.tensor.detach()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(full)  # shards are disjoint: the sum assembles the table
-        out[name] = full
+        out[name] = full.cpu()
     return out
 
 
