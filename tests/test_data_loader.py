@@ -398,6 +398,24 @@ def test_cli_prepare_and_bench(tmp_path, capsys):
     assert rc == 0 and res["loader_samples_per_s"] > 0 and "prepare_s" in res and res["batch_size"] == 16
 
 
+def test_min_last_batch_drops_a_too_small_last_batch(small):
+    """Training's loader drops a last batch that would give a rank fewer than 2 samples, and says
+    how many samples that is."""
+    ds = PreparedDataset.open(small)
+    n = len(ds.split("train"))
+    one = BatchLoader(ds, "train", n - 1, min_last_batch=2)  # a last batch of 1: dropped
+    assert len(one) == 1 and one.dropped_per_epoch == 1 and sum(len(b.labels) for b in one) == n - 1
+    two = BatchLoader(ds, "train", n - 2, min_last_batch=2)  # a last batch of 2: kept
+    assert len(two) == 2 and two.dropped_per_epoch == 0 and sum(len(b.labels) for b in two) == n
+    for rank in (0, 1):  # 2 ranks, a last global batch of 3: one rank would get 1 sample
+        lo = BatchLoader(ds, "train", (n - 3) // 2 if (n - 3) % 2 == 0 else (n - 4) // 2, rank=rank,
+                         world_size=2, min_last_batch=2)
+        rem = n % (2 * lo.batch_size)
+        assert lo.dropped_per_epoch == (rem if rem // 2 < 2 else 0)
+        assert len(lo) == n // (2 * lo.batch_size) + (0 if lo.dropped_per_epoch or not rem else 1)
+    assert len(BatchLoader(ds, "train", n - 1)) == 2  # the default keeps it
+
+
 def test_limit_and_tiny_last_batch(small):
     ds = PreparedDataset.open(small)
     item = ds.split("test").item

@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 import torch
 
 from iacn_torchrec.modules.iacn import IaCNConfig
-from iacn_torchrec.train.checkpoint import load_checkpoint
+from iacn_torchrec.train.checkpoint import CheckpointError, load_checkpoint
 from iacn_torchrec.train.config import DataConfig, ModelConfig, TrainConfig
 from iacn_torchrec.train.loop import train
 
@@ -167,6 +168,18 @@ def test_resume_keeps_the_evaluation_history_and_counts_epochs(tmp_path):
     shutil.rmtree(tmp_path / "both" / "checkpoints" / "step_00000009")  # as if killed after step 8
     both.max_steps = 13
     assert [h["step"] for h in train(both)["history"]] == [4, 8, 12]
+    # a last batch of one sample is not trained on (BatchNorm cannot), not a crash
+    n_train = PreparedDataset.open(data).meta["counts"]["train_samples"]
+    odd = cfg(tmp_path / "odd", None)
+    odd.data = DataConfig(path=str(data), batch_size=n_train - 1)
+    assert train(odd)["steps"] == 1
+    # a refused run (another configuration's checkpoint) leaves the run directory as it was
+    before = (tmp_path / "full" / "config.yaml").read_text()
+    other = cfg(tmp_path / "full", per_epoch)
+    other.seed = 9
+    with pytest.raises(CheckpointError, match="different configuration"):
+        train(other)
+    assert (tmp_path / "full" / "config.yaml").read_text() == before
     # epochs without a full batch (drop_last) pass without a step, and are counted once each
     empty = cfg(tmp_path / "empty", None)
     empty.data = DataConfig(path=str(data), batch_size=100_000, drop_last=True)

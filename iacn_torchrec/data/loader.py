@@ -9,7 +9,8 @@ larger than RAM streams from the page cache. ``BatchLoader`` walks one split in 
   ``r`` reads the contiguous slice ``[r·batch_size, (r+1)·batch_size)`` of each. A last partial
   global batch of ``n`` samples is split evenly and contiguously: rank ``r`` takes
   ``[⌊r·n/W⌋, ⌊(r+1)·n/W⌋)``, so local sizes differ by at most one (a rank gets an empty batch,
-  ``B = 0``, only when ``n < world_size``); ``drop_last=True`` drops it on every rank. Every
+  ``B = 0``, only when ``n < world_size``); ``drop_last=True`` drops it on every rank, and so does
+  ``min_last_batch=m`` when a rank's share would be below ``m`` (training uses 2). Every other
   sample is read exactly once per epoch over all ranks, and every rank yields ``len(loader)``
   batches.
 * **Resume.** :meth:`state_dict` holds the epoch and the index of the next batch;
@@ -189,6 +190,9 @@ class BatchLoader:
             present with length 0 for every sample: the collections reading them find their keys,
             but nothing is sampled, gathered or looked up. For evaluation, where neither DIEN's
             auxiliary loss nor IaCN runs.
+        min_last_batch: drop the last partial global batch when a rank's share of it would be
+            smaller than this (training uses 2: BatchNorm cannot train on one sample); the samples
+            dropped per epoch are :attr:`dropped_per_epoch`. 0: keep it whatever its size.
     """
 
     def __init__(
@@ -205,6 +209,7 @@ class BatchLoader:
         iacn_negatives: NegativeSampler | None = None,
         limit: int | None = None,
         placeholder_features: bool = False,
+        min_last_batch: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -220,6 +225,7 @@ class BatchLoader:
         self.iacn_negatives = iacn_negatives
         self.placeholder_features = bool(placeholder_features)
         self.num_samples = len(self.data) if limit is None else max(0, min(int(limit), len(self.data)))
+        self.min_last_batch = int(min_last_batch)
         self.keys = (
             BASE_KEYS + (NEG_HIST_KEYS if with_neg_hist else []) + (IACN_NEG_KEYS if iacn_negatives else [])
         )
@@ -234,9 +240,18 @@ class BatchLoader:
         self._next = 0
 
     def __len__(self) -> int:
-        g = self.batch_size * self.world_size
-        full, rem = divmod(self.num_samples, g)
-        return full + (1 if rem and not self.drop_last else 0)
+        full, rem = divmod(self.num_samples, self.batch_size * self.world_size)
+        return full + (1 if rem and not self._drops(rem) else 0)
+
+    def _drops(self, rem: int) -> bool:
+        """Whether a last partial global batch of ``rem`` samples is dropped."""
+        return self.drop_last or rem // self.world_size < self.min_last_batch
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples of the split this loader never yields (the dropped last partial batch)."""
+        rem = self.num_samples % (self.batch_size * self.world_size)
+        return rem if rem and self._drops(rem) else 0
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "batch"}``: ``batch`` is the index of the next batch to yield

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,9 @@ def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size
             item_log_q = sampler.log_q
     common = dict(seed=config.seed, rank=rank, world_size=world_size,
                   with_neg_hist=config.model.name == "dien", iacn_negatives=sampler)
+    # min_last_batch=2: a last batch of one sample per rank would stop BatchNorm/Dice in training
     train_loader = BatchLoader(ds, "train", batch_size=config.data.batch_size, shuffle=True,
-                               drop_last=config.data.drop_last, **common)
+                               drop_last=config.data.drop_last, min_last_batch=2, **common)
     # the test batches carry the negative features' keys (the collections expect them) but empty:
     # evaluation runs neither IaCN nor DIEN's aux loss
     test_loader = BatchLoader(ds, "test", batch_size=config.data.eval_batch_size, shuffle=False,
@@ -161,9 +163,6 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     out = Path(config.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config.to_yaml())
     ds = PreparedDataset.open(config.data.path)
     train_loader, test_loader, item_log_q = make_loaders(config, ds, rank, world_size)
     setup = build_training(config, ds, item_log_q=item_log_q, rank=rank, world_size=world_size)
@@ -192,7 +191,17 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         history, loss_ema = list(ck.get("history", [])), ck.get("loss_ema")
         resumed_from = state.step
         if rank == 0:
-            logger.info("resumed from step %d (epoch %d)", state.step, state.epoch)
+            print(f"resuming {out} from its checkpoint at step {state.step} (epoch {state.epoch})",
+                  file=sys.stderr, flush=True)
+    if rank == 0 and train_loader.dropped_per_epoch and not config.data.drop_last:
+        print(f"note: each epoch's last {train_loader.dropped_per_epoch} training sample(s) are not "
+              "trained on: a last batch of fewer than 2 samples per rank cannot train BatchNorm",
+              file=sys.stderr, flush=True)
+    # written once the data opened and any checkpoint proved to be this configuration's: a refused
+    # run leaves the directory (and the run that owns it) as it was
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config.to_yaml())
 
     def checkpoint() -> None:
         final = save_checkpoint(
