@@ -66,9 +66,19 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_known_warnings() -> None:
+    """torch.fx's one-time note that TorchRec's own modules trigger on import: noise for a user."""
+    import logging
+
+    logging.getLogger("torch.fx._symbolic_trace").addFilter(
+        lambda record: "is_fx_tracing will return true" not in record.getMessage()
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     # before torch is imported: OMP_WAIT_POLICY=PASSIVE, and glibc keeps freed memory (runtime.py)
     apply_process_defaults()
+    _quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)

@@ -376,3 +376,24 @@ def test_lam_zero_never_runs_iacn(worker):
     model.lam = 1.0  # the hook does fire once IaCN runs
     model(make_batch(16, seed=2))[0].backward()
     assert calls == [1]
+
+
+def test_iacn_worker_uses_the_training_threads(monkeypatch):
+    """A thread keeps the intra-op thread count it started with: the worker takes the training
+    thread's at every step (else its float sums, and its core use, would differ from the serial run)."""
+    import iacn_torchrec.models.framework as fw
+
+    monkeypatch.setattr(fw, "_WORKER", None)  # a worker thread of our own, started below
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert fw._iacn_worker().submit(torch.get_num_threads).result() == 2
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = build_model("din", NU, NI, NC, L, IaCNConfig(enabled=True, aux_dim=4, num_negatives=S),
+                            emb_dim=4).run_iacn_on_worker()
+        model(make_batch(16, seed=1, S=S))[0].backward()
+        assert fw._iacn_worker().submit(torch.get_num_threads).result() == 1
+    finally:
+        fw._iacn_worker().shutdown()
+        torch.set_num_threads(before)

@@ -853,6 +853,10 @@ def run(args: argparse.Namespace) -> int:
     lengths = sorted(set(args.lengths) | {base_len}) if "table2" in parts else [base_len]
     datasets = {L: dataset_at_length(data, L) if L != base_len else data for L in lengths}
     out = (args.out or REPO / "runs" / "reproduce" / args.name).resolve()
+    if args.max_steps is not None and args.results is None:
+        # the default is the published docs/results/<name>: a smoke run must not replace it
+        raise SystemExit("iacn reproduce: --max-steps makes a smoke run; pass --results DIR for its tables "
+                         f"(the default, docs/results/{args.name}, holds the published ones)")
     res_dir = (args.results or REPO / "docs" / "results" / args.name).resolve()
     plan = build_plan(args, datasets, base_len)
     t0 = time.perf_counter()

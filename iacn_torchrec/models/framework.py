@@ -232,9 +232,13 @@ class CTRWithIaCN(nn.Module):
         lam = self.lam
 
         params = [p for p in self.iacn.parameters() if p.requires_grad]
+        # a thread keeps the intra-op thread count it started with: use the training thread's
+        threads = torch.get_num_threads()
 
         def work(total: torch.Tensor) -> None:
             try:  # the outcome goes to `pending`, which the main backward's join waits on
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
                 loss = self.iacn(labels=labels, **kwargs)
                 # computed, not accumulated into .grad: the join scales and accumulates them inside
                 # the main backward (so zero_grad or a second forward meanwhile cannot interfere)

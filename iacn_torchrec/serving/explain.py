@@ -637,8 +637,15 @@ def run(args: argparse.Namespace) -> int:
     from iacn_torchrec.serving.export import load_run
 
     torch.set_num_threads(args.threads)
-    if not args.summary and not args.user:
-        print("iacn explain: pass --user UID (one user) or --summary (the whole test split)", file=sys.stderr)
+    problem = None
+    if bool(args.summary) == bool(args.user):
+        problem = "pass either --user UID (one user) or --summary (the whole test split)"
+    elif args.limit_users is not None and args.limit_users < 1:
+        problem = f"--limit-users must be >= 1, got {args.limit_users}"
+    elif not args.summary and (args.md or args.example_user or args.limit_users):
+        problem = "--md, --example-user and --limit-users go with --summary"
+    if problem:
+        print(f"iacn explain: {problem}", file=sys.stderr)
         return 2
     try:
         r = load_run(args.run, data=args.data)

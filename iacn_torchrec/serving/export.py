@@ -245,16 +245,27 @@ def load_run(run_dir: str | Path, data: str | None = None, step: int | None = No
         raise FileNotFoundError(f"{run_dir}: no config.yaml: not a training run directory (iacn train --out)")
     config = TrainConfig.from_yaml(run_dir / "config.yaml")
     ds = PreparedDataset.open(_resolve_data(run_dir, data, config.data.path))
+    metrics = {}
+    if (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    trained_on = metrics.get("dataset", {}).get("content_hash")
+    if trained_on and trained_on != ds.meta.get("content_hash"):
+        raise ExportError(f"{ds.path} is not the dataset {run_dir} was trained on (content hash "
+                          f"{ds.meta.get('content_hash')}, the run's {trained_on}); "
+                          "pass that dataset with --data")
     _, test_loader, item_log_q = make_loaders(config, ds, 0, 1)
     torch.manual_seed(config.seed)
     model = build_model_from_config(config, ds, item_log_q=item_log_q)
     root = str(run_dir / "checkpoints")
     step = latest_step(root) if step is None else step
-    model.load_state_dict(load_full_model_state(root, step=step))
+    try:
+        model.load_state_dict(load_full_model_state(root, step=step))
+    except RuntimeError as e:  # shapes: another dataset's vocabulary, or another model's config
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise ExportError(f"{root}: the checkpoint does not fit the model built from "
+                          f"{run_dir / 'config.yaml'} and {ds.path}: {detail}") from None
     model.eval()
-    metrics = {}
-    if (run_dir / "metrics.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text())
     return LoadedRun(run_dir, config, ds, model, test_loader, int(step), metrics)
 
 
@@ -469,6 +480,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    if args.check_samples < 0:
+        print(f"iacn export: --check-samples must be >= 0 (0: the whole test split), "
+              f"got {args.check_samples}", file=sys.stderr)
+        return 2
     try:
         m = export_run(
             args.run,

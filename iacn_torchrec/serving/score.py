@@ -233,6 +233,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = args.out or f"{args.input}.scores.tsv"
+    if args.batch_size < 1:
+        print(f"iacn score: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    if not Path(out).resolve().parent.is_dir():
+        print(f"iacn score: --out {out}: directory {Path(out).parent} does not exist", file=sys.stderr)
+        return 2
     try:
         s = score_file(
             args.model,
@@ -257,4 +263,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if "auc" in s:
         print(f"  AUC {s['auc']:.4f}")
+    rows = max(s["rows"], 1)
+    worst = max(s["unknown_ids"].get(k, 0) for k in ("uid", "item"))
+    if worst > rows / 2:
+        print(f"warning: {worst:,} of {s['rows']:,} rows have user or item ids this model has never seen: "
+              "is the input from the dataset the model was trained on?", file=sys.stderr)
     return 0
