@@ -1,4 +1,4 @@
-"""iacn: the Interest-aware Capsule Network for TorchRec CTR models (prepare, train, explain, plan, bench).
+"""iacn: the Interest-aware Capsule Network (IaCN) for TorchRec CTR models; its commands below.
 
 Each subcommand lives beside the code it drives, in a module exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches, importing the

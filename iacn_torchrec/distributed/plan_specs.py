@@ -201,7 +201,7 @@ class ModelSpec:
             return int(v)
 
         kw: dict[str, Any] = dict(
-            name=str(meta.get("source", p.parent.name)),
+            name=p.resolve().parent.name,  # the dataset's folder (meta["source"] describes its raw files)
             num_users=need("users", counts, "counts.users"),
             num_items=need("items", counts, "counts.items"),
             num_cates=need("categories", counts, "counts.categories"),

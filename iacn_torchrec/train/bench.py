@@ -341,7 +341,8 @@ def _worker_cmd(kind: str, a: argparse.Namespace, arms: list[str], **extra: Any)
     return cmd + ["--arms", *arms]
 
 
-def run_peer(a: argparse.Namespace, model: str, limit: int | None) -> tuple[dict[str, Any], float]:
+def check_peer(a: argparse.Namespace) -> None:
+    """The peer's venv, script and data, checked before any timing starts."""
     if not PEER_PYTHON.exists():
         raise SystemExit(f"iacn bench train: {PEER_PYTHON} missing: run `bash apps/peer_setup.sh` first "
                          "(or pass --no-peer)")
@@ -349,6 +350,10 @@ def run_peer(a: argparse.Namespace, model: str, limit: int | None) -> tuple[dict
         if not path.exists():
             raise SystemExit(f"iacn bench train: {what} {path} not found: it comes from the shared/ "
                              "checkout beside this repository (or pass --no-peer)")
+
+
+def run_peer(a: argparse.Namespace, model: str, limit: int | None) -> tuple[dict[str, Any], float]:
+    check_peer(a)
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--data", str(a.peer_data), "--model", model, "--epochs", "1",
            "--threads", str(a.threads), "--max-len", str(a.max_len), "--batch", "128"]
     if limit:
@@ -379,6 +384,8 @@ def _log(msg: str) -> None:
 
 
 def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
+    if not a.no_peer:
+        check_peer(a)
     res: dict[str, Any] = {"machine": _machine(), "versions": versions(), "threads": a.threads,
                            "data": str(a.data),
                            "quick": bool(a.quick), "load_before": _uptime()}

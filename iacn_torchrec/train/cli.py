@@ -108,6 +108,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if not args.progress:
         sets.append("progress=false")
     config = config.override(sets + [part for arg in args.set for part in arg.split(";") if part.strip()])
+    iacn_flags = [f"--{f.replace('_', '-')}" for f, (path, _) in _FLAGS.items()
+                  if path.startswith("iacn.") and getattr(args, f, None) is not None]
+    if iacn_flags and not config.iacn.enabled:
+        raise ConfigError(f"{', '.join(iacn_flags)} set IaCN's options, but IaCN is off: add --iacn")
     if args.sharding:
         st = dict(config.distributed.sharding_types)
         for a in (part for arg in args.sharding for part in arg.split(",") if part):
