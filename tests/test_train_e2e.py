@@ -242,6 +242,8 @@ def test_one_group_adam_checkpoints_resume_into_the_two_groups(tmp_path):
     cfg = _config(data, tmp_path / "x", 1)
     seed_everything(0)
     loader, _, log_q = make_loaders(cfg, ds, 0, 1)
+    assert len(build_training(cfg, ds, item_log_q=log_q).optimizer.param_groups) == 1  # one lr: one group
+    cfg.optim.embedding_lr = 0.01  # the tables' own group
     old = build_training(cfg, ds, item_log_q=log_q)
     old_opt = torch.optim.Adam(old.model.parameters(), lr=1e-3)  # the old layout: one group
     old_opt.zero_grad()
