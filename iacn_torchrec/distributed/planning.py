@@ -438,8 +438,10 @@ def _diagnose(
         if not any(all(sh.storage.fits_in(cap) for sh in so.shards) for so in sos):
             smallest = min(sos, key=lambda so: max(load(sh.storage, 1) for sh in so.shards))
             big = max(smallest.shards, key=lambda sh: load(sh.storage, 1)).storage
-            over = {t: getattr(big, t) - caps[t] for t in tiers if getattr(big, t) > caps[t]}
-            shortfall[name] = max(over.values())
+            # every tier of the cap, not only the planned ones (a shard may overflow DDR in HBM mode)
+            over = {t: getattr(big, t) - getattr(cap, t) for t in ("hbm", "ddr", "ssd")
+                    if getattr(big, t) > getattr(cap, t)}
+            shortfall[name] = max(over.values(), default=0)
             lines.append(
                 f"table {name!r} ({smallest.tensor.shape[0]:,} x {smallest.tensor.shape[1]}): even its "
                 f"smallest shard ({smallest.sharding_type}/{smallest.compute_kernel}) needs "
