@@ -240,3 +240,17 @@ def test_dien_runs_stored_before_dien_hidden_compare_as_the_gru_they_had():
     assert rp.comparable(legacy(cfg("dien", True))) != rp.comparable(cfg("dien", True))
     assert rp.comparable(legacy(cfg("dien", True))) == rp.comparable(cfg("dien", True, dien_hidden=72))
     assert rp.comparable(cfg("dien", False)) == rp.comparable(cfg("dien", False, dien_hidden=36))
+
+
+def test_a_lock_being_created_is_not_taken_over(tmp_path):
+    """Between another process's exclusive create and its pid write the lock file is empty: a fresh
+    empty lock is theirs, an old one (its process died in that window) is stale."""
+    import os
+
+    lock = tmp_path / "r.lock"
+    lock.write_text("")
+    assert not rp._lock(tmp_path, "r")
+    old = lock.stat().st_mtime - 60
+    os.utime(lock, (old, old))
+    assert rp._lock(tmp_path, "r") and lock.read_text() == str(os.getpid())
+    rp._unlock(tmp_path, "r")

@@ -307,11 +307,14 @@ def _lock(out: Path, run_id: str) -> bool:
         except FileExistsError:
             try:
                 pid = int(path.read_text().strip() or 0)
+                age = time.time() - path.stat().st_mtime
             except (OSError, ValueError):
-                pid = 0
+                pid, age = 0, math.inf
             if pid == os.getpid():
                 return True
             if pid > 0 and _alive(pid):
+                return False
+            if pid == 0 and age < 10.0:  # just created by another process, its pid not written yet
                 return False
             path.unlink(missing_ok=True)  # stale: its process died
             continue
