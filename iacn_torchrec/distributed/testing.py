@@ -41,6 +41,10 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, thread
     try:
         init_gloo(rank, world_size, port)
         fn(rank, world_size, *args)
+        # every rank done, and every collective still in flight finished (a train pipeline left
+        # mid-epoch has the next batch's input all-to-all pending): destroying the group under a
+        # pending gloo op aborts the process ("terminate called without an active exception")
+        dist.barrier()
     except BaseException:
         traceback.print_exc()
         raise

@@ -132,12 +132,17 @@ def run(args: argparse.Namespace) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    import torch.distributed as dist
+
+    def group() -> bool:  # the process group a sharded run's setup created
+        return dist.is_available() and dist.is_initialized()
+
     try:
         result = train(config, rank=rank, world_size=world_size)
+        if group():
+            dist.barrier()  # collectives still in flight (a pipeline stopped by max_steps) finish first
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():  # created by a sharded run's setup
+        if group():
             dist.destroy_process_group()
     if rank == 0:
         t = result["test"]
