@@ -172,6 +172,13 @@ def test_training_planner_gets_ids_per_sample_and_keeps_memory_back():
                             2, features, max_len=20)
     assert c["item_orig"].pooling_factors == [1.0, 20.0, 20.0]
     assert c["item_aux"].pooling_factors == [1.0, 7.0]
+    # row-wise Adagrad keeps one accumulator per row: the planner is not offered column-wise for it
+    c = planner_constraints(cfg, {"item_orig": "rowwise_adagrad", "item_aux": "sgd"})
+    assert "column_wise" not in c["item_orig"].sharding_types
+    assert "column_wise" in c["item_aux"].sharding_types
+    pinned = TrainConfig().override(['distributed.sharding_types={"item_orig": "column_wise"}'])
+    assert planner_constraints(pinned, {"item_orig": "rowwise_adagrad"})["item_orig"].sharding_types == [
+        "column_wise"]
     topo = topology(2, torch.device("cpu"))
     mem = _physical_memory()
     assert all(d.storage.ddr == int(0.85 * mem) // 2 for d in topo.devices)

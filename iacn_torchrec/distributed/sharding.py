@@ -162,7 +162,8 @@ def planner_constraints(
     world_size: int = 1, table_features: dict[str, list[str]] | None = None, max_len: int = 1,
 ) -> dict[str, ParameterConstraints]:
     """One ``ParameterConstraints`` per table: sharding type (``config.distributed.sharding_types``,
-    else any of TW/RW/CW for the planner to choose), the fused kernel, the column-wise shard
+    else any of TW/RW/CW for the planner to choose; TW/RW for row-wise Adagrad tables, whose
+    per-row accumulator column-wise shards would split), the fused kernel, the column-wise shard
     width (see :func:`_cw_shard_width`) and, given ``table_features``, each feature's ids per
     sample (:func:`ids_per_sample`; TorchRec's default of 1 would undercount the histories)."""
     unknown = set(config.distributed.sharding_types) - set(table_optimizers)
@@ -176,8 +177,13 @@ def planner_constraints(
         st = config.distributed.sharding_types.get(table)
         dim = (table_dims or {}).get(table)
         features = (table_features or {}).get(table)
+        # row-wise Adagrad keeps one accumulator per row: column-wise shards would each keep their
+        # own over their columns, another optimizer than the unsharded one (pinning it still can)
+        offered = ALL_SHARDING_TYPES
+        if table_optimizers[table] == "rowwise_adagrad":
+            offered = [t for t in offered if t != ShardingType.COLUMN_WISE.value]
         constraints[table] = ParameterConstraints(
-            sharding_types=[st] if st else ALL_SHARDING_TYPES,
+            sharding_types=[st] if st else offered,
             compute_kernels=[EmbeddingComputeKernel.FUSED.value],
             min_partition=_cw_shard_width(dim, world_size) if dim else None,
             pooling_factors=[ids_per_sample(f, max_len, config.iacn.num_negatives) for f in features]

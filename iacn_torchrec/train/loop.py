@@ -193,6 +193,9 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         if rank == 0:
             print(f"resuming {out} from its checkpoint at step {state.step} (epoch {state.epoch})",
                   file=sys.stderr, flush=True)
+    if rank == 0 and not setup.sharded and config.distributed.sharding_types:
+        print("note: distributed.sharding_types is not used: one process with Adam tables is not sharded "
+              "(a fused table optimizer or more processes shard it)", file=sys.stderr, flush=True)
     if rank == 0 and config.model.compile:
         print("note: model.compile: the first steps compile the main model (DIN here: ~6 s with a warm "
               "inductor cache, ~40 s from a fresh one) before the progress moves",
