@@ -325,24 +325,19 @@ def test_dien_local_test_format_is_read(runs, exported, tmp_path):
 
 
 def test_bad_score_input_names_file_line_and_field(tmp_path):
-    (tmp_path / "a.tsv").write_text("user_id\titem\thistory\nu\ti\t\n")
-    with pytest.raises(DataError, match=r"a.tsv: line 1: missing column\(s\) \['item_id'\]"):
-        read_samples(tmp_path / "a.tsv")
-    (tmp_path / "b.tsv").write_text("user_id\titem_id\thistory\tlabel\nu\ti\tx\t1\n\nu\ti\tx\tyes\n")
-    with pytest.raises(DataError, match=r"b.tsv: line 4: field 'label': 'yes'"):
-        read_samples(tmp_path / "b.tsv")
-    (tmp_path / "c.tsv").write_text("1\tu\ti\tc\ta\x02b\tc\n")
-    with pytest.raises(
-        DataError, match=r"c.tsv: line 1: field 'hist_cats' has 1 entries but 'hist_mids' has 2"
-    ):
-        read_samples(tmp_path / "c.tsv")
-    # a row of empty fields is an error, not a blank line; extra fields too; ids are stripped
-    (tmp_path / "d.tsv").write_text("user_id\titem_id\thistory\nu1\ti\tx\n\t\t\nu3\ti\tx\n")
-    with pytest.raises(DataError, match=r"d.tsv: line 3: field 'user_id' is empty"):
-        read_samples(tmp_path / "d.tsv")
-    (tmp_path / "e.tsv").write_text("user_id\titem_id\thistory\nu1\ti\tx\textra\n")
-    with pytest.raises(DataError, match=r"e.tsv: line 2: malformed line: 4 tab-separated fields"):
-        read_samples(tmp_path / "e.tsv")
+    cases = {  # file text -> the error naming file, line and field
+        "user_id\titem\thistory\nu\ti\t\n": r"line 1: missing column\(s\) \['item_id'\]",
+        "user_id\titem_id\thistory\tlabel\nu\ti\tx\t1\n\nu\ti\tx\tyes\n": r"line 4: field 'label': 'yes'",
+        "1\tu\ti\tc\ta\x02b\tc\n": r"line 1: field 'hist_cats' has 1 entries but 'hist_mids' has 2",
+        # a row of empty fields is an error, not a blank line; extra fields too
+        "user_id\titem_id\thistory\nu1\ti\tx\n\t\t\nu3\ti\tx\n": r"line 3: field 'user_id' is empty",
+        "user_id\titem_id\thistory\nu1\ti\tx\textra\n": r"line 2: malformed line: 4 tab-separated fields",
+    }
+    for k, (text, error) in enumerate(cases.items()):
+        (tmp_path / f"{k}.tsv").write_text(text)
+        with pytest.raises(DataError, match=rf"{k}\.tsv: {error}"):
+            read_samples(tmp_path / f"{k}.tsv")
+    # ids are stripped, as the training readers strip them
     (tmp_path / "f.tsv").write_text("user_id\titem_id\thistory\n u1 \t i \tx\n\nu2\tj\t\n")
     s = read_samples(tmp_path / "f.tsv")
     assert (s.user, s.item, s.hist_len.tolist()) == (["u1", "u2"], ["i", "j"], [1, 0])

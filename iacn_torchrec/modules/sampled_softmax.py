@@ -80,13 +80,10 @@ def sampled_softmax_loss(
         # the loss nor any gradient (masking afterwards would still let 0·NaN through a backward).
         # IaCNTask passes positive rows only; this covers direct callers.
         rows = positive.nonzero().squeeze(1)
-        user_vec, target, positive = user_vec[rows], target[rows], positive[rows]
-        target_log_q = target_log_q[rows] if target_log_q is not None else None
-        target_ids = target_ids[rows] if target_ids is not None else None
-        if negatives is not None:
-            negatives = negatives[rows]
-            neg_log_q = neg_log_q[rows] if neg_log_q is not None else None
-            negative_ids = negative_ids[rows] if negative_ids is not None else None
+        user_vec, target, target_log_q, target_ids, negatives, neg_log_q, negative_ids = (
+            None if t is None else t[rows]
+            for t in (user_vec, target, target_log_q, target_ids, negatives, neg_log_q, negative_ids)
+        )
         batch = len(rows)
     neg_inf = float("-inf")
 

@@ -125,18 +125,8 @@ def latest_step(root: str) -> int | None:
     return steps[-1] if steps else None
 
 
-def load_checkpoint(
-    root: str, step: int | None = None, rank: int = 0, world_size: int = 1, sharded: bool = True
-) -> dict[str, Any]:
-    """Load this rank's state of checkpoint ``step`` (default: the newest complete one), verified.
-
-    ShardedTensors come back as such when ``sharded`` and this process is that rank of a process
-    group of that size (the training run), else as `PortableShards` (this rank's shards + global
-    metadata).
-
-    Raises `CheckpointError` when there is none, when it was written by another world size (the
-    per-rank files hold that run's shards), or when a file's size or sha256 does not match.
-    """
+def _manifest(root: str, step: int | None) -> tuple[int, str, dict[str, Any]]:
+    """``(step, directory, manifest)`` of checkpoint ``step`` (default: the newest complete one)."""
     if step is None:
         step = latest_step(root)
         if step is None:
@@ -150,6 +140,24 @@ def load_checkpoint(
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{mpath}: corrupted manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mpath}: corrupted manifest (not an object)")
+    return step, d, manifest
+
+
+def load_checkpoint(
+    root: str, step: int | None = None, rank: int = 0, world_size: int = 1, sharded: bool = True
+) -> dict[str, Any]:
+    """Load this rank's state of checkpoint ``step`` (default: the newest complete one), verified.
+
+    ShardedTensors come back as such when ``sharded`` and this process is that rank of a process
+    group of that size (the training run), else as `PortableShards` (this rank's shards + global
+    metadata).
+
+    Raises `CheckpointError` when there is none, when it was written by another world size (the
+    per-rank files hold that run's shards), or when a file's size or sha256 does not match.
+    """
+    _, d, manifest = _manifest(root, step)
     if manifest.get("world_size") != world_size:
         raise CheckpointError(
             f"{d} was written by {manifest.get('world_size')} rank(s) and this run has {world_size}: "
@@ -185,18 +193,10 @@ def load_full_model_state(root: str, step: int | None = None) -> dict[str, Any]:
     unsharded model (export, explain, serving benchmarks)."""
     from iacn_torchrec.distributed.checkpointing import PortableShards, full_tensor
 
-    if step is None:
-        step = latest_step(root)
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint under {root}")
-    mpath = _join(root, f"step_{step:08d}", MANIFEST)
-    if not path_manager.exists(mpath):
-        raise CheckpointError(f"{mpath}: missing (no complete checkpoint at step {step})")
-    try:
-        with path_manager.open(mpath, "r") as f:
-            world_size = int(json.load(f)["world_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mpath}: unreadable or damaged ({e!r})") from None
+    step, d, manifest = _manifest(root, step)
+    world_size = manifest.get("world_size")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise CheckpointError(f"{d}: corrupted manifest (world_size {world_size!r})")
     states = [load_checkpoint(root, step, rank=r, world_size=world_size, sharded=False)["model"]
               for r in range(world_size)]
     out = {}

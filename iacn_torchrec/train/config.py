@@ -242,14 +242,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if base not in kind:
         return value
     ok = value
-    if base is float and isinstance(value, str):
+    if base in (float, int) and isinstance(value, str):
         try:
-            ok = float(value)
-        except ValueError:
-            ok = None
-    elif base is int and isinstance(value, str):
-        try:
-            ok = int(value)
+            ok = base(value)
         except ValueError:
             ok = None
     elif base is int and isinstance(value, float) and value.is_integer():

@@ -74,7 +74,7 @@ class CTRMetrics:
                                 (self._uids, torch.int64))]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             cat = [torch.cat(gather_all_tensors(t)) for t in cat]
-        return cat[0], cat[1], cat[2].long()
+        return cat[0], cat[1], cat[2]
 
     def compute(self) -> dict[str, float]:
         p, y, u = self._gathered()
