@@ -7,8 +7,10 @@ import argparse
 import gzip
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,19 +156,37 @@ def test_resume_retrains_only_missing_or_changed_runs(tiny, tmp_path, capsys):
     assert len(list((out / "_stale").iterdir())) == 7
 
 
+_HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _hold_lock(path) -> subprocess.Popen:
+    """Another process holding ``path``'s lock until its stdin closes (or it is killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 def test_parallel_processes_share_runs_through_locks(tiny, tmp_path, capsys, monkeypatch):
     """A run locked by a live process is deferred and awaited; once that process is gone without
-    finishing, its stale lock is taken over and the run trained here. A dead pid's lock is stale."""
+    finishing, its lock is free and the run is trained here. A lock file nobody holds (its process
+    died) is free."""
     out = tmp_path / "runs"
     out.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    (out / "din-L8-iacn-d1-l0-s0.lock").write_text(str(other.pid))  # the last run of the pass
-    (out / "din-L8-base-s0.lock").write_text("999999999")  # a pid that cannot exist: stale
+    other = _hold_lock(out / "din-L8-iacn-d1-l0-s0.lock")  # the last run of the pass
+    (out / "din-L8-base-s0.lock").write_text("999999999")  # left by a process that died
     waits = []
 
     def other_process_dies(seconds: float) -> None:
         waits.append(seconds)
-        other.stdin.close()
+        other.kill()
         other.wait()
 
     monkeypatch.setattr(rp, "_wait", other_process_dies)
@@ -242,15 +262,40 @@ def test_dien_runs_stored_before_dien_hidden_compare_as_the_gru_they_had():
     assert rp.comparable(cfg("dien", False)) == rp.comparable(cfg("dien", False, dien_hidden=36))
 
 
-def test_a_lock_being_created_is_not_taken_over(tmp_path):
-    """Between another process's exclusive create and its pid write the lock file is empty: a fresh
-    empty lock is theirs, an old one (its process died in that window) is stale."""
-    import os
-
-    lock = tmp_path / "r.lock"
-    lock.write_text("")
+def test_a_lock_is_held_by_one_process_at_a_time(tmp_path):
+    """Eight processes race for one lock file left by a dead process: exactly one gets it (the
+    pid-file lock this replaced let two processes both take over a stale lock). Released, the lock
+    is free again; a holder killed with SIGKILL frees it too, and a pid in a file nobody holds (reused by
+    a live process) does not keep it."""
+    (tmp_path / "r.lock").write_text("999999999")
+    racer = ("import sys, time; from pathlib import Path; "
+             "from iacn_torchrec.experiments import reproduce as rp; "
+             "t = float(sys.argv[1]); time.sleep(max(0.0, t - time.time())); "
+             "print(rp._lock(Path(sys.argv[2]), 'r'), flush=True); sys.stdin.read()")
+    start = time.time() + 3.0
+    procs = [subprocess.Popen([sys.executable, "-c", racer, str(start), str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    try:
+        got = [p.stdout.readline().strip() for p in procs]
+        assert sorted(got) == ["False"] * 7 + ["True"]
+        winner = procs[got.index("True")]
+        assert (tmp_path / "r.lock").read_text() == str(winner.pid)
+        assert not rp._lock(tmp_path, "r")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert rp._lock(tmp_path, "r") and rp._lock(tmp_path, "r")  # ours now (and again: re-entrant)
+    assert (tmp_path / "r.lock").read_text() == str(os.getpid())
+    rp._unlock(tmp_path, "r")
+    assert not (tmp_path / "r.lock").exists()
+    # a dead holder's pid reused by a live process that holds nothing: the lock is free
+    (tmp_path / "r.lock").write_text(str(os.getppid()))
+    assert rp._lock(tmp_path, "r")
+    rp._unlock(tmp_path, "r")
+    holder = _hold_lock(tmp_path / "r.lock")
     assert not rp._lock(tmp_path, "r")
-    old = lock.stat().st_mtime - 60
-    os.utime(lock, (old, old))
-    assert rp._lock(tmp_path, "r") and lock.read_text() == str(os.getpid())
+    holder.stdin.close()
+    holder.wait()
+    assert rp._lock(tmp_path, "r")
     rp._unlock(tmp_path, "r")

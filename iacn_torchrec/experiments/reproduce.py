@@ -25,6 +25,7 @@ with a two-sided paired t-test at 95 % against the seed noise.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -296,49 +297,50 @@ def finished(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     return m if comparable(m.get("config", {})) == comparable(config) else None
 
 
+#: this process's held run locks: lock path → open descriptor (the flock lives as long as it does)
+_HELD: dict[Path, int] = {}
+
+
 def _lock(out: Path, run_id: str) -> bool:
-    """Claim ``run_id`` for this process (``OUT/<run_id>.lock`` holding our pid), so several
-    ``iacn reproduce`` processes can share one OUT; a lock whose process is gone is taken over."""
+    """Claim ``run_id`` for this process, so several ``iacn reproduce`` processes can share one OUT.
+
+    The claim is an exclusive ``flock`` on ``OUT/<run_id>.lock`` (which holds the owner's pid, for
+    people): the kernel drops it when its process exits, however it exits, so a lock left by a dead
+    process is free without any guess about pids or ages, and two processes can never both take
+    over the same stale lock. Returns False while another process holds it."""
     path = out / f"{run_id}.lock"
+    if path in _HELD:
+        return True
     out.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(path.read_text().strip() or 0)
-                age = time.time() - path.stat().st_mtime
-            except (OSError, ValueError):
-                pid, age = 0, math.inf
-            if pid == os.getpid():
-                return True
-            if pid > 0 and _alive(pid):
-                return False
-            if pid == 0 and age < 10.0:  # just created by another process, its pid not written yet
-                return False
-            path.unlink(missing_ok=True)  # stale: its process died
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # an exited but unreaped process (zombie) holds nothing
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        # The holder we raced with may have released *and unlinked* the file between our open and
+        # our flock: then we hold a lock on a file nobody else can find. Retry on the path's file.
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD[path] = fd
+    return True
 
 
 def _unlock(out: Path, run_id: str) -> None:
-    (out / f"{run_id}.lock").unlink(missing_ok=True)
+    """Release a lock taken by :func:`_lock` (unlinked while still held, so nobody takes the old file)."""
+    path = out / f"{run_id}.lock"
+    fd = _HELD.pop(path, None)
+    if fd is not None:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 POLL_S = 10.0  # how often a deferred run's lock is looked at again
