@@ -85,9 +85,12 @@ class AUGRUCell(nn.Module):
         """One step from a precomputed input projection ``gi [B, 3H]``, state ``h [B, H]``, ``att [B]``."""
         H = self.hidden_size
         gh = torch.addmm(self.bias_hh, h, self.weight_hh.t())
-        rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
-        r, z = rz[:, :H], rz[:, H:]
-        n = torch.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
+        # split, not slicing: the backward of a split is one concatenation, that of each slice a
+        # zero-filled full-size gradient summed with the others
+        gi_rz, gi_n = gi.split((2 * H, H), 1)
+        gh_rz, gh_n = gh.split((2 * H, H), 1)
+        r, z = torch.sigmoid(gi_rz + gh_rz).split(H, 1)
+        n = torch.tanh(gi_n + r * gh_n)
         u = att.unsqueeze(1) * (1.0 - z)
         return h + u * (n - h)
 
@@ -126,15 +129,16 @@ class AUGRU(nn.Module):
         Returns the final states ``[batch_sizes[0], H]`` of the rows with a behaviour, longest first.
         """
         gi = self.cell.input_projection(inputs)  # one matmul for all N behaviours
-        h = inputs.new_zeros(int(batch_sizes[0]), self.cell.hidden_size)
+        sizes = batch_sizes.tolist()
+        h = inputs.new_zeros(sizes[0], self.cell.hidden_size)
         done: list[torch.Tensor] = []  # rows whose history has ended, shortest first
-        start = 0
-        for size in batch_sizes.tolist():
+        # split, not a slice per step: one concatenation in backward instead of T zero-filled
+        # full-size [N, 3H] gradients summed together
+        for size, gi_t, att_t in zip(sizes, gi.split(sizes), att.split(sizes), strict=True):
             if size < h.shape[0]:
-                done.append(h[size:])
-                h = h[:size]
-            h = self.cell.step(gi[start : start + size], h, att[start : start + size])
-            start += size
+                h, ended = h.split((size, h.shape[0] - size))
+                done.append(ended)
+            h = self.cell.step(gi_t, h, att_t)
         done.append(h)
         return torch.cat(done[::-1])
 
