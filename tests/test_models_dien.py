@@ -250,18 +250,20 @@ def test_build_model_keeps_dien_hidden_at_the_plain_item_width():
 SIZES = torch.tensor([5, 5, 4, 2, 2, 1])  # rows live per step: histories of 6, 5, 3, 3, 2 steps
 
 
+@pytest.mark.parametrize("sizes", [SIZES, torch.tensor([4]), torch.tensor([3, 3, 3]), torch.tensor([4, 1])],
+                         ids=["uneven", "one-step", "equal", "drop"])
 @pytest.mark.parametrize("with_att", [True, False], ids=["augru", "gru"])
-def test_packed_recurrence_backward_matches_finite_differences(with_att):
+def test_packed_recurrence_backward_matches_finite_differences(with_att, sizes):
     torch.manual_seed(0)
-    N, H = int(SIZES.sum()), 3
+    N, H = int(sizes.sum()), 3
     gi = torch.randn(N, 3 * H, dtype=torch.double, requires_grad=True)
     att = torch.rand(N, dtype=torch.double, requires_grad=True)
     w = torch.randn(3 * H, H, dtype=torch.double, requires_grad=True)
     b = torch.randn(3 * H, dtype=torch.double, requires_grad=True)
     if with_att:
-        assert torch.autograd.gradcheck(lambda *t: packed_recurrence(*t, SIZES), (gi, att, w, b))
+        assert torch.autograd.gradcheck(lambda *t: packed_recurrence(*t, sizes), (gi, att, w, b))
     else:
-        assert torch.autograd.gradcheck(lambda g, w, b: packed_recurrence(g, None, w, b, SIZES), (gi, w, b))
+        assert torch.autograd.gradcheck(lambda g, w, b: packed_recurrence(g, None, w, b, sizes), (gi, w, b))
 
 
 def test_packed_gru_is_nn_gru_on_a_packed_sequence():
@@ -309,3 +311,20 @@ def test_augru_packed_gradients_equal_the_step_loop():
     torch.testing.assert_close(g_ours[1][real], g_ref[1][real])
     for a, b in zip(g_ours[2:], g_ref[2:], strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_packed_recurrence_without_gradients_and_under_autocast():
+    """No gradient needed: the same states (nothing saved). Under bfloat16 autocast (gi bf16, the
+    weights and attention fp32) it runs in the promoted dtype, forward and backward."""
+    torch.manual_seed(0)
+    augru = AUGRU(4, 6)
+    x = torch.randn(int(SIZES.sum()), 4)
+    att = torch.rand(int(SIZES.sum()))
+    ref = augru.forward_packed(x, att, SIZES)
+    with torch.no_grad():
+        torch.testing.assert_close(augru.forward_packed(x, att, SIZES), ref, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = augru.forward_packed(x, att, SIZES)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and augru.cell.weight_hh.grad is not None
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)  # gi went through a bf16 matmul

@@ -207,6 +207,28 @@ def test_parallel_processes_share_runs_through_locks(tiny, tmp_path, capsys, mon
         assert (out / rid / "metrics.json").exists()
 
 
+def test_a_run_finished_while_its_lock_was_awaited_is_not_retrained(tiny, tmp_path, capsys, monkeypatch):
+    """Another process finishes a run and unlocks it between our check and our lock: after taking
+    the lock the run is looked at again and reused, not moved to _stale as another configuration."""
+    out = tmp_path / "runs"
+    argv = ["--data", str(tiny), "--seeds", "1", "--max-steps", "2", "--batch-size", "16", "--only", "table1",
+            "--models", "din", "--threads", "1", "--out", str(out), "--results", str(tmp_path / "res")]
+    assert rp.run(_args(argv)) == 0
+    capsys.readouterr()
+    real, calls = rp.finished, {}
+
+    def not_yet_twice(run_dir, config):  # the plan's check and the pre-lock check see no metrics yet
+        calls[run_dir] = calls.get(run_dir, 0) + 1
+        return None if calls[run_dir] <= 2 else real(run_dir, config)
+
+    monkeypatch.setattr(rp, "finished", not_yet_twice)
+    assert rp.run(_args(argv)) == 0
+    printed = capsys.readouterr().out
+    assert "another configuration" not in printed and "test AUC" not in printed
+    assert not (out / "_stale").exists() and len(calls) == 3 and set(calls.values()) == {3}
+    assert sorted(p.name for p in out.glob("*.lock")) == []
+
+
 def test_paired_statistics_by_hand():
     a = {0: 0.80, 1: 0.812, 2: 0.811}
     b = {0: 0.79, 1: 0.80, 2: 0.80, 3: 0.70}  # seed 3 has no partner: unpaired only
@@ -285,7 +307,7 @@ def test_a_lock_is_held_by_one_process_at_a_time(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
-    assert rp._lock(tmp_path, "r") and rp._lock(tmp_path, "r")  # ours now (and again: re-entrant)
+    assert rp._lock(tmp_path, "r") and rp._lock(tmp_path, "r")  # ours now (asking again: still ours)
     assert (tmp_path / "r.lock").read_text() == str(os.getpid())
     rp._unlock(tmp_path, "r")
     assert not (tmp_path / "r.lock").exists()

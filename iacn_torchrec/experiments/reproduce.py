@@ -315,23 +315,26 @@ def _lock(out: Path, run_id: str) -> bool:
     while True:
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            # The holder we raced with may have released *and unlinked* the file between our open
+            # and our flock: then we hold a lock on a file nobody else can find. Retry on the path's.
+            try:
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                _HELD[path] = fd
+                return True
+        except BaseException:  # e.g. ENOLCK on a network file system: no descriptor (or lock) left behind
             os.close(fd)
-            return False
-        # The holder we raced with may have released *and unlinked* the file between our open and
-        # our flock: then we hold a lock on a file nobody else can find. Retry on the path's file.
-        try:
-            current = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
+            raise
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    _HELD[path] = fd
-    return True
 
 
 def _unlock(out: Path, run_id: str) -> None:
@@ -382,6 +385,14 @@ def execute(args: argparse.Namespace, plan: list[Run], out: Path) -> dict[str, d
                 continue
             if not _lock(out, run.run_id):
                 deferred.append((run, cfg))
+                continue
+            # Its trainer may have finished and unlocked between the check above and our lock:
+            # look again, or its metrics.json would be taken for another configuration's.
+            m = finished(run_dir, cfg.to_dict())
+            if m is not None:
+                _unlock(out, run.run_id)
+                results[run.run_id] = m
+                done += 1
                 continue
             try:
                 if (run_dir / "metrics.json").exists():  # kept aside, never deleted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -98,15 +99,51 @@ class AUGRUCell(nn.Module):
         return self.step(self.input_projection(x), h, att)
 
 
+_SAVED_PER_STEP = 7  # h_{t-1}, n, ũ, 1 - z, r, gh_n, σ'(rz)
+
+
+def _recurrence_steps(
+    gi: torch.Tensor, att: torch.Tensor | None, w_hh: torch.Tensor, b_hh: torch.Tensor,
+    sizes: list[int], keep: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The forward of :class:`_PackedRecurrence`: ``(states [N, H], what the backward needs)``:
+    with ``keep``, :data:`_SAVED_PER_STEP` packed tensors ``[N, ·]`` (seven to save, not seven a
+    step), else an empty list."""
+    H = w_hh.shape[1]
+    w_t = w_hh.t()
+    # per-step views made once (one split each), not sliced in the loop
+    gi_rz, gi_n = (x.split(sizes) for x in gi.split((2 * H, H), 1))
+    a = att.unsqueeze(1).split(sizes) if att is not None else None
+    h = gi.new_zeros(sizes[0], H)
+    kept: list[list[torch.Tensor]] = [[] for _ in range(_SAVED_PER_STEP)]
+    outs = []
+    for t, size in enumerate(sizes):
+        if size < h.shape[0]:
+            h = h[:size]
+        gh_rz, gh_n = torch.addmm(b_hh, h, w_t).split((2 * H, H), 1)
+        rz = torch.sigmoid(gi_rz[t] + gh_rz)
+        r, z = rz.split(H, 1)
+        n = torch.tanh(torch.addcmul(gi_n[t], r, gh_n))
+        one_minus_z = torch.rsub(z, 1.0)
+        u = one_minus_z if a is None else a[t] * one_minus_z  # ũ
+        h_next = torch.lerp(h, n, u)
+        if keep:
+            for store, x in zip(kept, (h, n, u, one_minus_z, r, gh_n, torch.addcmul(rz, rz, rz, value=-1.0))):
+                store.append(x)
+        outs.append(h_next)
+        h = h_next
+    return torch.cat(outs), ([torch.cat(x) for x in kept] if keep else [])
+
+
 class _PackedRecurrence(torch.autograd.Function):
     """The GRU / AUGRU recurrence over packed steps, with a hand-written backward.
 
     At DIEN's sizes (T ≈ 20 steps of ≤ 128 rows, H = 36) each op is tiny, so a step costs what
-    its ops cost to dispatch. Autograd over a per-step loop (or ``nn.GRU`` on a ``PackedSequence``,
-    which also projects each step's input separately) records every op and runs a backward node for
-    each. Here the forward runs without autograd and keeps the few tensors the backward needs per
-    step; the backward walks the steps once and forms the recurrent weight's gradient as one matmul
-    over all N entries. A DIEN step: ×0.88 (docs/results/performance.md, round 9).
+    its ops cost to dispatch. Autograd over a per-step loop (and ``nn.GRU`` on a
+    ``PackedSequence``, whose per-step cell ops run in C++ but are recorded the same way) keeps a
+    node per op and runs each in backward. Here the forward records nothing and saves seven
+    packed tensors; the backward walks the steps once and forms the recurrent weight's gradient as
+    one matmul over all N entries. A DIEN step: ×0.88 (docs/results/performance.md, round 9).
 
     ``gi [N, 3H]`` the input projections ``x W_ihᵀ + b_ih`` (gates r, z, n), ``att [N]`` or None
     (None: a plain GRU, i.e. a = 1), ``w_hh [3H, H]``, ``b_hh [3H]``, ``sizes`` the rows live
@@ -116,43 +153,25 @@ class _PackedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gi, att, w_hh, b_hh, sizes):  # noqa: D102
-        H = w_hh.shape[1]
-        w_t = w_hh.t()
-        # per-step views made once (one split each), not sliced in the loop
-        gi_rz, gi_n = (x.split(sizes) for x in gi.split((2 * H, H), 1))
-        a = att.unsqueeze(1).split(sizes) if att is not None else None
-        h = gi.new_zeros(sizes[0], H)
-        saved, outs = [], []
-        for t, size in enumerate(sizes):
-            if size < h.shape[0]:
-                h = h[:size]
-            gh_rz, gh_n = torch.addmm(b_hh, h, w_t).split((2 * H, H), 1)
-            rz = torch.sigmoid(gi_rz[t] + gh_rz)
-            r, z = rz.split(H, 1)
-            n = torch.tanh(torch.addcmul(gi_n[t], r, gh_n))
-            keep = torch.rsub(z, 1.0)  # 1 - z
-            u = keep if a is None else a[t] * keep  # ũ
-            h_next = torch.lerp(h, n, u)
-            # what the backward needs: h_{t-1}, n, ũ, 1 - z, r, gh_n, σ' = rz(1 - rz)
-            saved.append((h, n, u, keep, r, gh_n, torch.addcmul(rz, rz, rz, value=-1.0)))
-            outs.append(h_next)
-            h = h_next
-        ctx.sizes, ctx.steps = sizes, saved
-        ctx.save_for_backward(att, w_hh)
-        return torch.cat(outs)
+        out, saved = _recurrence_steps(gi, att, w_hh, b_hh, sizes, keep=True)
+        ctx.sizes = sizes
+        ctx.save_for_backward(att, w_hh, *saved)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        att, w_hh = ctx.saved_tensors
-        sizes, steps = ctx.sizes, ctx.steps
+        att, w_hh, *saved = ctx.saved_tensors
+        sizes = ctx.sizes
+        prev = saved[0]
+        steps = list(zip(*(x.split(sizes) for x in saved), strict=True))
         a = att.unsqueeze(1).split(sizes) if att is not None else None
         grads = grad_out.split(sizes)
         d_gh, d_pre_n, d_att = [], [], []
         want_att = a is not None and ctx.needs_input_grad[1]
         carry = None  # ∂L/∂h_t flowing back from step t + 1 (its live rows: the first ones)
         for t in range(len(sizes) - 1, -1, -1):
-            h, n, u, keep, r, gh_n, ds = steps[t]
+            h, n, u, one_minus_z, r, gh_n, ds = steps[t]
             if carry is None:
                 dh = grads[t]
             elif carry.shape[0] == sizes[t]:
@@ -165,7 +184,7 @@ class _PackedRecurrence(torch.autograd.Function):
             dp_n = torch.addcmul(dn, dn, n * n, value=-1.0)  # through tanh: dn (1 - n²)
             d_z = -d_u if a is None else d_u * -a[t]  # ũ = a (1 - z)
             if want_att:
-                d_att.append(torch.linalg.vecdot(d_u, keep))
+                d_att.append(torch.linalg.vecdot(d_u, one_minus_z))
             dp_rz = torch.cat([dp_n * gh_n, d_z], 1) * ds  # through the sigmoids
             d_gh_t = torch.cat([dp_rz, dp_n * r], 1)
             d_gh.append(d_gh_t)
@@ -175,7 +194,9 @@ class _PackedRecurrence(torch.autograd.Function):
         d_pre_n.reverse()
         d_gh_all = torch.cat(d_gh)
         d_gi = torch.cat([d_gh_all[:, : 2 * w_hh.shape[1]], torch.cat(d_pre_n)], 1)
-        d_w = d_gh_all.t().mm(torch.cat([s[0] for s in steps])) if ctx.needs_input_grad[2] else None
+        d_w = None
+        if ctx.needs_input_grad[2]:
+            d_w = d_gh_all.t().mm(prev)  # Σ_t ∂gh_tᵀ h_{t-1}
         d_b = d_gh_all.sum(0) if ctx.needs_input_grad[3] else None
         d_a = torch.cat(d_att[::-1]) if want_att else None
         return d_gi, d_a, d_w, d_b, None
@@ -186,8 +207,22 @@ def packed_recurrence(
     batch_sizes: torch.Tensor,
 ) -> torch.Tensor:
     """Every step's state ``[N, H]`` of a GRU (``att=None``) or AUGRU over packed input projections
-    ``gi [N, 3H]`` (see :class:`_PackedRecurrence`; first-order gradients only)."""
-    return _PackedRecurrence.apply(gi, att, w_hh, b_hh, batch_sizes.tolist())
+    ``gi [N, 3H]`` (see :class:`_PackedRecurrence`; first-order gradients only, ``batch_sizes`` as
+    in a ``PackedSequence``).
+
+    The inputs are computed in their promoted dtype with autocast off (under autocast ``gi`` may be
+    bfloat16 while the weights and attention are float32); without gradients nothing is saved."""
+    tensors = [x for x in (gi, att, w_hh, b_hh) if x is not None]
+    dtype = functools.reduce(torch.promote_types, [x.dtype for x in tensors])
+    gi, w_hh, b_hh = gi.to(dtype), w_hh.to(dtype), b_hh.to(dtype)
+    att = att.to(dtype) if att is not None else None
+    sizes = batch_sizes.tolist()
+    if torch.is_autocast_enabled(gi.device.type):
+        with torch.autocast(gi.device.type, enabled=False):
+            return packed_recurrence(gi, att, w_hh, b_hh, batch_sizes)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return _PackedRecurrence.apply(gi, att, w_hh, b_hh, sizes)
+    return _recurrence_steps(gi, att, w_hh, b_hh, sizes, keep=False)[0]
 
 
 def packed_gru(gru: nn.GRU, inputs: torch.Tensor, batch_sizes: torch.Tensor) -> torch.Tensor:
@@ -232,7 +267,7 @@ class AUGRU(nn.Module):
         states = packed_recurrence(gi, att, self.cell.weight_hh, self.cell.bias_hh, batch_sizes)
         # row of rank r ends at step n_r - 1: its final state is entry offsets[n_r - 1] + r
         sizes = batch_sizes.to(torch.long)
-        ranks = torch.arange(int(sizes[0]))
+        ranks = torch.arange(int(sizes[0]), device=sizes.device)
         n_steps = (sizes.unsqueeze(0) > ranks.unsqueeze(1)).sum(1)
         starts = torch.cumsum(sizes, 0) - sizes
         return states.index_select(0, (starts[n_steps - 1] + ranks).to(states.device))
@@ -349,7 +384,8 @@ class DIEN(nn.Module):
         self, emb: EmbeddedBatch
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The same function on the jagged ``hist_values [N, D]``, in packed (time-major) order:
-        the GRU (``self.gru``'s parameters, :func:`packed_gru`), the attention's segment softmax,
+        the GRU (``self.gru``'s parameters through :func:`packed_gru`, not its forward: module
+        hooks on it run on the padded path only; first-order gradients), the attention's segment softmax,
         the AUGRU on the live
         rows only; each row's final state is scattered back (zero for a row without behaviours)."""
         values, lengths = emb.hist_values, emb.hist_lengths
