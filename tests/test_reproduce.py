@@ -321,3 +321,27 @@ def test_a_lock_is_held_by_one_process_at_a_time(tmp_path):
     holder.wait()
     assert rp._lock(tmp_path, "r")
     rp._unlock(tmp_path, "r")
+
+
+def test_a_lock_file_replaced_before_our_flock_is_retried(tmp_path, monkeypatch):
+    """The holder unlinks its file between our open and our flock (and someone creates a new one):
+    the flock we got is on a file nobody can find, so _lock retries on the file now at the path."""
+    import fcntl
+
+    lock = tmp_path / "r.lock"
+    lock.write_text("")
+    real, calls = fcntl.flock, []
+
+    def replaced_first(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:
+            lock.unlink()
+            lock.write_text("")  # a new inode at the path
+        return real(fd, op)
+
+    monkeypatch.setattr(rp.fcntl, "flock", replaced_first)
+    assert rp._lock(tmp_path, "r")
+    assert len(calls) == 2 and lock.read_text() == str(os.getpid())
+    assert os.fstat(rp._HELD[lock]).st_ino == lock.stat().st_ino
+    rp._unlock(tmp_path, "r")
+    assert not lock.exists()
