@@ -143,7 +143,7 @@ class _PackedRecurrence(torch.autograd.Function):
     ``PackedSequence``, whose per-step cell ops run in C++ but are recorded the same way) keeps a
     node per op and runs each in backward. Here the forward records nothing and saves seven
     packed tensors; the backward walks the steps once and forms the recurrent weight's gradient as
-    one matmul over all N entries. A DIEN step: ×0.88 (docs/results/performance.md, round 9).
+    one matmul over all N entries. A DIEN step: ×0.87 (docs/results/performance.md, round 9).
 
     ``gi [N, 3H]`` the input projections ``x W_ihᵀ + b_ih`` (gates r, z, n), ``att [N]`` or None
     (None: a plain GRU, i.e. a = 1), ``w_hh [3H, H]``, ``b_hh [3H]``, ``sizes`` the rows live
@@ -212,14 +212,14 @@ def packed_recurrence(
 
     The inputs are computed in their promoted dtype with autocast off (under autocast ``gi`` may be
     bfloat16 while the weights and attention are float32); without gradients nothing is saved."""
+    if torch.is_autocast_enabled(gi.device.type):
+        with torch.autocast(gi.device.type, enabled=False):
+            return packed_recurrence(gi, att, w_hh, b_hh, batch_sizes)
     tensors = [x for x in (gi, att, w_hh, b_hh) if x is not None]
     dtype = functools.reduce(torch.promote_types, [x.dtype for x in tensors])
     gi, w_hh, b_hh = gi.to(dtype), w_hh.to(dtype), b_hh.to(dtype)
     att = att.to(dtype) if att is not None else None
     sizes = batch_sizes.tolist()
-    if torch.is_autocast_enabled(gi.device.type):
-        with torch.autocast(gi.device.type, enabled=False):
-            return packed_recurrence(gi, att, w_hh, b_hh, batch_sizes)
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return _PackedRecurrence.apply(gi, att, w_hh, b_hh, sizes)
     return _recurrence_steps(gi, att, w_hh, b_hh, sizes, keep=False)[0]
@@ -385,9 +385,9 @@ class DIEN(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The same function on the jagged ``hist_values [N, D]``, in packed (time-major) order:
         the GRU (``self.gru``'s parameters through :func:`packed_gru`, not its forward: module
-        hooks on it run on the padded path only; first-order gradients), the attention's segment softmax,
-        the AUGRU on the live
-        rows only; each row's final state is scattered back (zero for a row without behaviours)."""
+        hooks on it run on the padded path only; first-order gradients), the attention's segment
+        softmax, the AUGRU on the live rows only; each row's final state is scattered back (zero
+        for a row without behaviours)."""
         values, lengths = emb.hist_values, emb.hist_lengths
         B = lengths.shape[0]
         packed = pack_history(lengths, emb.hist_offsets)
