@@ -145,36 +145,43 @@ def test_views_match_hand_gathered_rows(aux_dim):
 
 @pytest.mark.parametrize("delta", [0.0, 0.3, 1.0])
 def test_gradient_split_on_tables(delta):
-    """grad(E_aux) = δ·(grad through the main views) + (1-δ)·(grad through the aux views);
-    grad(E_orig) untouched by the aux views."""
+    """grad(E_aux) = δ·(grad through the main views) + (1-δ)·(grad through the aux views), for the
+    item and the category tables and DIEN's negative behaviours; grad(E_orig) and the user table
+    untouched by the aux views."""
     torch.manual_seed(0)
     B, S, o, a = 6, 3, 4, 3
-    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=o, aux_dim=a, user_dim=o, with_iacn_negatives=True)
-    kjt, raw = make_kjt(B, seed=2, S=S)
+    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=o, aux_dim=a, user_dim=o, with_neg_hist=True,
+                                  with_iacn_negatives=True)
+    kjt, raw = make_kjt(B, seed=2, S=S, neg_hist=True)
     g = torch.Generator().manual_seed(5)
-    w_t, w_h = torch.randn(B, 2 * (o + a), generator=g), torch.randn(B, L, 2 * (o + a), generator=g)
+    D = 2 * (o + a)
+    w_u, w_t = torch.randn(B, o, generator=g), torch.randn(B, D, generator=g)
+    w_h, w_nh = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g)
     v_t, v_h, v_n = torch.randn(B, 2 * a, generator=g), torch.randn(B, L, 2 * a, generator=g), \
         torch.randn(B, S, 2 * a, generator=g)
     out = emb(kjt, delta=delta)
-    loss = (out.target * w_t).sum() + (out.hist * w_h).sum() \
-        + (out.aux_target * v_t).sum() + (out.aux_hist * v_h).sum() + (out.aux_negatives * v_n).sum()
+    loss = (out.user * w_u).sum() + (out.target * w_t).sum() + (out.hist * w_h).sum() \
+        + (out.neg_hist * w_nh).sum() + (out.aux_target * v_t).sum() + (out.aux_hist * v_h).sum() \
+        + (out.aux_negatives * v_n).sum()
     loss.backward()
 
-    # reference: scatter the upstream weights onto table rows by hand
-    n = raw["lengths"]
-    mask = torch.arange(L).unsqueeze(0) < n.unsqueeze(1)
-    ref = torch.zeros(NI + 1, a)
-    ref_orig = torch.zeros(NI + 1, o)
-    # the item block of the main views is [item_orig (o) | item_aux (a)]
-    ref.index_add_(0, raw["item"], delta * w_t[:, o:o + a])
-    ref.index_add_(0, raw["hist_item"], delta * w_h[mask][:, o:o + a])
-    ref.index_add_(0, raw["item"], (1 - delta) * v_t[:, :a])
-    ref.index_add_(0, raw["hist_item"], (1 - delta) * v_h[mask][:, :a])
-    ref.index_add_(0, raw["iacn_neg_item"], (1 - delta) * v_n.reshape(B * S, 2 * a)[:, :a])
-    ref_orig.index_add_(0, raw["item"], w_t[:, :o])
-    ref_orig.index_add_(0, raw["hist_item"], w_h[mask][:, :o])
-    torch.testing.assert_close(W(emb, "item_aux").grad, ref)
-    torch.testing.assert_close(W(emb, "item_orig").grad, ref_orig)
+    # reference: scatter the upstream weights onto table rows by hand. The main views are
+    # [item_orig (o) | item_aux (a) | cate_orig (o) | cate_aux (a)], the aux views [item_aux | cate_aux].
+    mask = torch.arange(L).unsqueeze(0) < raw["lengths"].unsqueeze(1)
+    main = {"": w_t, "hist_": w_h[mask], "neg_hist_": w_nh[mask]}  # id prefix -> upstream [rows, D]
+    aux = {"": v_t, "hist_": v_h[mask], "iacn_neg_": v_n.reshape(B * S, 2 * a)}
+    for f, (start, size) in (("item", (0, NI)), ("cate", (o + a, NC))):
+        ref_orig, ref_aux = torch.zeros(size + 1, o), torch.zeros(size + 1, a)
+        for prefix, w in main.items():
+            ref_orig.index_add_(0, raw[prefix + f], w[:, start:start + o])
+            ref_aux.index_add_(0, raw[prefix + f], delta * w[:, start + o:start + o + a])
+        for prefix, v in aux.items():
+            col = 0 if f == "item" else a
+            ref_aux.index_add_(0, raw[prefix + f], (1 - delta) * v[:, col:col + a])
+        torch.testing.assert_close(W(emb, f"{f}_orig").grad, ref_orig)
+        torch.testing.assert_close(W(emb, f"{f}_aux").grad, ref_aux)
+    ref_user = torch.zeros(NU + 1, o).index_add_(0, raw["uid"], w_u)
+    torch.testing.assert_close(W(emb, "uid").grad, ref_user)
 
 
 def test_bad_input_errors():
