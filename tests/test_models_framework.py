@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from helpers import Batch, planted_batch, positives_only_negatives
 from torchrec.distributed.train_pipeline.tracing import Tracer
 
+from iacn_torchrec.models.dien import DIEN, DIENConfig
 from iacn_torchrec.models.din import DIN, DINConfig
-from iacn_torchrec.models.framework import CTRWithIaCN, build_model
+from iacn_torchrec.models.dlrm_plugin import DLRMMain
+from iacn_torchrec.models.framework import MODEL_NAMES, CTRWithIaCN, build_model
+from iacn_torchrec.models.wide_deep import WideDeep
 from iacn_torchrec.modules.embeddings import InterestAwareEmbeddings
 from iacn_torchrec.modules.iacn import IaCNConfig
 
@@ -28,61 +31,84 @@ def table(model: CTRWithIaCN, name: str) -> torch.Tensor:
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", ["din", "dien", "wide_deep"])
+def _plain_main_model(name: str) -> torch.nn.Module:
+    """The main model as a user would build it without this framework (user 4, item 8 = 2·4)."""
+    if name == "din":
+        return DIN(4, 8, L)
+    if name == "dien":
+        return DIEN(4, 8, L, DIENConfig(hidden_size=8))  # build_model's default: the plain item width
+    if name == "wide_deep":
+        return WideDeep(4, 8, L)
+    return DLRMMain(4, 8, L)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_iacn_off_is_the_plain_model(name):
+    """Same seed, built by hand: identical parameters, logits, loss (with DIEN's own auxiliary
+    loss) and gradients."""
     torch.manual_seed(0)
     model = build_model(name, NU, NI, NC, L, IaCNConfig(enabled=False), emb_dim=4)
     assert model.iacn is None and model.embeddings.aux is None
     batch = make_batch(16, seed=1, neg_hist=name == "dien")
-    if name == "din":  # same seed, built by hand: identical parameters, outputs and gradients
-        torch.manual_seed(0)
-        emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=0, user_dim=4)
-        din = DIN(4, 8, L)
-        plain = [*emb.parameters(), *din.parameters()]
-        assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain)
-        for p, q in zip(model.parameters(), plain, strict=True):
-            assert torch.equal(p, q)
-        logits_ref, _ = din(emb(batch.sparse_features))
-        loss_ref = F.binary_cross_entropy_with_logits(logits_ref, batch.labels)
-        loss_ref.backward()
-        loss, (logits, main_loss, iacn_loss) = model(batch)
-        loss.backward()
-        torch.testing.assert_close(logits, logits_ref.detach())
-        torch.testing.assert_close(loss, loss_ref)
-        assert iacn_loss.item() == 0.0 and not iacn_loss.requires_grad
-        for p, q in zip(model.parameters(), plain, strict=True):
-            torch.testing.assert_close(p.grad, q.grad)
-    else:
-        loss, (logits, main_loss, iacn_loss) = model(batch)
-        assert torch.equal(loss.detach(), main_loss) and iacn_loss.item() == 0.0
+    torch.manual_seed(0)
+    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=0, user_dim=4, with_neg_hist=name == "dien")
+    main = _plain_main_model(name)
+    plain = [*emb.parameters(), *main.parameters()]
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain)
+    for p, q in zip(model.parameters(), plain, strict=True):
+        assert torch.equal(p, q)
+    logits_ref, model_aux = main(emb(batch.sparse_features))
+    assert (model_aux is not None) == (name == "dien")
+    loss_ref = F.binary_cross_entropy_with_logits(logits_ref, batch.labels)
+    if model_aux is not None:
+        loss_ref = loss_ref + model_aux
+    loss_ref.backward()
+    loss, (logits, main_loss, iacn_loss) = model(batch)
+    loss.backward()
+    torch.testing.assert_close(logits, logits_ref.detach())
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(main_loss, loss_ref.detach())
+    assert iacn_loss.item() == 0.0 and not iacn_loss.requires_grad
+    for p, q in zip(model.parameters(), plain, strict=True):
+        assert q.grad is not None and q.grad.any()
+        torch.testing.assert_close(p.grad, q.grad)
 
 
 @pytest.mark.parametrize("delta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("lam", [0.0, 1.0, 2.0])
-def test_gradient_split_through_real_tables(delta, lam, name="din"):
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_gradient_split_through_real_tables(delta, lam, name):
+    """Every table's gradient from the full model equals the δ-free references: aux tables
+    ``(1-δ)·λ·g_IaCN + δ·g_main``, orig and user tables ``g_main`` (IaCN never reaches them)."""
     torch.manual_seed(0)
     cfg = IaCNConfig(enabled=True, lam=lam, delta=delta, aux_dim=3, num_negatives=S)
     model = build_model(name, NU, NI, NC, L, cfg, emb_dim=4)
     batch = make_batch(16, seed=2, S=S, neg_hist=name == "dien")
     kjt, labels = batch.sparse_features, batch.labels
-    w_aux, w_orig = table(model, "item_aux"), table(model, "item_orig")
+    aux_names, main_names = ["item_aux", "cate_aux"], ["item_orig", "cate_orig", "uid"]
+    aux_tables = [table(model, t) for t in aux_names]
+    main_tables = [table(model, t) for t in main_names]
 
     # references from δ-free graphs: δ = 1 leaves the main path unscaled, δ = 0 the IaCN path
     emb = model.embeddings(kjt, 1.0, aux_views=False)
     logits, aux = model.main_model(emb)
     l_main = F.binary_cross_entropy_with_logits(logits, labels) + (aux if aux is not None else 0.0)
-    g_main, g_main_orig = torch.autograd.grad(l_main, [w_aux, w_orig])
+    g_main = torch.autograd.grad(l_main, aux_tables + main_tables)
     emb = model.embeddings(kjt, 0.0, aux_views=True)
     torch.manual_seed(7)  # IaCN's training-mode routing logits
     l_iacn = model.iacn_loss(emb, labels)
-    (g_iacn,) = torch.autograd.grad(l_iacn, [w_aux])
-    assert g_iacn.abs().sum() > 0 and g_main.abs().sum() > 0
+    g_iacn = torch.autograd.grad(l_iacn, aux_tables + main_tables, allow_unused=True)
+    for n, g_m, g_i in zip(aux_names, g_main, g_iacn):
+        assert g_i.abs().sum() > 0 and g_m.abs().sum() > 0, n
+    assert all(g is None or not g.any() for g in g_iacn[2:])  # IaCN reads no E_orig/user row
 
     torch.manual_seed(7)
     loss, (_, main_loss, iacn_loss) = model(batch)
     loss.backward()
-    torch.testing.assert_close(w_aux.grad, (1 - delta) * lam * g_iacn + delta * g_main)
-    torch.testing.assert_close(w_orig.grad, g_main_orig)  # L_IaCN never reaches E_orig
+    for n, t, g_m, g_i in zip(aux_names, aux_tables, g_main, g_iacn):
+        torch.testing.assert_close(t.grad, (1 - delta) * lam * g_i + delta * g_m, msg=n)
+    for n, t, g_m in zip(main_names, main_tables, g_main[2:]):
+        torch.testing.assert_close(t.grad, g_m, msg=n)  # L_IaCN never reaches E_orig
     torch.testing.assert_close(loss.detach(), main_loss + lam * iacn_loss)
     if lam:
         torch.testing.assert_close(iacn_loss, l_iacn.detach())
