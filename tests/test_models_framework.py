@@ -51,7 +51,8 @@ def test_iacn_off_is_the_plain_model(name):
     assert model.iacn is None and model.embeddings.aux is None
     batch = make_batch(16, seed=1, neg_hist=name == "dien")
     torch.manual_seed(0)
-    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=0, user_dim=4, with_neg_hist=name == "dien")
+    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=0, user_dim=4,
+                                  with_neg_hist=name == "dien")
     main = _plain_main_model(name)
     plain = [*emb.parameters(), *main.parameters()]
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain)
