@@ -29,6 +29,7 @@ from iacn_torchrec.models.dlrm_plugin import (
     attach_iacn,
 )
 from iacn_torchrec.models.framework import build_model
+from iacn_torchrec.modules.embeddings import EmbeddedBatch
 from iacn_torchrec.modules.iacn import IaCNConfig, IaCNTask
 
 NU, NI, NC, L, S, D, A = 20, 60, 6, 8, 5, 8, 3
@@ -306,3 +307,35 @@ def test_framework_dlrm_main_trains(emb_dim, aux_dim):
     assert float(main_loss) < first - 0.1
     plain = build_model("dlrm", NU, NI, NC, L, IaCNConfig(enabled=False), emb_dim=18)
     assert plain.iacn is None and plain.embeddings.aux is None and plain.main_model.user_proj is None
+
+
+@pytest.mark.parametrize("user_dim", [6, 4])
+def test_dlrm_main_against_hand_reference(user_dim):
+    """`DLRMMain.forward` by hand: the five sparse features (user, or its projection when
+    `user_dim != d`; target item and category halves; the mean of the *real* behaviours split the
+    same way, 0 for an empty history), the dense `log1p(n_u)`, every pairwise dot of
+    [dense, sparse...] in TorchRec's upper-triangle order after the dense vector, then OverArch.
+    Padded slots hold garbage that must not count."""
+    torch.manual_seed(0)
+    B, d = 5, 3
+    main = DLRMMain(user_dim, 2 * d, L)
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([0, 1, 3, L, 2])
+    hist = torch.randn(B, L, 2 * d, generator=g)
+    hist[torch.arange(L).unsqueeze(0) >= lengths.unsqueeze(1)] = 1e6  # garbage past n_u
+    user, target = torch.randn(B, user_dim, generator=g), torch.randn(B, 2 * d, generator=g)
+    logits, aux = main(EmbeddedBatch(user, target, hist, lengths))
+    assert aux is None and logits.shape == (B,)
+
+    rows = []
+    for b in range(B):
+        n = int(lengths[b])
+        mean = hist[b, :n].sum(0) / n if n else torch.zeros(2 * d)
+        u = user[b] @ main.user_proj.weight.t() if user_dim != d else user[b]
+        feats = [main.dense_arch(torch.log1p(lengths[b:b + 1].float()).view(1, 1))[0],
+                 u, target[b, :d], target[b, d:], mean[:d], mean[d:]]
+        dots = [feats[i] @ feats[j] for i in range(len(feats)) for j in range(i + 1, len(feats))]
+        rows.append(torch.cat([feats[0], torch.stack(dots)]))
+    ref = main.over_arch(torch.stack(rows)).squeeze(-1)
+    assert (main.user_proj is None) == (user_dim == d)
+    torch.testing.assert_close(logits, ref)
