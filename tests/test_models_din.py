@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from iacn_torchrec.models.din import DIN, DINConfig
-from iacn_torchrec.models.layers import MLP, AttentionUnit, Dice, masked_sum, sequence_mask
+from iacn_torchrec.models.layers import MLP, AttentionUnit, Dice, masked_sum, segment_ids, sequence_mask
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
 
 B, L, DU, D = 6, 7, 5, 8
@@ -89,6 +89,41 @@ def test_attention_unit_against_loop():
         s = (h @ att.mlp.net[4].weight.T + att.mlp.net[4].bias).squeeze(-1)
         torch.testing.assert_close(w_raw[b, :n], s)
         torch.testing.assert_close(out_raw[b], s @ k if n else torch.zeros(D))
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+def test_attention_unit_query_proj_against_loop(softmax):
+    """DIEN's ``din_fcn_attention``: the query first goes through Linear + per-channel PReLU to the
+    key width, then the unit of DIN; padded and jagged forms against a per-row loop."""
+    torch.manual_seed(0)
+    Dq, Dk = D, 5
+    att = AttentionUnit(Dq, Dk, query_proj=True, softmax=softmax)
+    with torch.no_grad():  # distinct channel slopes, so a shared or missing PReLU shows
+        att.query_proj[1].weight.copy_(torch.linspace(-0.5, 0.9, Dk))
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([0, 1, 4, L, 2, 3])
+    query, keys = torch.randn(B, Dq, generator=g), torch.randn(B, L, Dk, generator=g)
+    mask = sequence_mask(lengths, L)
+    keys[~mask] = 1e6  # garbage in the padding
+    out, w = att(query, keys, mask)
+    values, segments = keys[mask], segment_ids(lengths)
+    out_j, w_j = att.forward_jagged(query, values, segments, B)
+    lin, prelu = att.query_proj[0], att.query_proj[1]
+    net = att.mlp.net
+    for b in range(B):
+        n = int(lengths[b])
+        z = query[b] @ lin.weight.T + lin.bias
+        q = torch.where(z >= 0, z, prelu.weight * z).expand(n, Dk)
+        k = keys[b, :n]
+        h = torch.sigmoid(torch.cat([q, k, q - k, q * k], 1) @ net[0].weight.T + net[0].bias)
+        h = torch.sigmoid(h @ net[2].weight.T + net[2].bias)
+        s = (h @ net[4].weight.T + net[4].bias).squeeze(-1)
+        a = torch.softmax(s, 0) if softmax else s
+        torch.testing.assert_close(w[b, :n], a)
+        assert not w[b, n:].any()
+        torch.testing.assert_close(out[b], a @ k if n else torch.zeros(Dk))
+        torch.testing.assert_close(w_j[segments == b], a)
+        torch.testing.assert_close(out_j[b], a @ k if n else torch.zeros(Dk))
 
 
 def test_din_tower_input_is_user_target_sum_product_attention():
