@@ -132,7 +132,7 @@ def test_orig_gradient_is_the_same_for_any_lambda_dien():
 
 def test_log_q_and_ids_reach_iacn():
     torch.manual_seed(0)
-    log_q = torch.log(torch.linspace(1.0, 2.0, NI + 1) / 100)
+    log_q = torch.log_softmax(3 * torch.randn(NI + 1), 0)  # far from uniform: the correction matters
     cfg = IaCNConfig(enabled=True, lam=1.0, aux_dim=3, sampler="log_uniform", num_negatives=S)
     with pytest.raises(ValueError, match="item_log_q"):
         build_model("din", NU, NI, NC, L, cfg, emb_dim=4)
@@ -149,9 +149,13 @@ def test_log_q_and_ids_reach_iacn():
                      target_ids=batch.sparse_features["item"].values(), negative_ids=ids)
     torch.testing.assert_close(iacn_loss, ref.detach())
     torch.manual_seed(3)
-    without_q = model.iacn(emb.aux_hist, emb.hist_lengths, emb.aux_target, batch.labels, user=emb.user,
-                           aux_negatives=emb.aux_negatives, neg_log_q=torch.zeros(16, S))
-    assert not torch.allclose(iacn_loss, without_q.detach())  # the correction is applied
+    # the same call with a constant log Q (a shift of every logit, i.e. no correction)
+    without_q = model.iacn(emb.aux_hist, emb.hist_lengths, emb.aux_target, batch.labels,
+                           user=emb.user.detach(), aux_negatives=emb.aux_negatives,
+                           neg_log_q=torch.zeros(16, S),
+                           target_log_q=torch.zeros(16), target_ids=batch.sparse_features["item"].values(),
+                           negative_ids=ids)
+    assert (iacn_loss - without_q.detach()).abs() > 1e-3  # the correction is applied
     with pytest.raises(ValueError, match="item_log_q"):
         CTRWithIaCN(model.embeddings, model.main_model, model.iacn, item_log_q=torch.zeros(3))
 
