@@ -336,6 +336,37 @@ def test_dien_bad_rows_and_pickles(tmp_path):
         read_dien(tmp_path)
 
 
+def test_dien_empty_splits_and_files_are_refused(tmp_path):
+    d = tmp_path / "dien"
+    write_dien(d, ["1\tu1\tm2\tc1\tm1\tc1"], ["1\tu2\tm3\tc2\tm1\tc1"])
+    (d / "local_test_splitByUser").write_bytes(b"")  # a failed download
+    with pytest.raises(DataError, match=r"local_test_splitByUser: no data lines"):
+        read_dien(d)
+    (d / "local_test_splitByUser").write_bytes(b"\r\n\r\n")
+    with pytest.raises(DataError, match=r"local_test_splitByUser: no data lines"):
+        read_dien(d)
+    # every test row without a history: the reader skips (and counts) them, the build refuses
+    write_dien(d, ["1\tu1\tm2\tc1\tm1\tc1"], ["1\tu2\tm3\tc2\t\t", "0\tu2\tm1\tc1\t\t"])
+    with pytest.raises(DataError, match=r"local_test_splitByUser: no test sample has a behaviour history"):
+        prepare_dataset("dien", path=d, out=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_dien_python2_vocab_keys_are_utf8(tmp_path):
+    """DIEN's pickles come from Python 2: byte-string keys (opcode U), which are UTF-8 like the samples."""
+    d = tmp_path / "dien"
+    write_dien(d, ["1\tu1\tCaf\u00e9\tc1\tm1\tc1"], ["1\tu2\tm1\tc1\tCaf\u00e9\tc1"])
+    # {'Caf\xc3\xa9': 1, 'm1': 2} as Python 2's pickle.dump(..., 2) writes it
+    (d / "mid_voc.pkl").write_bytes(b"\x80\x02}(U\x05Caf\xc3\xa9K\x01U\x02m1K\x02u.")
+    ds = PreparedDataset.open(prepare_dataset("dien", path=d, out=tmp_path / "o", progress=False))
+    assert ds.vocab("item") == ["Caf\u00e9", "m1"]
+    assert "unknown_item_ids" not in ds.meta["repaired"]
+    assert ds.split("train").item.tolist() == [1] and ds.split("test").hist_item.tolist() == [1]
+    (d / "mid_voc.pkl").write_bytes(b"\x80\x02}(U\x02\xff\xfeK\x01u.")
+    with pytest.raises(DataError, match=r"mid_voc\.pkl: key b'\\xff\\xfe' is not valid UTF-8"):
+        read_dien(d)
+
+
 # ---- movielens
 
 

@@ -377,6 +377,10 @@ def build_prebuilt(pre: PrebuiltSamples, seed: int = 0) -> BuiltDataset:
     behaviours for DIEN's auxiliary loss (``default_rng([seed, 1])``), which these files lack."""
     report = pre.report
     tr, te = pre.splits["train"], pre.splits["test"]
+    for name, raw in (("train", tr), ("test", te)):
+        if len(raw["label"]) == 0:  # every row had an empty history (the reader counted them)
+            raise DataError(f"{pre.files.get(name, name)}: no {name} sample has a behaviour history; "
+                            f"a dataset with an empty {name} split would train or evaluate on nothing")
     info_items, info_cates = (
         pre.item_info if pre.item_info is not None else (np.array([], str), np.array([], str))
     )

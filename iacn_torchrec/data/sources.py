@@ -453,16 +453,25 @@ class _VocabUnpickler(pickle.Unpickler):
 
 
 def _load_voc(path: Path) -> dict[str, int]:
+    """A DIEN vocabulary. DIEN wrote them with Python 2, whose ``str`` keys are bytes: they are
+    read as bytes and decoded as UTF-8, like the sample files (latin-1 would turn a non-ASCII id
+    into one the samples never contain)."""
     try:
         with open(path, "rb") as f:
-            voc = _VocabUnpickler(f, encoding="latin1").load()
+            voc = _VocabUnpickler(f, encoding="bytes").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
         raise DataError(f"{path}: cannot read the vocabulary ({e})") from e
     if not isinstance(voc, dict):
         raise DataError(f"{path}: expected a dict raw id -> index, got {type(voc).__name__}")
     out = {}
     for k, v in voc.items():
-        k = k.decode("utf-8") if isinstance(k, bytes) else str(k)
+        if isinstance(k, bytes):
+            try:
+                k = k.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: key {k!r} is not valid UTF-8 ({e.reason})") from e
+        else:
+            k = str(k)
         if not isinstance(v, int):
             raise DataError(f"{path}: entry {k!r}: index {v!r} is not an integer")
         out[k] = v
@@ -518,6 +527,8 @@ def _read_dien_samples(path: Path, max_len: int, report: Report) -> dict[str, np
         hlen.append(len(hm))
         hitem.extend(hm)
         hcate.extend(hc)
+    if empty == 0 and not label:
+        raise DataError(f"{path}: no data lines")
     report.skip("blank_lines", blank, "blank lines in input files")
     report.skip("empty_history", empty, "DIEN rows with an empty history (no behaviour before the target)")
     report.repair(
