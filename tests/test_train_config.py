@@ -41,6 +41,23 @@ def test_unknown_yaml_field_names_file_and_field(tmp_path):
         TrainConfig.from_yaml(p)
 
 
+@pytest.mark.parametrize("value", ["@runs", "[din", "*x"])
+def test_set_value_that_is_not_yaml(value):
+    with pytest.raises(ConfigError, match=r"--set 'out=.*': the value is not valid YAML"):
+        TrainConfig().override([f"out={value}"])
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read the config file"):
+        TrainConfig.from_yaml(tmp_path)  # a directory
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"\xff\xfe\x00model")
+    with pytest.raises(ConfigError, match=r"bin\.yaml: cannot read the config file"):
+        TrainConfig.from_yaml(p)
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
+        TrainConfig.from_yaml(tmp_path / "nope.yaml")
+
+
 def test_cli_flags_comma_separated_sharding_and_joined_sets():
     import argparse
 

@@ -173,6 +173,8 @@ class TrainConfig:
             d = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, a binary file
+            raise ConfigError(f"{path}: cannot read the config file ({e})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(d, dict):
@@ -200,7 +202,10 @@ class TrainConfig:
                 node = node[p]
             if parts[-1] not in node and not (isinstance(node, dict) and parts[0] == "distributed"):
                 raise ConfigError(f"--set {a!r}: unknown field {key!r}")
-            node[parts[-1]] = yaml.safe_load(raw)
+            try:
+                node[parts[-1]] = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--set {a!r}: the value is not valid YAML ({e})") from None
         return TrainConfig.from_dict(d)
 
 
