@@ -273,6 +273,16 @@ def test_half_written_and_damaged_dirs(small, tmp_path, monkeypatch):
         PreparedDataset.open(d)
     with pytest.raises(DataError, match=r"no such prepared dataset directory"):
         PreparedDataset.open(tmp_path / "absent")
+    shutil.rmtree(d)
+    shutil.copytree(small, d)
+    (d / "vocab" / "item.tsv").unlink()
+    ds = PreparedDataset.open(d)  # the arrays are all there: training needs no vocabulary
+    for read in (ds.verify, lambda: ds.vocab("item")):
+        with pytest.raises(DataError, match=r"vocab/item\.tsv: cannot read the vocabulary"):
+            read()
+    (d / "vocab" / "item.tsv").write_bytes(b"\xff\t1\n")
+    with pytest.raises(DataError, match=r"vocab/item\.tsv: not valid UTF-8"):
+        ds.vocab("item")
     # a crash while writing leaves neither the target nor anything that looks valid
     inter, items = synthetic_tsv(tmp_path / "raw")
     calls = {"n": 0}
@@ -285,10 +295,13 @@ def test_half_written_and_damaged_dirs(small, tmp_path, monkeypatch):
         return real_save(*a, **k)
 
     monkeypatch.setattr(np, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DataError, match=r"crash: cannot write the dataset \(disk full\)"):
         prepare_dataset("tsv", interactions=inter, items=items, out=tmp_path / "crash", progress=False)
     monkeypatch.undo()
     assert not (tmp_path / "crash").exists() and not list(tmp_path.glob(".crash*"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match=r"afile/o: cannot create its parent folder"):
+        prepare_dataset("tsv", interactions=inter, items=items, out=tmp_path / "afile" / "o", progress=False)
 
 
 def test_overwrite_rules(tmp_path, monkeypatch):
@@ -317,7 +330,7 @@ def test_overwrite_rules(tmp_path, monkeypatch):
         return real_rename(self, target)
 
     monkeypatch.setattr(Path, "rename", failing_rename)
-    with pytest.raises(OSError, match="disk gone"):
+    with pytest.raises(DataError, match=r"o: cannot write the dataset \(disk gone\)"):
         prepare_dataset("tsv", out=out, seed=2, overwrite=True, **kw)
     monkeypatch.undo()
     assert json.loads((out / "meta.json").read_text())["content_hash"] == h1

@@ -148,7 +148,7 @@ class PreparedDataset:
     def verify(self) -> None:
         """Recompute the content hash and compare it with ``meta.json``."""
         arrays = {n: self._array(n) for n in self.meta["arrays"]}
-        vocab = {k: (self.path / "vocab" / f"{k}.tsv").read_bytes() for k in ("uid", "item", "cate")}
+        vocab = {k: self._vocab_bytes(k) for k in ("uid", "item", "cate")}
         got = content_hash(arrays, vocab)
         if got != self.meta["content_hash"]:
             raise DataError(
@@ -159,8 +159,19 @@ class PreparedDataset:
         """Raw ids of ``kind`` (``uid``/``item``/``cate``) in index order (entry ``i - 1`` is index ``i``)."""
         # bytes split on "\n" only: the writer allows any other character in an id (read_text would
         # turn "\r" into "\n", str.splitlines also splits on "\x1c", "\u2028" ...)
-        lines = (self.path / "vocab" / f"{kind}.tsv").read_bytes().decode("utf-8").split("\n")
+        p = self.path / "vocab" / f"{kind}.tsv"
+        try:
+            lines = self._vocab_bytes(kind).decode("utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not valid UTF-8 ({e.reason}); prepare it again with --force") from e
         return [ln.split("\t", 1)[0] for ln in lines[:-1]]
+
+    def _vocab_bytes(self, kind: str) -> bytes:
+        p = self.path / "vocab" / f"{kind}.tsv"
+        try:
+            return p.read_bytes()
+        except OSError as e:
+            raise DataError(f"{p}: cannot read the vocabulary ({e}); prepare it again with --force") from e
 
     def __repr__(self) -> str:
         c = self.meta["counts"]

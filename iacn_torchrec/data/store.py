@@ -148,7 +148,10 @@ def write_dataset(built: BuiltDataset, out: str | Path, meta: dict, *, overwrite
     """Write ``built`` to ``out`` atomically; ``meta`` gets counts, report, arrays, hash, versions."""
     out = Path(out).absolute()
     check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create its parent folder ({e})") from e
     arrays: dict[str, np.ndarray] = {"item2cate.npy": built.item2cate, "item_count.npy": built.item_count}
     for split, sa in built.splits.items():
         for name, a in sa.arrays().items():
@@ -193,6 +196,8 @@ def write_dataset(built: BuiltDataset, out: str | Path, meta: dict, *, overwrite
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # no permission, a full disk: nothing was replaced
+        raise DataError(f"{out}: cannot write the dataset ({e})") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
