@@ -13,7 +13,7 @@ import pytest
 
 from iacn_torchrec.data.loader import PreparedDataset
 from iacn_torchrec.data.prepare import prepare_dataset
-from iacn_torchrec.data.sources import DataError, read_amazon_json, read_dien, read_tsv
+from iacn_torchrec.data.sources import DataError, Report, read_amazon_json, read_dien, read_table, read_tsv
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DIEN_SAMPLE = SHARED / "data" / "dien-books-sample"
@@ -72,6 +72,16 @@ def test_tsv_ids_keep_leading_zeros(tmp_path):
     out = prep(tmp_path, inter, "item_id\tcate_leaf\n7\t1\n007\t2\n0070\t2\n")
     ds = PreparedDataset.open(out)
     assert ds.vocab("item") == ["007", "0070", "7"] and ds.item2cate.tolist() == [0, 2, 2, 1]
+
+
+@pytest.mark.parametrize("blank", ["", "\n"])  # a blank line sends any file to the slow path
+@pytest.mark.parametrize("a, b", [(" 0042", "42"), ("-0", "0"), ("+5", "5")])
+def test_tsv_id_spelling_decides_identity_on_both_paths(tmp_path, blank, a, b):
+    """Whether two ids are one item must not depend on unrelated formatting elsewhere in the file."""
+    path = tmp_path / "t.tsv"
+    path.write_text(f"user_id\titem_id\n1\t{a}\n{blank}1\t{b}\n")
+    got = read_table(path, ["item_id"], report=Report())["item_id"]
+    assert len(set(got.tolist())) == 2, got
 
 
 def test_item_without_metadata_gets_category_zero(tmp_path):

@@ -180,9 +180,10 @@ def _int_field(tok: str, path: Path | str, line: int, name: str) -> int:
     return v
 
 
-# ids such as "0042" or "+42" must keep their spelling (and stay apart from "42"): a leading zero or
-# plus sign anywhere sends a file to read_table's slow path, whose id conversion is exact
-_NOT_PLAIN_INT = re.compile(r"(?:^|\t)(?:\+|-?0\d)", re.M)
+# ids such as "0042", "+42" or "-0" must keep their spelling (and stay apart from "42" and "0"): a
+# leading zero, plus sign or negative zero anywhere, also after spaces (which loadtxt skips and the
+# slow path strips), sends a file to read_table's slow path, whose id conversion is exact
+_NOT_PLAIN_INT = re.compile(r"(?:^|\t)[^\S\n]*(?:\+|-?0\d|-0)", re.M)
 
 
 def read_table(
