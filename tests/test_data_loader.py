@@ -442,3 +442,10 @@ def test_limit_and_tiny_last_batch(small):
         assert b.sparse_features.keys()[:3] == ["uid", "item", "cate"] and b.labels.shape == (e - s,)
     assert sizes == [0, 1, 1, 1]
     assert len(BatchLoader(ds, "test", 4, limit=10, drop_last=True)) == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_cli_bench_data_refuses_a_bad_batch_size(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        iacn_main(["bench", "data", "--batch-size", value])
+    assert e.value.code == 2 and "argument --batch-size" in capsys.readouterr().err

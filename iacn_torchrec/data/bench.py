@@ -25,10 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", type=Path, help="a prepared dataset directory (default: prepare the embedded one)"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=1024, help="main batch size measured (default: 1024)"
+        "--batch-size", type=_positive_int, default=1024, help="main batch size measured (default: 1024)"
     )
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time each setting at least this long")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
 
 
 def loader_throughput(ds, batch_size: int, min_seconds: float = 1.0, **kwargs) -> float:

@@ -40,7 +40,9 @@ class IaCNConfig:
             correction: ``neg_log_q``), or ``in_batch`` (other positive rows' targets).
         num_negatives: S, sampled negatives per row (not used by ``in_batch``).
         user_profile_layer: add MIND's H-layer (capsule ⊕ user → ReLU MLP → h) when a user feature exists.
-        seed: seeds IaCN's own fixed randomness (the eval-mode routing logits; the samplers).
+        seed: seeds the eval-mode routing logits (fixed, so evaluation is deterministic). The
+            training loop's negative samplers and the training-mode routing logits follow the
+            run's seed (``TrainConfig.seed``), not this one.
     """
 
     enabled: bool = False
