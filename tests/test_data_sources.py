@@ -457,6 +457,14 @@ def test_amazon_json_null_and_empty_ids(tmp_path):
     rp, mp = write_amazon(tmp_path, REVIEWS, META + ['{"asin": null, "categories": [["x"]]}'])
     with pytest.raises(DataError, match=r"meta_Beauty\.json\.gz: line 5: field 'asin': None is not an id"):
         read_amazon_json(rp, mp)
+    line = '{"reviewerID": "U\\t3", "asin": "B01", "unixReviewTime": 1}'  # JSON's \t: a real tab
+    rp, mp = write_amazon(tmp_path, REVIEWS[:2] + [line], META)
+    with pytest.raises(DataError, match=r"_5\.json\.gz: line 3: field 'reviewerID': 'U\\t3' contains a tab"):
+        read_amazon_json(rp, mp)
+    meta = META + ['{"asin": "B09", "categories": [["Beauty", "Skin\\nCare"]]}']
+    rp, mp = write_amazon(tmp_path, REVIEWS, meta)
+    with pytest.raises(DataError, match=r"meta_Beauty\.json\.gz: line 5: field 'categories': .* newline"):
+        read_amazon_json(rp, mp)
     rp, mp = write_amazon(tmp_path, [r.replace('"U2"', "7") for r in REVIEWS], META)  # integer ids are ids
     assert read_amazon_json(rp, mp).user.tolist() == ["U1"] * 3 + ["7"] * 3
 

@@ -357,6 +357,14 @@ def _json_id(v: Any, path: str | Path, n: int, field: str) -> str:
     s = str(v).strip()
     if not s:
         raise DataError(f"{path}: line {n}: field '{field}' is empty")
+    return _no_tab_or_newline(s, path, n, field)
+
+
+def _no_tab_or_newline(s: str, path: str | Path, n: int, field: str) -> str:
+    """Ids are stored one per line in ``vocab/*.tsv``: refuse one the format cannot hold, here where
+    the file and line are known (not when the dataset is written)."""
+    if "\t" in s or "\n" in s:
+        raise DataError(f"{path}: line {n}: field '{field}': {s!r} contains a tab or newline")
     return s
 
 
@@ -388,7 +396,7 @@ def read_amazon_json(reviews: str | Path, meta: str | Path) -> Interactions:
         cats = rec.get("categories")
         cat = ""
         if isinstance(cats, (list, tuple)) and cats and isinstance(cats[0], (list, tuple)) and cats[0]:
-            cat = str(cats[0][-1])
+            cat = _no_tab_or_newline(str(cats[0][-1]), meta, n, "categories")
         elif cats not in (None, [], [[]]) and not isinstance(cats, (list, tuple)):
             raise DataError(f"{meta}: line {n}: field 'categories': expected a list of category paths")
         m_ids.append(_json_id(rec["asin"], meta, n, "asin"))
