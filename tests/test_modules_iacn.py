@@ -185,15 +185,6 @@ def test_sampler_arguments_are_checked() -> None:
     assert no_profile.routing.user_profile is None
 
 
-def test_no_positive_rows_gives_zero() -> None:
-    task = IaCNTask(IaCNConfig(), 4, 5, 3).double()
-    b = _batch()
-    b["labels"] = torch.zeros(6)
-    loss = task(**b)
-    assert loss.item() == 0.0 and loss.requires_grad
-    loss.backward()
-
-
 def test_learns_planted_interests() -> None:
     """Users have two of four planted interest groups; their history mixes both and the target is
     from either. Training item embeddings + IaCN for a few steps must cut the loss well below the
@@ -243,6 +234,23 @@ def test_learns_planted_interests() -> None:
 
 
 def test_interest_routing_is_shared_with_capsule_module() -> None:
-    task = IaCNTask(IaCNConfig(seed=5), item_dim=4, max_len=8)
-    assert isinstance(task.routing, InterestCapsuleRouting)
-    assert torch.equal(task.routing.eval_logits, InterestCapsuleRouting(4, 8, seed=5).eval_logits)
+    """The task's config reaches its routing (K_max, r, seed, the user-profile layer), and its
+    interests are those of a standalone routing module with the same weights, followed by
+    label-aware attention with the config's p."""
+    for profile in (True, False):
+        cfg = IaCNConfig(seed=5, k_max=2, routing_iters=1, pow_p=3.0, user_profile_layer=profile)
+        task = IaCNTask(cfg, item_dim=4, max_len=5, user_dim=3).double().eval()
+        r = task.routing
+        assert (r.k_max, r.routing_iters, r.user_dim) == (2, 1, 3 if profile else None)
+        alone = InterestCapsuleRouting(4, 5, k_max=2, routing_iters=1, user_dim=3 if profile else None,
+                                       seed=5).double().eval()
+        assert torch.equal(r.eval_logits, alone.eval_logits)
+        alone.load_state_dict(r.state_dict())
+        b = _batch()
+        got = task.interests(b["aux_hist"], b["hist_lengths"], b["aux_target"], user=b["user"])
+        ref = alone.route(b["aux_hist"], b["hist_lengths"], user=b["user"])
+        torch.testing.assert_close(got.capsules, ref.capsules)
+        assert torch.equal(got.capsule_mask, ref.capsule_mask)
+        user_vec, attention = label_aware_attention(ref.capsules, ref.capsule_mask, b["aux_target"], 3.0)
+        torch.testing.assert_close(got.user_vec, user_vec)
+        torch.testing.assert_close(got.attention_weights, attention)
