@@ -90,10 +90,16 @@ def test_init_is_seeded_and_orig_tables_do_not_depend_on_aux():
         assert torch.equal(W(a, t), W(b, t))
     for t in plain.table_names():
         assert torch.equal(W(a, t), W(plain, t))
-    # TorchRec's default U(-sqrt(1/N), sqrt(1/N)) unless init_bound is given
-    assert W(a, "item_orig").abs().max() <= (1 / (NI + 1)) ** 0.5
+    # TorchRec's default U(-sqrt(1/N), sqrt(1/N)) unless init_bound is given: inside the bound and
+    # spread over it (a uniform's max near the bound, its SD bound/sqrt(3))
+    def uniform(w: torch.Tensor, bound: float) -> None:
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+        assert abs(w.std().item() - bound / 3**0.5) < 0.15 * bound / 3**0.5
+
+    uniform(W(a, "item_orig"), (1 / (NI + 1)) ** 0.5)
     c = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=3, user_dim=4, init_bound=0.01)
-    assert W(c, "item_aux").abs().max() <= 0.01
+    for t in c.table_names():
+        uniform(W(c, t), 0.01)
 
 
 @pytest.mark.parametrize("aux_dim", [0, 3])
