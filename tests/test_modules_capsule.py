@@ -218,6 +218,27 @@ def test_jagged_input_equals_padded() -> None:
     a = m(hist, lengths)
     b = m(jt)
     assert torch.allclose(a[0], b[0], atol=1e-6) and torch.equal(a[1], b[1])
+    # training mode, the same drawn logits: equal capsules and gradients (values and S)
+    m.train()
+    init = m.training_logits(jt, torch.Generator().manual_seed(4))
+    assert init.shape == (len(LENGTHS), m.k_max, L)
+    real = torch.arange(L) < lengths.unsqueeze(1)  # [B, L] the real positions of the padded form
+
+    def run(jagged: bool):
+        x = (values if jagged else hist).clone().requires_grad_()
+        out = m.route(JaggedTensor(values=x, lengths=lengths), None, init_logits=init) if jagged \
+            else m.route(x, lengths, init_logits=init)
+        m.zero_grad()
+        (out.capsules * torch.linspace(-1, 1, out.capsules.numel()).view_as(out.capsules)).sum().backward()
+        return out.capsules.detach(), x.grad if jagged else x.grad[real], m.bilinear.grad.clone()
+
+    for p, j in zip(run(False), run(True)):
+        torch.testing.assert_close(p, j, atol=1e-5, rtol=1e-5)
+    ca = run(False)[0]
+    assert not torch.allclose(ca, a[0], atol=1e-3)  # the drawn logits were used, not the eval ones
+    too_long = JaggedTensor(values=torch.zeros(L + 1, H), lengths=torch.tensor([L + 1]))
+    with pytest.raises(ValueError, match=f"a history of length {L + 1} exceeds max_len={L}"):
+        m(too_long)
 
 
 def test_num_interests() -> None:
