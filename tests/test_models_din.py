@@ -50,7 +50,15 @@ def test_dice_matches_formula():
 
 def test_mlp_prelu_and_dice_shapes():
     x = torch.randn(3, 4, 6)
-    assert MLP(6, (5,), 1, activation="prelu")(x).shape == (3, 4, 1)
+    mlp = MLP(6, (5,), 1, activation="prelu")
+    assert mlp(x).shape == (3, 4, 1)
+    # on [B, T, H] the PReLU's channels are the last axis (nn.PReLU's would be T)
+    lin, act, out = mlp.net
+    with torch.no_grad():
+        act.weight.copy_(torch.linspace(-0.5, 0.7, 5))
+    z = x @ lin.weight.T + lin.bias
+    torch.testing.assert_close(mlp(x), torch.where(z >= 0, z, act.weight * z) @ out.weight.T + out.bias)
+    torch.testing.assert_close(mlp(x[:, 0]), mlp(x)[:, 0])  # 2-D: nn.PReLU's own path, same function
     assert MLP(6, (5, 2), None, activation="dice", input_bn=True)(x[:, 0]).shape == (3, 2)
     with pytest.raises(ValueError, match="unknown activation"):
         MLP(6, (5,), activation="swishy")
