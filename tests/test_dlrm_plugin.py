@@ -339,3 +339,31 @@ def test_dlrm_main_against_hand_reference(user_dim):
     ref = main.over_arch(torch.stack(rows)).squeeze(-1)
     assert (main.user_proj is None) == (user_dim == d)
     torch.testing.assert_close(logits, ref)
+
+
+def test_wrapper_equals_a_plain_ebc_of_concatenated_tables_with_empty_bags():
+    """Pooling, empty bags included (MEAN and SUM give 0, as TorchRec's own bags do), against a plain
+    TorchRec EmbeddingBagCollection whose tables are ``cat(E_orig, E_aux)``."""
+    ebc = dlrm_with_iacn().ebc
+    plain = EmbeddingBagCollection(tables())
+    with torch.no_grad():
+        for name, bag in plain.embedding_bags.items():
+            parts = [ebc.orig.embedding_bags[name].weight]
+            if f"{name}_aux" in ebc.aux.embeddings:
+                parts.append(ebc.aux.embeddings[f"{name}_aux"].weight)
+            bag.weight.copy_(torch.cat(parts, dim=1))
+    keys = ["uid", "item", "cate", "hist_item", "hist_cate", "iacn_neg_item", "iacn_neg_cate"]
+    one = torch.ones(4, dtype=torch.long)
+    lengths = {"hist_item": torch.tensor([2, 0, 3, 0]), "iacn_neg_item": one * S}  # rows 1, 3: empty
+    lengths["hist_cate"], lengths["iacn_neg_cate"] = lengths["hist_item"], lengths["iacn_neg_item"]
+    g = torch.Generator().manual_seed(0)
+    sizes = {"uid": NU, "item": NI, "cate": NC, "hist_item": NI, "hist_cate": NC, "iacn_neg_item": NI,
+             "iacn_neg_cate": NC}
+    ids = {k: torch.randint(1, sizes[k] + 1, (int(lengths.get(k, one).sum()),), generator=g) for k in keys}
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys, torch.cat([ids[k] for k in keys]),
+                                              torch.cat([lengths.get(k, one) for k in keys]))
+    got, ref = ebc(kjt).to_dict(), plain(kjt).to_dict()
+    assert sorted(got) == sorted(ref) == sorted(keys[:5])
+    for k in keys[:5]:
+        torch.testing.assert_close(got[k], ref[k], msg=k)
+    assert not got["hist_item"][[1, 3]].any() and not got["hist_cate"][[1, 3]].any()
