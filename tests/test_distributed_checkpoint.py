@@ -70,6 +70,40 @@ def test_corrupted_manifest_is_detected(root):
         load_checkpoint(root)
 
 
+@pytest.mark.parametrize("manifest, shown", [
+    ('{"step": 5, "files": []}', r"world_size None"),
+    ('{"step": 5, "world_size": 2, "files": [{"file": "rank0.pt", "bytes": 1, "sha256": "x"}]}',
+     r"each of its 2 rank"),
+    ('{"step": 5, "world_size": 1, "files": [{"file": "rank0.pt"}]}', r"file, bytes, sha256"),
+])
+def test_malformed_manifest_is_a_checkpoint_error(root, manifest, shown):
+    (Path(root) / "step_00000005" / "manifest.json").write_text(manifest)
+    with pytest.raises(CheckpointError, match=rf"manifest\.json: corrupted manifest \(.*{shown}"):
+        load_checkpoint(root)
+
+
+def test_rewriting_a_step_swaps_it_in(root, monkeypatch):
+    """A second checkpoint of step 5 replaces the first whole; if the swap fails half-way, no step_5
+    that looks complete but holds a mix is left (the previous step is the newest)."""
+    save_checkpoint(root, 5, _state(7))
+    assert torch.equal(load_checkpoint(root, 5)["model"]["w"], _state(7)["model"]["w"])
+    assert sorted(p.name for p in Path(root).iterdir()) == ["step_00000003", "step_00000005"]
+    from iacn_torchrec.train import checkpoint as ck_module
+
+    real_mv = ck_module.path_manager.mv
+
+    def mv_fails_for_the_new_one(src, dst, **kw):
+        if src.endswith(".tmp"):
+            return False
+        return real_mv(src, dst, **kw)
+
+    monkeypatch.setattr(ck_module.path_manager, "mv", mv_fails_for_the_new_one)
+    with pytest.raises(CheckpointError, match="could not rename"):
+        save_checkpoint(root, 5, _state(8))
+    monkeypatch.undo()
+    assert latest_step(root) == 3
+
+
 def test_other_world_size_is_refused(root):
     with pytest.raises(CheckpointError, match="written by 1 rank.*this run has 2"):
         load_checkpoint(root, rank=0, world_size=2)

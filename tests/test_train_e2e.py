@@ -258,3 +258,78 @@ def test_one_group_adam_checkpoints_resume_into_the_two_groups(tmp_path):
     for name, p in new.model.named_parameters():
         want = old_opt.state[old_params[name]]["exp_avg"]
         torch.testing.assert_close(new.optimizer.state[p]["exp_avg"], want, rtol=0, atol=0, msg=name)
+
+
+def test_resume_identity_no_resume_and_checkpoint_replacement(tmp_path, monkeypatch):
+    """A checkpoint resumes the same configuration and dataset: the dataset by content (a copy at
+    another path resumes, a re-prepared one at the same path does not), a refusal names the fields;
+    --no-resume sets the old checkpoints aside, so they no longer pass for this run's."""
+    import shutil
+
+    from helpers import prepare_planted
+
+    from iacn_torchrec.data.prepare import prepare_dataset
+    from iacn_torchrec.train import checkpoint as ck_module
+    from iacn_torchrec.train.checkpoint import latest_step
+    from iacn_torchrec.train.loop import _fingerprint, _fingerprint_differences
+
+    planted, data = prepare_planted(tmp_path, num_users=60, seed=0)
+
+    def cfg(path, out, max_steps, **kw):
+        c = _config(path, out, max_steps, **kw)
+        c.data = DataConfig(path=str(path), batch_size=64)
+        return c
+
+    out = tmp_path / "run"
+    train(cfg(data, out, 4))
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(data, copy)
+    assert train(cfg(copy, out, 6))["resumed_from_step"] == 4  # same content, another path
+    other = cfg(data, out, 8)
+    other.seed, other.iacn.delta = 9, 0.5
+    with pytest.raises(CheckpointError, match=r"iacn\.delta: 0\.3 → 0\.5; seed: 3 → 9"):
+        train(other)
+    # the same path re-prepared from the same files with another split seed: other data
+    prepare_dataset("tsv", interactions=planted.interactions, items=planted.items, category_column="cate",
+                    max_len=16, seed=1, out=data, overwrite=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"data\.content_hash"):
+        train(cfg(data, out, 8))
+
+    # --no-resume: the old run (step 6) is moved aside; the new run's checkpoints are the ones left
+    fresh = cfg(data, out, 2, checkpoint_every=1)
+    fresh.resume = False
+    r = train(fresh)
+    assert r["resumed_from_step"] is None and r["steps"] == 2
+    assert latest_step(str(out / "checkpoints")) == 2
+    assert latest_step(str(out / "checkpoints.previous")) == 6
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+
+    # an interrupted removal never leaves a folder that looks complete (the manifest goes first)
+    victim = out / "checkpoints" / "step_00000001"
+    real_rm = ck_module.path_manager.rm
+
+    def rm_then_fail(path, *a, **k):
+        real_rm(path, *a, **k)
+        raise OSError("killed")
+
+    monkeypatch.setattr(ck_module.path_manager, "rm", rm_then_fail)
+    with pytest.raises(OSError, match="killed"):
+        ck_module._rmtree(str(victim))
+    monkeypatch.undo()
+    assert victim.exists() and not (victim / "manifest.json").exists()
+    assert ck_module._complete_steps(str(out / "checkpoints")) == [2]
+
+    # checkpoints of earlier versions (nested fingerprint with the dataset's path, no hash) still resume
+    c = cfg(data, out, 8)
+    old = c.to_dict()
+    for k in ("out", "epochs", "max_steps", "eval_every", "checkpoint_every", "log_every", "progress",
+              "resume", "threads", "eval_threads"):
+        old.pop(k)
+    old["data"].pop("num_test_samples")
+    old["data"].pop("eval_batch_size")
+    old["model"].pop("iacn_worker")
+    old["data"]["path"] = "/somewhere/else"
+    new = _fingerprint(c, "abc")
+    assert _fingerprint_differences(json.dumps(old, sort_keys=True), new) == []
+    old["iacn"]["lam"] = 2.0
+    assert _fingerprint_differences(json.dumps(old, sort_keys=True), new) == ["iacn.lam: 2.0 → 1.0"]

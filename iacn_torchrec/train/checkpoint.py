@@ -86,10 +86,18 @@ def save_checkpoint(
         manifest = {"step": step, "world_size": world_size, "files": entries}
         with path_manager.open(_join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-        if path_manager.exists(final):  # a rerun of the same step (e.g. after a resume)
-            _rmtree(final)
+        replaced = None
+        if path_manager.exists(final):  # a rerun of the same step (e.g. after a resume): set the old
+            # one aside first, so a crash never leaves a half-deleted step_N that looks complete
+            replaced = final + ".replaced"
+            if path_manager.exists(replaced):
+                _rmtree(replaced)
+            if not path_manager.mv(final, replaced):
+                raise CheckpointError(f"could not rename {final} to {replaced}")
         if not path_manager.mv(tmp, final):
             raise CheckpointError(f"could not rename {tmp} to {final}")
+        if replaced is not None:
+            _rmtree(replaced)
         for old in sorted(_complete_steps(root))[:-keep] if keep > 0 else []:
             _rmtree(_join(root, f"step_{old:08d}"))
     _barrier()
@@ -97,7 +105,12 @@ def save_checkpoint(
 
 
 def _rmtree(path: str) -> None:
-    for child in path_manager.ls(path):
+    """Remove a checkpoint folder, its manifest first: interrupted, it no longer looks complete."""
+    children = path_manager.ls(path)
+    if MANIFEST in children:
+        path_manager.rm(_join(path, MANIFEST))
+        children.remove(MANIFEST)
+    for child in children:
         p = _join(path, child)
         if path_manager.isdir(p):
             _rmtree(p)
@@ -142,6 +155,15 @@ def _manifest(root: str, step: int | None) -> tuple[int, str, dict[str, Any]]:
         raise CheckpointError(f"{mpath}: corrupted manifest ({e})") from None
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{mpath}: corrupted manifest (not an object)")
+    ws, files = manifest.get("world_size"), manifest.get("files")
+    if not isinstance(ws, int) or isinstance(ws, bool) or ws < 1:
+        raise CheckpointError(f"{mpath}: corrupted manifest (world_size {ws!r})")
+    if not isinstance(files, list) or len(files) != ws or not all(
+        isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("bytes"), int)
+        and isinstance(e.get("sha256"), str) for e in files
+    ):
+        raise CheckpointError(f"{mpath}: corrupted manifest (files must list file, bytes, sha256 for each "
+                              f"of its {ws} rank(s))")
     return step, d, manifest
 
 

@@ -86,7 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sharding type per table (table_wise, row_wise, column_wise), comma-separated "
                    "(TorchX rejects repeated flags)")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=True,
-                   help="start afresh even if OUT has a checkpoint")
+                   help="start afresh even if OUT has checkpoints (they are moved to "
+                   "OUT/checkpoints.previous, replacing an older set there)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set iacn.user_profile_layer=false; "

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -174,14 +175,21 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     loss_ema = None
     resumed_from = None
     ckpt_root = str(out / "checkpoints")
+    fingerprint = _fingerprint(config, ds.meta.get("content_hash"))
     if config.resume and latest_step(ckpt_root) is not None:
         ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
-        if ck.get("config_fingerprint") != _fingerprint(config):
+        differ = _fingerprint_differences(ck.get("config_fingerprint"), fingerprint)
+        if differ:
             raise CheckpointError(
-                f"{ckpt_root}: the checkpoint was written by a different configuration; "
-                "use another --out or --no-resume"
+                f"{ckpt_root}: the checkpoint was written by a different configuration ("
+                + "; ".join(differ[:8]) + (f"; {len(differ) - 8} more" if len(differ) > 8 else "")
+                + "); use another --out, or --no-resume to start over (the old checkpoints are moved to "
+                "checkpoints.previous)"
             )
-        load_training_state(setup, ck["model"], ck["optimizer"])
+        try:
+            load_training_state(setup, ck["model"], ck["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{ckpt_root}: the checkpoint does not fit this model ({e})") from e
         state = TrainState(**ck["train_state"])
         if state.batch_in_epoch >= len(train_loader):  # saved after the epoch's last batch
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -208,9 +216,24 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     # run leaves the directory (and the run that owns it) as it was
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config.to_yaml())
+        if not config.resume and Path(ckpt_root).exists():
+            # starting over: the old run's checkpoints would otherwise stay "the newest" (higher
+            # steps survive pruning) for a later resume, export or explain. One generation is kept.
+            aside = out / "checkpoints.previous"
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(ckpt_root, aside)
+            print(f"note: --no-resume: the previous checkpoints of {out} were moved to {aside}",
+                  file=sys.stderr, flush=True)
+        _write_atomic(out / "config.yaml", config.to_yaml())
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        dist.barrier()  # no rank writes a checkpoint before the old ones are out of the way
+    last_checkpoint = [resumed_from]
 
     def checkpoint() -> None:
+        if last_checkpoint[0] == state.step:  # e.g. a periodic one on the last step: already saved
+            return
+        last_checkpoint[0] = state.step
         final = save_checkpoint(
             ckpt_root,
             state.step,
@@ -221,7 +244,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                 "rng": rng_state(),
                 "history": history,
                 "loss_ema": loss_ema,
-                "config_fingerprint": _fingerprint(config),
+                "config_fingerprint": fingerprint,
             },
             rank=rank,
             world_size=world_size,
@@ -301,9 +324,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         "versions": versions(),
     }
     if rank == 0:
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        os.replace(tmp, out / "metrics.json")
+        _write_atomic(out / "metrics.json", json.dumps(result, indent=1, default=str))
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.barrier()
     return result
@@ -334,13 +355,53 @@ def _unwrap_for_eval(model: torch.nn.Module) -> torch.nn.Module:
     return model if hasattr(model, "predict") else _unwrap(model)
 
 
-def _fingerprint(config: TrainConfig) -> str:
-    """What must match for a checkpoint to be resumable: everything but run-control fields."""
-    d = config.to_dict()
-    for k in ("out", "epochs", "max_steps", "eval_every", "checkpoint_every", "log_every", "progress",
-              "resume", "threads", "eval_threads"):
-        d.pop(k, None)
-    d["data"].pop("num_test_samples", None)
-    d["data"].pop("eval_batch_size", None)
-    d["model"].pop("iacn_worker", None)  # where IaCN runs, not what it computes
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# not part of what a checkpoint computes: how and how long a run goes, where IaCN runs, whether the
+# main model is compiled (in place: the same parameters), and where the dataset lies (its content
+# hash stands for it)
+_NOT_FINGERPRINTED = ("out", "epochs", "max_steps", "eval_every", "checkpoint_every", "log_every", "progress",
+                      "resume", "threads", "eval_threads", "data.num_test_samples", "data.eval_batch_size",
+                      "data.path", "model.iacn_worker", "model.compile")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config sections → ``{"section.field": value}`` (a mapping-valued field stays whole)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not k.endswith("sharding_types"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _fingerprint(config: TrainConfig, content_hash: str | None) -> str:
+    """What must match for a checkpoint to be resumable: the configuration without run-control and
+    execution fields, and the prepared dataset's content hash (not its path)."""
+    d = {k: v for k, v in _flat(config.to_dict()).items() if k not in _NOT_FINGERPRINTED}
+    d["data.content_hash"] = content_hash
     return json.dumps(d, sort_keys=True, default=str)
+
+
+def _fingerprint_differences(stored: str | None, current: str) -> list[str]:
+    """``field: checkpoint → this run`` for every fingerprinted field that differs. Checkpoints of
+    earlier versions (a nested fingerprint with the dataset's path and no hash) are compared on the
+    fields both have."""
+    try:
+        old = json.loads(stored) if stored else None
+    except json.JSONDecodeError:
+        old = None
+    if not isinstance(old, dict):
+        return ["no configuration fingerprint in the checkpoint"]
+    old = {k: v for k, v in _flat(old).items() if k not in _NOT_FINGERPRINTED}
+    new = json.loads(current)
+    if "data.content_hash" not in old:
+        new.pop("data.content_hash", None)
+    return [f"{k}: {old.get(k, '(absent)')!r} → {new.get(k, '(absent)')!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
