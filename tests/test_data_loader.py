@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 from pathlib import Path
@@ -112,6 +113,7 @@ def test_rank_slicing_covers_epoch_once(small, world_size, drop_last):
     bs = 11
     assert n % (bs * world_size) != 0  # a partial last global batch exists
     seen, lengths = [], []
+    per_batch = collections.Counter()  # batch index -> samples over all ranks
     for rank in range(world_size):
         loader = BatchLoader(
             ds, "train", bs, shuffle=True, seed=0, rank=rank, world_size=world_size, drop_last=drop_last
@@ -125,7 +127,9 @@ def test_rank_slicing_covers_epoch_once(small, world_size, drop_last):
             s, e = loader.rank_range(b_i)
             assert rows_of(b) == source_rows(ds.split("train"), order[s:e], False)
             seen.append(order[s:e])
+            per_batch[b_i] += e - s
     assert len(set(lengths)) == 1
+    assert all(loader.global_batch_samples(b) == k for b, k in per_batch.items())
     seen = np.concatenate(seen)
     assert len(seen) == len(np.unique(seen))  # nothing read twice
     full = (n // (bs * world_size)) * bs * world_size

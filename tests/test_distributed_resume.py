@@ -95,6 +95,9 @@ def _assert_same(a, b, where: str = "") -> None:
 def _compare_runs(full: Path, resumed: Path) -> None:
     mf, mr = (json.loads((d / "metrics.json").read_text()) for d in (full, resumed))
     assert mf["steps"] == mr["steps"] == 8
+    # every rank's samples of both epochs (a partial last batch: test_rank_slicing_covers_epoch_once)
+    n_train = mf["dataset"]["counts"]["train_samples"]
+    assert mf["train_samples"] == mr["train_samples"] == 2 * n_train
     assert mf["test"] == mr["test"]  # AUC, logloss, GAUC: bit-identical
     for rank, (a, b) in enumerate(zip(_final_states(full), _final_states(resumed), strict=True)):
         assert a["train_state"]["step"] == b["train_state"]["step"] == 8

@@ -302,6 +302,11 @@ class BatchLoader:
             self._order_cache = (self.epoch, o.astype(np.int64, copy=False))
         return self._order_cache[1]
 
+    def global_batch_samples(self, b: int) -> int:
+        """Samples that all ranks together read in batch ``b`` (the last one may be partial)."""
+        g = self.batch_size * self.world_size
+        return max(0, min(g, self.num_samples - b * g))
+
     def rank_range(self, b: int) -> tuple[int, int]:
         """Positions ``[start, end)`` in :meth:`order` that this rank reads in batch ``b``."""
         g = self.batch_size * self.world_size

@@ -125,6 +125,14 @@ def plain_steps(
     return steps
 
 
+def collective_device() -> torch.device:
+    """Where tensors must be for a collective of the default group: NCCL reduces and gathers CUDA
+    tensors only (gloo, and no group at all: the CPU)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_process_group(rank: int, world_size: int, backend: str | None = None) -> None:
     """Join (or, for a single process, create) the default process group.
 

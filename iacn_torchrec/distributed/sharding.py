@@ -50,7 +50,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from iacn_torchrec.distributed.setup import StepOutput, TrainingSetup, plain_steps
+from iacn_torchrec.distributed.setup import StepOutput, TrainingSetup, collective_device, plain_steps
 from iacn_torchrec.train.config import ConfigError, TrainConfig
 
 __all__ = [
@@ -280,9 +280,7 @@ def sharded_table_weights(dmp: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    # the collective runs where the backend can: NCCL reduces CUDA tensors only
-    on = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+    on = collective_device()
     out: dict[str, torch.Tensor] = {}
     for name, t in dmp.state_dict().items():
         if not isinstance(t, ShardedTensor):

@@ -263,10 +263,11 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         if state.batch_in_epoch == 0:
             train_loader.set_epoch(state.epoch)
         t0 = time.perf_counter()
-        for loss, (logits, _main_loss, iacn_loss) in setup.train_steps(train_loader):
+        for loss, (_logits, _main_loss, iacn_loss) in setup.train_steps(train_loader):
             state.step += 1
             state.batch_in_epoch += 1
-            state.train_samples += int(logits.numel()) * world_size
+            # every rank's samples (rank 0's count times the ranks undercounts a partial last batch)
+            state.train_samples += train_loader.global_batch_samples(state.batch_in_epoch - 1)
             lv = float(loss.detach())
             if not np.isfinite(lv):
                 raise FloatingPointError(f"loss became {lv} at step {state.step}; lower the learning rate")

@@ -73,7 +73,10 @@ class CTRMetrics:
                for x, dtype in ((self._probs, torch.float32), (self._labels, torch.float32),
                                 (self._uids, torch.int64))]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            cat = [torch.cat(gather_all_tensors(t)) for t in cat]
+            from iacn_torchrec.distributed.setup import collective_device  # noqa: PLC0415
+
+            on = collective_device()  # gathered where the backend can (NCCL: CUDA only), kept on the CPU
+            cat = [torch.cat(gather_all_tensors(t.to(on))).cpu() for t in cat]
         return cat[0], cat[1], cat[2]
 
     def compute(self) -> dict[str, float]:
