@@ -333,3 +333,38 @@ def test_resume_identity_no_resume_and_checkpoint_replacement(tmp_path, monkeypa
     assert _fingerprint_differences(json.dumps(old, sort_keys=True), new) == []
     old["iacn"]["lam"] = 2.0
     assert _fingerprint_differences(json.dumps(old, sort_keys=True), new) == ["iacn.lam: 2.0 → 1.0"]
+
+
+def test_resume_refuses_another_sharding_plan(tmp_path, monkeypatch):
+    """The checkpoint records each table's plan (type, kernel, ranks, shard layout); a resume whose
+    planner chose differently (e.g. other devices) is refused naming the table, not a shape error."""
+    from helpers import prepare_planted
+
+    from iacn_torchrec.distributed import sharding
+
+    _, data = prepare_planted(tmp_path, num_users=60, seed=0)
+
+    def cfg(max_steps):
+        c = _config(data, tmp_path / "run", max_steps)
+        c.data = DataConfig(path=str(data), batch_size=64)
+        c.optim.embedding_optimizer = "rowwise_adagrad"  # fused: one process is sharded by DMP
+        c.model.emb_dim = c.model.user_dim = c.iacn.aux_dim = 8
+        return c
+
+    train(cfg(2))
+    saved = _final_state(tmp_path / "run")["plan"]
+    assert saved and any("item_aux" in k for k in saved)
+    assert all(v.split()[0] in ("table_wise", "row_wise", "column_wise", "data_parallel") for v in saved.values())
+    real = sharding.plan_summary
+
+    def other_devices(plan):
+        out = real(plan)
+        key = next(k for k in out if k.endswith("item_aux"))
+        out[key] = out[key].replace("ranks [0]", "ranks [1]")
+        return out
+
+    monkeypatch.setattr(sharding, "plan_summary", other_devices)
+    with pytest.raises(CheckpointError, match=r"sharded by another plan \(.*item_aux.*ranks \[0\].*ranks \[1\]"):
+        train(cfg(4))
+    monkeypatch.undo()
+    assert train(cfg(4))["resumed_from_step"] == 2

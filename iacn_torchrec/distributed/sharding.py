@@ -261,6 +261,21 @@ def plan_and_wrap(
     return dmp, plan, table_optimizers
 
 
+def plan_summary(plan: ShardingPlan | None) -> dict[str, str] | None:
+    """``{"module.table": "sharding_type kernel ranks [offsets+sizes ...]"}``: what a checkpoint's
+    per-rank shards depend on (None for an unsharded model)."""
+    if plan is None:
+        return None
+    out = {}
+    for module, tables in plan.plan.items():
+        for table, ps in tables.items():  # type: ignore[union-attr]
+            shards = getattr(ps.sharding_spec, "shards", None) or []
+            layout = " ".join(f"{list(s.shard_offsets)}+{list(s.shard_sizes)}" for s in shards)
+            out[f"{module}.{table}"] = \
+                f"{ps.sharding_type} {ps.compute_kernel} ranks {ps.ranks} {layout}".strip()
+    return out
+
+
 def combined_optimizer(dmp: DistributedModelParallel, config: TrainConfig) -> CombinedOptimizer:
     """The fused table optimizers + Adam over the dense parameters (every sharded table is fused)."""
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))

@@ -159,6 +159,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Train ``config``; returns (and on rank 0 writes) the metrics dictionary."""
     from iacn_torchrec.distributed.setup import build_training, load_training_state
+    from iacn_torchrec.distributed.sharding import plan_summary
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -185,6 +186,16 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                 + "; ".join(differ[:8]) + (f"; {len(differ) - 8} more" if len(differ) > 8 else "")
                 + "); use another --out, or --no-resume to start over (the old checkpoints are moved to "
                 "checkpoints.previous)"
+            )
+        saved_plan, plan = ck.get("plan"), plan_summary(setup.plan)
+        # (checkpoints written before the plan was saved are not checked)
+        if saved_plan is not None and saved_plan != plan:
+            tables = sorted(k for k in set(saved_plan) | set(plan or {})
+                            if saved_plan.get(k) != (plan or {}).get(k))
+            raise CheckpointError(
+                f"{ckpt_root}: the checkpoint's tables were sharded by another plan ({', '.join(tables)}: "
+                f"{saved_plan.get(tables[0])!r} then, {(plan or {}).get(tables[0])!r} now); pin the sharding "
+                "types (--sharding) and resume on the same devices"
             )
         try:
             load_training_state(setup, ck["model"], ck["optimizer"])
@@ -245,6 +256,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                 "history": history,
                 "loss_ema": loss_ema,
                 "config_fingerprint": fingerprint,
+                "plan": plan_summary(setup.plan),
             },
             rank=rank,
             world_size=world_size,
