@@ -354,7 +354,8 @@ def test_resume_refuses_another_sharding_plan(tmp_path, monkeypatch):
     train(cfg(2))
     saved = _final_state(tmp_path / "run")["plan"]
     assert saved and any("item_aux" in k for k in saved)
-    assert all(v.split()[0] in ("table_wise", "row_wise", "column_wise", "data_parallel") for v in saved.values())
+    types = ("table_wise", "row_wise", "column_wise", "data_parallel")
+    assert all(v.split()[0] in types for v in saved.values())
     real = sharding.plan_summary
 
     def other_devices(plan):
@@ -364,7 +365,8 @@ def test_resume_refuses_another_sharding_plan(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(sharding, "plan_summary", other_devices)
-    with pytest.raises(CheckpointError, match=r"sharded by another plan \(.*item_aux.*ranks \[0\].*ranks \[1\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"sharded by another plan \(.*item_aux.*ranks \[0\].*ranks \[1\]"):
         train(cfg(4))
     monkeypatch.undo()
     assert train(cfg(4))["resumed_from_step"] == 2
