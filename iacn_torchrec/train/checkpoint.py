@@ -12,7 +12,9 @@ process, turned back into ``ShardedTensor`` s on the rank that wrote them. A che
 its world size and plan; loading it with another world size raises `CheckpointError`.
 
 A checkpoint is written into ``step_N.tmp/`` and renamed to ``step_N/`` only once every rank's
-file and the manifest are complete, so a crash leaves nothing that looks valid. Loading picks
+file and the manifest are complete and flushed to disk, so a crash leaves nothing that looks
+valid; a second checkpoint of the same step is swapped in (the old one set aside first), and a
+removal deletes the manifest first. Loading picks
 the newest complete checkpoint and verifies sizes and hashes: a truncated or corrupted file
 raises `CheckpointError` naming the file, never loads silently.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 from pathlib import PurePosixPath
 from typing import Any
@@ -80,12 +83,15 @@ def save_checkpoint(
     name = f"rank{rank}.pt"
     with path_manager.open(_join(tmp, name), "wb") as f:
         f.write(payload)
+    _fsync(_join(tmp, name))
     entry = {"file": name, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     entries = _gather(entry, world_size)
     if rank == 0:
         manifest = {"step": step, "world_size": world_size, "files": entries}
         with path_manager.open(_join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
+        _fsync(_join(tmp, MANIFEST))
+        _fsync(tmp)  # the files are on disk before the rename makes them the checkpoint
         replaced = None
         if path_manager.exists(final):  # a rerun of the same step (e.g. after a resume): set the old
             # one aside first, so a crash never leaves a half-deleted step_N that looks complete
@@ -96,12 +102,25 @@ def save_checkpoint(
                 raise CheckpointError(f"could not rename {final} to {replaced}")
         if not path_manager.mv(tmp, final):
             raise CheckpointError(f"could not rename {tmp} to {final}")
+        _fsync(root)
         if replaced is not None:
             _rmtree(replaced)
         for old in sorted(_complete_steps(root))[:-keep] if keep > 0 else []:
             _rmtree(_join(root, f"step_{old:08d}"))
     _barrier()
     return final
+
+
+def _fsync(path: str) -> None:
+    """Flush a local file or folder to disk (after a power loss a renamed checkpoint must not hold
+    empty files); other iopath backends keep their own guarantees."""
+    if "://" in path:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _rmtree(path: str) -> None:
@@ -116,10 +135,7 @@ def _rmtree(path: str) -> None:
             _rmtree(p)
         else:
             path_manager.rm(p)
-    local = path_manager.get_local_path(path)
-    import os
-
-    os.rmdir(local)
+    os.rmdir(path_manager.get_local_path(path))
 
 
 def _complete_steps(root: str) -> list[int]:
