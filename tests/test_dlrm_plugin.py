@@ -121,6 +121,20 @@ def test_plugin_leaves_dlrm_untouched():
     torch.testing.assert_close(logits, ref)
 
 
+def test_attach_keeps_the_unsplit_tables_and_refuses_weighted_bags():
+    torch.manual_seed(0)
+    model = DLRM(EmbeddingBagCollection(tables()), dense_in_features=1, dense_arch_layer_sizes=[8, D],
+                 over_arch_layer_sizes=[16, 1])
+    uid = model.sparse_arch.embedding_bag_collection.embedding_bags["uid"].weight.detach().clone()
+    attach_iacn(model, EBCIaCNSpec(max_len=L), aux_dim=A)
+    # the user table is the model's own (a trained DLRM keeps it), the split ones start afresh
+    assert torch.equal(model.sparse_arch.embedding_bag_collection.orig.embedding_bags["uid"].weight, uid)
+    weighted = DLRM(EmbeddingBagCollection(tables(), is_weighted=True), dense_in_features=1,
+                    dense_arch_layer_sizes=[8, D], over_arch_layer_sizes=[16, 1])
+    with pytest.raises(ValueError, match="weighted EmbeddingBagCollection"):
+        attach_iacn(weighted, EBCIaCNSpec(max_len=L), aux_dim=A)
+
+
 def test_wrapper_output_is_orig_pool_concat_aux_pool():
     tr = dlrm_with_iacn()
     ebc = tr.ebc

@@ -298,8 +298,9 @@ def attach_iacn(
         ebc_path: dotted path of the EBC (e.g. ``"sparse_arch.embedding_bag_collection"`` for DLRM);
             None finds the only ``EmbeddingBagCollection`` in ``model``.
 
-    The split tables are freshly initialised (their dims change); a model is meant to be wrapped
-    before training.
+    Tables not named in ``spec.aux_tables`` keep their weights; the split tables are freshly
+    initialised (their dims change), so a model is meant to be wrapped before training. A weighted
+    EBC (per-id weights) is refused: the wrapper's pooling ignores weights.
     """
     if ebc_path is None:
         found = [n for n, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)]
@@ -310,8 +311,15 @@ def attach_iacn(
     ebc = model.get_submodule(ebc_path)
     if isinstance(ebc, IaCNEmbeddingBagCollection):
         raise ValueError(f"attach_iacn: {ebc_path} already has IaCN")
+    if ebc.is_weighted():
+        raise ValueError(f"attach_iacn: {ebc_path} is a weighted EmbeddingBagCollection; the IaCN wrapper "
+                         "pools without per-id weights")
     device = next(ebc.parameters()).device
     wrapper = IaCNEmbeddingBagCollection(ebc.embedding_bag_configs(), spec, aux_dim, delta, device=device)
+    with torch.no_grad():  # the tables IaCN does not split are the model's own, trained or not
+        for name, bag in wrapper.orig.embedding_bags.items():
+            if name not in spec.aux_tables:
+                bag.weight.copy_(ebc.embedding_bags[name].weight)
     parent_path, _, attr = ebc_path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, wrapper)
     return ebc_path
