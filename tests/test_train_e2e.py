@@ -370,3 +370,24 @@ def test_resume_refuses_another_sharding_plan(tmp_path, monkeypatch):
         train(cfg(4))
     monkeypatch.undo()
     assert train(cfg(4))["resumed_from_step"] == 2
+
+
+def test_a_plan_that_does_not_fit_is_a_user_error(tmp_path, monkeypatch):
+    """TorchRec's PlannerError becomes one message naming the tables (every rank gets it)."""
+    from helpers import prepare_planted
+    from torchrec.distributed.planner import Topology
+
+    from iacn_torchrec.distributed import sharding
+    from iacn_torchrec.errors import UserError
+
+    _, data = prepare_planted(tmp_path, num_users=60, seed=0)
+    c = _config(data, tmp_path / "run", 2)
+    c.data = DataConfig(path=str(data), batch_size=64)
+    c.optim.embedding_optimizer = "rowwise_adagrad"  # fused: planned and sharded even in one process
+    c.model.emb_dim = c.model.user_dim = c.iacn.aux_dim = 8
+    monkeypatch.setattr(sharding, "topology", lambda world_size, device: Topology(
+        world_size=world_size, compute_device="cpu", ddr_cap=4096))  # 4 KiB of memory per rank
+    with pytest.raises(UserError, match=r"no sharding plan for the tables on 1 cpu rank\(s\) \(tables, "
+                                        r"largest first: .*item_orig"):
+        train(c)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -38,12 +38,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -51,6 +52,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from iacn_torchrec.distributed.setup import StepOutput, TrainingSetup, collective_device, plain_steps
+from iacn_torchrec.errors import UserError
 from iacn_torchrec.train.config import ConfigError, TrainConfig
 
 __all__ = [
@@ -235,6 +237,10 @@ def _freeze_table_metadata(model: torch.nn.Module) -> None:
             m.feature_names = lambda names=tuple(names): list(names)  # type: ignore[method-assign]
 
 
+class PlanError(UserError, RuntimeError):
+    """The planner found no sharding plan for the training tables on this topology."""
+
+
 def plan_and_wrap(
     model: torch.nn.Module, config: TrainConfig, device: torch.device
 ) -> tuple[DistributedModelParallel, ShardingPlan, dict[str, str]]:
@@ -256,7 +262,26 @@ def plan_and_wrap(
         # (TorchRec's reservation shrinks HBM only; on CPU topology() leaves the DDR headroom)
         storage_reservation=FixedPercentageStorageReservation(0.15),
     )
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+
+    def plan_or_error() -> tuple[ShardingPlan | None, str | None]:
+        try:  # the error travels to every rank: none is left waiting for a plan that never comes
+            return planner.plan(model, sharders), None
+        except PlannerError as e:
+            return None, str(e)
+
+    # what collective_plan does (rank 0 plans, every rank gets the result), with the error broadcast too
+    plan, error = invoke_on_rank_and_broadcast_result(dist.GroupMember.WORLD, 0, plan_or_error)
+    if plan is None:
+        by_size = sorted(tables.items(), key=lambda kv: -kv[1].num_embeddings * kv[1].embedding_dim)
+        sizes = ", ".join(f"{n} {c.num_embeddings:,}x{c.embedding_dim} "
+                          f"({c.num_embeddings * c.embedding_dim * 4 / 2**20:,.1f} MiB)" for n, c in by_size)
+        reason = (error or "").strip().splitlines()
+        raise PlanError(
+            f"TorchRec's planner found no sharding plan for the tables on {world_size} {device.type} "
+            f"rank(s) (tables, largest first: {sizes}; sharding types pinned: "
+            f"{config.distributed.sharding_types or 'none'}): {reason[0].rstrip('. ') if reason else 'no reason given'}. "
+            "Use more ranks, smaller tables, or other --sharding types; `iacn plan` shows what fits where"
+        )
     dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders)
     return dmp, plan, table_optimizers
 
