@@ -275,11 +275,12 @@ def plan_and_wrap(
         by_size = sorted(tables.items(), key=lambda kv: -kv[1].num_embeddings * kv[1].embedding_dim)
         sizes = ", ".join(f"{n} {c.num_embeddings:,}x{c.embedding_dim} "
                           f"({c.num_embeddings * c.embedding_dim * 4 / 2**20:,.1f} MiB)" for n, c in by_size)
-        reason = (error or "").strip().splitlines()
+        lines = (error or "").strip().splitlines()
+        reason = lines[0].rstrip(". ") if lines else "no reason given"
         raise PlanError(
             f"TorchRec's planner found no sharding plan for the tables on {world_size} {device.type} "
             f"rank(s) (tables, largest first: {sizes}; sharding types pinned: "
-            f"{config.distributed.sharding_types or 'none'}): {reason[0].rstrip('. ') if reason else 'no reason given'}. "
+            f"{config.distributed.sharding_types or 'none'}): {reason}. "
             "Use more ranks, smaller tables, or other --sharding types; `iacn plan` shows what fits where"
         )
     dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders)
