@@ -50,11 +50,13 @@ def train(
             ``--out`` must be storage every node sees (checkpoints are written by all ranks)
         nproc_per_node: workers per node (CPU processes, or GPUs: at most the node's GPU count)
         nnodes: number of nodes
-        image: container image for kubernetes/docker/slurm-with-containers; ignored by local_cwd
-            (which runs in the current directory's environment)
-        cpu: CPUs per node
-        gpu: GPUs per node (0: CPU training with gloo; > 0: nccl)
-        memMB: memory per node in MB
+        image: container image with this package installed, required by kubernetes/docker and
+            slurm-with-containers; ignored by local_cwd (which runs in the current directory's
+            environment). The default, TorchX's own image, does not hold iacn_torchrec.
+        cpu: CPUs per node (for all its workers together: e.g. 8 workers x OMP_NUM_THREADS=2 need 16)
+        gpu: GPUs per node (0: CPU training with gloo, GPUs hidden from the workers even on a GPU
+            host; > 0: nccl, one GPU per worker, so nproc_per_node <= gpu)
+        memMB: memory per node in MB (for all its workers together)
         h: a registered named resource (takes precedence over cpu, gpu, memMB)
         env: extra environment variables for the workers (e.g. OMP_NUM_THREADS=2)
         max_retries: scheduler-level retries of the whole job; a retry resumes from the newest
@@ -63,7 +65,15 @@ def train(
         name: job name
         mounts: mounts for container schedulers (type=bind,src=/data,dst=/data)
     """
+    if gpu < 0 or nproc_per_node < 1 or nnodes < 1:
+        raise ValueError(f"train: gpu={gpu}, nproc_per_node={nproc_per_node}, nnodes={nnodes}: "
+                         "need gpu >= 0 and at least one node and worker")
+    if gpu and nproc_per_node > gpu:
+        raise ValueError(f"train: nproc_per_node={nproc_per_node} workers but gpu={gpu} GPUs per node: "
+                         "each worker trains on its own GPU")
     worker_env = {"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    if gpu == 0:  # CPU training asked for: the backend follows torch.cuda.is_available()
+        worker_env["CUDA_VISIBLE_DEVICES"] = ""
     worker_env.update(env or {})
     return dist.ddp(
         "train",
