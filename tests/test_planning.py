@@ -182,3 +182,21 @@ def test_training_planner_gets_ids_per_sample_and_keeps_memory_back():
     topo = topology(2, torch.device("cpu"))
     mem = _physical_memory()
     assert all(d.storage.ddr == int(0.85 * mem) // 2 for d in topo.devices)
+
+
+def test_training_topology_respects_a_cgroup_memory_limit(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from iacn_torchrec.distributed import sharding
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(sharding, "_CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
+    for raw, want in (("max\n", physical), (f"{physical * 4}\n", physical), ("1073741824\n", 2**30)):
+        limit.write_text(raw)
+        assert sharding._physical_memory() == want
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    topo = sharding.topology(2, torch.device("cpu"))
+    assert topo.devices[0].storage.ddr == int(0.85 * 2**30) // 2

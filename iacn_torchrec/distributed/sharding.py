@@ -194,16 +194,31 @@ def planner_constraints(
     return constraints
 
 
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
 def _physical_memory() -> int:
+    """The memory this process may use: the machine's, or less under a cgroup limit (a container,
+    TorchX's memMB on Kubernetes or Slurm). 0 when unknown (TorchRec's default then)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: leave TorchRec's default
         return 0
+    for path in _CGROUP_LIMITS:
+        try:
+            with open(path) as f:
+                raw = f.read().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and 0 < int(raw) < mem:  # "max" (v2) or a huge number (v1): no limit
+            mem = int(raw)
+    return mem
 
 
 def topology(world_size: int, device: torch.device) -> Topology:
     """This run's topology: ranks, device kind, and the memory that really exists per rank
-    (DDR: physical memory over the local ranks; HBM: the GPU's total memory)."""
+    (DDR: 85 % of physical memory, or of the cgroup's limit, over the local ranks; HBM: the GPU's
+    total memory)."""
     from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
