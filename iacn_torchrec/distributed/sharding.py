@@ -33,6 +33,7 @@ of per-rank means, as in any data-parallel training.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,6 +113,12 @@ def _check_fused_dims(model: torch.nn.Module) -> None:
         )
 
 
+def _note(message: str) -> None:
+    """A one-line note on rank 0's stderr (the training loop's convention for choices it makes)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 def apply_table_optimizers(
     model: torch.nn.Module, config: TrainConfig, device: torch.device | None = None
 ) -> dict[str, str]:
@@ -131,6 +138,10 @@ def apply_table_optimizers(
             "rowwise_adagrad (and --aux-embedding-optimizer), or train in one process with adam everywhere"
         )
     _check_fused_dims(model)
+    if adam:
+        _note(f"table(s) {adam} use FBGEMM's fused Adam, which updates only the rows a batch looks up "
+              "(one process with Adam tables updates every row, as torch.optim.Adam does): the two "
+              "runs differ by more than float rounding")
     for ec in embedding_collections(model).values():
         for table, emb in ec.embeddings.items():
             opt = chosen[table]
@@ -184,6 +195,9 @@ def planner_constraints(
         offered = ALL_SHARDING_TYPES
         if table_optimizers[table] == "rowwise_adagrad":
             offered = [t for t in offered if t != ShardingType.COLUMN_WISE.value]
+            if st == ShardingType.COLUMN_WISE.value:
+                _note(f"{table}: column_wise with rowwise_adagrad keeps one accumulator per row and "
+                      "column shard, not per row: another optimizer than the unsharded table's")
         constraints[table] = ParameterConstraints(
             sharding_types=[st] if st else offered,
             compute_kernels=[EmbeddingComputeKernel.FUSED.value],
