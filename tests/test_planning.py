@@ -200,3 +200,16 @@ def test_training_topology_respects_a_cgroup_memory_limit(tmp_path, monkeypatch)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     topo = sharding.topology(2, torch.device("cpu"))
     assert topo.devices[0].storage.ddr == int(0.85 * 2**30) // 2
+
+
+def test_pooled_specs_count_the_history_ids():
+    """A pooled (DLRM-style) bag still looks up every id of the history: its pooling factor is the
+    history length, as for sequence specs (the planner sized pooled histories as one id)."""
+    from iacn_torchrec.distributed.plan_specs import ModelSpec, PlanOptions, TopologySpec
+    from iacn_torchrec.distributed.planning import build_constraints
+
+    topo = TopologySpec(world_size=2, local_world_size=2, compute_device="cpu", ddr_gib=4)
+    for pooled in (False, True):
+        spec = ModelSpec("p", num_users=100, num_items=1000, num_cates=10, hist_len=20, pooled=pooled)
+        c = build_constraints(spec, True, topo, PlanOptions(batch_size=32), offload=False)
+        assert c["item_orig"].pooling_factors == [1.0, 20.0] and c["cate_aux"].pooling_factors == [1.0, 20.0]

@@ -76,7 +76,9 @@ class ModelSpec:
     the aux tables: the loader draws S_neg for each label-1 sample and none for the others, so
     S_neg × the positive share (S_neg / 2 on din-protocol data; 0 for the in-batch sampler).
     ``pooled=True`` builds DLRM-style EmbeddingBagCollections (one pooled lookup per feature)
-    instead of sequence EmbeddingCollections.
+    instead of sequence EmbeddingCollections, for orig and aux alike, with the aux tables added
+    beside the orig ones (``orig_dim + aux_dim`` in all). The DLRM plug-in is laid out differently
+    (an EC aux carved out of the model's dim, docs/dlrm.md): plan it as a sequence spec.
     """
 
     name: str

@@ -170,7 +170,9 @@ def build_constraints(
         cons[t.name] = ParameterConstraints(
             sharding_types=types,
             compute_kernels=kernels,
-            pooling_factors=list(t.pooling_factors) if not spec.pooled else [1.0] * len(t.feature_names),
+            # ids per sample either way: TorchRec sizes the id all-to-all and the lookups from it (a
+            # pooled bag's output size comes from num_poolings)
+            pooling_factors=list(t.pooling_factors),
             num_poolings=[1.0] * len(t.feature_names),
             cache_params=_cache_params(options.cache_load_factor) if offload else None,
         )
