@@ -125,6 +125,17 @@ def test_scenario_errors_name_file_and_field(tmp_path):
     )
     with pytest.raises(SpecError, match=r"bad.yaml.*orig_dims"):
         load_scenario(p)
+    model = "model: {num_users: 1, num_items: 2, num_cates: 3}\nworld_sizes: [2]\n"
+    for extra, shown in (("plan: {batch_size: '128'}", r"batch_size must be an integer >= 1, got '128'"),
+                         ("plan: {sharding_types: row_wise}", r"sharding_types must be a non-empty list"),
+                         ("plan: {sharding_types: [rw]}", r"unknown sharding type\(s\) \['rw'\]"),
+                         ("plan: {reserve_fraction: 1.5}", r"reserve_fraction must be in \[0, 1\)"),
+                         ("plan: {cache_load_factor: -1}", r"cache_load_factor must be in \(0, 1\]"),
+                         ("topology: {world_size: 4}", r"'topology' must be a mapping without 'world_size'"),
+                         ("topology: {hbm_gib: -1}", r": topology: hbm_gib must be a positive")):
+        p.write_text(f"name: x\n{model}{extra}\n")
+        with pytest.raises(SpecError, match=rf"bad\.yaml.*{shown}"):
+            load_scenario(p)
 
 
 def test_cli_writes_json_and_markdown(tmp_path):

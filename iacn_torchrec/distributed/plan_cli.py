@@ -95,6 +95,9 @@ def scenario_from_dict(d: Any, where: str = "<scenario>") -> Scenario:
     if not isinstance(aux, list) or not all(isinstance(a, int) and a > 0 for a in aux):
         raise SpecError(f"{where}: 'aux_dims' must be a list of positive integers, got {aux!r}")
     topo = d.get("topology", {}) or {}
+    if not isinstance(topo, dict) or "world_size" in topo:
+        raise SpecError(f"{where}: 'topology' must be a mapping without 'world_size' (the scenario's "
+                        f"'world_sizes' list gives it), got {topo!r}")
     try:
         TopologySpec.from_dict({**topo, "world_size": ws[0]}, f"{where}: topology")
     except TypeError as e:
@@ -104,7 +107,7 @@ def scenario_from_dict(d: Any, where: str = "<scenario>") -> Scenario:
     bad = sorted(set(plan) - known)
     if bad:
         raise SpecError(f"{where}: unknown plan field(s) {bad}; known: {sorted(known)}")
-    if "sharding_types" in plan and plan["sharding_types"] is not None:
+    if isinstance(plan.get("sharding_types"), list):
         plan = {**plan, "sharding_types": tuple(plan["sharding_types"])}
     try:
         options = PlanOptions(**plan)

@@ -19,7 +19,10 @@ from typing import Any
 from iacn_torchrec.errors import UserError
 
 GIB = 1024**3
-GBPS = 1e9 / 1000  # 1 GB/s in bytes/ms, TorchRec's bandwidth unit
+#: sharding types a plan may name (TorchRec's ShardingType values)
+SHARDING_TYPE_NAMES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise",
+                       "table_column_wise", "grid_shard")
+GBPS = GIB / 1000  # 1 GiB/s in bytes/ms, TorchRec's bandwidth unit (its defaults: 600 and 12.5 GiB/s)
 
 # optimizer name -> (TorchRec/torch optimizer class path, state floats per row, state floats per element)
 OPTIMIZERS: dict[str, tuple[str, int, int]] = {
@@ -216,7 +219,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TopologySpec:
-    """A simulated cluster (TorchRec ``Topology``); capacities per rank in GiB, bandwidths in GB/s."""
+    """A simulated cluster (TorchRec ``Topology``); capacities per rank in GiB, bandwidths in GiB/s
+    (``*_bw_gbps``: the unit of TorchRec's own defaults)."""
 
     world_size: int
     local_world_size: int = 8
@@ -265,8 +269,8 @@ class TopologySpec:
             raise SpecError(f"{where}: unknown topology field(s) {unknown}; known: {sorted(names)}")
         try:
             return cls(**d)
-        except TypeError as e:
-            raise SpecError(f"{where}: {e}") from None
+        except (TypeError, SpecError) as e:
+            raise SpecError(f"{where}: {str(e).removeprefix('topology: ')}") from None
 
 
 @dataclass(frozen=True)
@@ -299,8 +303,32 @@ class PlanOptions:
             )
         if self.offload not in ("never", "auto", "always"):
             raise SpecError(f"plan options: offload must be never|auto|always, got {self.offload!r}")
-        if self.batch_size < 1:
-            raise SpecError(f"plan options: batch_size must be >= 1, got {self.batch_size}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for name in ("batch_size", "small_table_bytes", "column_wise_max_world", "table_wise_max_world"):
+            v, lo = getattr(self, name), 1 if name == "batch_size" else 0
+            if not is_int(v) or v < lo:
+                raise SpecError(f"plan options: {name} must be an integer >= {lo}, got {v!r}")
+        if not is_num(self.cache_load_factor) or not 0 < self.cache_load_factor <= 1:
+            raise SpecError(f"plan options: cache_load_factor must be in (0, 1], "
+                            f"got {self.cache_load_factor!r}")
+        if not is_num(self.reserve_fraction) or not 0 <= self.reserve_fraction < 1:
+            raise SpecError(f"plan options: reserve_fraction must be in [0, 1), "
+                            f"got {self.reserve_fraction!r}")
+        if self.sharding_types is not None:
+            types = self.sharding_types
+            if isinstance(types, str) or not types or not all(isinstance(t, str) for t in types):
+                raise SpecError(f"plan options: sharding_types must be a non-empty list of names, "
+                                f"got {types!r}")
+            bad = [t for t in types if t not in SHARDING_TYPE_NAMES]
+            if bad:
+                raise SpecError(f"plan options: unknown sharding type(s) {bad}; "
+                                f"known: {list(SHARDING_TYPE_NAMES)}")
 
     def optimizer_state_bytes(self, rows: int, cols: int) -> int:
         """Optimizer state of a (rows × cols) fp32 shard: per-row and per-element floats."""
