@@ -185,6 +185,10 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.3g}" if n else "0"
 
 
+def _signed_gib(n: float) -> str:
+    return f"{n / GIB:+.3g}" if n else "0"
+
+
 def _ms(x: float) -> str:
     return f"{x:.3g}" if math.isfinite(x) else "—"
 
@@ -194,7 +198,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| ranks | variant | kernels | sharding (table type/kernel) | max rank HBM GiB | max rank DDR GiB "
         "| step est. ms (fwd comp / fwd comms / bwd comp / bwd comms on the critical rank) "
-        "| Δ HBM/rank GiB | Δ step ms (×) | planner s |\n"
+        "| Δ HBM / DDR per rank GiB | Δ step ms (×) | planner s |\n"
         "|---:|---|---|---|---:|---:|---|---:|---:|---:|\n"
     )
     lines = []
@@ -218,8 +222,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             + ")"
         )
         d = row.get("delta") or {}
-        dh = f"+{_gib(d['max_rank_hbm'])}" if d else ""
-        ds = f"+{_ms(d['step_estimate_ms'])} (×{d['step_ratio']:.2f})" if d else ""
+        dh = f"{_signed_gib(d['max_rank_hbm'])} / {_signed_gib(d['max_rank_ddr'])}" if d else ""
+        ds = f"{d['step_estimate_ms']:+.3g} (×{d['step_ratio']:.2f})" if d else ""
         mode = r.mode + (" (HBM-only did not fit)" if r.error else "")
         lines.append(
             f"| {row['world_size']} | {var} | {mode} | {plan_cell(r)} | {_gib(r.max_rank_hbm)} | "
