@@ -89,6 +89,35 @@ def test_zero_scores_give_finite_gradients_for_small_p() -> None:
     assert torch.isfinite(capsules.grad).all() and torch.isfinite(target.grad).all()
 
 
+def test_large_p_saturates_instead_of_nan_and_fp16_small_p_is_finite() -> None:
+    """|s|^p past the dtype's range is capped, so the softmax stays finite: the largest scores share
+    the weight; fp16's smallest normal number guards p < 1 at zero scores (1e-12 is 0 there)."""
+    capsules = torch.tensor([[[10.0, 0.0], [9.0, 0.0], [-20.0, 0.0]]], requires_grad=True)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    target = torch.tensor([[1.0, 0.0]])
+    for p in (38.0, 40.0, 200.0):
+        v, w = label_aware_attention(capsules, mask, target, p)
+        assert torch.isfinite(w).all() and torch.isfinite(v).all(), p
+        assert w[0, 2] == 0 and w[0, 0] >= w[0, 1]  # the negative score never wins
+    v.sum().backward()
+    assert torch.isfinite(capsules.grad).all()
+    torch.testing.assert_close(label_aware_attention_weights(capsules, mask, target, 38.0),
+                               torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-2, rtol=0)  # unsaturated: sharp
+    half = torch.tensor([[[0.5, 0.2], [0.0, 0.0]]], dtype=torch.float16, requires_grad=True)
+    v, _ = label_aware_attention(half, torch.tensor([[True, False]]), torch.tensor([[1.0, 1.0]],
+                                 dtype=torch.float16), 0.5)
+    v.float().sum().backward()
+    assert torch.isfinite(half.grad).all()
+
+
+def test_larger_p_flattens_scores_below_one() -> None:
+    """Documented behaviour: for |s| < 1 a larger finite p moves the weights towards uniform."""
+    capsules = torch.tensor([[[0.5, 0.0], [0.1, 0.0]]], dtype=torch.float64)
+    mask, target = torch.ones(1, 2, dtype=torch.bool), torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    first = [float(label_aware_attention_weights(capsules, mask, target, p)[0, 0]) for p in (1.0, 2.0, 8.0)]
+    assert first[0] > first[1] > first[2] > 0.5
+
+
 def test_bad_inputs() -> None:
     capsules, mask, target = _inputs()
     with pytest.raises(ValueError, match="p must be"):

@@ -2,10 +2,14 @@
 
 ``v_u = Σ_j softmax_j(pow(V_j · e_t, p)) V_j`` over the live capsules ``j < K_u``, with the
 sign-preserving power ``pow(s, p) = sign(s) · |s|^p`` (a plain even power would turn a strongly
-negative score into a large weight). p = 0 would be uniform attention, p = 1 ordinary dot-product
-attention, larger p sharper; ``p = inf`` is hard attention (the best-matching live capsule).
-This project's default is p = 2 (``IaCNConfig.pow_p``): sharper than dot-product attention while
-keeping a gradient for every live capsule; the paper leaves p open.
+negative score into a large weight). p = 1 is ordinary dot-product attention. A larger p sharpens
+the weights only where the scores' magnitudes exceed 1: for |s| < 1, the usual case early in
+training (squash keeps short capsules short), |s|^p shrinks towards 0 and the weights flatten
+towards uniform. ``p = inf`` is hard attention (the best-matching live capsule); it is the limit
+of finite p only for scores above 1 in magnitude. This project's default is p = 2
+(``IaCNConfig.pow_p``, MIND's choice), which keeps a gradient for every live capsule; the paper
+leaves p open. Scores whose power would overflow the dtype are capped first (an infinite score
+would make the softmax NaN).
 """
 
 from __future__ import annotations
@@ -15,17 +19,24 @@ import math
 import torch
 import torch.nn.functional as F
 
-# |s| is clamped to this before |s|^p when p < 1, whose derivative is infinite at 0.
+# |s| is clamped to this (or the dtype's smallest normal number, if larger: fp16's 1e-12 is 0)
+# before |s|^p when p < 1, whose derivative is infinite at 0.
 _POW_EPS = 1e-12
 
 
 def signed_pow(s: torch.Tensor, p: float) -> torch.Tensor:
-    """``sign(s) · |s|^p`` elementwise; p a positive Python float."""
+    """``sign(s) · |s|^p`` elementwise (|s| capped where the power would overflow); p a positive
+    Python float."""
     if p == 1.0:
         return s
     mag = s.abs()
+    info = torch.finfo(s.dtype)
     if p < 1.0:
-        mag = mag.clamp_min(_POW_EPS)
+        mag = mag.clamp_min(max(_POW_EPS, info.tiny))
+    elif p > 1.0:
+        # |s|^p overflows for large p (p = 40: |s| > 9.2 in float32), and an inf score makes the
+        # softmax NaN: cap |s| where |s|^p and its derivative p·|s|^(p-1) are still finite
+        mag = mag.clamp_max((info.max / (2.0 * p)) ** (1.0 / p))
     return torch.sign(s) * mag.pow(p)
 
 

@@ -32,7 +32,9 @@ class IaCNConfig:
         enabled: add the IaCN task (and the aux tables) to the model.
         lam: λ, the weight of ``L_IaCN`` in the total loss (≥ 0; 0 is the "no IaCN loss" control).
         delta: δ ∈ [0, 1], the main model's share of the gradient into ``E_aux`` (1 - δ is IaCN's).
-        pow_p: p of the label-aware attention (> 0; ``math.inf`` = hard attention).
+        pow_p: p of the label-aware attention (> 0; ``math.inf`` = hard attention). A larger finite
+            p sharpens the weights only for scores above 1 in magnitude and flattens them below 1
+            (see :mod:`iacn_torchrec.modules.attention`).
         k_max: K_max, the most interests per user; None = ``ceil(log2 max_len)``.
         routing_iters: r, dynamic-routing iterations.
         aux_dim: dimension of each aux table (h = 2·aux_dim: item ⊕ category).
