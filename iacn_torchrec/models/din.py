@@ -23,7 +23,10 @@ class DINConfig:
         att_softmax: softmax-normalise the masked attention scores (DIEN's code: yes).
         tower_hidden: tower widths after the input BatchNorm.
         tower_activation: ``dice`` (DIN/DIEN) or ``prelu``.
-        tower_input_bn: BatchNorm on the tower input (DIEN's ``bn1``).
+        tower_input_bn: BatchNorm on the tower input (DIEN's ``bn1``). The reference code calls it
+            without ``training=True``, so it only ever applies its never-updated moving statistics
+            (an affine layer in effect); here it normalises with batch statistics in training and
+            running ones at eval, as DeepCTR-Torch does.
         dropout: dropout after each tower activation (0 in the reference).
     """
 

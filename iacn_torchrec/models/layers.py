@@ -52,7 +52,8 @@ class Dice(nn.Module):
 
 
 def activation_layer(name: str, num_features: int) -> nn.Module:
-    """``dice`` | ``prelu`` (per-channel, α init 0.25 as PyTorch) | ``relu`` | ``sigmoid`` | ``none``."""
+    """``dice`` | ``prelu`` (per-channel, α init 0.25 as PyTorch; the DIEN code's ``prelu`` starts
+    at 0.1) | ``relu`` | ``sigmoid`` | ``none``."""
     name = name.lower()
     if name == "dice":
         return Dice(num_features)
