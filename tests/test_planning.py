@@ -162,8 +162,10 @@ def test_cli_writes_json_and_markdown(tmp_path):
 
 
 @pytest.mark.slow
-def test_measured_state_bytes_match_plan_on_cpu_rank():
-    spec = ModelSpec("m", 1000, 20_000, 50, orig_dim=16, aux_dim=8, user_dim=16, hist_len=4)
+@pytest.mark.parametrize("user_dim", [16, 24])  # 24: uid in a collection of its own, as in training
+def test_measured_state_bytes_match_plan_on_cpu_rank(user_dim):
+    spec = ModelSpec("m", 1000, 20_000, 50, orig_dim=16, aux_dim=8, user_dim=user_dim, hist_len=4)
+    assert {t.name: t.module for t in spec.tables()}["uid"] == ("orig" if user_dim == 16 else "user")
     (r,) = measure_sharded_embeddings(spec, True, 1, PlanOptions(batch_size=32), steps=2, warmup=1)
     assert r["measured_weight_bytes"] + r["measured_optimizer_bytes"] == r["planned_state_bytes"]
 

@@ -100,12 +100,6 @@ class ModelSpec:
         for f in ("num_users", "num_items", "num_cates", "orig_dim", "user_dim"):
             if int(getattr(self, f)) <= 0:
                 raise SpecError(f"model spec {self.name!r}: field {f!r} must be > 0, got {getattr(self, f)}")
-        if not self.pooled and self.user_dim != self.orig_dim:
-            # uid shares the "orig" EmbeddingCollection, which requires one embedding dim
-            raise SpecError(
-                f"model spec {self.name!r}: user_dim ({self.user_dim}) must equal orig_dim ({self.orig_dim}) "
-                "for sequence EmbeddingCollections (uid lives in the orig collection)"
-            )
         if self.aux_dim < 0 or self.iacn_negatives < 0 or self.hist_len < 0:
             raise SpecError(f"model spec {self.name!r}: aux_dim, iacn_negatives and hist_len must be >= 0")
 
@@ -120,8 +114,11 @@ class ModelSpec:
         if self.neg_hist:
             item_f, item_p = item_f + ["neg_hist_item"], item_p + [L]
             cate_f, cate_p = cate_f + ["neg_hist_cate"], cate_p + [L]
+        # an EmbeddingCollection holds one dim: uid gets a collection of its own when it differs
+        # (as InterestAwareEmbeddings does); bags may mix dims
+        user_module = "orig" if self.pooled or self.user_dim == self.orig_dim else "user"
         out = [
-            TableSpec("uid", "orig", self.num_users + 1, self.user_dim, ("uid",), (1.0,)),
+            TableSpec("uid", user_module, self.num_users + 1, self.user_dim, ("uid",), (1.0,)),
             TableSpec("item_orig", "orig", self.num_items + 1, self.orig_dim, tuple(item_f), tuple(item_p)),
             TableSpec("cate_orig", "orig", self.num_cates + 1, self.orig_dim, tuple(cate_f), tuple(cate_p)),
         ]

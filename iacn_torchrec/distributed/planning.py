@@ -78,19 +78,24 @@ class PlanDoesNotFitError(UserError, ValueError):
         self.tier = tier
 
 
+#: the embedding collections of a planned model, as in InterestAwareEmbeddings
+MODULES = ("orig", "aux", "user")
+
+
 class PlannedEmbeddings(nn.Module):
     """The embedding tables of ``InterestAwareEmbeddings`` (same module and table names), nothing else.
 
-    ``orig``/``aux`` are ``EmbeddingCollection``s (sequence lookups), or ``EmbeddingBagCollection``s
-    (sum-pooled, DLRM-style) when ``pooled``. ``forward(orig_kjt, aux_kjt)`` returns the lookups of
-    both, ``{table_module: {feature: JaggedTensor [B·n_f, D]}}`` (pooled: ``KeyedTensor [B, ΣD]``).
+    ``orig``/``aux`` (and ``user`` when the user dim differs from orig's) are
+    ``EmbeddingCollection``s (sequence lookups), or ``EmbeddingBagCollection``s (sum-pooled,
+    DLRM-style) when ``pooled``. ``forward(orig_kjt, aux_kjt, user_kjt)`` returns the lookups of
+    each, ``{table_module: {feature: JaggedTensor [B·n_f, D]}}`` (pooled: ``KeyedTensor [B, ΣD]``).
     """
 
     def __init__(self, tables: list[TableSpec], pooled: bool = False, device: torch.device | None = None):
         super().__init__()
         device = device or torch.device("meta")
         self.pooled = pooled
-        for mod in ("orig", "aux"):
+        for mod in MODULES:
             ts = [t for t in tables if t.module == mod]
             if not ts:
                 continue
@@ -108,11 +113,13 @@ class PlannedEmbeddings(nn.Module):
             setattr(self, mod, collection_cls(tables=cfgs, device=device))
 
     def forward(
-        self, orig_kjt: KeyedJaggedTensor, aux_kjt: KeyedJaggedTensor | None = None
+        self, orig_kjt: KeyedJaggedTensor, aux_kjt: KeyedJaggedTensor | None = None,
+        user_kjt: KeyedJaggedTensor | None = None,
     ) -> dict[str, Any]:
         out = {"orig": self.orig(orig_kjt)}
-        if aux_kjt is not None and hasattr(self, "aux"):
-            out["aux"] = self.aux(aux_kjt)
+        for mod, kjt in (("aux", aux_kjt), ("user", user_kjt)):
+            if kjt is not None and hasattr(self, mod):
+                out[mod] = getattr(self, mod)(kjt)
         return out
 
 
@@ -652,12 +659,9 @@ def _measure_worker(rank: int, world_size: int, port: int, job: dict[str, Any], 
         sharders = sharders_for(spec)
         gen = torch.Generator().manual_seed(int(job["seed"]) * 1000 + rank)
         n_steps, warmup, B = int(job["steps"]), int(job["warmup"]), options.batch_size
-        orig_t = [t for t in tables if t.module == "orig"]
-        aux_t = [t for t in tables if t.module == "aux"]
-        batches = [
-            (random_kjt(orig_t, B, gen), random_kjt(aux_t, B, gen) if aux_t else None)
-            for _ in range(n_steps + warmup)
-        ]
+        by_module = [[t for t in tables if t.module == m] for m in MODULES]
+        batches = [tuple(random_kjt(ts, B, gen) if ts else None for ts in by_module)
+                   for _ in range(n_steps + warmup)]
         rss0 = _rss_bytes()
         dmp = DistributedModelParallel(
             module,
@@ -670,8 +674,9 @@ def _measure_worker(rank: int, world_size: int, port: int, job: dict[str, Any], 
         weights = sum(_tensor_bytes(v) for k, v in dmp.state_dict().items() if k.endswith("weight"))
         opt_state = _tensor_bytes(dmp.fused_optimizer.state_dict().get("state", {}))
 
-        def step(orig_kjt: KeyedJaggedTensor, aux_kjt: KeyedJaggedTensor | None) -> None:
-            out = dmp(orig_kjt, aux_kjt)
+        def step(orig_kjt: KeyedJaggedTensor, aux_kjt: KeyedJaggedTensor | None,
+                 user_kjt: KeyedJaggedTensor | None) -> None:
+            out = dmp(orig_kjt, aux_kjt, user_kjt)
             loss = torch.zeros(())
             for part in out.values():
                 vals = part.values()  # KeyedTensor -> Tensor [B, ΣD]; dict -> JaggedTensors
