@@ -149,6 +149,16 @@ def test_resume_retrains_only_missing_or_changed_runs(tiny, tmp_path, capsys):
     (out / "din-L8-base-s1" / "metrics.json").write_text(json.dumps(m))
     assert rp.finished(out / "din-L8-base-s1", rp.make_config(_args(argv), rp.Run(
         "din-L8-base-s1", "din", 8, rp.BASE, 1, tiny), out).to_dict()) is None
+    # a dataset prepared again at the same path is other data: its runs are not finished
+    m = json.loads((out / "din-L8-base-s0" / "metrics.json").read_text())
+    config = rp.make_config(_args(argv), rp.Run("din-L8-base-s0", "din", 8, rp.BASE, 0, tiny), out).to_dict()
+    assert rp.finished(out / "din-L8-base-s0", config) is not None
+    m["dataset"]["content_hash"] = "sha256:another"
+    (out / "din-L8-base-s0" / "metrics.json").write_text(json.dumps(m))
+    assert rp.finished(out / "din-L8-base-s0", config) is None
+    # a smoke run needs its own --out too (the default holds the published runs)
+    with pytest.raises(SystemExit, match="pass --out DIR and --results DIR"):
+        rp.run(_args([a for a in argv if a not in ("--out", str(out))]))
     # more steps is another configuration: everything retrains
     assert rp.run(_args([a if a != "2" or i != argv.index("--max-steps") + 1 else "3"
                          for i, a in enumerate(argv)])) == 0
@@ -242,6 +252,10 @@ def test_paired_statistics_by_hand():
     noisy = rp.paired({0: 0.80, 1: 0.78, 2: 0.83}, {0: 0.79, 1: 0.80, 2: 0.80})
     assert not noisy.significant and noisy.verdict().startswith("no")
     assert rp.paired({0: 0.8}, {0: 0.7}).verdict().startswith("n < 2")
+    # the same difference on every seed (SD 0) is beyond noise, with t's sign the lift's
+    same = rp.paired({0: 0.5, 1: 0.75}, {0: 0.75, 1: 1.0})  # exact in binary: both differences -0.25
+    assert same.t == -math.inf and same.significant and same.verdict().startswith("yes, below")
+    assert not rp.paired({0: 0.8, 1: 0.8}, {0: 0.8, 1: 0.8}).significant  # t = 0
 
 
 def test_bad_arguments_are_named():
@@ -256,6 +270,10 @@ def test_bad_arguments_are_named():
         rp.run(_args(["--variant", "a:iacn.lam=0.1", "--variant", "a:iacn.lam=0.5", "--data", "/none"]))
     with pytest.raises(SystemExit, match="--delta-seeds must be >= 1"):
         rp.run(_args(["--delta-seeds", "0", "--data", "/nonexistent"]))
+    # the arms set enabled / delta / lam: a global value would make them one run under four names
+    for s in ("iacn.delta=0.5", "iacn.lam=2", " iacn.enabled =true"):
+        with pytest.raises(SystemExit, match="the arms define iacn.enabled, iacn.delta, iacn.lam"):
+            rp.run(_args(["--set", s, "--data", "/nonexistent"]))
 
 
 def test_t_critical_is_conservative_beyond_the_table():

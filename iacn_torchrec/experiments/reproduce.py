@@ -40,10 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iacn_torchrec.errors import UserError
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RAW = REPO / "data" / "amazon-beauty"
 DEFAULT_DATA = REPO / "prepared" / "amazon-beauty-din-L20-s0"
 PARTS = ("table1", "table2", "delta", "variants")
+#: what the arms set themselves (alone / IaCN / the δ=1, λ=0 control / the δ sweep)
+ARM_FIELDS = ("iacn.enabled", "iacn.delta", "iacn.lam")
 TABLE1_MODELS = ("din", "wide_deep", "dien")
 MODEL_LABELS = {"din": "DIN", "wide_deep": "Wide&Deep", "dien": "DIEN", "dlrm": "DLRM"}
 PAPER_DELTA, PAPER_LAM = 0.3, 1.0
@@ -286,7 +290,9 @@ def make_config(args: argparse.Namespace, run: Run, out: Path):
 
 
 def finished(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's metrics when ``run_dir/metrics.json`` exists with a matching configuration."""
+    """The run's metrics when ``run_dir/metrics.json`` exists with a matching configuration and was
+    trained on the dataset now at the config's data path (its content hash: a dataset prepared
+    again at the same path is other data)."""
     path = run_dir / "metrics.json"
     if not path.exists():
         return None
@@ -294,7 +300,21 @@ def finished(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
         m = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return m if comparable(m.get("config", {})) == comparable(config) else None
+    if comparable(m.get("config", {})) != comparable(config):
+        return None
+    trained_on, now = (m.get("dataset") or {}).get("content_hash"), _content_hash(config)
+    # (a run without a recorded hash, or no dataset at the path now, e.g. --no-train elsewhere:
+    # nothing to compare)
+    return m if trained_on is None or now is None or trained_on == now else None
+
+
+def _content_hash(config: dict[str, Any]) -> str | None:
+    from iacn_torchrec.data.store import read_meta
+
+    try:
+        return read_meta(config.get("data", {}).get("path", "")).get("content_hash")
+    except UserError:  # no dataset there
+        return None
 
 
 #: this process's held run locks: lock path → open descriptor (the flock lives as long as it does)
@@ -453,7 +473,8 @@ class Paired:
 
     @property
     def significant(self) -> bool:
-        return self.n >= 2 and math.isfinite(self.t) and abs(self.t) > t_critical(self.n - 1)
+        # t is ±inf when every seed's difference is the same non-zero value: as consistent as it gets
+        return self.n >= 2 and not math.isnan(self.t) and abs(self.t) > t_critical(self.n - 1)
 
     def verdict(self) -> str:
         if self.n < 2:
@@ -469,7 +490,7 @@ def paired(a: dict[int, float], b: dict[int, float]) -> Paired:
     m, sd = mean_sd(diffs)
     unpaired = statistics.fmean(a.values()) - statistics.fmean(b.values()) if a and b else math.nan
     if len(diffs) >= 2:
-        t = m / (sd / math.sqrt(len(diffs))) if sd > 0 else (math.inf if m else 0.0)
+        t = m / (sd / math.sqrt(len(diffs))) if sd > 0 else (math.copysign(math.inf, m) if m else 0.0)
     else:
         t = math.nan
     return Paired(len(diffs), m, sd, unpaired, t)
@@ -848,6 +869,11 @@ def run(args: argparse.Namespace) -> int:
     for d in args.deltas:
         if not 0.0 <= d <= 1.0:
             raise SystemExit(f"iacn reproduce: --deltas: δ={d} is not in [0, 1]")
+    arm_keys = [s for s in args.set if s.split("=", 1)[0].strip() in ARM_FIELDS]
+    if arm_keys:
+        raise SystemExit(f"iacn reproduce: --set {arm_keys}: the arms define {', '.join(ARM_FIELDS)} "
+                         "(a global value would make every arm the same run under different names); use "
+                         "--deltas, or --variant NAME:iacn.field=value for other IaCN settings")
     names = [variant_arm(spec).key for spec in args.variant]
     if len(set(names)) != len(names):
         raise SystemExit(f"iacn reproduce: --variant names must differ, got {[n[4:] for n in names]}")
@@ -869,10 +895,12 @@ def run(args: argparse.Namespace) -> int:
     lengths = sorted(set(args.lengths) | {base_len}) if "table2" in parts else [base_len]
     datasets = {L: dataset_at_length(data, L) if L != base_len else data for L in lengths}
     out = (args.out or REPO / "runs" / "reproduce" / args.name).resolve()
-    if args.max_steps is not None and args.results is None:
-        # the default is the published docs/results/<name>: a smoke run must not replace it
-        raise SystemExit("iacn reproduce: --max-steps makes a smoke run; pass --results DIR for its tables "
-                         f"(the default, docs/results/{args.name}, holds the published ones)")
+    if args.max_steps is not None and (args.results is None or args.out is None):
+        # the defaults hold the published runs and tables: a smoke run must not replace them (its
+        # runs would push the published ones to _stale, or resume their checkpoints)
+        raise SystemExit("iacn reproduce: --max-steps makes a smoke run; pass --out DIR and --results DIR "
+                         f"for its runs and tables (the defaults, runs/reproduce/{args.name} and "
+                         f"docs/results/{args.name}, hold the published ones)")
     res_dir = (args.results or REPO / "docs" / "results" / args.name).resolve()
     plan = build_plan(args, datasets, base_len)
     t0 = time.perf_counter()
