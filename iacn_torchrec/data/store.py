@@ -28,6 +28,7 @@ import numpy as np
 
 from iacn_torchrec.data.protocols import BuiltDataset
 from iacn_torchrec.data.sources import DataError
+from iacn_torchrec.fileio import replace_dir
 
 __all__ = [
     "FORMAT",
@@ -183,19 +184,9 @@ def write_dataset(built: BuiltDataset, out: str | Path, meta: dict, *, overwrite
         (tmp / META).write_text(
             json.dumps(full, indent=2, sort_keys=False) + "\n"
         )  # last: marks completeness
-        old = None
         if out.exists():
             check_target(out, overwrite)  # re-check: someone may have written there meanwhile
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            if old is not None:  # put the previous dataset back: a failed overwrite loses nothing
-                old.rename(out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)  # a failed overwrite puts the previous dataset back: nothing is lost
     except OSError as e:  # no permission, a full disk: nothing was replaced
         raise DataError(f"{out}: cannot write the dataset ({e})") from e
     finally:

@@ -40,6 +40,7 @@ from iacn_torchrec.distributed.plan_specs import (
     TopologySpec,
     fmt_bytes,
 )
+from iacn_torchrec.fileio import save_figure, write_atomic
 
 SCENARIO_KEYS = {"name", "description", "model", "aux_dims", "world_sizes", "topology", "plan"}
 
@@ -304,7 +305,7 @@ def plot_rows(rows: list[dict[str, Any]], out_prefix: str | Path) -> list[Path]:
         fig.suptitle("log scales; x at the bottom: does not fit", fontsize=8, y=0.995)
         fig.tight_layout()
         path = Path(f"{out_prefix}_{fname}.png")
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -391,11 +392,11 @@ def run(args: argparse.Namespace) -> int:
         "rows": rows_to_json(rows, per_rank=True),
         "versions": versions(),  # the planner's estimates depend on TorchRec's
     }
-    (out / "plan.json").write_text(json.dumps(payload, indent=1, default=str))
+    write_atomic(out / "plan.json", json.dumps(payload, indent=1, default=str))
     md = f"# Sharding plan: {scn.name}\n\nModel: `{scn.model}`\n\n" + markdown_table(rows)
     if args.plot:
         for p in plot_rows(rows, out / "plan"):
             md += f"\n![{p.stem}]({p.name})\n"
-    (out / "plan.md").write_text(md)
+    write_atomic(out / "plan.md", md)
     print(f"wrote {out / 'plan.json'} and {out / 'plan.md'}")
     return 0 if all(r["result"].fits for r in rows) else 1

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from iacn_torchrec.errors import UserError
+from iacn_torchrec.fileio import save_figure, write_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RAW = REPO / "data" / "amazon-beauty"
@@ -435,7 +436,7 @@ def execute(args: argparse.Namespace, plan: list[Run], out: Path) -> dict[str, d
                     shutil.rmtree(run_dir)
                     result = train(cfg)
                 wall = time.perf_counter() - t0
-                (run_dir / "reproduce_run.json").write_text(json.dumps({"wall_s": wall}))
+                write_atomic(run_dir / "reproduce_run.json", json.dumps({"wall_s": wall}))
                 if not args.keep_checkpoints:
                     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             finally:
@@ -634,7 +635,7 @@ def write_table1(args, plan, results, out: Path, res_dir: Path, base_len: int) -
               "lift IaCN − control | beyond seed noise? |", "|---|---|---|---|---|---|---|---|", *rows, "",
               "![test AUC per model](table1_auc.png)", ""]
     lines += _per_seed_table(results, runs) + _config_block(results, runs)
-    (res_dir / "table1.md").write_text("\n".join(lines))
+    write_atomic(res_dir / "table1.md", "\n".join(lines))
     _plot_table1(args, summary, res_dir / "table1_auc.png")
     return summary
 
@@ -658,7 +659,7 @@ def write_table2(args, plan, results, out: Path, res_dir: Path) -> dict[str, Any
     lines += [f"| max history length | {label} | {label} + IaCN | lift | beyond seed noise? |",
               "|---|---|---|---|---|", *rows, "", "![AUC vs history length](table2_length.png)", ""]
     lines += _per_seed_table(results, runs) + _config_block(results, runs)
-    (res_dir / "table2.md").write_text("\n".join(lines))
+    write_atomic(res_dir / "table2.md", "\n".join(lines))
     _plot_lines(summary, [("base", label), ("iacn", f"{label} + IaCN")], "maximum history length",
                 res_dir / "table2_length.png", f"{args.name}: {label} by history length")
     return summary
@@ -684,7 +685,7 @@ def write_delta(args, plan, results, out: Path, res_dir: Path, base_len: int) ->
               f"| δ | {label} + IaCN | lift vs {label} alone | beyond seed noise? |", "|---|---|---|---|",
               *rows, "", "![AUC vs δ](delta_sweep.png)", ""]
     lines += _per_seed_table(results, runs) + _config_block(results, runs)
-    (res_dir / "delta.md").write_text("\n".join(lines))
+    write_atomic(res_dir / "delta.md", "\n".join(lines))
     _plot_delta(args, summary, base, res_dir / "delta_sweep.png")
     return summary
 
@@ -707,7 +708,7 @@ def write_variants(args, plan, results, out: Path, res_dir: Path, base_len: int)
         "against the model alone with the same seeds."])
     lines += ["| arm | test AUC | lift vs alone | beyond seed noise? |", "|---|---|---|---|", *rows, ""]
     lines += _per_seed_table(results, runs) + _config_block(results, runs)
-    (res_dir / "variants.md").write_text("\n".join(lines))
+    write_atomic(res_dir / "variants.md", "\n".join(lines))
     return summary
 
 
@@ -727,7 +728,7 @@ def _save(fig, ax, path: Path, ylabel: str, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     _plt().close(fig)
 
 
@@ -926,7 +927,7 @@ def run(args: argparse.Namespace) -> int:
 
     for part, s in summary.items():
         part_runs = {r.run_id: r for r in plan if part in r.parts and r.run_id in results}
-        (res_dir / f"{part}.json").write_text(json.dumps(_json_safe(
+        write_atomic(res_dir / f"{part}.json", json.dumps(_json_safe(
             {"command": args.command_line, "versions": versions(), "summary": s,
              "runs": {rid: {"seed": r.seed, "model": r.model, "max_len": r.max_len, "arm": r.arm.key,
                             "test_auc": results[rid]["test"]["auc"], "config": results[rid]["config"],

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from iacn_torchrec import versions
+from iacn_torchrec.fileio import save_figure, write_atomic
 
 __all__ = [
     "UserExplanation",
@@ -345,7 +346,7 @@ def plot_explanation(ex: UserExplanation, path: str | Path) -> None:
             fontsize=8,
         )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -530,7 +531,7 @@ def plot_summary(summary: dict, path: str | Path) -> None:
     ax2.set_title("capsule coherence (lower = purer)", fontsize=10)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -691,7 +692,7 @@ def run(args: argparse.Namespace) -> int:
                 else str(Path(args.plot))
             )
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(summary_markdown(s, r, plot_name, example))
+        write_atomic(args.md, summary_markdown(s, r, plot_name, example))
         print(f"report: {args.md}")
     if math.isnan(c["trained"]["mean_entropy_bits_2plus"]):
         print("  (no capsule got 2 or more items)")

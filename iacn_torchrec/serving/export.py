@@ -43,6 +43,7 @@ from torch import nn
 
 from iacn_torchrec import versions
 from iacn_torchrec.errors import UserError
+from iacn_torchrec.fileio import replace_dir
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
 from iacn_torchrec.serving.artifact import FORMAT, FORMAT_VERSION, INPUT_NAMES, auc, file_sha256
 
@@ -447,9 +448,7 @@ def export_run(
             "files": files,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)  # an earlier export is set aside first and put back if this fails
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from iacn_torchrec import versions
+from iacn_torchrec.fileio import save_figure, write_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 PEER_SCRIPT = REPO.parent / "shared" / "bench" / "peer_deepctr.py"
@@ -636,7 +637,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax.set_title("step time vs vocabulary")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -680,7 +681,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        write_atomic(out.with_suffix(".json"), json.dumps(res, indent=1))
         plot(res, out.with_suffix(".png"))
     if args.json:
         print(json.dumps(res))

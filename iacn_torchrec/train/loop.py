@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from iacn_torchrec import versions
 from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
+from iacn_torchrec.fileio import write_atomic
 from iacn_torchrec.train.checkpoint import (
     CheckpointError,
     latest_step,
@@ -236,7 +237,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
             os.replace(ckpt_root, aside)
             print(f"note: --no-resume: the previous checkpoints of {out} were moved to {aside}",
                   file=sys.stderr, flush=True)
-        _write_atomic(out / "config.yaml", config.to_yaml())
+        write_atomic(out / "config.yaml", config.to_yaml())
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.barrier()  # no rank writes a checkpoint before the old ones are out of the way
     last_checkpoint = [resumed_from]
@@ -337,7 +338,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         "versions": versions(),
     }
     if rank == 0:
-        _write_atomic(out / "metrics.json", json.dumps(result, indent=1, default=str))
+        write_atomic(out / "metrics.json", json.dumps(result, indent=1, default=str))
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.barrier()
     return result
@@ -366,13 +367,6 @@ def _maybe_inject_fault(step: int, rank: int, path: str) -> None:
 def _unwrap_for_eval(model: torch.nn.Module) -> torch.nn.Module:
     """`predict` lives on our framework module; DMP wraps it as ``.module``."""
     return model if hasattr(model, "predict") else _unwrap(model)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # not part of what a checkpoint computes: how and how long a run goes, where IaCN runs, whether the

@@ -1,0 +1,58 @@
+"""Atomic writes: a failure leaves the previous file or folder, never a mix or nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from iacn_torchrec.fileio import replace_dir, save_figure, write_atomic
+
+
+def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    p = tmp_path / "metrics.json"
+    write_atomic(p, "old")
+    write_atomic(p, b"new")
+    assert p.read_text() == "new"
+
+    def broken(self, data, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(p, "newer")
+    assert p.read_text() == "new" and [x.name for x in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_save_figure_writes_the_suffix_format(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    save_figure(fig, tmp_path / "a.png", dpi=20)
+    plt.close(fig)
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_replace_dir_puts_the_old_folder_back_when_the_move_fails(tmp_path, monkeypatch):
+    target, new = tmp_path / "model", tmp_path / ".model.tmp"
+    target.mkdir()
+    (target / "a").write_text("old")
+    new.mkdir()
+    (new / "a").write_text("new")
+    real = Path.rename
+
+    def fail_for_new(self, dst):
+        if self == new:
+            raise OSError("gone")
+        return real(self, dst)
+
+    monkeypatch.setattr(Path, "rename", fail_for_new)
+    with pytest.raises(OSError, match="gone"):
+        replace_dir(new, target)
+    monkeypatch.undo()
+    assert (target / "a").read_text() == "old"
+    replace_dir(new, target)
+    assert (target / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
