@@ -9,16 +9,14 @@ Writes markdown tables and PNG plots to ``docs/results/<dataset>/``; see
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from iacn_torchrec.experiments import reproduce
+from iacn_torchrec.cli import main as iacn_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="apps/reproduce.py", description=reproduce.__doc__.splitlines()[0])
-    reproduce.add_arguments(parser)
-    return reproduce.run(parser.parse_args(argv))
+    # through the `iacn` command itself: the same process defaults and one-line errors
+    return iacn_main(["reproduce", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

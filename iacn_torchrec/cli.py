@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv else 2
     try:
         return int(run(args) or 0)
-    except (UserError, FileExistsError) as e:  # bad input/config/files: the message, no traceback
+    # bad input, config or paths (a missing run, an output path that is a file): the message, which
+    # names the path, and no traceback
+    except (UserError, OSError) as e:
         what = " ".join(x for x in (args.command, getattr(args, "bench", None)) if x)
         print(f"iacn {what}: {e}", file=sys.stderr)
         return 2

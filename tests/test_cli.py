@@ -66,6 +66,9 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         (("demo", "--prepared", str(tmp_path), "--max-steps", "1"), "iacn demo: ", "not a prepared dataset"),
         (("plan", "--spec", str(SCENARIO), "--world-size", "0", "--out", str(tmp_path / "p")), "iacn plan: ",
          "world_size"),
+        (("bench", "serve", "--run", str(tmp_path / "absent")), "iacn bench serve: ", "no config.yaml"),
+        (("reproduce", "--set", "iacn.lam=2", "--data", str(tmp_path)), "iacn reproduce: ",
+         "the arms define"),
     ]
     for args, prefix, detail in cases:
         r = _iacn(*args)

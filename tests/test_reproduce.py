@@ -157,7 +157,7 @@ def test_resume_retrains_only_missing_or_changed_runs(tiny, tmp_path, capsys):
     (out / "din-L8-base-s0" / "metrics.json").write_text(json.dumps(m))
     assert rp.finished(out / "din-L8-base-s0", config) is None
     # a smoke run needs its own --out too (the default holds the published runs)
-    with pytest.raises(SystemExit, match="pass --out DIR and --results DIR"):
+    with pytest.raises(rp.ReproduceError, match="pass --out DIR and --results DIR"):
         rp.run(_args([a for a in argv if a not in ("--out", str(out))]))
     # more steps is another configuration: everything retrains
     assert rp.run(_args([a if a != "2" or i != argv.index("--max-steps") + 1 else "3"
@@ -259,20 +259,20 @@ def test_paired_statistics_by_hand():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(SystemExit, match="--variant"):
+    with pytest.raises(rp.ReproduceError, match="--variant"):
         rp.variant_arm("nocolon")
-    with pytest.raises(SystemExit, match="unknown model"):
+    with pytest.raises(rp.ReproduceError, match="unknown model"):
         rp.run(_args(["--models", "gru4rec", "--data", "/nonexistent"]))
     # a variant changes IaCN only (the alone arm it is paired with has none), under its own name
-    with pytest.raises(SystemExit, match=r"\['optim.lr=0.003'\] is not an IaCN setting"):
+    with pytest.raises(rp.ReproduceError, match=r"\['optim.lr=0.003'\] is not an IaCN setting"):
         rp.variant_arm("lr:optim.lr=0.003")
-    with pytest.raises(SystemExit, match="--variant names must differ"):
+    with pytest.raises(rp.ReproduceError, match="--variant names must differ"):
         rp.run(_args(["--variant", "a:iacn.lam=0.1", "--variant", "a:iacn.lam=0.5", "--data", "/none"]))
-    with pytest.raises(SystemExit, match="--delta-seeds must be >= 1"):
+    with pytest.raises(rp.ReproduceError, match="--delta-seeds must be >= 1"):
         rp.run(_args(["--delta-seeds", "0", "--data", "/nonexistent"]))
     # the arms set enabled / delta / lam: a global value would make them one run under four names
     for s in ("iacn.delta=0.5", "iacn.lam=2", " iacn.enabled =true"):
-        with pytest.raises(SystemExit, match="the arms define iacn.enabled, iacn.delta, iacn.lam"):
+        with pytest.raises(rp.ReproduceError, match="the arms define iacn.enabled, iacn.delta, iacn.lam"):
             rp.run(_args(["--set", s, "--data", "/nonexistent"]))
 
 

@@ -47,6 +47,10 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RAW = REPO / "data" / "amazon-beauty"
 DEFAULT_DATA = REPO / "prepared" / "amazon-beauty-din-L20-s0"
 PARTS = ("table1", "table2", "delta", "variants")
+class ReproduceError(UserError, ValueError):
+    """Bad arguments or inputs of ``iacn reproduce`` (one line, exit status 2, through the CLI)."""
+
+
 #: what the arms set themselves (alone / IaCN / the δ=1, λ=0 control / the δ sweep)
 ARM_FIELDS = ("iacn.enabled", "iacn.delta", "iacn.lam")
 TABLE1_MODELS = ("din", "wide_deep", "dien")
@@ -102,11 +106,11 @@ def variant_arm(spec: str) -> Arm:
     name, sep, rest = spec.partition(":")
     sets = tuple(s.strip() for s in rest.split(",") if s.strip())
     if not sep or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or not sets or any("=" not in s for s in sets):
-        raise SystemExit(f"iacn reproduce: --variant {spec!r}: expected NAME:section.field=value[,...] "
+        raise ReproduceError(f"--variant {spec!r}: expected NAME:section.field=value[,...] "
                          "(NAME of letters, digits, . _ + -)")
     other = [s for s in sets if not s.startswith("iacn.")]
     if other:  # the alone arm a variant is paired with has no IaCN, so only IaCN's settings pair cleanly
-        raise SystemExit(f"iacn reproduce: --variant {spec!r}: {other} is not an IaCN setting (iacn.*); a "
+        raise ReproduceError(f"--variant {spec!r}: {other} is not an IaCN setting (iacn.*); a "
                          "variant is paired against the model alone, which would not get it: use --set for "
                          "settings of every arm")
     return Arm(f"var-{name}", f"IaCN {name} ({', '.join(sets)})", PAPER_DELTA, PAPER_LAM, sets)
@@ -166,7 +170,7 @@ def _raw_tsv(raw: Path, stem: str) -> Path:
     for name in (f"{stem}.tsv.gz", f"{stem}.tsv"):
         if (raw / name).exists():
             return raw / name
-    raise SystemExit(f"iacn: {raw} has no {stem}.tsv(.gz)")
+    raise ReproduceError(f"{raw} has no {stem}.tsv(.gz)")
 
 
 def ensure_default_data(path: Path, raw: Path = DEFAULT_RAW, progress: bool = False) -> Path:
@@ -226,7 +230,7 @@ def dataset_at_length(base: Path, max_len: int) -> Path:
             kwargs["category_column"] = None if col == "cate_leaf" else col
     missing = [str(p) for p in kwargs.values() if isinstance(p, Path) and not p.exists()]
     if not kwargs or missing:
-        raise SystemExit(f"iacn reproduce: cannot re-prepare {base} at max_len {max_len}: its raw source "
+        raise ReproduceError(f"cannot re-prepare {base} at max_len {max_len}: its raw source "
                          f"{missing or src} is not available; prepare it yourself and pass --length-data")
     print(f"preparing {target} (max_len {max_len}) from {kind} source", flush=True)
     protocol = meta.get("protocol_requested", meta["protocol"])
@@ -863,24 +867,24 @@ def run(args: argparse.Namespace) -> int:
     args.command_line = args.command_line or _command_line()
     for name in ("seeds", "epochs"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"iacn reproduce: --{name} must be >= 1")
+            raise ReproduceError(f"--{name} must be >= 1")
     for m in list(args.models) + [args.sweep_model] + list(args.variant_models):
         if m not in MODEL_LABELS:
-            raise SystemExit(f"iacn reproduce: unknown model {m!r}; choose from {', '.join(MODEL_LABELS)}")
+            raise ReproduceError(f"unknown model {m!r}; choose from {', '.join(MODEL_LABELS)}")
     for d in args.deltas:
         if not 0.0 <= d <= 1.0:
-            raise SystemExit(f"iacn reproduce: --deltas: δ={d} is not in [0, 1]")
+            raise ReproduceError(f"--deltas: δ={d} is not in [0, 1]")
     arm_keys = [s for s in args.set if s.split("=", 1)[0].strip() in ARM_FIELDS]
     if arm_keys:
-        raise SystemExit(f"iacn reproduce: --set {arm_keys}: the arms define {', '.join(ARM_FIELDS)} "
+        raise ReproduceError(f"--set {arm_keys}: the arms define {', '.join(ARM_FIELDS)} "
                          "(a global value would make every arm the same run under different names); use "
                          "--deltas, or --variant NAME:iacn.field=value for other IaCN settings")
     names = [variant_arm(spec).key for spec in args.variant]
     if len(set(names)) != len(names):
-        raise SystemExit(f"iacn reproduce: --variant names must differ, got {[n[4:] for n in names]}")
+        raise ReproduceError(f"--variant names must differ, got {[n[4:] for n in names]}")
     for name in ("table2_seeds", "delta_seeds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"iacn reproduce: --{name.replace('_', '-')} must be >= 1 (omit it for --seeds)")
+            raise ReproduceError(f"--{name.replace('_', '-')} must be >= 1 (omit it for --seeds)")
     if args.data is None:
         data = ensure_default_data(DEFAULT_DATA)
         args.name = args.name or "amazon-beauty"
@@ -892,14 +896,14 @@ def run(args: argparse.Namespace) -> int:
     base_len = int(read_meta(data)["max_len"])
     parts = set(args.only or [p for p in PARTS if p != "variants" or args.variant])
     if "variants" in parts and not args.variant:
-        raise SystemExit("iacn reproduce: --only variants needs at least one --variant")
+        raise ReproduceError("--only variants needs at least one --variant")
     lengths = sorted(set(args.lengths) | {base_len}) if "table2" in parts else [base_len]
     datasets = {L: dataset_at_length(data, L) if L != base_len else data for L in lengths}
     out = (args.out or REPO / "runs" / "reproduce" / args.name).resolve()
     if args.max_steps is not None and (args.results is None or args.out is None):
         # the defaults hold the published runs and tables: a smoke run must not replace them (its
         # runs would push the published ones to _stale, or resume their checkpoints)
-        raise SystemExit("iacn reproduce: --max-steps makes a smoke run; pass --out DIR and --results DIR "
+        raise ReproduceError("--max-steps makes a smoke run; pass --out DIR and --results DIR "
                          f"for its runs and tables (the defaults, runs/reproduce/{args.name} and "
                          f"docs/results/{args.name}, hold the published ones)")
     res_dir = (args.results or REPO / "docs" / "results" / args.name).resolve()
