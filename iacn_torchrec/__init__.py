@@ -16,7 +16,8 @@ def versions() -> dict[str, str]:
     import platform
     from importlib import metadata
 
-    out = {"iacn_torchrec": __version__, "python": platform.python_version()}
+    out = {"iacn_torchrec": __version__, "iacn_torchrec_source": source_fingerprint(),
+           "python": platform.python_version()}
     for names in _STACK:
         names = (names,) if isinstance(names, str) else names
         out[names[0].replace("-", "_")] = "absent"
@@ -27,3 +28,22 @@ def versions() -> dict[str, str]:
             except metadata.PackageNotFoundError:
                 continue
     return out
+
+
+_SOURCE: str | None = None
+
+
+def source_fingerprint() -> str:
+    """``sha256:<16 hex>`` of this package's source files (paths and contents): which code produced
+    a result, with or without git (the version string does not change between commits)."""
+    global _SOURCE
+    if _SOURCE is None:
+        import hashlib
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        for f in sorted(root.rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+        _SOURCE = "sha256:" + h.hexdigest()[:16]
+    return _SOURCE

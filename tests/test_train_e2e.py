@@ -36,6 +36,7 @@ def test_short_run_learns_and_resume_is_exact(beauty_prepared, tmp_path):
     assert full["test"]["gauc"] > 0.6
     written = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert written["config"]["iacn"]["delta"] == 0.3 and "torchrec" in written["versions"]
+    assert written["versions"]["iacn_torchrec_source"].startswith("sha256:")  # which code trained it
 
     # interrupted at step 70 (checkpoint), then the same command resumes to 160
     train(_config(beauty_prepared, tmp_path / "resumed", 70))
