@@ -221,3 +221,22 @@ def test_synthetic_users_hold_two_disjoint_groups(tmp_path):
         assert groups <= set(p.user_groups[u]) and p.user_groups[u][0] != p.user_groups[u][1]
     again = make_planted_interests(tmp_path / "again", num_users=50, num_groups=3, seed=4)
     assert Path(again.interactions).read_text() == Path(p.interactions).read_text()  # seeded
+
+
+def test_heldout_target_needs_a_heldout_sample(planted, tmp_path):
+    """On the dien protocol 9 in 10 users are training users: they have no held-out item, and
+    --target heldout says so instead of silently explaining a training positive."""
+    import types
+
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.data.prepare import prepare_dataset
+
+    p, run = planted
+    ds = PreparedDataset.open(prepare_dataset("tsv", interactions=p.interactions, items=p.items,
+                                              category_column="cate", protocol="dien", max_len=16, seed=0,
+                                              out=tmp_path / "dien", progress=False))
+    test_users = set(np.asarray(ds.split("test").uid).tolist())
+    uid = next(i for i in np.asarray(ds.split("train").uid).tolist() if i not in test_users)
+    user = ds.vocab("uid")[uid - 1]
+    with pytest.raises(KeyError, match=rf"user {user!r} has no held-out \(label-1 test\) sample"):
+        explain_user(types.SimpleNamespace(ds=ds, model=run.model), user, "heldout")

@@ -246,6 +246,9 @@ def explain_user(run: Any, user: str, target: str | None = None) -> UserExplanat
     item = cate = None
     if target is not None:
         if target == "heldout":
+            if split != "test" or int(s.label[row]) != 1:  # e.g. a dien-protocol user in the train split
+                raise KeyError(f"{ds.path}: user {user!r} has no held-out (label-1 test) sample; "
+                               "pass --target ITEM")
             t = int(s.item[row])
         else:
             item_map = {r: i + 1 for i, r in enumerate(names["item"])}

@@ -14,7 +14,8 @@ Input formats (plain or ``.gz``, UTF-8, CRLF accepted):
 Every row is scored (an empty history is allowed); ids the vocabularies do not know map to the
 unknown row 0 and are counted per field (an unknown history id keeps its place and its length
 count: the model reads row 0 there, trained only where the training data had unknown ids);
-histories longer than L keep their last L items (counted). Output: TSV ``user_id, item_id, score[, label]`` in input order.
+histories longer than L keep their last L items (counted). Output: TSV
+``user_id, item_id, score[, label]`` in input order.
 
 This module imports torch, numpy and :mod:`iacn_torchrec.serving.artifact` only (plus the
 torch-free file reader of :mod:`iacn_torchrec.data.sources`).
