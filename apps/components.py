@@ -60,7 +60,8 @@ def train(
         h: a registered named resource (takes precedence over cpu, gpu, memMB)
         env: extra environment variables for the workers (e.g. OMP_NUM_THREADS=2)
         max_retries: scheduler-level retries of the whole job; a retry resumes from the newest
-            complete checkpoint under --out
+            complete checkpoint under --out (so do not pass ``--no-resume`` with retries: each retry
+            would start over)
         rdzv_port: the c10d rendezvous port on the first node (multi-node only)
         name: job name
         mounts: mounts for container schedulers (type=bind,src=/data,dst=/data)
@@ -68,11 +69,12 @@ def train(
     if gpu < 0 or nproc_per_node < 1 or nnodes < 1:
         raise ValueError(f"train: gpu={gpu}, nproc_per_node={nproc_per_node}, nnodes={nnodes}: "
                          "need gpu >= 0 and at least one node and worker")
-    if gpu and nproc_per_node > gpu:
-        raise ValueError(f"train: nproc_per_node={nproc_per_node} workers but gpu={gpu} GPUs per node: "
+    gpus = specs.named_resources[h].gpu if h else gpu  # a named resource decides, as TorchX does
+    if gpus and nproc_per_node > gpus:
+        raise ValueError(f"train: nproc_per_node={nproc_per_node} workers but {gpus} GPUs per node: "
                          "each worker trains on its own GPU")
     worker_env = {"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    if gpu == 0:  # CPU training asked for: the backend follows torch.cuda.is_available()
+    if gpus == 0:  # CPU training asked for: the backend follows torch.cuda.is_available()
         worker_env["CUDA_VISIBLE_DEVICES"] = ""
     worker_env.update(env or {})
     return dist.ddp(

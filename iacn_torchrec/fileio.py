@@ -37,9 +37,16 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
 
 
 def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> None:
-    """``fig.savefig(path, **kwargs)`` atomically (the format follows ``path``'s suffix)."""
+    """``fig.savefig(path, **kwargs)`` atomically. As ``savefig`` does, the format follows
+    ``path``'s suffix, and a path without one gets matplotlib's default format and its suffix."""
     path = Path(path)
-    tmp = _sibling(path, "tmp").with_suffix(path.suffix)
+    if "format" not in kwargs:
+        import matplotlib
+
+        kwargs["format"] = path.suffix[1:] or matplotlib.rcParams["savefig.format"]
+        if not path.suffix:
+            path = path.with_name(f"{path.name}.{kwargs['format']}")
+    tmp = _sibling(path, "tmp")
     try:
         fig.savefig(tmp, **kwargs)
         os.replace(tmp, path)

@@ -23,7 +23,10 @@ def test_train_component_passes_args_resources_and_cpu_choice():
     assert role.env["CUDA_VISIBLE_DEVICES"] == ""  # gpu=0 means CPU (gloo) even on a GPU host
     gpu = components.train("--data", "d", nproc_per_node=2, gpu=2).roles[0]
     assert "CUDA_VISIBLE_DEVICES" not in gpu.env and gpu.resource.gpu == 2
-    with pytest.raises(ValueError, match="nproc_per_node=4 workers but gpu=2"):
+    with pytest.raises(ValueError, match="nproc_per_node=4 workers but 2 GPUs per node"):
         components.train("--data", "d", nproc_per_node=4, gpu=2)
+    # a named resource decides the GPUs, as TorchX does (gpu's default 0 must not hide them)
+    named = components.train("--data", "d", nproc_per_node=4, h="aws_p3.8xlarge").roles[0]
+    assert named.resource.gpu == 4 and "CUDA_VISIBLE_DEVICES" not in named.env
     with pytest.raises(ValueError, match="need gpu >= 0"):
         components.train("--data", "d", nproc_per_node=0)

@@ -32,8 +32,12 @@ def test_save_figure_writes_the_suffix_format(tmp_path):
 
     fig = plt.figure()
     save_figure(fig, tmp_path / "a.png", dpi=20)
+    save_figure(fig, tmp_path / "b", dpi=20)  # no suffix: matplotlib's default format, as savefig
+    save_figure(fig, tmp_path / "c.pdf")
     plt.close(fig)
-    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.pdf"]
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "c.pdf").read_bytes()[:4] == b"%PDF"
 
 
 def test_replace_dir_puts_the_old_folder_back_when_the_move_fails(tmp_path, monkeypatch):
