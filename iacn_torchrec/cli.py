@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(run(args) or 0)
     # bad input, config or paths (a missing run, an output path that is a file): the message, which
-    # names the path, and no traceback
-    except (UserError, OSError) as e:
+    # names the path, and no traceback (other OS errors, e.g. a full disk mid-run, keep theirs)
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:
         what = " ".join(x for x in (args.command, getattr(args, "bench", None)) if x)
         print(f"iacn {what}: {e}", file=sys.stderr)
         return 2

@@ -102,6 +102,11 @@ def test_rewriting_a_step_swaps_it_in(root, monkeypatch):
         save_checkpoint(root, 5, _state(8))
     monkeypatch.undo()
     assert latest_step(root) == 3
+    # the next save clears what the failed one left (step_5.tmp, step_5.replaced) and any step
+    # folder whose removal was interrupted (no manifest)
+    (Path(root) / "step_00000004").mkdir()
+    save_checkpoint(root, 6, _state(6))
+    assert sorted(p.name for p in Path(root).iterdir()) == ["step_00000003", "step_00000006"]
 
 
 def test_other_world_size_is_refused(root):

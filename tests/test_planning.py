@@ -206,13 +206,25 @@ def test_training_topology_respects_a_cgroup_memory_limit(tmp_path, monkeypatch)
 
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = tmp_path / "memory.max"
-    monkeypatch.setattr(sharding, "_CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
+    monkeypatch.setattr(sharding, "_cgroup_memory_files", lambda: [str(tmp_path / "absent"), str(limit)])
     for raw, want in (("max\n", physical), (f"{physical * 4}\n", physical), ("1073741824\n", 2**30)):
         limit.write_text(raw)
         assert sharding._physical_memory() == want
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     topo = sharding.topology(2, torch.device("cpu"))
     assert topo.devices[0].storage.ddr == int(0.85 * 2**30) // 2
+    # a job's cgroup below the root (Slurm, systemd: no cgroup namespace): its files and its
+    # ancestors', v1 and v2
+    cg = tmp_path / "cgroup"
+    cg.write_text("12:memory:/slurm/job_5\n3:cpu,cpuacct:/slurm/job_5\n0::/system.slice/x.service\n")
+    monkeypatch.undo()
+    assert sharding._cgroup_memory_files(str(cg)) == [
+        "/sys/fs/cgroup/memory/slurm/job_5/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/slurm/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/system.slice/x.service/memory.max",
+        "/sys/fs/cgroup/system.slice/memory.max",
+        "/sys/fs/cgroup/memory.max"]
 
 
 def test_pooled_specs_count_the_history_ids():

@@ -303,6 +303,9 @@ def test_resume_identity_no_resume_and_checkpoint_replacement(tmp_path, monkeypa
     assert r["resumed_from_step"] is None and r["steps"] == 2
     assert latest_step(str(out / "checkpoints")) == 2
     assert latest_step(str(out / "checkpoints.previous")) == 6
+    # the old run's metrics went with its checkpoints: this run's metrics.json is its own
+    assert json.loads((out / "checkpoints.previous" / "metrics.json").read_text())["steps"] == 6
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
 
     # an interrupted removal never leaves a folder that looks complete (the manifest goes first)
@@ -334,6 +337,24 @@ def test_resume_identity_no_resume_and_checkpoint_replacement(tmp_path, monkeypa
     assert _fingerprint_differences(json.dumps(old, sort_keys=True), new) == []
     old["iacn"]["lam"] = 2.0
     assert _fingerprint_differences(json.dumps(old, sort_keys=True), new) == ["iacn.lam: 2.0 → 1.0"]
+    # a field added to the config since a checkpoint was written counts at its default there
+    flat = json.loads(new)
+    del flat["iacn.num_negatives"]
+    assert _fingerprint_differences(json.dumps(flat), new) == []
+    c.iacn.num_negatives = 5
+    assert _fingerprint_differences(json.dumps(flat), _fingerprint(c, "abc")) == [
+        "iacn.num_negatives: 10 → 5"]
+
+    # only a state that does not fit is the checkpoint's fault: other errors while loading surface
+    from iacn_torchrec.distributed import setup as setup_module
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(setup_module, "load_training_state", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory") as e:
+        train(cfg(data, out, 4))
+    assert not isinstance(e.value, CheckpointError)
 
 
 def test_resume_refuses_another_sharding_plan(tmp_path, monkeypatch):

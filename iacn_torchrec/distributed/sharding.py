@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -208,7 +209,27 @@ def planner_constraints(
     return constraints
 
 
-_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+def _cgroup_memory_files(proc_cgroup: str = "/proc/self/cgroup") -> list[str]:
+    """The memory-limit files of this process's cgroup and its ancestors, v2 (``memory.max``) and
+    v1 (``memory.limit_in_bytes``): in a container the cgroup is ``/``; under Slurm or systemd,
+    without a cgroup namespace, it is a path below the root and the limit sits on it or above."""
+    paths: list[str] = []
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, group = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2
+            base, name = "/sys/fs/cgroup", "memory.max"
+        elif "memory" in controllers.split(","):  # v1
+            base, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in group.split("/") if p]
+        paths += [str(Path(base, *parts[:i], name)) for i in range(len(parts), -1, -1)]
+    return paths + [p for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+                    if p not in paths]
 
 
 def _physical_memory() -> int:
@@ -218,7 +239,7 @@ def _physical_memory() -> int:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: leave TorchRec's default
         return 0
-    for path in _CGROUP_LIMITS:
+    for path in _cgroup_memory_files():
         try:
             with open(path) as f:
                 raw = f.read().strip()

@@ -426,8 +426,8 @@ def execute(args: argparse.Namespace, plan: list[Run], out: Path) -> dict[str, d
                     stale, k = stem, 1
                     while stale.exists():
                         stale, k = stem.with_name(f"{stem.name}-{k}"), k + 1
-                    print(f"  {run.run_id}: metrics.json has another configuration; moved to {stale}, "
-                          "retraining", flush=True)
+                    print(f"  {run.run_id}: metrics.json has another configuration or dataset; moved "
+                          f"to {stale}, retraining", flush=True)
                     run_dir.rename(stale)
                 eta = f", eta {statistics.mean(walls) * (total - done) / 60:.0f} min" if walls else ""
                 print(f"[{done + 1}/{total}] {run.run_id} "

@@ -21,6 +21,7 @@ raises `CheckpointError` naming the file, never loads silently.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -107,8 +108,21 @@ def save_checkpoint(
             _rmtree(replaced)
         for old in sorted(_complete_steps(root))[:-keep] if keep > 0 else []:
             _rmtree(_join(root, f"step_{old:08d}"))
+        _remove_leftovers(root)
     _barrier()
     return final
+
+
+def _remove_leftovers(root: str) -> None:
+    """What interrupted saves and removals leave (this run's rank 0 is the only writer of ``root``,
+    and its own save is complete by now): ``step_N.tmp`` / ``step_N.replaced`` folders and
+    ``step_N`` folders without a manifest."""
+    for name in path_manager.ls(root):
+        p = _join(root, name)
+        stray = name.startswith("step_") and (name.endswith((".tmp", ".replaced")) or (
+            _STEP_DIR.match(name) and not path_manager.exists(_join(p, MANIFEST))))
+        if stray and path_manager.isdir(p):
+            _rmtree(p)
 
 
 def _fsync(path: str) -> None:
@@ -119,6 +133,9 @@ def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:  # some network/FUSE file systems cannot fsync a folder: their own guarantees
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF) or not os.path.isdir(path):
+            raise
     finally:
         os.close(fd)
 

@@ -200,7 +200,12 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
             )
         try:
             load_training_state(setup, ck["model"], ck["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
+        except (RuntimeError, KeyError) as e:
+            # only a state that does not fit the model is the checkpoint's fault (reproduce then
+            # retrains); out-of-memory, process-group and other errors surface as they are
+            if isinstance(e, RuntimeError) and not any(
+                    m in str(e) for m in ("Error(s) in loading state_dict", "size mismatch")):
+                raise
             raise CheckpointError(f"{ckpt_root}: the checkpoint does not fit this model ({e})") from e
         state = TrainState(**ck["train_state"])
         if state.batch_in_epoch >= len(train_loader):  # saved after the epoch's last batch
@@ -230,13 +235,16 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         out.mkdir(parents=True, exist_ok=True)
         if not config.resume and Path(ckpt_root).exists():
             # starting over: the old run's checkpoints would otherwise stay "the newest" (higher
-            # steps survive pruning) for a later resume, export or explain. One generation is kept.
+            # steps survive pruning) for a later resume, export or explain, and its metrics.json
+            # would pass for this run's until this one writes its own. One generation is kept.
             aside = out / "checkpoints.previous"
             if aside.exists():
                 shutil.rmtree(aside)
             os.replace(ckpt_root, aside)
-            print(f"note: --no-resume: the previous checkpoints of {out} were moved to {aside}",
-                  file=sys.stderr, flush=True)
+            if (out / "metrics.json").exists():
+                os.replace(out / "metrics.json", aside / "metrics.json")
+            print(f"note: --no-resume: the previous checkpoints (and metrics.json) of {out} were moved "
+                  f"to {aside}", file=sys.stderr, flush=True)
         write_atomic(out / "config.yaml", config.to_yaml())
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.barrier()  # no rank writes a checkpoint before the old ones are out of the way
@@ -397,9 +405,10 @@ def _fingerprint(config: TrainConfig, content_hash: str | None) -> str:
 
 
 def _fingerprint_differences(stored: str | None, current: str) -> list[str]:
-    """``field: checkpoint → this run`` for every fingerprinted field that differs. Checkpoints of
-    earlier versions (a nested fingerprint with the dataset's path and no hash) are compared on the
-    fields both have."""
+    """``field: checkpoint → this run`` for every fingerprinted field that differs. A field the
+    checkpoint's fingerprint lacks (added to the config since) counts at its default, the
+    behaviour that run had; checkpoints of earlier versions (a nested fingerprint with the
+    dataset's path and no hash) are compared without the hash."""
     try:
         old = json.loads(stored) if stored else None
     except json.JSONDecodeError:
@@ -410,5 +419,9 @@ def _fingerprint_differences(stored: str | None, current: str) -> list[str]:
     new = json.loads(current)
     if "data.content_hash" not in old:
         new.pop("data.content_hash", None)
+    defaults = _flat(TrainConfig().to_dict())
+    for k in new:
+        if k not in old and k in defaults:
+            old[k] = json.loads(json.dumps(defaults[k], default=str))
     return [f"{k}: {old.get(k, '(absent)')!r} → {new.get(k, '(absent)')!r}"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
