@@ -413,3 +413,44 @@ def test_a_plan_that_does_not_fit_is_a_user_error(tmp_path, monkeypatch):
                                         r"largest first: .*item_orig"):
         train(c)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_epoch_checkpoints_and_a_signal_stop_after_the_step(tmp_path):
+    """By default a run checkpoints at the end of every epoch; in one process SIGINT finishes the
+    step in progress, checkpoints and stops, and the same command resumes from there."""
+    import os
+    import signal
+    import threading
+
+    from helpers import prepare_planted
+
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.train.checkpoint import latest_step
+    from iacn_torchrec.train.loop import TrainingInterrupted
+
+    _, data = prepare_planted(tmp_path, num_users=60, seed=0)
+    per_epoch = -(-PreparedDataset.open(data).meta["counts"]["train_samples"] // 64)
+
+    def cfg(out, epochs):
+        c = _config(data, out, None)
+        c.data = DataConfig(path=str(data), batch_size=64)
+        c.epochs = epochs
+        return c
+
+    train(cfg(tmp_path / "ep", 3))
+    steps = sorted(int(p.name[5:]) for p in (tmp_path / "ep" / "checkpoints").iterdir())
+    assert steps == [2 * per_epoch, 3 * per_epoch]  # epoch ends (the first pruned: two are kept)
+
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(TrainingInterrupted, match=r"SIGINT at step \d+: checkpoint saved"):
+            train(cfg(tmp_path / "sig", 10_000))
+    finally:
+        timer.cancel()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    stopped = latest_step(str(tmp_path / "sig" / "checkpoints"))
+    assert stopped and stopped > 0
+    c = cfg(tmp_path / "sig", 10_000)
+    c.max_steps = stopped + 3
+    assert train(c)["resumed_from_step"] == stopped

@@ -136,7 +136,7 @@ class TrainConfig:
     # intra-op threads otherwise); None = this process's share of the cores (cpu_count // world_size)
     eval_threads: int | None = None
     eval_every: int = 0  # evaluate on the test split every N steps (0: only at the end)
-    checkpoint_every: int = 0  # checkpoint every N steps (0: only at the end)
+    checkpoint_every: int = 0  # checkpoint every N steps (0: at the end of every epoch and of the run)
     log_every: int = 50
     progress: bool = True
     resume: bool = True  # resume from OUT/checkpoint if present

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from iacn_torchrec import versions
 from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
+from iacn_torchrec.errors import UserError
 from iacn_torchrec.fileio import write_atomic
 from iacn_torchrec.train.checkpoint import (
     CheckpointError,
@@ -280,49 +281,81 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                dynamic_ncols=True)
     model.train()
     done = max_steps is not None and state.step >= max_steps
-    while state.epoch < config.epochs and not done:
-        if state.batch_in_epoch == 0:
-            train_loader.set_epoch(state.epoch)
-        t0 = time.perf_counter()
-        for loss, (_logits, _main_loss, iacn_loss) in setup.train_steps(train_loader):
-            state.step += 1
-            state.batch_in_epoch += 1
-            # every rank's samples (rank 0's count times the ranks undercounts a partial last batch)
-            state.train_samples += train_loader.global_batch_samples(state.batch_in_epoch - 1)
-            lv = float(loss.detach())
-            if not np.isfinite(lv):
-                raise FloatingPointError(f"loss became {lv} at step {state.step}; lower the learning rate")
-            loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
-            if state.step % config.log_every == 0 or state.step == 1:
-                elapsed = state.train_time_s + time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss_ema:.4f}", iacn=f"{float(iacn_loss):.3f}",
-                                sps=f"{state.train_samples / max(elapsed, 1e-9):,.0f}")
-            bar.update(1)
-            stop = max_steps is not None and state.step >= max_steps
-            periodic_eval = config.eval_every and state.step % config.eval_every == 0
-            periodic_ckpt = config.checkpoint_every and state.step % config.checkpoint_every == 0
-            if periodic_eval or periodic_ckpt or stop:
+    if rank == 0 and resumed_from is not None and (done or state.epoch >= config.epochs):
+        print(f"note: the checkpoint at step {state.step} is already at or past this run's end ({total} "
+              "steps for its --epochs / --max-steps): nothing to train; evaluating that model",
+              file=sys.stderr, flush=True)
+    shows_iacn = config.iacn.enabled and config.iacn.lam > 0
+    last_log = time.perf_counter()
+    # one process: Ctrl-C / SIGTERM end the step in progress, checkpoint and stop (with several
+    # ranks each would stop at another step; there the launcher's signal ends the job as before)
+    stop_signal = _StopOnSignal() if world_size == 1 else None
+    try:
+        while state.epoch < config.epochs and not done:
+            if state.batch_in_epoch == 0:
+                train_loader.set_epoch(state.epoch)
+            t0 = time.perf_counter()
+            for loss, (_logits, _main_loss, iacn_loss) in setup.train_steps(train_loader):
+                state.step += 1
+                state.batch_in_epoch += 1
+                # every rank's samples (rank 0's count times the ranks undercounts a partial last batch)
+                state.train_samples += train_loader.global_batch_samples(state.batch_in_epoch - 1)
+                lv = float(loss.detach())
+                if not np.isfinite(lv):
+                    raise FloatingPointError(
+                        f"loss became {lv} at step {state.step}; lower the learning rate")
+                loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
+                if state.step % config.log_every == 0 or state.step == 1:
+                    elapsed = state.train_time_s + time.perf_counter() - t0
+                    shown = {"loss": f"{loss_ema:.4f}"}
+                    if shows_iacn:
+                        shown["iacn"] = f"{float(iacn_loss):.3f}"
+                    shown["sps"] = f"{state.train_samples / max(elapsed, 1e-9):,.0f}"
+                    bar.set_postfix(shown)
+                    # without the bar (--no-progress: logs, CI) a line now and then, at most every 10 s
+                    if rank == 0 and not config.progress and time.perf_counter() - last_log >= 10:
+                        last_log = time.perf_counter()
+                        print(f"step {state.step}/{total} (epoch {state.epoch + 1}): "
+                              + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
+                bar.update(1)
+                interrupted = stop_signal is not None and stop_signal.received is not None
+                stop = (max_steps is not None and state.step >= max_steps) or interrupted
+                periodic_eval = config.eval_every and state.step % config.eval_every == 0
+                periodic_ckpt = config.checkpoint_every and state.step % config.checkpoint_every == 0
+                if periodic_eval or periodic_ckpt or stop:
+                    state.train_time_s += time.perf_counter() - t0
+                    if periodic_eval and not stop:  # before the checkpoint, which saves the history
+                        setup.pause()
+                        m = evaluate(_unwrap_for_eval(model), test_loader, device, **eval_kw)
+                        history.append({"step": state.step, "epoch": state.epoch, **m})
+                        if rank == 0:
+                            bar.write(f"step {state.step}: test auc {m['auc']:.4f} gauc {m['gauc']:.4f} "
+                                      f"logloss {m['logloss']:.4f}")
+                    if periodic_ckpt and not stop:
+                        checkpoint()
+                    t0 = time.perf_counter()
+                if stop:
+                    done = True
+                    break
+            else:
                 state.train_time_s += time.perf_counter() - t0
-                if periodic_eval and not stop:  # before the checkpoint, which saves the history
-                    setup.pause()
-                    m = evaluate(_unwrap_for_eval(model), test_loader, device, **eval_kw)
-                    history.append({"step": state.step, "epoch": state.epoch, **m})
-                    if rank == 0:
-                        bar.write(f"step {state.step}: test auc {m['auc']:.4f} gauc {m['gauc']:.4f} "
-                                  f"logloss {m['logloss']:.4f}")
-                if periodic_ckpt and not stop:
-                    checkpoint()
-                t0 = time.perf_counter()
-            if stop:
-                done = True
-                break
-        else:
-            state.train_time_s += time.perf_counter() - t0
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            continue
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if not config.checkpoint_every and state.epoch < config.epochs:
+                    checkpoint()  # by default at the end of every epoch (and of the run)
+                continue
+    finally:
+        if stop_signal is not None:
+            stop_signal.restore()
     bar.close()
     checkpoint()
+    if stop_signal is not None and stop_signal.received:
+        raise TrainingInterrupted(
+            f"{stop_signal.received} at step {state.step}: checkpoint saved under {ckpt_root}; "
+            "run the same command again to resume")
+    if rank == 0 and state.step == 0:
+        print("warning: no training step ran (too few training samples for one batch?): the model "
+              "evaluated and checkpointed is the untrained one", file=sys.stderr, flush=True)
     setup.pause()
     t_eval = time.perf_counter()
     test = evaluate(_unwrap_for_eval(model), test_loader, device, **eval_kw)
@@ -350,6 +383,44 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.barrier()
     return result
+
+
+class TrainingInterrupted(UserError, RuntimeError):
+    """A one-process run stopped by Ctrl-C or SIGTERM after its step in progress, checkpointed."""
+
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM set ``received`` (the signal's name) instead of stopping the process, so the
+    loop finishes its step, checkpoints and stops. Main thread only (elsewhere it does nothing);
+    :meth:`restore` puts the previous handlers back. A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.received is not None:  # asked twice: stop now
+            self.restore()
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received}: finishing the current step, then checkpointing (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 FAULT_ENV = "IACN_KILL_AFTER_CHECKPOINT"
