@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -352,3 +353,16 @@ def test_bench_serve_reports_every_variant_and_batch_size(runs, exported):
     got = {(r["variant"], r["batch_size"]) for r in res["rows"]}
     assert got == {(v, b) for v in ("eager", "exported", "exported_int8") for b in (1, 8)}
     assert all(r["samples_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in res["rows"])
+
+
+def test_export_refuses_a_run_without_a_checkpoint_or_without_a_step(data_dir, tmp_path):
+    from iacn_torchrec.serving.export import ExportError
+
+    untrained = tmp_path / "zero"
+    train(TrainConfig.from_dict({"data": {"path": str(data_dir), "batch_size": 100_000, "drop_last": True},
+                                 "iacn": {"enabled": True}, "out": str(untrained), "progress": False}))
+    with pytest.raises(ExportError, match="step 0: the run trained no step"):
+        export_run(untrained, tmp_path / "m0")
+    shutil.rmtree(untrained / "checkpoints")  # as if stopped before its first checkpoint
+    with pytest.raises(ExportError, match=r"no complete checkpoint under .* yet"):
+        export_run(untrained, tmp_path / "m1")

@@ -237,7 +237,7 @@ def load_run(run_dir: str | Path, data: str | None = None, step: int | None = No
     """Rebuild ``run_dir``'s model from its config.yaml and newest (or ``step``'s) checkpoint."""
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.distributed.setup import build_model_from_config
-    from iacn_torchrec.train.checkpoint import latest_step, load_full_model_state
+    from iacn_torchrec.train.checkpoint import CheckpointError, latest_step, load_full_model_state
     from iacn_torchrec.train.config import TrainConfig
     from iacn_torchrec.train.loop import make_loaders
 
@@ -259,8 +259,13 @@ def load_run(run_dir: str | Path, data: str | None = None, step: int | None = No
     model = build_model_from_config(config, ds, item_log_q=item_log_q)
     root = str(run_dir / "checkpoints")
     step = latest_step(root) if step is None else step
+    if step is None:
+        raise ExportError(f"{run_dir}: no complete checkpoint under {root} yet (the run was stopped before "
+                          "its first checkpoint, or is still training)")
     try:
         model.load_state_dict(load_full_model_state(root, step=step))
+    except CheckpointError:  # missing, damaged: its own message names the file
+        raise
     except RuntimeError as e:  # shapes: another dataset's vocabulary, or another model's config
         first = str(e).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
@@ -343,6 +348,9 @@ def export_run(
                                   "replaced, even with --force")
     t0 = time.perf_counter()
     run = load_run(run_dir, data=data, step=step)
+    if run.step == 0:
+        raise ExportError(f"{run_dir}: its checkpoint is at step 0: the run trained no step (too few "
+                          "training samples for a batch?), so there is no trained model to export")
     emb = run.model.embeddings
     serving = ServingModel.from_model(run.model)
     traced = trace_serving_model(serving)
