@@ -333,15 +333,19 @@ def test_bad_score_input_names_file_line_and_field(tmp_path):
         # a row of empty fields is an error, not a blank line; extra fields too
         "user_id\titem_id\thistory\nu1\ti\tx\n\t\t\nu3\ti\tx\n": r"line 3: field 'user_id' is empty",
         "user_id\titem_id\thistory\nu1\ti\tx\textra\n": r"line 2: malformed line: 4 tab-separated fields",
+        # too few fields, where the missing one is not a trailing history
+        "user_id\titem_id\thistory\tlabel\nu1\ti\n": r"line 2: malformed line: 2 tab-separated fields, the "
+                                                   r"header has 4",
+        "user_id\titem_id\thistory\nu1\n": r"line 2: malformed line: 1 tab-separated fields",
     }
     for k, (text, error) in enumerate(cases.items()):
         (tmp_path / f"{k}.tsv").write_text(text)
         with pytest.raises(DataError, match=rf"{k}\.tsv: {error}"):
             read_samples(tmp_path / f"{k}.tsv")
     # ids are stripped, as the training readers strip them
-    (tmp_path / "f.tsv").write_text("user_id\titem_id\thistory\n u1 \t i \tx\n\nu2\tj\t\n")
-    s = read_samples(tmp_path / "f.tsv")
-    assert (s.user, s.item, s.hist_len.tolist()) == (["u1", "u2"], ["i", "j"], [1, 0])
+    (tmp_path / "f.tsv").write_text("user_id\titem_id\thistory\n u1 \t i \tx\n\nu2\tj\t\nu3\tk\n")
+    s = read_samples(tmp_path / "f.tsv")  # u3: a trailing empty history without its tab
+    assert (s.user, s.item, s.hist_len.tolist()) == (["u1", "u2", "u3"], ["i", "j", "k"], [1, 0, 0])
 
 
 def test_bench_serve_reports_every_variant_and_batch_size(runs, exported):

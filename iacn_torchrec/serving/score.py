@@ -139,11 +139,11 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
             seen_header = True
             continue
         f = [x.strip() for x in line.split("\t")]  # ids as the training readers read them
-        if len(f) > width:
+        if len(f) == width - 1 and ch == width - 1:
+            f.append("")  # the history is the last column: an empty one may lose its tab (editors)
+        if len(f) != width:
             raise DataError(f"{path}: line {n}: malformed line: {len(f)} tab-separated fields, the header "
                             f"has {width} {header}")
-        if len(f) < width:
-            f += [""] * (width - len(f))  # a trailing empty history may lose its tab
         for c, name in ((cu, "user_id"), (ci, "item_id")):
             if not f[c]:
                 raise DataError(f"{path}: line {n}: field {name!r} is empty")
