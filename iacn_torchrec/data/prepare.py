@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from iacn_torchrec.data import protocols, sources, store
@@ -93,6 +94,10 @@ def prepare_dataset(
             raw = sources.read_movielens(path, category_column)
         step("read", "build")
         if isinstance(raw, sources.PrebuiltSamples):
+            # DIEN's local_* files are samples already: their split and negatives are kept
+            print(f"note: {path} holds DIEN's prebuilt samples (local_* files): they are used as they are "
+                  f"(protocol dien-files); --protocol {protocol} and --max-len only truncate histories",
+                  file=sys.stderr, flush=True)
             built = protocols.build_prebuilt(raw, seed)
         else:
             ix = protocols.index_interactions(raw)
