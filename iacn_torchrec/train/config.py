@@ -8,6 +8,7 @@ Precedence: dataclass defaults < ``--config FILE.yaml`` < explicit flags (``--lr
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -201,12 +202,18 @@ class TrainConfig:
                     raise ConfigError(f"--set {a!r}: unknown section {p!r}")
                 node = node[p]
             if parts[-1] not in node and not (isinstance(node, dict) and parts[0] == "distributed"):
-                raise ConfigError(f"--set {a!r}: unknown field {key!r}")
+                raise ConfigError(f"--set {a!r}: unknown field {key!r}{_did_you_mean(parts[-1], node)}")
             try:
                 node[parts[-1]] = yaml.safe_load(raw)
             except yaml.YAMLError as e:
                 raise ConfigError(f"--set {a!r}: the value is not valid YAML ({e})") from None
         return TrainConfig.from_dict(d)
+
+
+def _did_you_mean(name: str, known: Any) -> str:
+    """``"; did you mean 'lam'?"`` for a near miss among ``known`` names, else ``""``."""
+    close = difflib.get_close_matches(name, [str(k) for k in known], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
@@ -215,7 +222,8 @@ def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(prefix + u for u in unknown)}")
+        raise ConfigError(f"unknown config field(s) {', '.join(prefix + u for u in unknown)}"
+                          f"{_did_you_mean(unknown[0], fields)}")
     kwargs = {}
     hints = typing.get_type_hints(cls)
     for name, value in d.items():
