@@ -519,7 +519,8 @@ def run(args: argparse.Namespace) -> int:
         f"{m['tables']['uid']['dim']} (orig {d['orig_dim']} + aux {d['aux_dim']}); IaCN dropped"
     )
     print(
-        f"  parameters: trained {m['parameters']['trained_model']:,} -> served {m['parameters']['served']:,}"
+        f"  state values (parameters and BatchNorm statistics): trained {m['parameters']['trained_model']:,}"
+        f" -> served {m['parameters']['served']:,}"
     )
     print(
         f"  check on {c['samples']} test samples: max |exported - eager| = {c['max_abs_diff_vs_eager']:.2e}, "
