@@ -671,6 +671,7 @@ def run(args: argparse.Namespace) -> int:
             example = format_explanation(explain_user(r, args.example_user, "heldout"))
         if args.plot:
             plot_summary(s, args.plot)
+            print(f"figure: {args.plot}")
     except (KeyError, ValueError, FileNotFoundError) as e:
         print(f"iacn explain: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2

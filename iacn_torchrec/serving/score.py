@@ -260,11 +260,12 @@ def run(args: argparse.Namespace) -> int:
         f"({s['samples_per_s']:,.0f} samples/s; read+encode {s['read_encode_s']:.2f}s)"
     )
     print(
-        f"  unknown ids mapped to the padding row: {unk} (of {s['rows']:,} rows and "
+        f"  unknown ids mapped to the unknown row 0: {unk} (of {s['rows']:,} rows and "
         f"{s['history_ids']:,} history ids); histories cut to the last L: {s['histories_truncated']}"
     )
     if "auc" in s:
-        print(f"  AUC {s['auc']:.4f}")
+        auc_text = f"{s['auc']:.4f}" if s["auc"] == s["auc"] else "n/a (the labels are all one class)"
+        print(f"  AUC {auc_text}")
     rows = max(s["rows"], 1)
     worst = max(s["unknown_ids"].get(k, 0) for k in ("uid", "item"))
     if worst > rows / 2:
