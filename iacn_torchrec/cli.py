@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from iacn_torchrec.errors import UserError
+from iacn_torchrec.errors import TrainingInterrupted, UserError
 from iacn_torchrec.runtime import apply_process_defaults
 
 # name -> (module, one-line help)
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv else 2
     try:
         return int(run(args) or 0)
+    except TrainingInterrupted as e:  # stopped by a signal after checkpointing: resumable
+        print(f"iacn {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     # bad input, config or paths (a missing run, an output path that is a file): the message, which
     # names the path, and no traceback (other OS errors, e.g. a full disk mid-run, keep theirs)
     except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,

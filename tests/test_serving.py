@@ -367,6 +367,8 @@ def test_export_refuses_a_run_without_a_checkpoint_or_without_a_step(data_dir, t
                                  "iacn": {"enabled": True}, "out": str(untrained), "progress": False}))
     with pytest.raises(ExportError, match="step 0: the run trained no step"):
         export_run(untrained, tmp_path / "m0")
+    with pytest.raises(ExportError, match=r"no complete checkpoint of step 7; the run has \[0\]"):
+        export_run(untrained, tmp_path / "m0", step=7)
     shutil.rmtree(untrained / "checkpoints")  # as if stopped before its first checkpoint
     with pytest.raises(ExportError, match=r"no complete checkpoint under .* yet"):
         export_run(untrained, tmp_path / "m1")

@@ -37,9 +37,9 @@ def test_bad_values_name_the_field(assignment, needle):
 def test_unknown_yaml_field_names_file_and_field(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("iacn:\n  lamda: 2\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml.*iacn\.lamda; did you mean 'lam'\?"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*iacn\.lamda; did you mean 'iacn\.lam'\?"):
         TrainConfig.from_yaml(p)
-    with pytest.raises(ConfigError, match=r"unknown field 'model\.emb_dm'; did you mean 'emb_dim'\?"):
+    with pytest.raises(ConfigError, match=r"unknown field 'model\.emb_dm'; did you mean 'model\.emb_dim'\?"):
         TrainConfig().override(["model.emb_dm=4"])
     with pytest.raises(ConfigError, match=r"unknown field 'model\.zzz'$"):  # nothing close: no guess
         TrainConfig().override(["model.zzz=4"])

@@ -425,8 +425,9 @@ def test_epoch_checkpoints_and_a_signal_stop_after_the_step(tmp_path):
     from helpers import prepare_planted
 
     from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.errors import TrainingInterrupted
     from iacn_torchrec.train.checkpoint import latest_step
-    from iacn_torchrec.train.loop import TrainingInterrupted
+    from iacn_torchrec.train.loop import _StopOnSignal
 
     _, data = prepare_planted(tmp_path, num_users=60, seed=0)
     per_epoch = -(-PreparedDataset.open(data).meta["counts"]["train_samples"] // 64)
@@ -449,6 +450,14 @@ def test_epoch_checkpoints_and_a_signal_stop_after_the_step(tmp_path):
     finally:
         timer.cancel()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    # a signal the process ignores on purpose (a background job's SIGINT) stays ignored
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ignoring = _StopOnSignal()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.SIGINT not in ignoring._previous
+        ignoring.restore()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     stopped = latest_step(str(tmp_path / "sig" / "checkpoints"))
     assert stopped and stopped > 0
     c = cfg(tmp_path / "sig", 10_000)

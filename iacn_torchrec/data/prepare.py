@@ -95,9 +95,11 @@ def prepare_dataset(
         step("read", "build")
         if isinstance(raw, sources.PrebuiltSamples):
             # DIEN's local_* files are samples already: their split and negatives are kept
-            print(f"note: {path} holds DIEN's prebuilt samples (local_* files): they are used as they are "
-                  f"(protocol dien-files); --protocol {protocol} and --max-len only truncate histories",
-                  file=sys.stderr, flush=True)
+            from tqdm import tqdm as _tqdm  # its write keeps a live bar intact
+
+            _tqdm.write(f"note: {path} holds DIEN's prebuilt samples (local_* files): they are used as they "
+                       f"are (protocol dien-files; --protocol does not apply), --max-len only truncates "
+                       "their histories", file=sys.stderr)
             built = protocols.build_prebuilt(raw, seed)
         else:
             ix = protocols.index_interactions(raw)

@@ -841,7 +841,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads per run (default 1: on a shared 2-core box 2 threads ran DIN up to 10x"
                    " slower from oversubscription)")
     p.add_argument("--checkpoint-every", type=int, default=1000,
-                   help="checkpoint every N steps: an interrupted run resumes mid-epoch (0: at the end only)")
+                   help="checkpoint every N steps: an interrupted run resumes mid-epoch "
+                        "(0: at each epoch's end)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoints")
     p.add_argument("--progress", action="store_true", default=sys.stderr.isatty(),
                    help="per-run progress bars (default: on a terminal)")

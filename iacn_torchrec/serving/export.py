@@ -237,7 +237,12 @@ def load_run(run_dir: str | Path, data: str | None = None, step: int | None = No
     """Rebuild ``run_dir``'s model from its config.yaml and newest (or ``step``'s) checkpoint."""
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.distributed.setup import build_model_from_config
-    from iacn_torchrec.train.checkpoint import CheckpointError, latest_step, load_full_model_state
+    from iacn_torchrec.train.checkpoint import (
+        CheckpointError,
+        complete_steps,
+        latest_step,
+        load_full_model_state,
+    )
     from iacn_torchrec.train.config import TrainConfig
     from iacn_torchrec.train.loop import make_loaders
 
@@ -258,6 +263,9 @@ def load_run(run_dir: str | Path, data: str | None = None, step: int | None = No
     torch.manual_seed(config.seed)
     model = build_model_from_config(config, ds, item_log_q=item_log_q)
     root = str(run_dir / "checkpoints")
+    if step is not None and step not in complete_steps(root):
+        raise ExportError(f"{root}: no complete checkpoint of step {step}; the run has "
+                          f"{complete_steps(root) or 'none'} (only the newest are kept)")
     step = latest_step(root) if step is None else step
     if step is None:
         raise ExportError(f"{run_dir}: no complete checkpoint under {root} yet (the run was stopped before "

@@ -166,6 +166,11 @@ def _complete_steps(root: str) -> list[int]:
     return sorted(steps)
 
 
+def complete_steps(root: str) -> list[int]:
+    """The steps of ``root``'s complete checkpoints, oldest first."""
+    return _complete_steps(root)
+
+
 def latest_step(root: str) -> int | None:
     steps = _complete_steps(root)
     return steps[-1] if steps else None

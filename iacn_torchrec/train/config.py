@@ -153,7 +153,8 @@ class TrainConfig:
             raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0 (0: only at the end), got {getattr(self, name)}")
+                when = "only at the end" if name == "eval_every" else "at each epoch's end and the run's"
+                raise ConfigError(f"{name} must be >= 0 (0: {when}), got {getattr(self, name)}")
         for name in ("threads", "eval_threads"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -202,7 +203,9 @@ class TrainConfig:
                     raise ConfigError(f"--set {a!r}: unknown section {p!r}")
                 node = node[p]
             if parts[-1] not in node and not (isinstance(node, dict) and parts[0] == "distributed"):
-                raise ConfigError(f"--set {a!r}: unknown field {key!r}{_did_you_mean(parts[-1], node)}")
+                section = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
+                raise ConfigError(f"--set {a!r}: unknown field {key!r}"
+                                  f"{_did_you_mean(parts[-1], node, section)}")
             try:
                 node[parts[-1]] = yaml.safe_load(raw)
             except yaml.YAMLError as e:
@@ -210,10 +213,10 @@ class TrainConfig:
         return TrainConfig.from_dict(d)
 
 
-def _did_you_mean(name: str, known: Any) -> str:
-    """``"; did you mean 'lam'?"`` for a near miss among ``known`` names, else ``""``."""
+def _did_you_mean(name: str, known: Any, prefix: str = "") -> str:
+    """``"; did you mean 'iacn.lam'?"`` for a near miss among ``known`` names, else ``""``."""
     close = difflib.get_close_matches(name, [str(k) for k in known], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return f"; did you mean {prefix + close[0]!r}?" if close else ""
 
 
 def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
@@ -222,8 +225,8 @@ def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(prefix + u for u in unknown)}"
-                          f"{_did_you_mean(unknown[0], fields)}")
+        hints = [h for h in (_did_you_mean(u, fields, prefix) for u in unknown) if h]
+        raise ConfigError(f"unknown config field(s) {', '.join(prefix + u for u in unknown)}{''.join(hints)}")
     kwargs = {}
     hints = typing.get_type_hints(cls)
     for name, value in d.items():

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from iacn_torchrec import versions
 from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
-from iacn_torchrec.errors import UserError
+from iacn_torchrec.errors import TrainingInterrupted
 from iacn_torchrec.fileio import write_atomic
 from iacn_torchrec.train.checkpoint import (
     CheckpointError,
@@ -290,6 +290,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     # one process: Ctrl-C / SIGTERM end the step in progress, checkpoint and stop (with several
     # ranks each would stop at another step; there the launcher's signal ends the job as before)
     stop_signal = _StopOnSignal() if world_size == 1 else None
+    stopped_by_signal = False  # the loop broke for a signal (one after the last step changes nothing)
     try:
         while state.epoch < config.epochs and not done:
             if state.batch_in_epoch == 0:
@@ -319,6 +320,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                               + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
                 bar.update(1)
                 interrupted = stop_signal is not None and stop_signal.received is not None
+                stopped_by_signal = stopped_by_signal or interrupted
                 stop = (max_steps is not None and state.step >= max_steps) or interrupted
                 periodic_eval = config.eval_every and state.step % config.eval_every == 0
                 periodic_ckpt = config.checkpoint_every and state.step % config.checkpoint_every == 0
@@ -349,10 +351,11 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
             stop_signal.restore()
     bar.close()
     checkpoint()
-    if stop_signal is not None and stop_signal.received:
+    if stopped_by_signal:
+        again = "the same command again" if config.resume else "it again without --no-resume"
         raise TrainingInterrupted(
             f"{stop_signal.received} at step {state.step}: checkpoint saved under {ckpt_root}; "
-            "run the same command again to resume")
+            f"run {again} to resume", stop_signal.signum)
     if rank == 0 and state.step == 0:
         print("warning: no training step ran (too few training samples for one batch?): the model "
               "evaluated and checkpointed is the untrained one", file=sys.stderr, flush=True)
@@ -385,10 +388,6 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     return result
 
 
-class TrainingInterrupted(UserError, RuntimeError):
-    """A one-process run stopped by Ctrl-C or SIGTERM after its step in progress, checkpointed."""
-
-
 class _StopOnSignal:
     """SIGINT / SIGTERM set ``received`` (the signal's name) instead of stopping the process, so the
     loop finishes its step, checkpoints and stops. Main thread only (elsewhere it does nothing);
@@ -399,10 +398,13 @@ class _StopOnSignal:
         import threading
 
         self.received: str | None = None
+        self.signum = 0
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is signal.SIG_IGN:  # ignored on purpose (a background job): stays so
+                continue
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -411,9 +413,10 @@ class _StopOnSignal:
         if self.received is not None:  # asked twice: stop now
             self.restore()
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        print(f"\n{self.received}: finishing the current step, then checkpointing (again to stop at once)",
-              file=sys.stderr, flush=True)
+        self.received, self.signum = signal.Signals(signum).name, signum
+        # os.write, not print: a handler that prints while the main thread writes stderr can raise
+        os.write(2, f"\n{self.received}: finishing the current step, then checkpointing (again to stop "
+                    "at once)\n".encode())
 
     def restore(self) -> None:
         import signal
