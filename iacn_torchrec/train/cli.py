@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 
 from iacn_torchrec.train.config import EMBEDDING_OPTIMIZERS, MODELS, ConfigError, TrainConfig
 
@@ -132,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
     from iacn_torchrec.train.loop import train
 
     rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 and not args.out and config.out == TrainConfig().out:
+        print(f"note: no --out: the run directory is {config.out} (a second run there resumes this one, or "
+              "is refused if its configuration differs)", file=sys.stderr, flush=True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     import torch.distributed as dist
 
