@@ -269,7 +269,7 @@ def test_artefact_scores_in_a_fresh_process_without_training_code(runs, exported
     np.testing.assert_allclose(got, eager, rtol=0, atol=1e-6)  # written with 6 decimals
 
 
-def test_unknown_ids_map_to_the_padding_row_and_are_counted(runs, exported, tmp_path):
+def test_unknown_ids_map_to_the_unknown_row_and_are_counted(runs, exported, tmp_path):
     art = ServingArtifact.load(exported["din"])
     r = load_run(runs["din"])
     items = r.ds.vocab("item")
@@ -300,6 +300,15 @@ def test_unknown_ids_map_to_the_padding_row_and_are_counted(runs, exported, tmp_
     with torch.no_grad():
         want = art.model(*cols).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # --mark-unknown: each row says which of its ids were unknown (the scores are the same)
+    score_file(exported["din"], tmp_path / "in.tsv", tmp_path / "marked.tsv", progress=False,
+               mark_unknown=True)
+    lines = (tmp_path / "marked.tsv").read_text().splitlines()
+    assert lines[0] == "user_id\titem_id\tscore\tunknown"
+    assert [ln.split("\t")[3] if ln.count("\t") == 3 else None for ln in lines[1:]] == [
+        "user", "item,history:1", "", ""]
+    np.testing.assert_array_equal(np.loadtxt(tmp_path / "marked.tsv", skiprows=1, usecols=2, delimiter="\t"),
+                                  got)
 
 
 def test_dien_local_test_format_is_read(runs, exported, tmp_path):

@@ -166,6 +166,19 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
     )
 
 
+def unknown_fields(enc: EncodedSamples) -> list[str]:
+    """Per row, the inputs mapped to the unknown row 0: ``"user"``, ``"item"``, ``"history:K"``,
+    comma-joined (``""`` when every id was known). History positions past the row's length are
+    padding, not unknown."""
+    real = np.arange(enc.hist_item.shape[1])[None, :] < enc.hist_lengths[:, None]
+    hist_unknown = ((enc.hist_item == 0) & real).sum(1)
+    out = []
+    for u, i, h in zip(enc.uid.tolist(), enc.item.tolist(), hist_unknown.tolist(), strict=True):
+        parts = (["user"] if u == 0 else []) + (["item"] if i == 0 else []) + ([f"history:{h}"] if h else [])
+        out.append(",".join(parts))
+    return out
+
+
 def score_file(
     model_dir: str | Path,
     input_path: str | Path,
@@ -174,9 +187,14 @@ def score_file(
     batch_size: int = 1024,
     int8: bool = False,
     progress: bool = True,
+    mark_unknown: bool = False,
 ) -> dict:
     """Score ``input_path`` with the artefact in ``model_dir``; write ``out``; return a summary dict
-    (rows, unknown counts, truncated histories, samples/s, AUC when labels are given)."""
+    (rows, unknown counts, truncated histories, samples/s, AUC when labels are given).
+
+    ``mark_unknown``: add a last column ``unknown`` naming, per row, what the vocabularies did not
+    know (``user``, ``item``, ``history:K`` for K unknown history ids; empty when all were known),
+    so rows scored with the untrained unknown row can be told apart."""
     art = ServingArtifact.load(model_dir, int8=int8)
     t0 = time.perf_counter()
     raw = read_samples(input_path, fmt)
@@ -186,17 +204,18 @@ def score_file(
     t2 = time.perf_counter()
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # written whole, then renamed: never half a file
+    cols = [raw.user, raw.item, [f"{p:.6f}" for p in probs]]
+    names = ["user_id", "item_id", "score"]
+    if raw.label is not None:
+        cols.append(raw.label.tolist())
+        names.append("label")
+    if mark_unknown:
+        cols.append(unknown_fields(enc))
+        names.append("unknown")
     try:
         with open(tmp, "w") as f:
-            f.write("user_id\titem_id\tscore" + ("\tlabel" if raw.label is not None else "") + "\n")
-            if raw.label is None:
-                f.writelines(f"{u}\t{i}\t{p:.6f}\n"
-                             for u, i, p in zip(raw.user, raw.item, probs, strict=True))
-            else:
-                f.writelines(
-                    f"{u}\t{i}\t{p:.6f}\t{lab}\n"
-                    for u, i, p, lab in zip(raw.user, raw.item, probs, raw.label, strict=True)
-                )
+            f.write("\t".join(names) + "\n")
+            f.writelines("\t".join(map(str, row)) + "\n" for row in zip(*cols, strict=True))
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -230,6 +249,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true", help="use the int8-table model (export --int8)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+    parser.add_argument("--mark-unknown", action="store_true",
+                        help="add a column 'unknown' naming each row's ids the vocabularies did not know")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
             out,
             fmt=args.format,
             batch_size=args.batch_size,
+            mark_unknown=args.mark_unknown,
             int8=args.int8,
             progress=args.progress,
         )
