@@ -67,12 +67,19 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def _quiet_known_warnings() -> None:
-    """torch.fx's one-time note that TorchRec's own modules trigger on import: noise for a user."""
+    """Notes that torch and TorchRec's own code trigger, which a user can do nothing about (every
+    rank repeats them): torch.fx's tracing note on import, and TorchRec 1.8's deprecations of
+    ShardedTensor and DDP's ``broadcast_buffers`` (its DMP passes it; our checkpoints convert
+    ShardedTensors to portable shards)."""
     import logging
+    import warnings
 
     logging.getLogger("torch.fx._symbolic_trace").addFilter(
         lambda record: "is_fx_tracing will return true" not in record.getMessage()
     )
+    for message in ("Please use DTensor instead and we are deprecating ShardedTensor",
+                    "`broadcast_buffers` is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
