@@ -1,39 +1,49 @@
 """Writing results so that a crash never leaves half a file or half a folder behind.
 
-Every file a run or a tool publishes (metrics, tables, plots, manifests) goes through
-:func:`write_atomic` or :func:`save_figure`; a finished folder replaces an earlier one through
-:func:`replace_dir`. Each writes next to the target first and renames: a reader sees the old
-content or the new, never a mix.
+Every file a run or a tool publishes (metrics, tables, plots, manifests, scores) goes through
+:func:`write_atomic`, :func:`open_atomic` (streamed) or :func:`save_figure`; a finished folder,
+built in a :func:`temp_sibling`, replaces an earlier one through :func:`replace_dir`. Each writes
+next to the target first and renames: a reader sees the old content or the new, never a mix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["write_atomic", "save_figure", "replace_dir"]
+__all__ = ["write_atomic", "open_atomic", "save_figure", "replace_dir", "temp_sibling"]
 
 
-def _sibling(path: Path, tag: str) -> Path:
+def temp_sibling(path: str | Path, tag: str = "tmp") -> Path:
+    """A hidden, unique name next to ``path`` (``.NAME.tmp-PID-XXXXXXXX``) to build it in."""
+    path = Path(path)
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write ``data`` (text as UTF-8) to ``path`` through a temporary sibling and a rename."""
+@contextlib.contextmanager
+def open_atomic(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """``open(path, mode)`` for writing whose content appears at ``path`` only once the block
+    finishes without an error (a temporary sibling, then a rename); text as UTF-8."""
     path = Path(path)
-    tmp = _sibling(path, "tmp")
+    tmp = temp_sibling(path)
     try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data, encoding="utf-8")
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` through a temporary sibling and a rename."""
+    with open_atomic(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
 
 
 def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> None:
@@ -46,7 +56,7 @@ def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> None:
         kwargs["format"] = path.suffix[1:] or matplotlib.rcParams["savefig.format"]
         if not path.suffix:
             path = path.with_name(f"{path.name}.{kwargs['format']}")
-    tmp = _sibling(path, "tmp")
+    tmp = temp_sibling(path)
     try:
         fig.savefig(tmp, **kwargs)
         os.replace(tmp, path)
@@ -61,7 +71,7 @@ def replace_dir(new: str | Path, target: str | Path) -> None:
     new, target = Path(new), Path(target)
     old = None
     if target.exists():
-        old = _sibling(target, "old")
+        old = temp_sibling(target, "old")
         target.rename(old)
     try:
         new.rename(target)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 import shutil
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import numpy as np
 
 from iacn_torchrec.data.protocols import BuiltDataset
 from iacn_torchrec.data.sources import DataError
-from iacn_torchrec.fileio import replace_dir
+from iacn_torchrec.fileio import replace_dir, temp_sibling
 
 __all__ = [
     "FORMAT",
@@ -159,7 +157,7 @@ def write_dataset(built: BuiltDataset, out: str | Path, meta: dict, *, overwrite
             arrays[f"{split}/{name}.npy"] = a
     vocab = {k: _vocab_bytes(built.vocabs[k], k) for k in VOCABS}
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = temp_sibling(out)
     try:
         (tmp / "vocab").mkdir(parents=True)
         for split in built.splits:

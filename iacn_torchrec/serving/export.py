@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
-import secrets
 import shutil
 import sys
 import time
@@ -43,7 +41,7 @@ from torch import nn
 
 from iacn_torchrec import versions
 from iacn_torchrec.errors import UserError
-from iacn_torchrec.fileio import replace_dir
+from iacn_torchrec.fileio import replace_dir, temp_sibling
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
 from iacn_torchrec.serving.artifact import FORMAT, FORMAT_VERSION, INPUT_NAMES, auc, file_sha256
 
@@ -394,7 +392,7 @@ def export_run(
         }
         checks["int8"]["auc_change"] = checks["int8"]["auc_int8"] - checks["int8"]["auc_float"]
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = temp_sibling(out)
     tmp.mkdir(parents=True)
     try:
         torch.jit.save(traced, str(tmp / "model.pt"))

@@ -24,7 +24,6 @@ torch-free file reader of :mod:`iacn_torchrec.data.sources`).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from iacn_torchrec.data.sources import DataError, read_text
+from iacn_torchrec.fileio import open_atomic
 from iacn_torchrec.serving.artifact import EncodedSamples, ServingArtifact, auc
 
 __all__ = ["RawSamples", "read_samples", "score_file", "add_arguments", "run"]
@@ -203,7 +203,6 @@ def score_file(
     probs = art.score(enc, batch_size=batch_size, progress=progress)
     t2 = time.perf_counter()
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # written whole, then renamed: never half a file
     cols = [raw.user, raw.item, [f"{p:.6f}" for p in probs]]
     names = ["user_id", "item_id", "score"]
     if raw.label is not None:
@@ -212,14 +211,9 @@ def score_file(
     if mark_unknown:
         cols.append(unknown_fields(enc))
         names.append("unknown")
-    try:
-        with open(tmp, "w") as f:
-            f.write("\t".join(names) + "\n")
-            f.writelines("\t".join(map(str, row)) + "\n" for row in zip(*cols, strict=True))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open_atomic(out) as f:  # written whole, then renamed: never half a file
+        f.write("\t".join(names) + "\n")
+        f.writelines("\t".join(map(str, row)) + "\n" for row in zip(*cols, strict=True))
     summary = {
         "rows": len(enc),
         "format": raw.format,
