@@ -321,7 +321,7 @@ def test_resume_identity_no_resume_and_checkpoint_replacement(tmp_path, monkeypa
         ck_module._rmtree(str(victim))
     monkeypatch.undo()
     assert victim.exists() and not (victim / "manifest.json").exists()
-    assert ck_module._complete_steps(str(out / "checkpoints")) == [2]
+    assert ck_module.complete_steps(str(out / "checkpoints")) == [2]
 
     # checkpoints of earlier versions (nested fingerprint with the dataset's path, no hash) still resume
     c = cfg(data, out, 8)

@@ -106,7 +106,7 @@ def save_checkpoint(
         _fsync(root)
         if replaced is not None:
             _rmtree(replaced)
-        for old in sorted(_complete_steps(root))[:-keep] if keep > 0 else []:
+        for old in sorted(complete_steps(root))[:-keep] if keep > 0 else []:
             _rmtree(_join(root, f"step_{old:08d}"))
         _remove_leftovers(root)
     _barrier()
@@ -155,7 +155,8 @@ def _rmtree(path: str) -> None:
     os.rmdir(path_manager.get_local_path(path))
 
 
-def _complete_steps(root: str) -> list[int]:
+def complete_steps(root: str) -> list[int]:
+    """The steps of ``root``'s complete checkpoints (those with a manifest), oldest first."""
     if not path_manager.exists(root):
         return []
     steps = []
@@ -166,13 +167,8 @@ def _complete_steps(root: str) -> list[int]:
     return sorted(steps)
 
 
-def complete_steps(root: str) -> list[int]:
-    """The steps of ``root``'s complete checkpoints, oldest first."""
-    return _complete_steps(root)
-
-
 def latest_step(root: str) -> int | None:
-    steps = _complete_steps(root)
+    steps = complete_steps(root)
     return steps[-1] if steps else None
 
 

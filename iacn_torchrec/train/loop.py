@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -179,6 +180,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     resumed_from = None
     ckpt_root = str(out / "checkpoints")
     fingerprint = _fingerprint(config, ds.meta.get("content_hash"))
+    plan = plan_summary(setup.plan)  # what the per-rank shards depend on: checked on resume, saved
     if config.resume and latest_step(ckpt_root) is not None:
         ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
         differ = _fingerprint_differences(ck.get("config_fingerprint"), fingerprint)
@@ -189,7 +191,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                 + "); use another --out, or --no-resume to start over (the old checkpoints are moved to "
                 "checkpoints.previous)"
             )
-        saved_plan, plan = ck.get("plan"), plan_summary(setup.plan)
+        saved_plan = ck.get("plan")
         # (checkpoints written before the plan was saved are not checked)
         if saved_plan is not None and saved_plan != plan:
             tables = sorted(k for k in set(saved_plan) | set(plan or {})
@@ -266,7 +268,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                 "history": history,
                 "loss_ema": loss_ema,
                 "config_fingerprint": fingerprint,
-                "plan": plan_summary(setup.plan),
+                "plan": plan,
             },
             rank=rank,
             world_size=world_size,
@@ -394,7 +396,6 @@ class _StopOnSignal:
     :meth:`restore` puts the previous handlers back. A second Ctrl-C interrupts at once."""
 
     def __init__(self) -> None:
-        import signal
         import threading
 
         self.received: str | None = None
@@ -408,8 +409,6 @@ class _StopOnSignal:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-
         if self.received is not None:  # asked twice: stop now
             self.restore()
             raise KeyboardInterrupt
@@ -419,8 +418,6 @@ class _StopOnSignal:
                     "at once)\n".encode())
 
     def restore(self) -> None:
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -440,8 +437,6 @@ def _maybe_inject_fault(step: int, rank: int, path: str) -> None:
     except ValueError:
         raise ValueError(f"{FAULT_ENV}={spec!r}: expected STEP:RANK") from None
     if step == want_step and rank == want_rank:
-        import signal
-
         logger.warning("%s: rank %d kills itself after writing %s", FAULT_ENV, rank, path)
         os.kill(os.getpid(), signal.SIGKILL)
 
