@@ -19,9 +19,6 @@ from typing import Any
 from iacn_torchrec.errors import UserError
 
 GIB = 1024**3
-#: sharding types a plan may name (TorchRec's ShardingType values)
-SHARDING_TYPE_NAMES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise",
-                       "table_column_wise", "grid_shard")
 GBPS = GIB / 1000  # 1 GiB/s in bytes/ms, TorchRec's bandwidth unit (its defaults: 600 and 12.5 GiB/s)
 
 # optimizer name -> (TorchRec/torch optimizer class path, state floats per row, state floats per element)
@@ -33,7 +30,8 @@ OPTIMIZERS: dict[str, tuple[str, int, int]] = {
 }
 
 
-#: sharding type -> its usual abbreviation (plan tables, logs)
+#: every sharding type a plan may name (TorchRec's ShardingType values) -> its usual abbreviation
+#: (plan tables, logs)
 ST_ABBR = {
     "table_wise": "TW",
     "row_wise": "RW",
@@ -41,6 +39,7 @@ ST_ABBR = {
     "data_parallel": "DP",
     "table_row_wise": "TWRW",
     "table_column_wise": "TWCW",
+    "grid_shard": "GS",
 }
 
 class SpecError(UserError, ValueError):
@@ -322,10 +321,9 @@ class PlanOptions:
             if isinstance(types, str) or not types or not all(isinstance(t, str) for t in types):
                 raise SpecError(f"plan options: sharding_types must be a non-empty list of names, "
                                 f"got {types!r}")
-            bad = [t for t in types if t not in SHARDING_TYPE_NAMES]
+            bad = [t for t in types if t not in ST_ABBR]
             if bad:
-                raise SpecError(f"plan options: unknown sharding type(s) {bad}; "
-                                f"known: {list(SHARDING_TYPE_NAMES)}")
+                raise SpecError(f"plan options: unknown sharding type(s) {bad}; known: {list(ST_ABBR)}")
 
     def optimizer_state_bytes(self, rows: int, cols: int) -> int:
         """Optimizer state of a (rows × cols) fp32 shard: per-row and per-element floats."""
