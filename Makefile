@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 # bump the stamp's version when the install recipe changes
-STAMP := $(VENV)/.installed-v1
+STAMP := $(VENV)/.installed-v2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OMP_NUM_THREADS ?= 2
 
@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q fbgemm-gpu-cpu==1.8.0
 	$(VPY) -m pip install -q --no-deps torchrec==1.8.0
 	$(VPY) -m pip install -q tensordict torchmetrics==1.0.3 tqdm pyre-extensions iopath torchx==0.7.0 \
-		numpy pyyaml matplotlib pytest pytest-timeout ruff
+		numpy pyyaml matplotlib pytest pytest-timeout ruff ninja
 	$(VPY) -m pip install -q --no-deps -e .
+	# builds the fused IaCN kernel now (~30 s, cached in ~/.cache/torch_extensions), not at the first step
+	$(VPY) -c "from iacn_torchrec.modules.fused_iacn import fused_kernel; print('fused IaCN kernel:', 'built' if fused_kernel() else 'NOT built (the ATen path will run)')"
 	$(VPY) -c "import torch, torchrec, fbgemm_gpu, torchx, torchmetrics, iopath; print('stack ok: torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	touch $(STAMP)
 

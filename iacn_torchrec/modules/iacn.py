@@ -19,6 +19,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from iacn_torchrec.modules.attention import label_aware_attention
 from iacn_torchrec.modules.capsule import InterestCapsuleRouting
+from iacn_torchrec.modules.fused_iacn import fused_iacn_loss
 from iacn_torchrec.modules.sampled_softmax import sampled_softmax_loss
 
 SAMPLERS = ("uniform", "log_uniform", "in_batch")
@@ -143,6 +144,10 @@ class IaCNTask(nn.Module):
         if not isinstance(config, IaCNConfig):
             raise TypeError(f"IaCNTask: config must be an IaCNConfig, got {type(config).__name__}")
         self.config = config
+        #: compute the loss with the fused CPU kernel where it applies (:mod:`.fused_iacn`: jagged
+        #: history, finite p, sampled negatives, CPU floats); False: always the ATen ops below. The
+        #: same function either way (tests/test_fused_iacn.py), so this is an execution choice.
+        self.fused = True
         self.item_dim = item_dim
         self.max_len = max_len
         self.routing = InterestCapsuleRouting(
@@ -259,6 +264,12 @@ class IaCNTask(nn.Module):
                 f"negatives: {pos_only[:5]}): sample negatives for exactly the positive rows, or for "
                 "every row"
             )
+        if (self.fused and rows.numel() > 0 and isinstance(aux_hist, JaggedTensor)
+                and (hist_lengths is None or hist_lengths.shape == aux_hist.lengths().shape)):
+            loss = fused_iacn_loss(self, aux_hist, rows, aux_target, aux_negatives, negative_rows, user,
+                                   neg_log_q, target_log_q, target_ids, negative_ids, init_logits, generator)
+            if loss is not None:
+                return loss
         if 0 < rows.numel() < labels.numel():
             if init_logits is None and self.routing.training:  # drawn for every row, as without the selection
                 init_logits = self.routing.training_logits(aux_hist, generator)
