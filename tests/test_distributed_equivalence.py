@@ -197,9 +197,12 @@ def test_two_ranks_equal_one_process(tiny, tmp_path, model_name):
         # Adam divides each gradient by its own running magnitude: where the true gradient is zero
         # (the attention MLP's output bias, under the softmax's shift invariance) it turns float
         # noise into steps of size lr, so those parameters are only bounded; elsewhere its
-        # amplification of float error stays below 1e-5 (the tables, SGD / Adagrad: 1e-6)
+        # amplification of float error stays below 1e-5 (the tables, SGD / Adagrad: 1e-6). DIEN's
+        # attention output layer has gradients of only ~3e-6: there one process with the fused IaCN
+        # kernel and one with the ATen path (the same function) already differ by 1.1e-5 after
+        # these steps, so gradients below 1e-5 count as near zero
         for key, value in r["dense"].items():
-            if grad_max[key] < 1e-6:
+            if grad_max[key] < 1e-5:
                 assert float((value - ref_state[key]).abs().max()) <= STEPS * 1e-2 * 1.01, (name, key)
                 continue
             torch.testing.assert_close(value, ref_state[key], rtol=1e-4, atol=1e-5,
