@@ -127,13 +127,15 @@ std::vector<Tensor> forward(const Tensor& values, const Tensor& offsets, const T
   const Tensor index_t = rows_tensor(index);
   const Tensor C = values.index_select(0, index_t);
   const Tensor mapped = at::mm(C, bilinear.t());  // S c_i: [Np, h]
-  Tensor weights = at::zeros({P, K, L}, opts);
-  Tensor z = at::zeros({P, K, h}, opts);
+  // only the live capsules' (j < K_u) and real items' (i < n_u) entries are written and read;
+  // u (dead capsules enter the user-profile layer's matrix products) and v (accumulated) start at 0
+  Tensor weights = at::empty({P, K, L}, opts);
+  Tensor z = at::empty({P, K, h}, opts);
   Tensor u = at::zeros({P, K, h}, opts);
-  Tensor alpha = at::zeros({P, K}, opts);
-  Tensor dpow = at::zeros({P, K}, opts);
+  Tensor alpha = at::empty({P, K}, opts);
+  Tensor dpow = at::empty({P, K}, opts);
   Tensor v = at::zeros({P, h}, opts);
-  Tensor pi = at::zeros({P, 1 + S}, opts);
+  Tensor pi = at::empty({P, 1 + S}, opts);
   Tensor loss = at::zeros({}, opts);
   Tensor meta = at::empty({P, 3}, offsets.options());
   Tensor hidden, act, V;
@@ -319,7 +321,7 @@ std::vector<Tensor> backward(const Tensor& grad_out, const std::vector<Tensor>& 
     const Tensor dV2 = dV.view({P * K, h});
     d_w2 = at::mm(dV2.t(), A);
     d_b2 = dV2.sum(0);
-    const Tensor d_hidden = at::mm(dV2, *w2).mul_(hidden.view({P * K, -1}).gt(0));  // [P*K, 2h]
+    const Tensor d_hidden = at::threshold_backward(at::mm(dV2, *w2), hidden.view({P * K, -1}), 0);  // relu
     const Tensor user_rows = user->index_select(0, meta.select(1, 0));
     d_w1 = at::cat({at::mm(d_hidden.t(), u.view({P * K, h})),
                     at::mm(d_hidden.view({P, K, -1}).sum(1).t(), user_rows)}, 1);

@@ -140,7 +140,7 @@ def fused_iacn_loss(
             or (negative_ids is not None and target_ids is None)):
         return None
     offsets = offsets.long()
-    if B and int((offsets[1:] - offsets[:-1]).max()) > routing.max_len:
+    if B and int(aux_hist.lengths().max()) > routing.max_len:
         return None  # the ATen path names the over-long history
     if init_logits is not None and init_logits.shape not in (
             (B, routing.k_max, routing.max_len), (routing.k_max, routing.max_len)):
