@@ -34,8 +34,9 @@ _SOURCE: str | None = None
 
 
 def source_fingerprint() -> str:
-    """``sha256:<16 hex>`` of this package's source files (paths and contents): which code produced
-    a result, with or without git (the version string does not change between commits)."""
+    """``sha256:<16 hex>`` of this package's source files (Python and the C++ kernel; paths and
+    contents): which code produced a result, with or without git (the version string does not
+    change between commits)."""
     global _SOURCE
     if _SOURCE is None:
         import hashlib
@@ -43,7 +44,7 @@ def source_fingerprint() -> str:
 
         root = Path(__file__).resolve().parent
         h = hashlib.sha256()
-        for f in sorted(root.rglob("*.py")):
+        for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp")):
             h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
         _SOURCE = "sha256:" + h.hexdigest()[:16]
     return _SOURCE

@@ -197,3 +197,21 @@ def test_din_with_iacn_trains_the_same_with_the_kernel():
         params.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_results_fingerprint_the_kernel_source(tmp_path, monkeypatch):
+    """Results record which code produced them (`versions()["iacn_torchrec_source"]`): the C++
+    kernel is part of that code."""
+    import shutil
+
+    import iacn_torchrec
+
+    pkg = tmp_path / "iacn_torchrec"
+    shutil.copytree(iacn_torchrec.__path__[0], pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(iacn_torchrec, "__file__", str(pkg / "__init__.py"))
+    monkeypatch.setattr(iacn_torchrec, "_SOURCE", None)
+    before = iacn_torchrec.source_fingerprint()
+    cpp = pkg / "csrc" / "iacn_fused.cpp"
+    cpp.write_text(cpp.read_text() + "\n// changed\n")
+    monkeypatch.setattr(iacn_torchrec, "_SOURCE", None)
+    assert iacn_torchrec.source_fingerprint() != before

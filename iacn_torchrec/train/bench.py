@@ -387,8 +387,12 @@ def _log(msg: str) -> None:
 def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     if not a.no_peer:
         check_peer(a)
+    from iacn_torchrec.modules.fused_iacn import fused_kernel
+
     res: dict[str, Any] = {"machine": _machine(), "versions": versions(), "threads": a.threads,
                            "data": str(a.data),
+                           # which IaCN loss the IaCN arms ran: the fused CPU kernel or the ATen ops
+                           "iacn_kernel": "fused" if fused_kernel() is not None else "aten",
                            "quick": bool(a.quick), "load_before": _uptime()}
     batches = [128] if a.quick else [128, 1024]
     models = ["din"] if a.quick else ["din", "dien"]
