@@ -215,3 +215,19 @@ def test_results_fingerprint_the_kernel_source(tmp_path, monkeypatch):
     cpp.write_text(cpp.read_text() + "\n// changed\n")
     monkeypatch.setattr(iacn_torchrec, "_SOURCE", None)
     assert iacn_torchrec.source_fingerprint() != before
+
+
+def test_each_environment_and_source_gets_its_own_build(monkeypatch, tmp_path):
+    """Two venvs (or a changed source) must not share one build directory: they would rebuild it
+    for each other on every first use (a ~30 s stall each time)."""
+    import sys
+
+    name = fused_iacn._build_name()
+    assert name == fused_iacn._build_name() and name.startswith("iacn_fused_")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
+    assert fused_iacn._build_name() != name
+    monkeypatch.undo()
+    src = tmp_path / "iacn_fused.cpp"
+    src.write_text(fused_iacn._SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(fused_iacn, "_SOURCE", src)
+    assert fused_iacn._build_name() != name

@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 __all__ = ["fused_kernel", "fused_iacn_loss"]
@@ -43,6 +44,19 @@ def _cflags() -> list[str]:
     return ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if _simd_level() == "avx2" else [])
 
 
+def _build_name() -> str:
+    """The extension's name, which is also its build directory under ``$TORCH_EXTENSIONS_DIR``:
+    one per source text, compiler flags, torch and Python environment. Two checkouts or venvs on
+    one machine (a clone beside a working tree, say) would otherwise share one directory and
+    rebuild it for each other on every first use."""
+    import hashlib
+    import sys
+
+    key = b"\0".join([_SOURCE.read_bytes(), " ".join(_cflags()).encode(), torch.__version__.encode(),
+                      str(Path(torch.__file__).resolve().parent).encode(), sys.prefix.encode()])
+    return f"iacn_fused_{_simd_level()}_{hashlib.sha256(key).hexdigest()[:12]}"
+
+
 def fused_kernel() -> ModuleType | None:
     """The compiled kernel module, or None when it is turned off (``IACN_FUSED_KERNEL=0``) or
     cannot be built (warned once, with the reason)."""
@@ -56,7 +70,7 @@ def fused_kernel() -> ModuleType | None:
 
                 logging.getLogger("iacn").info(
                     "loading the fused IaCN kernel (compiled once per machine, ~30 s)")
-                _STATE["module"] = load(name=f"iacn_fused_{_simd_level()}", sources=[str(_SOURCE)],
+                _STATE["module"] = load(name=_build_name(), sources=[str(_SOURCE)],
                                         extra_cflags=_cflags(), verbose=False)
             except Exception as e:  # no compiler / ninja / headers: the ATen path still works
                 _STATE["error"] = f"{type(e).__name__}: {e}"
@@ -82,6 +96,7 @@ class _FusedIaCNLoss(torch.autograd.Function):
         return out[0]
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable: say so if asked
     def backward(ctx, grad):  # type: ignore[override]
         *saved, values, bilinear, w1, w2, user, target, negatives = ctx.saved_tensors
         d = ctx.ext.backward(grad, saved, values, bilinear, w1, w2, user, target, negatives,
