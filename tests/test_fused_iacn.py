@@ -24,6 +24,15 @@ def test_the_kernel_builds():
     assert fused_iacn.fused_kernel() is not None, fused_iacn._STATE.get("error")
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The number of times the kernel ran (a list that grows by one per call)."""
+    calls: list[int] = []
+    apply = fused_iacn._FusedIaCNLoss.apply
+    monkeypatch.setattr(fused_iacn._FusedIaCNLoss, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
 def _pad(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Jagged → padded [B, L, h] by masked_scatter (fbgemm's jagged_to_padded_dense has no float64)."""
     mask = torch.arange(L) < lengths.unsqueeze(1)
@@ -94,40 +103,61 @@ def _assert_same(a, b, rtol, atol):
 
 @pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 3.0])
 @pytest.mark.parametrize("profile", [True, False])
-def test_fused_equals_aten_in_float64(p, profile):
+def test_fused_equals_aten_in_float64(p, profile, kernel_calls):
     """Against the padded ATen path, float64: equal to rounding (1e-12), loss and all gradients."""
     task, x = _task(torch.float64, p, profile), _inputs(torch.float64)
-    calls = []
-    apply = fused_iacn._FusedIaCNLoss.apply
-    fused_iacn._FusedIaCNLoss.apply = lambda *a: calls.append(1) or apply(*a)
-    try:
-        got = _loss_and_grads(task, x, fused=True)
-    finally:
-        fused_iacn._FusedIaCNLoss.apply = apply
-    assert calls == [1]  # the kernel did run
+    got = _loss_and_grads(task, x, fused=True)
+    assert kernel_calls == [1]  # the kernel did run
     want = _loss_and_grads(task, x, fused=False, padded=True)
     assert float(want[0]) > 0 and all(g is not None and g.abs().sum() > 0 for g in want[1])
     _assert_same(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["per_row_negatives", "no_ids_no_log_q", "eval_logits", "drawn_logits"])
-def test_fused_equals_aten_variants(variant):
+@pytest.mark.parametrize("variant", ["per_row_negatives", "no_ids_no_log_q", "eval_logits", "drawn_logits",
+                                     "k_max_2_one_iteration", "int32_ids_non_contiguous"])
+def test_fused_equals_aten_variants(variant, kernel_calls):
     x = _inputs(torch.float64, seed=3, by_position=variant != "per_row_negatives",
                 ids=variant != "no_ids_no_log_q", log_q=variant != "no_ids_no_log_q")
     task = _task(torch.float64, train=variant != "eval_logits")
+    if variant == "k_max_2_one_iteration":
+        task = IaCNTask(IaCNConfig(enabled=True, k_max=2, routing_iters=1, num_negatives=S), item_dim=H,
+                        max_len=L, user_dim=DU).double()
+        x["init"] = x["init"][:, :2].contiguous()
+    if variant == "int32_ids_non_contiguous":
+        x["target_ids"], x["negative_ids"] = x["target_ids"].int(), x["negative_ids"].int()
+        x["negatives"] = torch.cat([x["negatives"], x["negatives"]], dim=2)[..., ::2]  # a strided view
+        x["user"] = x["user"].t().contiguous().t()
     init = variant not in ("eval_logits", "drawn_logits")
     torch.manual_seed(7)  # drawn_logits: both paths draw [B, K_max, L] from the global RNG
     got = _loss_and_grads(task, x, fused=True, init=init)
+    after_fused = torch.rand(3)  # the same RNG stream afterwards
+    assert kernel_calls == [1]
     torch.manual_seed(7)
     want = _loss_and_grads(task, x, fused=False, padded=True, init=init)
+    assert torch.equal(after_fused, torch.rand(3))
     _assert_same(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_equals_the_jagged_aten_path_in_float32():
+def test_fused_equals_aten_where_signed_pow_caps_the_scores(kernel_calls):
+    """p = 40 with scores far above float32's cap ((max / 2p)^(1/p) ≈ 8.2): capped the same way."""
+    task, x = _task(torch.float32, p=40.0), _inputs(torch.float32, seed=4)
+    x["target"] = x["target"] * 200
+    with torch.no_grad():
+        out = task.interests(JaggedTensor(values=x["values"], lengths=x["lengths"]), None, x["target"],
+                             user=x["user"], init_logits=x["init"])
+    scores = (out.capsules * x["target"].unsqueeze(1)).sum(-1)[out.capsule_mask]
+    assert float(scores.abs().max()) > 8.3  # the cap is reached
+    _assert_same(_loss_and_grads(task, x, fused=True), _loss_and_grads(task, x, fused=False),
+                 rtol=1e-4, atol=1e-5)
+    assert kernel_calls == [1]
+
+
+def test_fused_equals_the_jagged_aten_path_in_float32(kernel_calls):
     """float32, against the jagged ATen path the trainer would otherwise take."""
     task, x = _task(torch.float32), _inputs(torch.float32, seed=1)
     _assert_same(_loss_and_grads(task, x, fused=True), _loss_and_grads(task, x, fused=False),
                  rtol=1e-4, atol=1e-6)
+    assert kernel_calls == [1]
 
 
 def test_fused_gradcheck():
@@ -147,11 +177,9 @@ def test_fused_gradcheck():
                                         x["negatives"].clone().requires_grad_()])
 
 
-@pytest.mark.parametrize("case", ["hard_attention", "in_batch", "user_with_grad", "env_off", "padded"])
-def test_uncovered_cases_take_the_aten_path(case, monkeypatch):
-    calls = []
-    apply = fused_iacn._FusedIaCNLoss.apply
-    monkeypatch.setattr(fused_iacn._FusedIaCNLoss, "apply", lambda *a: calls.append(1) or apply(*a))
+@pytest.mark.parametrize("case", ["hard_attention", "in_batch", "user_with_grad", "env_off",
+                                  "log_q_with_grad", "float_ids", "k_max_64"])
+def test_uncovered_cases_take_the_aten_path(case, monkeypatch, kernel_calls):
     task, x = _task(torch.float32, p=math.inf if case == "hard_attention" else 2.0), _inputs(torch.float32)
     overrides = {}
     if case == "in_batch":
@@ -161,10 +189,46 @@ def test_uncovered_cases_take_the_aten_path(case, monkeypatch):
         overrides = dict(user=x["user"].clone().requires_grad_())
     if case == "env_off":
         monkeypatch.setenv("IACN_FUSED_KERNEL", "0")
-    got = _loss_and_grads(task, x, fused=True, padded=case == "padded", **overrides)
-    assert calls == []
-    want = _loss_and_grads(task, x, fused=False, padded=case == "padded", **overrides)
+    if case == "log_q_with_grad":  # a learned logQ: its gradient is the ATen path's to give
+        overrides = dict(neg_log_q=x["neg_log_q"].clone().requires_grad_())
+    if case == "float_ids":  # the kernel compares int64 ids: float ids would be truncated
+        overrides = dict(target_ids=x["target_ids"] + 0.5, negative_ids=x["negative_ids"] + 0.5)
+    if case == "k_max_64":
+        task = IaCNTask(IaCNConfig(enabled=True, k_max=64, num_negatives=S), item_dim=H, max_len=L,
+                        user_dim=DU)
+        overrides = dict(init_logits=torch.randn(B, 64, L))
+    got = _loss_and_grads(task, x, fused=True, **overrides)
+    assert kernel_calls == []
+    want = _loss_and_grads(task, x, fused=False, **overrides)
     _assert_same(got, want, rtol=0, atol=0)
+
+
+def test_labels_of_the_wrong_shape_are_refused_as_by_the_aten_path(kernel_calls):
+    task, x = _task(torch.float32), _inputs(torch.float32)
+    for labels in (x["labels"].unsqueeze(1), torch.ones(B - 3)):
+        with pytest.raises(ValueError, match="labels must be"):
+            task(JaggedTensor(values=x["values"], lengths=x["lengths"]), None, x["target"], labels,
+                 user=x["user"], aux_negatives=x["negatives"][:0].new_zeros(B, S, H))
+    assert kernel_calls == []
+
+
+def test_double_backward_is_refused_with_a_way_out():
+    task, x = _task(torch.float64), _inputs(torch.float64)
+    task.fused = True
+    target = x["target"].clone().requires_grad_()
+    loss = task(JaggedTensor(values=x["values"], lengths=x["lengths"]), None, target, x["labels"],
+                user=x["user"], aux_negatives=x["negatives"], negative_rows=x["rows"], init_logits=x["init"])
+    with pytest.raises(RuntimeError, match="no double backward.*task.fused = False"):
+        torch.autograd.grad(loss, target, create_graph=True)
+
+
+def test_k_max_above_62_counts_interests_exactly():
+    """K_u = clamp(ceil(log2 n), 1, K_max) also for K_max ≥ 64 (2^63 would overflow int64)."""
+    from iacn_torchrec.modules.capsule import InterestCapsuleRouting
+
+    routing = InterestCapsuleRouting(item_dim=4, max_len=20, k_max=64)
+    got = routing.num_interests(torch.tensor([0, 1, 2, 3, 8, 9, 20]))
+    assert got.tolist() == [1, 1, 1, 2, 3, 4, 5]
 
 
 def test_over_long_history_is_named_by_the_aten_path():

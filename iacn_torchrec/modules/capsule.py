@@ -126,7 +126,8 @@ class InterestCapsuleRouting(nn.Module):
         self.register_buffer("_positions", torch.arange(max_len), persistent=False)
         self.register_buffer("_capsule_ids", torch.arange(k_max), persistent=False)
         # K_u = #{j < K_max : n_u > 2^j} equals ceil(log2 n_u) clamped to K_max, exactly, in ints.
-        self.register_buffer("_pow2", 2 ** torch.arange(k_max), persistent=False)
+        # (at most 62 powers: 2^63 overflows int64, and no history is that long)
+        self.register_buffer("_pow2", 2 ** torch.arange(min(k_max, 62)), persistent=False)
 
     def num_interests(self, lengths: torch.Tensor) -> torch.Tensor:
         """``K_u = clamp(ceil(log2 n_u), 1, K_max)`` for ``lengths`` ``[B]`` (int) → ``[B]`` int64."""

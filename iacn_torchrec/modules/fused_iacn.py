@@ -14,17 +14,19 @@ a warning says why once and IaCN runs on the ATen path. ``IACN_FUSED_KERNEL=0`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 __all__ = ["fused_kernel", "fused_iacn_loss"]
@@ -44,13 +46,30 @@ def _cflags() -> list[str]:
     return ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if _simd_level() == "avx2" else [])
 
 
+@contextlib.contextmanager
+def _environment_ninja() -> Iterator[None]:
+    """Runs the build with this Python environment's ``ninja`` (the one ``make install`` puts in the
+    venv) ahead of any other on ``PATH``: ninja versions keep incompatible build logs, so a system
+    ninja and the venv's (``make`` puts the venv first on ``PATH``, a plain ``.venv/bin/iacn``
+    does not) would rebuild the kernel for each other."""
+    bin_dir = Path(sys.executable).parent
+    old = os.environ.get("PATH", "")
+    if not (bin_dir / "ninja").exists():
+        yield
+        return
+    os.environ["PATH"] = str(bin_dir) + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 def _build_name() -> str:
     """The extension's name, which is also its build directory under ``$TORCH_EXTENSIONS_DIR``:
     one per source text, compiler flags, torch and Python environment. Two checkouts or venvs on
     one machine (a clone beside a working tree, say) would otherwise share one directory and
     rebuild it for each other on every first use."""
     import hashlib
-    import sys
 
     key = b"\0".join([_SOURCE.read_bytes(), " ".join(_cflags()).encode(), torch.__version__.encode(),
                       str(Path(torch.__file__).resolve().parent).encode(), sys.prefix.encode()])
@@ -70,8 +89,9 @@ def fused_kernel() -> ModuleType | None:
 
                 logging.getLogger("iacn").info(
                     "loading the fused IaCN kernel (compiled once per machine, ~30 s)")
-                _STATE["module"] = load(name=_build_name(), sources=[str(_SOURCE)],
-                                        extra_cflags=_cflags(), verbose=False)
+                with _environment_ninja():
+                    _STATE["module"] = load(name=_build_name(), sources=[str(_SOURCE)],
+                                            extra_cflags=_cflags(), verbose=False)
             except Exception as e:  # no compiler / ninja / headers: the ATen path still works
                 _STATE["error"] = f"{type(e).__name__}: {e}"
                 warnings.warn(
@@ -96,8 +116,11 @@ class _FusedIaCNLoss(torch.autograd.Function):
         return out[0]
 
     @staticmethod
-    @once_differentiable  # the hand-written backward is not itself differentiable: say so if asked
     def backward(ctx, grad):  # type: ignore[override]
+        if torch.is_grad_enabled():  # backward(create_graph=True): the kernel's backward has no graph
+            raise RuntimeError(
+                "IaCN's fused kernel has no double backward; set `task.fused = False` (or "
+                "IACN_FUSED_KERNEL=0) to differentiate L_IaCN's gradients")
         *saved, values, bilinear, w1, w2, user, target, negatives = ctx.saved_tensors
         d = ctx.ext.backward(grad, saved, values, bilinear, w1, w2, user, target, negatives,
                              ctx.by_position, ctx.p)
@@ -143,6 +166,13 @@ def fused_iacn_loss(
                                    if profile is not None else [])
     if not _float_cpu(values, aux_target, aux_negatives, neg_log_q, target_log_q, *params):
         return None
+    data = (neg_log_q, target_log_q, init_logits)
+    indices = (offsets, rows, target_ids, negative_ids)
+    if (any(t is not None and (t.requires_grad or t.device.type != "cpu") for t in data)  # logQ as data
+            or any(t is not None and (t.device.type != "cpu" or t.dtype.is_floating_point
+                                      or t.dtype == torch.bool) for t in indices)
+            or rows.dim() != 1 or routing.k_max > 62):
+        return None
     if profile is not None and (user is None or user.requires_grad or user.shape != (B, routing.user_dim)
                                 or not _float_cpu(user, values)):
         return None
@@ -157,8 +187,8 @@ def fused_iacn_loss(
     offsets = offsets.long()
     if B and int(aux_hist.lengths().max()) > routing.max_len:
         return None  # the ATen path names the over-long history
-    if init_logits is not None and init_logits.shape not in (
-            (B, routing.k_max, routing.max_len), (routing.k_max, routing.max_len)):
+    if init_logits is not None and (not init_logits.dtype.is_floating_point or init_logits.shape not in (
+            (B, routing.k_max, routing.max_len), (routing.k_max, routing.max_len))):
         return None
     ext = fused_kernel()
     if ext is None:

@@ -265,6 +265,7 @@ class IaCNTask(nn.Module):
                 "every row"
             )
         if (self.fused and rows.numel() > 0 and isinstance(aux_hist, JaggedTensor)
+                and labels.shape == aux_target.shape[:1]
                 and (hist_lengths is None or hist_lengths.shape == aux_hist.lengths().shape)):
             loss = fused_iacn_loss(self, aux_hist, rows, aux_target, aux_negatives, negative_rows, user,
                                    neg_log_q, target_log_q, target_ids, negative_ids, init_logits, generator)
