@@ -295,3 +295,23 @@ def test_each_environment_and_source_gets_its_own_build(monkeypatch, tmp_path):
     src.write_text(fused_iacn._SOURCE.read_text() + "\n// changed\n")
     monkeypatch.setattr(fused_iacn, "_SOURCE", src)
     assert fused_iacn._build_name() != name
+
+
+def test_a_kernel_that_cannot_be_built_warns_once_and_the_aten_path_runs(monkeypatch, tmp_path, kernel_calls):
+    bad = tmp_path / "iacn_fused.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(fused_iacn, "_SOURCE", bad)
+    monkeypatch.setattr(fused_iacn, "_STATE", {})  # restored afterwards: later tests get the real one
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    with pytest.warns(RuntimeWarning, match="could not be built.*ATen path"):
+        assert fused_iacn.fused_kernel() is None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert fused_iacn.fused_kernel() is None  # remembered: no second attempt, no second warning
+    assert again == []
+    task, x = _task(torch.float32), _inputs(torch.float32)
+    got = _loss_and_grads(task, x, fused=True)
+    assert kernel_calls == []
+    _assert_same(got, _loss_and_grads(task, x, fused=False), rtol=0, atol=0)
