@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q tensordict torchmetrics==1.0.3 tqdm pyre-extensions iopath torchx==0.7.0 \
 		numpy pyyaml matplotlib pytest pytest-timeout ruff ninja
 	$(VPY) -m pip install -q --no-deps -e .
-	# builds the fused IaCN kernel now (~30 s, cached in ~/.cache/torch_extensions), not at the first step
-	$(VPY) -c "from iacn_torchrec.modules.fused_iacn import fused_kernel; print('fused IaCN kernel:', 'built' if fused_kernel() else 'NOT built (the ATen path will run)')"
+	# builds the C++ kernels now (~30 s each, cached in ~/.cache/torch_extensions), not at the first step
+	$(VPY) -c "from iacn_torchrec.kernels import KERNELS, load_kernel; [print(f'fused {k} kernel:', 'built' if load_kernel(k) else 'NOT built (its ATen ops will run)') for k in KERNELS]"
 	$(VPY) -c "import torch, torchrec, fbgemm_gpu, torchx, torchmetrics, iopath; print('stack ok: torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	touch $(STAMP)
 

@@ -10,6 +10,7 @@ import torch
 from helpers import planted_batch
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+import iacn_torchrec.kernels as kernels
 import iacn_torchrec.modules.fused_iacn as fused_iacn
 from iacn_torchrec.models.framework import build_model
 from iacn_torchrec.modules.iacn import IaCNConfig, IaCNTask
@@ -18,10 +19,11 @@ B, L, H, DU, S = 14, 9, 6, 5, 4
 
 
 
-def test_the_kernel_builds():
-    """`make install` provides g++ and ninja: the kernel must build (a failure here means every
-    IaCN step runs the slower ATen path)."""
-    assert fused_iacn.fused_kernel() is not None, fused_iacn._STATE.get("error")
+@pytest.mark.parametrize("name", kernels.KERNELS)
+def test_the_kernels_build(name):
+    """`make install` provides g++ and ninja: every kernel must build (a failure here means the
+    slower ATen ops run in its place)."""
+    assert kernels.load_kernel(name) is not None, kernels._STATE.get(name, {}).get("error")
 
 
 @pytest.fixture
@@ -284,26 +286,29 @@ def test_results_fingerprint_the_kernel_source(tmp_path, monkeypatch):
 def test_each_environment_and_source_gets_its_own_build(monkeypatch, tmp_path):
     """Two venvs (or a changed source) must not share one build directory: they would rebuild it
     for each other on every first use (a ~30 s stall each time)."""
+    import shutil
     import sys
 
-    name = fused_iacn._build_name()
-    assert name == fused_iacn._build_name() and name.startswith("iacn_fused_")
+    name = kernels.build_name("iacn_fused")
+    assert name == kernels.build_name("iacn_fused") and name.startswith("iacn_fused_")
+    assert kernels.build_name("din_attention") != name
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
-    assert fused_iacn._build_name() != name
+    assert kernels.build_name("iacn_fused") != name
     monkeypatch.undo()
-    src = tmp_path / "iacn_fused.cpp"
-    src.write_text(fused_iacn._SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(fused_iacn, "_SOURCE", src)
-    assert fused_iacn._build_name() != name
+    shutil.copytree(kernels._CSRC, tmp_path / "csrc")
+    src = tmp_path / "csrc" / "iacn_fused.cpp"
+    src.write_text(src.read_text() + "\n// changed\n")
+    monkeypatch.setattr(kernels, "_CSRC", tmp_path / "csrc")
+    assert kernels.build_name("iacn_fused") != name
 
 
 def test_a_kernel_that_cannot_be_built_warns_once_and_the_aten_path_runs(monkeypatch, tmp_path, kernel_calls):
-    bad = tmp_path / "iacn_fused.cpp"
-    bad.write_text("this is not C++\n")
-    monkeypatch.setattr(fused_iacn, "_SOURCE", bad)
-    monkeypatch.setattr(fused_iacn, "_STATE", {})  # restored afterwards: later tests get the real one
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "iacn_fused.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "_CSRC", tmp_path / "csrc")
+    monkeypatch.setattr(kernels, "_STATE", {})  # restored afterwards: later tests get the real one
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    with pytest.warns(RuntimeWarning, match="could not be built.*ATen path"):
+    with pytest.warns(RuntimeWarning, match="iacn_fused kernel could not be built.*ATen ops run"):
         assert fused_iacn.fused_kernel() is None
     import warnings
 

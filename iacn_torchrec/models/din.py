@@ -63,12 +63,13 @@ class DIN(nn.Module):
         """Returns (logits ``[B]``, None)."""
         B = emb.target.shape[0]
         # Jagged: the attention MLP runs on the N = Σ n_u real behaviours only (Beauty: ~6.6 of 20).
+        offsets = None
         if emb.hist_values is not None:
-            values = emb.hist_values
+            values, offsets = emb.hist_values, emb.hist_offsets
             segments = segment_ids(emb.hist_lengths, values.shape[0])
         else:
             values, segments = jagged_history(emb.hist, emb.hist_lengths)
-        att, _ = self.attention.forward_jagged(emb.target, values, segments, B)
+        att, _ = self.attention.forward_jagged(emb.target, values, segments, B, offsets=offsets)
         hist_sum = segment_sum(values, segments, B)
         x = torch.cat([emb.user, emb.target, hist_sum, emb.target * hist_sum, att], dim=1)
         return self.tower(x).squeeze(-1), None

@@ -255,17 +255,25 @@ class AttentionUnit(nn.Module):
         return torch.addmm(first.bias, q, (w_q + w_d).t()), w_k - w_d, w_p
 
     def forward_jagged(
-        self, query: torch.Tensor, values: torch.Tensor, segments: torch.Tensor, num_rows: int
+        self, query: torch.Tensor, values: torch.Tensor, segments: torch.Tensor, num_rows: int,
+        offsets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same function on a jagged history: work ∝ ``N = Σ n_b`` real positions, not ``B·T``.
 
         Args:
             query: ``[B, Dq]``. values: ``[N, Dk]`` the keys of every row, row-major (oldest first).
             segments: ``[N]`` int64 row index of each value (in any order). num_rows: B.
+            offsets: ``[B + 1]`` the rows' offsets into ``values`` when the values are row-major
+                (``segments`` sorted); given, the fused CPU kernel (``csrc/din_attention.cpp``)
+                computes the same function where it applies (see :func:`_fused_attention`).
 
         Returns ``(output [B, Dk], weights [N])``: per row the (softmax-normalised) weights over its
         own positions; a row without positions gets a zero output, as in :meth:`forward`.
         """
+        if offsets is not None:
+            fused = _fused_attention(self, query, values, offsets)
+            if fused is not None:
+                return fused
         q = self.query_proj(query) if self.query_proj is not None else query
         h_q, w_k, w_p = self._first_layer(q, values.shape[-1])
         q_rows = q.index_select(0, segments)  # [N, Dk]
@@ -287,3 +295,57 @@ class AttentionUnit(nn.Module):
             weights = scores
         out = segment_sum(weights.unsqueeze(-1) * values, segments, num_rows)
         return out, weights
+
+
+class _FusedAttention(torch.autograd.Function):
+    """:meth:`AttentionUnit.forward_jagged` through ``csrc/din_attention.cpp`` (forward and
+    hand-written backward); inputs: query, values, then the MLP's weights and biases."""
+
+    @staticmethod
+    def forward(ctx, ext, offsets, layers, query, values, *params):  # type: ignore[override]
+        weights, biases = list(params[:layers]), list(params[layers:])
+        res = ext.forward(query, values, offsets, weights, biases)
+        ctx.ext, ctx.layers = ext, layers
+        ctx.save_for_backward(query, values, offsets, *weights, *res)
+        return res[0], res[1]
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_att):  # type: ignore[override]
+        if torch.is_grad_enabled():  # backward(create_graph=True): the kernel's backward has no graph
+            raise RuntimeError("DIN's fused attention kernel has no double backward; set "
+                               "IACN_FUSED_KERNEL=0 to differentiate through its gradients")
+        query, values, offsets, *rest = ctx.saved_tensors
+        weights, saved = rest[:ctx.layers], rest[ctx.layers:]
+        grads = ctx.ext.backward(grad_out.contiguous(), None if grad_att is None else grad_att.contiguous(),
+                                 query, values, offsets, weights, saved)
+        return (None, None, None, *grads)
+
+
+def _fused_attention(
+    unit: AttentionUnit, query: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``unit.forward_jagged`` through the fused kernel, or None where the kernel does not apply
+    (a query projection, activations other than sigmoid, no softmax, dropout, non-CPU or mixed
+    dtypes, autocast, ``torch.compile`` / fx tracing): the caller then runs the ATen ops."""
+    layers = list(unit.mlp.net)
+    linears, acts = layers[0::2], layers[1::2]
+    if (unit.query_proj is not None or not unit.softmax or isinstance(query, torch.fx.Proxy)
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+            or len(layers) % 2 != 1 or not all(isinstance(m, nn.Linear) for m in linears)
+            or not all(isinstance(m, nn.Sigmoid) for m in acts) or linears[-1].out_features != 1):
+        return None
+    params = [m.weight for m in linears] + [m.bias for m in linears]
+    tensors = [query, values, *params]
+    if (any(t is None or t.device.type != "cpu" or t.dtype != values.dtype for t in tensors)
+            or values.dtype not in (torch.float32, torch.float64) or offsets.device.type != "cpu"
+            or offsets.dtype.is_floating_point or query.dim() != 2 or values.dim() != 2
+            or query.shape[1] != values.shape[1] or offsets.shape != (query.shape[0] + 1,)
+            or linears[0].in_features != 4 * values.shape[1]):
+        return None
+    from iacn_torchrec.kernels import load_kernel
+
+    ext = load_kernel("din_attention")
+    if ext is None:
+        return None
+    return _FusedAttention.apply(ext, offsets.long().contiguous(), len(linears), query.contiguous(),
+                                 values.contiguous(), *params)

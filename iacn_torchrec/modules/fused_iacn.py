@@ -7,97 +7,25 @@ sizes (h = 36, n_u ≤ 20, K ≤ 5) the ATen path's cost is the ~300 small ops i
 training step; the kernel runs the per-row maths as loops and hands only the matrix products to
 ATen (see docs/results/performance.md, round 11).
 
-The kernel is compiled on first use with ``torch.utils.cpp_extension`` (g++ and ``ninja``; cached
-under ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). When it cannot be built,
-a warning says why once and IaCN runs on the ATen path. ``IACN_FUSED_KERNEL=0`` turns it off.
+The kernel is built by :mod:`iacn_torchrec.kernels` (when it cannot be, a warning says why once and
+IaCN runs on the ATen path; ``IACN_FUSED_KERNEL=0`` turns it off).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
-import os
-import sys
-import threading
-import warnings
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from iacn_torchrec.kernels import load_kernel
+
 __all__ = ["fused_kernel", "fused_iacn_loss"]
 
-_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "iacn_fused.cpp"
-_LOCK = threading.Lock()
-_STATE: dict[str, Any] = {}
-
-
-def _simd_level() -> str:
-    """``avx2`` when torch's own CPU dispatch found AVX2 (or AVX-512) here, else ``base``."""
-    return "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "base"
-
-
-def _cflags() -> list[str]:
-    # AVX2 + FMA only where the CPU has them (the build is cached per name, hence the level in it)
-    return ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if _simd_level() == "avx2" else [])
-
-
-@contextlib.contextmanager
-def _environment_ninja() -> Iterator[None]:
-    """Runs the build with this Python environment's ``ninja`` (the one ``make install`` puts in the
-    venv) ahead of any other on ``PATH``: ninja versions keep incompatible build logs, so a system
-    ninja and the venv's (``make`` puts the venv first on ``PATH``, a plain ``.venv/bin/iacn``
-    does not) would rebuild the kernel for each other."""
-    bin_dir = Path(sys.executable).parent
-    old = os.environ.get("PATH", "")
-    if not (bin_dir / "ninja").exists():
-        yield
-        return
-    os.environ["PATH"] = str(bin_dir) + os.pathsep + old
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = old
-
-
-def _build_name() -> str:
-    """The extension's name, which is also its build directory under ``$TORCH_EXTENSIONS_DIR``:
-    one per source text, compiler flags, torch and Python environment. Two checkouts or venvs on
-    one machine (a clone beside a working tree, say) would otherwise share one directory and
-    rebuild it for each other on every first use."""
-    import hashlib
-
-    key = b"\0".join([_SOURCE.read_bytes(), " ".join(_cflags()).encode(), torch.__version__.encode(),
-                      str(Path(torch.__file__).resolve().parent).encode(), sys.prefix.encode()])
-    return f"iacn_fused_{_simd_level()}_{hashlib.sha256(key).hexdigest()[:12]}"
-
-
 def fused_kernel() -> ModuleType | None:
-    """The compiled kernel module, or None when it is turned off (``IACN_FUSED_KERNEL=0``) or
-    cannot be built (warned once, with the reason)."""
-    if os.environ.get("IACN_FUSED_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    with _LOCK:
-        if "module" not in _STATE:
-            _STATE["module"] = None
-            try:
-                from torch.utils.cpp_extension import load
-
-                logging.getLogger("iacn").info(
-                    "loading the fused IaCN kernel (compiled once per machine, ~30 s)")
-                with _environment_ninja():
-                    _STATE["module"] = load(name=_build_name(), sources=[str(_SOURCE)],
-                                            extra_cflags=_cflags(), verbose=False)
-            except Exception as e:  # no compiler / ninja / headers: the ATen path still works
-                _STATE["error"] = f"{type(e).__name__}: {e}"
-                warnings.warn(
-                    f"iacn_torchrec: the fused IaCN kernel could not be built ({_STATE['error'][:300]}); "
-                    "IaCN runs on the (slower) ATen path", RuntimeWarning, stacklevel=2)
-        return _STATE["module"]
+    """The compiled IaCN kernel (:func:`iacn_torchrec.kernels.load_kernel`), or None."""
+    return load_kernel("iacn_fused")
 
 
 class _FusedIaCNLoss(torch.autograd.Function):

@@ -387,12 +387,13 @@ def _log(msg: str) -> None:
 def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     if not a.no_peer:
         check_peer(a)
-    from iacn_torchrec.modules.fused_iacn import fused_kernel
+    from iacn_torchrec.kernels import load_kernel
 
     res: dict[str, Any] = {"machine": _machine(), "versions": versions(), "threads": a.threads,
                            "data": str(a.data),
-                           # which IaCN loss the IaCN arms ran: the fused CPU kernel or the ATen ops
-                           "iacn_kernel": "fused" if fused_kernel() is not None else "aten",
+                           # which the arms ran: the fused CPU kernels or the ATen ops
+                           "iacn_kernel": "fused" if load_kernel("iacn_fused") is not None else "aten",
+                           "din_attention_kernel": "fused" if load_kernel("din_attention") else "aten",
                            "quick": bool(a.quick), "load_before": _uptime()}
     batches = [128] if a.quick else [128, 1024]
     models = ["din"] if a.quick else ["din", "dien"]

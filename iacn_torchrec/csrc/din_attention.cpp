@@ -1,0 +1,173 @@
+// DIN's attention unit on a jagged history, forward and hand-written backward, in one call each.
+//
+// The same function as AttentionUnit.forward_jagged (iacn_torchrec/models/layers.py) for its
+// default configuration (sigmoid hidden activations, softmax-normalised scores, no query
+// projection): first layer W·[q, k, q-k, q·k] + b split as (W_q + W_d)·q + (W_k - W_d)·k + W_p·(q·k),
+// sigmoid MLP to a score per behaviour, a softmax over each row's behaviours, output Σ_t a_t k_t.
+// The matrix products go to ATen (MKL runs them near peak); the ~60 elementwise / segment ops
+// around them, and their autograd records, become loops.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// Forward. Returns [out [B, D], weights [N], then what the backward needs: 2 qv [N, D] (q · k of
+//   each behaviour), 3..: the activations a_1 .. a_m [N, H_l] of the hidden layers (after the
+//   sigmoid)].
+std::vector<Tensor> forward(const Tensor& query, const Tensor& values, const Tensor& offsets,
+                            const std::vector<Tensor>& weights, const std::vector<Tensor>& biases) {
+  const int64_t B = query.size(0), D = query.size(1), N = values.size(0);
+  TORCH_CHECK(offsets.numel() == B + 1, "din_attention: offsets must be [B + 1]");
+  const int64_t m = int64_t(weights.size()) - 1;  // hidden layers
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const Tensor& w1 = weights[0];
+  const Tensor wq = w1.narrow(1, 0, D), wk = w1.narrow(1, D, D), wd = w1.narrow(1, 2 * D, D),
+               wp = w1.narrow(1, 3 * D, D);
+  const Tensor h_q = at::addmm(biases[0], query, (wq + wd).t());  // [B, H1]
+  Tensor qv = at::empty({N, D}, values.options());
+  Tensor h = at::empty({N, w1.size(0)}, values.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "din_attention_gather", [&] {
+    using T = scalar_t;
+    const T* qp = query.data_ptr<T>();
+    const T* vp = values.data_ptr<T>();
+    const T* hq = h_q.data_ptr<T>();
+    T* qvp = qv.data_ptr<T>();
+    T* hp = h.data_ptr<T>();
+    const int64_t H1 = h.size(1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        for (int64_t k = 0; k < D; ++k) qvp[i * D + k] = qp[b * D + k] * vp[i * D + k];
+        std::copy(hq + b * H1, hq + (b + 1) * H1, hp + i * H1);
+      }
+  });
+  h.addmm_(values, (wk - wd).t());
+  h.addmm_(qv, wp.t());
+  std::vector<Tensor> acts;
+  Tensor x = h;
+  for (int64_t l = 0; l <= m; ++l) {
+    if (l > 0) x = at::addmm(biases[l], acts.back(), weights[l].t());
+    if (l == m) break;
+    acts.push_back(x.sigmoid_());  // ATen's vectorised exp: faster than a loop of std::exp
+  }
+  Tensor scores = x.view({N});  // the last layer: one logit per behaviour
+  Tensor att = at::empty({N}, values.options());
+  Tensor out = at::zeros({B, D}, values.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "din_attention_softmax", [&] {
+    using T = scalar_t;
+    const T* sp = scores.data_ptr<T>();
+    const T* vp = values.data_ptr<T>();
+    T* ap = att.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      if (off[b] == off[b + 1]) continue;
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) mx = std::max(mx, sp[i]);
+      T sum = 0;
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) sum += (ap[i] = std::exp(sp[i] - mx));
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        ap[i] /= sum;
+        for (int64_t k = 0; k < D; ++k) op[b * D + k] += ap[i] * vp[i * D + k];
+      }
+    }
+  });
+  std::vector<Tensor> res = {out, att, qv};
+  res.insert(res.end(), acts.begin(), acts.end());
+  return res;
+}
+
+// Backward. Returns [d query, d values, d W_1 .. d W_{m+1}, d b_1 .. d b_{m+1}].
+std::vector<Tensor> backward(const Tensor& grad_out, const Tensor& grad_att, const Tensor& query,
+                             const Tensor& values, const Tensor& offsets,
+                             const std::vector<Tensor>& weights, const std::vector<Tensor>& saved) {
+  const int64_t B = query.size(0), D = query.size(1), N = values.size(0);
+  const int64_t m = int64_t(weights.size()) - 1;
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const Tensor &att = saved[1], &qv = saved[2];
+  Tensor d_values = at::empty_like(values);
+  Tensor d_score = at::empty({N, 1}, values.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "din_attention_softmax_backward", [&] {
+    using T = scalar_t;
+    const T* go = grad_out.data_ptr<T>();
+    const T* ga = grad_att.defined() ? grad_att.data_ptr<T>() : nullptr;
+    const T* vp = values.data_ptr<T>();
+    const T* ap = att.data_ptr<T>();
+    T* dv = d_values.data_ptr<T>();
+    T* ds = d_score.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      T mean = 0;
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        T da = ga ? ga[i] : T(0);  // d weight_i: from the output Σ a_i k_i, and the weights' own
+        for (int64_t k = 0; k < D; ++k) {
+          da += go[b * D + k] * vp[i * D + k];
+          dv[i * D + k] = ap[i] * go[b * D + k];
+        }
+        ds[i] = da;
+        mean += ap[i] * da;
+      }
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) ds[i] = ap[i] * (ds[i] - mean);
+    }
+  });
+  std::vector<Tensor> d_w(m + 1), d_b(m + 1);
+  Tensor dx = d_score;  // gradient of layer l's pre-activation output
+  for (int64_t l = m; l > 0; --l) {
+    d_b[l] = dx.sum(0);
+    const Tensor& a = saved[3 + l - 1];  // input of layer l
+    d_w[l] = at::mm(dx.t(), a);
+    Tensor da = at::mm(dx, weights[l]);
+    AT_DISPATCH_FLOATING_TYPES(da.scalar_type(), "din_attention_sigmoid_backward", [&] {
+      using T = scalar_t;
+      T* p = da.data_ptr<T>();
+      const T* s = a.data_ptr<T>();
+      for (int64_t k = 0, n = da.numel(); k < n; ++k) p[k] *= s[k] * (T(1) - s[k]);
+    });
+    dx = da;
+  }
+  // first layer: h = h_q[row] + k (W_k - W_d)^T + (q·k) W_p^T, h_q = q (W_q + W_d)^T + b_1
+  const Tensor& w1 = weights[0];
+  const Tensor wk_d = w1.narrow(1, D, D) - w1.narrow(1, 2 * D, D), wp = w1.narrow(1, 3 * D, D);
+  const Tensor wq_d = w1.narrow(1, 0, D) + w1.narrow(1, 2 * D, D);
+  Tensor d_hq = at::zeros({B, dx.size(1)}, values.options());
+  Tensor d_qv = at::mm(dx, wp);  // [N, D]
+  d_values.addmm_(dx, wk_d);
+  Tensor d_query = at::zeros_like(query);
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "din_attention_first_backward", [&] {
+    using T = scalar_t;
+    const T* dxp = dx.data_ptr<T>();
+    const T* dqv = d_qv.data_ptr<T>();
+    const T* qp = query.data_ptr<T>();
+    const T* vp = values.data_ptr<T>();
+    T* dh = d_hq.data_ptr<T>();
+    T* dv = d_values.data_ptr<T>();
+    T* dq = d_query.data_ptr<T>();
+    const int64_t H1 = dx.size(1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        for (int64_t k = 0; k < H1; ++k) dh[b * H1 + k] += dxp[i * H1 + k];
+        for (int64_t k = 0; k < D; ++k) {
+          dv[i * D + k] += dqv[i * D + k] * qp[b * D + k];
+          dq[b * D + k] += dqv[i * D + k] * vp[i * D + k];
+        }
+      }
+  });
+  d_query.addmm_(d_hq, wq_d);
+  d_b[0] = d_hq.sum(0);
+  const Tensor d_wq_d = at::mm(d_hq.t(), query), d_wk_d = at::mm(dx.t(), values), d_wp = at::mm(dx.t(), qv);
+  d_w[0] = at::cat({d_wq_d, d_wk_d, d_wq_d - d_wk_d, d_wp}, 1);
+  std::vector<Tensor> res = {d_query, d_values};
+  res.insert(res.end(), d_w.begin(), d_w.end());
+  res.insert(res.end(), d_b.begin(), d_b.end());
+  return res;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "DIN attention forward (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, "DIN attention backward (CPU)", py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,103 @@
+"""The project's C++ CPU kernels (``iacn_torchrec/csrc/<name>.cpp``), compiled on first use.
+
+``torch.utils.cpp_extension`` builds each with g++ and ``ninja`` (``make install`` builds them
+ahead, about 30 s each) and caches it under ``$TORCH_EXTENSIONS_DIR`` (by default
+``~/.cache/torch_extensions``). When a kernel cannot be built, a warning says why once and its
+callers run their ATen ops instead. ``IACN_FUSED_KERNEL=0`` turns every kernel off.
+
+Kernels: ``iacn_fused`` (IaCN's loss, :mod:`iacn_torchrec.modules.fused_iacn`) and
+``din_attention`` (DIN's attention unit on a jagged history, :mod:`iacn_torchrec.models.layers`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+__all__ = ["KERNELS", "load_kernel", "kernels_enabled"]
+
+KERNELS = ("iacn_fused", "din_attention")
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_LOCK = threading.Lock()
+_STATE: dict[str, dict[str, Any]] = {}
+
+
+def kernels_enabled() -> bool:
+    """False when ``IACN_FUSED_KERNEL`` is 0 / false / no / off."""
+    return os.environ.get("IACN_FUSED_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _simd_level() -> str:
+    """``avx2`` when torch's own CPU dispatch found AVX2 (or AVX-512) here, else ``base``."""
+    return "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "base"
+
+
+def _cflags() -> list[str]:
+    # AVX2 + FMA only where the CPU has them (the build is cached per name, hence the level in it)
+    return ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if _simd_level() == "avx2" else [])
+
+
+@contextlib.contextmanager
+def _environment_ninja() -> Iterator[None]:
+    """Runs the build with this Python environment's ``ninja`` (the one ``make install`` puts in the
+    venv) ahead of any other on ``PATH``: ninja versions keep incompatible build logs, so a system
+    ninja and the venv's (``make`` puts the venv first on ``PATH``, a plain ``.venv/bin/iacn``
+    does not) would rebuild a kernel for each other."""
+    bin_dir = Path(sys.executable).parent
+    old = os.environ.get("PATH", "")
+    if not (bin_dir / "ninja").exists():
+        yield
+        return
+    os.environ["PATH"] = str(bin_dir) + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def build_name(name: str) -> str:
+    """The extension's name, which is also its build directory under ``$TORCH_EXTENSIONS_DIR``:
+    one per source text, compiler flags, torch and Python environment. Two checkouts or venvs on
+    one machine (a clone beside a working tree, say) would otherwise share one directory and
+    rebuild it for each other on every first use."""
+    import hashlib
+
+    key = b"\0".join([(_CSRC / f"{name}.cpp").read_bytes(), " ".join(_cflags()).encode(),
+                      torch.__version__.encode(), str(Path(torch.__file__).resolve().parent).encode(),
+                      sys.prefix.encode()])
+    return f"{name}_{_simd_level()}_{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def load_kernel(name: str) -> ModuleType | None:
+    """The compiled kernel ``name`` (one of :data:`KERNELS`), or None when kernels are turned off
+    or it cannot be built (warned once, with the reason; not retried in this process)."""
+    if not kernels_enabled():
+        return None
+    with _LOCK:
+        state = _STATE.setdefault(name, {})
+        if "module" not in state:
+            state["module"] = None
+            try:
+                from torch.utils.cpp_extension import load
+
+                logging.getLogger("iacn").info(
+                    "loading the fused %s kernel (compiled once per machine, ~30 s)", name)
+                with _environment_ninja():
+                    state["module"] = load(name=build_name(name), sources=[str(_CSRC / f"{name}.cpp")],
+                                           extra_cflags=_cflags(), verbose=False)
+            except Exception as e:  # no compiler / ninja / headers: the ATen path still works
+                state["error"] = f"{type(e).__name__}: {e}"
+                warnings.warn(
+                    f"iacn_torchrec: the fused {name} kernel could not be built ({state['error'][:300]}); "
+                    "the (slower) ATen ops run instead", RuntimeWarning, stacklevel=2)
+        return state["module"]

@@ -1,0 +1,125 @@
+"""DIN's attention unit through the fused kernel (csrc/din_attention.cpp) is the ATen path's function:
+output, weights and every gradient, in float64 to rounding; uncovered configurations keep the ATen
+path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import planted_batch
+
+import iacn_torchrec.models.layers as layers
+from iacn_torchrec.models.framework import build_model
+from iacn_torchrec.models.layers import AttentionUnit, segment_ids
+from iacn_torchrec.modules.iacn import IaCNConfig
+
+B, D = 13, 5
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    calls: list[int] = []
+    apply = layers._FusedAttention.apply
+    monkeypatch.setattr(layers._FusedAttention, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+def _case(dtype, seed=0, hidden=(80, 40)):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 7, (B,), generator=g)
+    lengths[:3] = torch.tensor([0, 1, 6])  # a row without behaviours gets a zero output
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    N = int(lengths.sum())
+    torch.manual_seed(seed)
+    unit = AttentionUnit(D, D, hidden).to(dtype)
+    q = torch.randn(B, D, generator=g, dtype=dtype)
+    v = torch.randn(N, D, generator=g, dtype=dtype)
+    # a loss reading both outputs, so the weights' own gradient path is checked too
+    w_out = torch.randn(B, D, generator=g, dtype=dtype)
+    w_att = torch.randn(N, generator=g, dtype=dtype)
+    return unit, q, v, lengths, offsets, w_out, w_att
+
+
+def _run(unit, q, v, lengths, offsets, w_out, w_att, fused):
+    q, v = q.clone().requires_grad_(), v.clone().requires_grad_()
+    for p in unit.parameters():
+        p.grad = None
+    seg = segment_ids(lengths, v.shape[0])
+    out, att = unit.forward_jagged(q, v, seg, B, offsets=offsets if fused else None)
+    ((out * w_out).sum() + (att * w_att).sum()).backward()
+    return [out.detach(), att.detach(), q.grad, v.grad] + [p.grad for p in unit.parameters()]
+
+
+@pytest.mark.parametrize("hidden", [(80, 40), (7,), (6, 5, 4)])
+def test_fused_attention_equals_aten_in_float64(hidden, kernel_calls):
+    case = _case(torch.float64, hidden=hidden)
+    got, want = _run(*case, fused=True), _run(*case, fused=False)
+    assert kernel_calls == [1]
+    assert all(g is not None and g.abs().sum() > 0 for g in want[2:])
+    assert float(want[0][0].abs().sum()) == 0  # the empty row
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_attention_equals_aten_in_float32(kernel_calls):
+    case = _case(torch.float32, seed=1)
+    for a, b in zip(_run(*case, fused=True), _run(*case, fused=False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert kernel_calls == [1]
+
+
+def test_fused_attention_gradcheck():
+    unit, q, v, lengths, offsets, *_ = _case(torch.float64, seed=2, hidden=(4, 3))
+    seg = segment_ids(lengths, v.shape[0])
+    assert torch.autograd.gradcheck(
+        lambda q, v: unit.forward_jagged(q, v, seg, B, offsets=offsets),
+        [q.clone().requires_grad_(), v.clone().requires_grad_()])
+
+
+@pytest.mark.parametrize("case", ["relu", "no_softmax", "query_proj", "env_off"])
+def test_uncovered_configurations_take_the_aten_path(case, monkeypatch, kernel_calls):
+    unit, q, v, lengths, offsets, w_out, w_att = _case(torch.float32)
+    if case == "relu":
+        unit = AttentionUnit(D, D, (80, 40), activation="relu")
+    if case == "no_softmax":
+        unit.softmax = False
+    if case == "query_proj":
+        unit = AttentionUnit(D + 2, D, query_proj=True)
+        q = torch.randn(B, D + 2)
+    if case == "env_off":
+        monkeypatch.setenv("IACN_FUSED_KERNEL", "0")
+    got = _run(unit, q, v, lengths, offsets, w_out, w_att, fused=True)
+    assert kernel_calls == []
+    for a, b in zip(got, _run(unit, q, v, lengths, offsets, w_out, w_att, fused=False), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_double_backward_is_refused():
+    unit, q, v, lengths, offsets, *_ = _case(torch.float64)
+    q = q.clone().requires_grad_()
+    out, _ = unit.forward_jagged(q, v, segment_ids(lengths, v.shape[0]), B, offsets=offsets)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
+def test_din_trains_the_same_with_the_kernel(monkeypatch, kernel_calls):
+    """Three SGD steps of DIN+IaCN through the real embeddings, attention kernel on vs off: the same
+    parameters up to float32 rounding (the kernel did run in the first)."""
+    params = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("IACN_FUSED_KERNEL", env)  # both kernels off in the second run
+        torch.manual_seed(0)
+        model = build_model("din", 20, 60, 6, 8, IaCNConfig(enabled=True, aux_dim=4, num_negatives=5),
+                            emb_dim=4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):
+            batch = planted_batch(32, step, 20, 60, 6, 8, num_negatives=5)
+            opt.zero_grad()
+            loss, _ = model(batch)
+            loss.backward()
+            opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+        if env == "1":
+            assert len(kernel_calls) == 3
+    for a, b in zip(*params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
