@@ -23,6 +23,7 @@ from iacn_torchrec.kernels import load_kernel
 
 __all__ = ["fused_kernel", "fused_iacn_loss"]
 
+
 def fused_kernel() -> ModuleType | None:
     """The compiled IaCN kernel (:func:`iacn_torchrec.kernels.load_kernel`), or None."""
     return load_kernel("iacn_fused")
