@@ -78,3 +78,34 @@ def prepare_planted(root: Path, num_users: int, seed: int, **planted_kwargs):
         "tsv", interactions=p.interactions, items=p.items, category_column="cate", max_len=16, seed=0,
         out=root / "prep", progress=False,
     )
+
+
+def din_iacn_after_sgd_steps(configure=None, steps: int = 3) -> list[torch.Tensor]:
+    """Parameters of a small DIN+IaCN (δ split, sampled negatives, user-profile layer) after
+    ``steps`` SGD steps on planted batches, from seed 0; ``configure(model)`` runs before training
+    (e.g. to switch a kernel off). SGD, not Adam: Adam's g/sqrt(v) would turn float32 rounding in a
+    near-zero gradient into a full step, hiding whether two runs compute the same function."""
+    from iacn_torchrec.models.framework import build_model
+    from iacn_torchrec.modules.iacn import IaCNConfig
+
+    torch.manual_seed(0)
+    model = build_model("din", 20, 60, 6, 8, IaCNConfig(enabled=True, aux_dim=4, num_negatives=5), emb_dim=4)
+    if configure is not None:
+        configure(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        batch = planted_batch(32, step, 20, 60, 6, 8, num_negatives=5)
+        opt.zero_grad()
+        loss, _ = model(batch)
+        loss.backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def count_calls(monkeypatch, function_class) -> list[int]:
+    """Counts ``function_class.apply`` calls (a list growing by one per call) for the test's duration:
+    which of two code paths ran."""
+    calls: list[int] = []
+    apply = function_class.apply
+    monkeypatch.setattr(function_class, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls

@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import planted_batch
+from helpers import count_calls, din_iacn_after_sgd_steps
 
 import iacn_torchrec.models.layers as layers
-from iacn_torchrec.models.framework import build_model
 from iacn_torchrec.models.layers import AttentionUnit, segment_ids
-from iacn_torchrec.modules.iacn import IaCNConfig
 
 B, D = 13, 5
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    calls: list[int] = []
-    apply = layers._FusedAttention.apply
-    monkeypatch.setattr(layers._FusedAttention, "apply", lambda *a: calls.append(1) or apply(*a))
-    return calls
+    return count_calls(monkeypatch, layers._FusedAttention)
 
 
 def _case(dtype, seed=0, hidden=(80, 40)):
@@ -108,17 +103,7 @@ def test_din_trains_the_same_with_the_kernel(monkeypatch, kernel_calls):
     params = []
     for env in ("1", "0"):
         monkeypatch.setenv("IACN_FUSED_KERNEL", env)  # both kernels off in the second run
-        torch.manual_seed(0)
-        model = build_model("din", 20, 60, 6, 8, IaCNConfig(enabled=True, aux_dim=4, num_negatives=5),
-                            emb_dim=4)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for step in range(3):
-            batch = planted_batch(32, step, 20, 60, 6, 8, num_negatives=5)
-            opt.zero_grad()
-            loss, _ = model(batch)
-            loss.backward()
-            opt.step()
-        params.append([p.detach().clone() for p in model.parameters()])
+        params.append(din_iacn_after_sgd_steps())
         if env == "1":
             assert len(kernel_calls) == 3
     for a, b in zip(*params, strict=True):

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-from helpers import planted_batch
+from helpers import count_calls, din_iacn_after_sgd_steps
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 import iacn_torchrec.kernels as kernels
 import iacn_torchrec.modules.fused_iacn as fused_iacn
-from iacn_torchrec.models.framework import build_model
 from iacn_torchrec.modules.iacn import IaCNConfig, IaCNTask
 
 B, L, H, DU, S = 14, 9, 6, 5, 4
@@ -29,10 +28,7 @@ def test_the_kernels_build(name):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The number of times the kernel ran (a list that grows by one per call)."""
-    calls: list[int] = []
-    apply = fused_iacn._FusedIaCNLoss.apply
-    monkeypatch.setattr(fused_iacn._FusedIaCNLoss, "apply", lambda *a: calls.append(1) or apply(*a))
-    return calls
+    return count_calls(monkeypatch, fused_iacn._FusedIaCNLoss)
 
 
 def _pad(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -246,22 +242,11 @@ def test_over_long_history_is_named_by_the_aten_path():
 def test_din_with_iacn_trains_the_same_with_the_kernel():
     """Three SGD steps of DIN+IaCN (δ split, sampled negatives, user-profile layer), kernel on vs
     off from the same seed: the same parameters up to float32 rounding."""
-    params = []
-    for fused in (True, False):
-        torch.manual_seed(0)
-        model = build_model("din", 20, 60, 6, 8, IaCNConfig(enabled=True, aux_dim=4, num_negatives=5),
-                            emb_dim=4)
-        model.iacn.fused = fused
-        # SGD: Adam's g/sqrt(v) would turn float32 rounding in a near-zero gradient into a full step
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for step in range(3):
-            batch = planted_batch(32, step, 20, 60, 6, 8, num_negatives=5)
-            opt.zero_grad()
-            loss, _ = model(batch)
-            loss.backward()
-            opt.step()
-        params.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*params):
+
+    def aten(model):
+        model.iacn.fused = False
+
+    for a, b in zip(din_iacn_after_sgd_steps(), din_iacn_after_sgd_steps(aten), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

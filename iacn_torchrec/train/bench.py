@@ -393,7 +393,8 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
                            "data": str(a.data),
                            # which the arms ran: the fused CPU kernels or the ATen ops
                            "iacn_kernel": "fused" if load_kernel("iacn_fused") is not None else "aten",
-                           "din_attention_kernel": "fused" if load_kernel("din_attention") else "aten",
+                           "din_attention_kernel": "fused" if load_kernel("din_attention") is not None
+                           else "aten",
                            "quick": bool(a.quick), "load_before": _uptime()}
     batches = [128] if a.quick else [128, 1024]
     models = ["din"] if a.quick else ["din", "dien"]
