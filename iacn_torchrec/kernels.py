@@ -5,8 +5,10 @@ ahead, about 30 s each) and caches it under ``$TORCH_EXTENSIONS_DIR`` (by defaul
 ``~/.cache/torch_extensions``). When a kernel cannot be built, a warning says why once and its
 callers run their ATen ops instead. ``IACN_FUSED_KERNEL=0`` turns every kernel off.
 
-Kernels: ``iacn_fused`` (IaCN's loss, :mod:`iacn_torchrec.modules.fused_iacn`) and
-``din_attention`` (DIN's attention unit on a jagged history, :mod:`iacn_torchrec.models.layers`).
+Kernels: ``iacn_fused`` (IaCN's loss, :mod:`iacn_torchrec.modules.fused_iacn`),
+``din_attention`` (DIN's attention unit on a jagged history, :mod:`iacn_torchrec.models.layers`) and
+``packed_recurrence`` (DIEN's GRU / AUGRU recurrence, :mod:`iacn_torchrec.models.dien`). Each
+defines its autograd node in C++ or is called from a Python one; the C++ nodes run without the GIL.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 __all__ = ["KERNELS", "load_kernel", "kernels_enabled"]
 
-KERNELS = ("iacn_fused", "din_attention")
+KERNELS = ("iacn_fused", "din_attention", "packed_recurrence")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _LOCK = threading.Lock()
 _STATE: dict[str, dict[str, Any]] = {}

@@ -80,21 +80,23 @@ def prepare_planted(root: Path, num_users: int, seed: int, **planted_kwargs):
     )
 
 
-def din_iacn_after_sgd_steps(configure=None, steps: int = 3) -> list[torch.Tensor]:
-    """Parameters of a small DIN+IaCN (δ split, sampled negatives, user-profile layer) after
-    ``steps`` SGD steps on planted batches, from seed 0; ``configure(model)`` runs before training
-    (e.g. to switch a kernel off). SGD, not Adam: Adam's g/sqrt(v) would turn float32 rounding in a
-    near-zero gradient into a full step, hiding whether two runs compute the same function."""
+def din_iacn_after_sgd_steps(configure=None, steps: int = 3, model_name: str = "din") -> list[torch.Tensor]:
+    """Parameters of a small DIN+IaCN (or ``model_name`` + IaCN: δ split, sampled negatives,
+    user-profile layer) after ``steps`` SGD steps on planted batches, from seed 0;
+    ``configure(model)`` runs before training (e.g. to switch a kernel off). SGD, not Adam: Adam's
+    g/sqrt(v) would turn float32 rounding in a near-zero gradient into a full step, hiding whether
+    two runs compute the same function."""
     from iacn_torchrec.models.framework import build_model
     from iacn_torchrec.modules.iacn import IaCNConfig
 
     torch.manual_seed(0)
-    model = build_model("din", 20, 60, 6, 8, IaCNConfig(enabled=True, aux_dim=4, num_negatives=5), emb_dim=4)
+    model = build_model(model_name, 20, 60, 6, 8, IaCNConfig(enabled=True, aux_dim=4, num_negatives=5),
+                        emb_dim=4)
     if configure is not None:
         configure(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(steps):
-        batch = planted_batch(32, step, 20, 60, 6, 8, num_negatives=5)
+        batch = planted_batch(32, step, 20, 60, 6, 8, num_negatives=5, neg_hist=model_name == "dien")
         opt.zero_grad()
         loss, _ = model(batch)
         loss.backward()

@@ -14,8 +14,10 @@ NU, NI, NC, L = 7, 30, 5, 6
 
 
 def make_kjt(B: int, seed: int, S: int = 0, neg_hist: bool = False, max_len: int = L,
-             min_len: int = 0) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
-    """A hand-built batch KJT in the loader's key order, plus its raw ids and lengths."""
+             min_len: int = 0, neg_rows: torch.Tensor | None = None,
+             ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
+    """A hand-built batch KJT in the loader's key order, plus its raw ids and lengths; ``neg_rows``
+    ``[B]`` bool: the rows with S sampled negatives (default: all)."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (B,), generator=g)
     N = int(lengths.sum())
@@ -32,9 +34,10 @@ def make_kjt(B: int, seed: int, S: int = 0, neg_hist: bool = False, max_len: int
         raw["neg_hist_cate"] = i2c[raw["neg_hist_item"]]
         lens.update(neg_hist_item=lengths, neg_hist_cate=lengths)
     if S:
-        raw["iacn_neg_item"] = torch.randint(1, NI + 1, (B * S,), generator=g)
+        has = ones if neg_rows is None else neg_rows.long()
+        raw["iacn_neg_item"] = torch.randint(1, NI + 1, (int(has.sum()) * S,), generator=g)
         raw["iacn_neg_cate"] = i2c[raw["iacn_neg_item"]]
-        lens.update(iacn_neg_item=ones * S, iacn_neg_cate=ones * S)
+        lens.update(iacn_neg_item=has * S, iacn_neg_cate=has * S)
     keys = list(raw)
     kjt = KeyedJaggedTensor.from_lengths_sync(keys, torch.cat([raw[k] for k in keys]),
                                               torch.cat([lens[k] for k in keys]))
@@ -188,6 +191,44 @@ def test_gradient_split_on_tables(delta):
         torch.testing.assert_close(W(emb, f"{f}_aux").grad, ref_aux)
     ref_user = torch.zeros(NU + 1, o).index_add_(0, raw["uid"], w_u)
     torch.testing.assert_close(W(emb, "uid").grad, ref_user)
+
+
+@pytest.mark.parametrize("neg_rows", ["all", "some"])
+def test_detached_aux_views_are_the_graph_views_outside_the_graph(neg_rows):
+    """What the IaCN worker reads: the forward's aux views (values), as leaves outside every graph;
+    the row gradients, added to the tables by id, are the gradient the aux views' lookup backward
+    gives (δ = 0: IaCN's whole share). Without aux views the negatives are not looked up."""
+    torch.manual_seed(0)
+    B, S, a = 6, 3, 3
+    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=4, aux_dim=a, user_dim=4, with_neg_hist=True,
+                                  with_iacn_negatives=True)
+    # "some": the loader's layout, negatives for the label-1 rows only
+    some = torch.tensor([True, False, True, True, False, False]) if neg_rows == "some" else None
+    kjt, _ = make_kjt(B, seed=2, S=S, neg_hist=True, neg_rows=some)
+    assert emb.reads_aux_tables_directly()
+    out = emb(kjt, delta=0.0)
+    views = emb.detached_aux_views(kjt)
+    torch.testing.assert_close(views.target, out.aux_target, rtol=0, atol=0)
+    torch.testing.assert_close(views.hist_values, out.aux_hist_values, rtol=0, atol=0)
+    torch.testing.assert_close(views.negatives, out.aux_negatives, rtol=0, atol=0)
+    assert torch.equal(views.negative_ids, out.negative_ids) and torch.equal(views.target_ids, out.target_ids)
+    assert (views.negative_rows is None) == (out.negative_rows is None)
+    if views.negative_rows is not None:
+        assert torch.equal(views.negative_rows, out.negative_rows)
+    assert all(r.is_leaf and r.requires_grad and r.grad_fn is None for r in views.rows)
+    assert views.target.grad_fn is not None  # a graph of the leaves only
+    g = torch.Generator().manual_seed(5)
+    v_t, v_h, v_n = (torch.randn(x.shape, generator=g)
+                     for x in (views.target, views.hist_values, views.negatives))
+    graph_loss = ((out.aux_target * v_t).sum() + (out.aux_hist_values * v_h).sum()
+                  + (out.aux_negatives * v_n).sum())
+    graph_loss.backward()
+    row_loss = (views.target * v_t).sum() + (views.hist_values * v_h).sum() + (views.negatives * v_n).sum()
+    row_grads = torch.autograd.grad(row_loss, views.rows)
+    for table, ids, grad in zip(views.tables, views.ids, row_grads, strict=True):
+        torch.testing.assert_close(torch.zeros_like(table).index_add_(0, ids, grad), table.grad)
+    lean = emb(kjt, delta=0.3, aux_views=False)
+    assert lean.negative_ids is None and lean.aux_negatives is None
 
 
 def test_bad_input_errors():

@@ -5,7 +5,8 @@
 // projection): first layer W·[q, k, q-k, q·k] + b split as (W_q + W_d)·q + (W_k - W_d)·k + W_p·(q·k),
 // sigmoid MLP to a score per behaviour, a softmax over each row's behaviours, output Σ_t a_t k_t.
 // The matrix products go to ATen (MKL runs them near peak); the ~60 elementwise / segment ops
-// around them, and their autograd records, become loops.
+// around them, and their autograd records, become loops. The autograd node is C++ too (DinAttention):
+// the main backward then never needs the GIL for it, which the IaCN worker thread's Python holds.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -20,8 +21,8 @@ using at::Tensor;
 // Forward. Returns [out [B, D], weights [N], then what the backward needs: 2 qv [N, D] (q · k of
 //   each behaviour), 3..: the activations a_1 .. a_m [N, H_l] of the hidden layers (after the
 //   sigmoid)].
-std::vector<Tensor> forward(const Tensor& query, const Tensor& values, const Tensor& offsets,
-                            const std::vector<Tensor>& weights, const std::vector<Tensor>& biases) {
+std::vector<Tensor> attention_forward(const Tensor& query, const Tensor& values, const Tensor& offsets,
+                                      const std::vector<Tensor>& weights, const std::vector<Tensor>& biases) {
   const int64_t B = query.size(0), D = query.size(1), N = values.size(0);
   TORCH_CHECK(offsets.numel() == B + 1, "din_attention: offsets must be [B + 1]");
   const int64_t m = int64_t(weights.size()) - 1;  // hidden layers
@@ -82,9 +83,9 @@ std::vector<Tensor> forward(const Tensor& query, const Tensor& values, const Ten
 }
 
 // Backward. Returns [d query, d values, d W_1 .. d W_{m+1}, d b_1 .. d b_{m+1}].
-std::vector<Tensor> backward(const Tensor& grad_out, const Tensor& grad_att, const Tensor& query,
-                             const Tensor& values, const Tensor& offsets,
-                             const std::vector<Tensor>& weights, const std::vector<Tensor>& saved) {
+std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& grad_att, const Tensor& query,
+                                       const Tensor& values, const Tensor& offsets,
+                                       const std::vector<Tensor>& weights, const std::vector<Tensor>& saved) {
   const int64_t B = query.size(0), D = query.size(1), N = values.size(0);
   const int64_t m = int64_t(weights.size()) - 1;
   const int64_t* off = offsets.data_ptr<int64_t>();
@@ -165,9 +166,51 @@ std::vector<Tensor> backward(const Tensor& grad_out, const Tensor& grad_att, con
   return res;
 }
 
+// The autograd node: inputs query, values, offsets, the MLP's weights W_1 .. W_{m+1}, then its
+// biases; outputs (out [B, D], weights [N]).
+class DinAttention : public torch::autograd::Function<DinAttention> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& query,
+                                                const Tensor& values, const Tensor& offsets,
+                                                at::TensorList weights, at::TensorList biases) {
+    // TensorList, not std::vector: autograd gives each element of a TensorList an input edge
+    std::vector<Tensor> res = attention_forward(query, values, offsets, weights.vec(), biases.vec());
+    std::vector<Tensor> saved = {query, values, offsets};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    saved.insert(saved.end(), res.begin(), res.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["layers"] = int64_t(weights.size());
+    ctx->set_materialize_grads(false);
+    return {res[0], res[1]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "DIN's fused attention kernel has no double backward; set IACN_FUSED_KERNEL=0 to "
+                "differentiate through its gradients");
+    const std::vector<Tensor> saved = ctx->get_saved_variables();
+    const int64_t layers = ctx->saved_data["layers"].toInt();
+    const Tensor &query = saved[0], &values = saved[1], &offsets = saved[2];
+    const std::vector<Tensor> weights(saved.begin() + 3, saved.begin() + 3 + layers);
+    const std::vector<Tensor> res(saved.begin() + 3 + layers, saved.end());
+    const Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(query);
+    const Tensor grad_att = grads[1].defined() ? grads[1].contiguous() : Tensor();
+    std::vector<Tensor> g = attention_backward(grad_out, grad_att, query, values, offsets, weights, res);
+    torch::autograd::variable_list out = {g[0], g[1], Tensor()};  // no gradient for the offsets
+    out.insert(out.end(), g.begin() + 2, g.end());
+    return out;
+  }
+};
+
+std::vector<Tensor> apply(const Tensor& query, const Tensor& values, const Tensor& offsets,
+                          const std::vector<Tensor>& weights, const std::vector<Tensor>& biases) {
+  return DinAttention::apply(query, values, offsets, at::TensorList(weights), at::TensorList(biases));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "DIN attention forward (CPU)", py::call_guard<py::gil_scoped_release>());
-  m.def("backward", &backward, "DIN attention backward (CPU)", py::call_guard<py::gil_scoped_release>());
+  // no GIL needed: the kernels and the autograd node touch tensors only
+  m.def("apply", &apply, "DIN attention with its autograd node (CPU)", py::call_guard<py::gil_scoped_release>());
 }

@@ -118,9 +118,14 @@ def plain_steps(
                 batch = batch.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss, out = model(batch)
-            loss.backward()
+            # With IaCN on its worker thread the graph is freed after the step, not inside backward:
+            # each freed tensor that Python saw takes the GIL, which the worker's Python holds, and
+            # the main backward waited for it (measured: docs/results/performance.md, round 12).
+            loss.backward(retain_graph=getattr(model, "iacn_on_worker", False))
             optimizer.step()
-            yield loss.detach(), out
+            detached = loss.detach()
+            del loss  # the graph goes here, while the worker is idle
+            yield detached, out
 
     return steps
 

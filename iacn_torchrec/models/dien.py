@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -221,9 +222,37 @@ def packed_recurrence(
     gi, w_hh, b_hh = gi.to(dtype), w_hh.to(dtype), b_hh.to(dtype)
     att = att.to(dtype) if att is not None else None
     sizes = batch_sizes.tolist()
+    ext = _recurrence_kernel(gi, att, w_hh, b_hh)
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        if ext is not None:
+            return _RecurrenceKernel.apply(ext, gi, att, w_hh, b_hh, sizes)
         return _PackedRecurrence.apply(gi, att, w_hh, b_hh, sizes)
+    if ext is not None:
+        return ext.steps(gi, att, w_hh, b_hh, sizes)
     return _recurrence_steps(gi, att, w_hh, b_hh, sizes, keep=False)[0]
+
+
+class _RecurrenceKernel:
+    """:class:`_PackedRecurrence` in C++ (``csrc/packed_recurrence.cpp``): the same ATen ops in the
+    same order, and the autograd node too, so neither pass dispatches ~15 ops a step from Python
+    and the backward runs without the GIL (which the IaCN worker thread's Python holds).
+    ``create_graph=True`` raises (first-order gradients only, as ``once_differentiable``)."""
+
+    @staticmethod
+    def apply(ext, gi, att, w_hh, b_hh, sizes):
+        return ext.apply(gi, att, w_hh, b_hh, sizes)
+
+
+def _recurrence_kernel(gi: torch.Tensor, att: torch.Tensor | None, w_hh: torch.Tensor, b_hh: torch.Tensor):
+    """The compiled recurrence kernel where it applies (CPU float32 / float64 inputs, eager mode),
+    else None: :class:`_PackedRecurrence` then runs the same ops from Python."""
+    tensors = [x for x in (gi, att, w_hh, b_hh) if x is not None]
+    if (torch.compiler.is_compiling() or any(isinstance(x, torch.fx.Proxy) for x in tensors)
+            or any(x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) for x in tensors)):
+        return None
+    from iacn_torchrec.kernels import load_kernel
+
+    return load_kernel("packed_recurrence")
 
 
 def packed_gru(gru: nn.GRU, inputs: torch.Tensor, batch_sizes: torch.Tensor) -> torch.Tensor:

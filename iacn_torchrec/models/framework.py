@@ -54,23 +54,24 @@ def _iacn_worker() -> concurrent.futures.ThreadPoolExecutor:
 class _JoinBranch(torch.autograd.Function):
     """Joins the IaCN branch, computed on the worker thread, back into the main graph.
 
-    Forward: a zero scalar (so the main forward never waits for the worker). Backward: waits for
-    the worker's forward+backward, which computed (not accumulated) the gradients of ``λ·L_IaCN``
-    w.r.t. the detached copies of the aux views and IaCN's parameters; scales them by the
-    upstream gradient (so ``(c·loss).backward()`` and loss scalers act on IaCN as on the serial
-    graph), returns the views' part as the gradients of ``views`` (whose own backward applies the
-    1-δ split and reaches the tables) and accumulates the parameters' part into their ``.grad``,
-    as the serial backward would at this point."""
+    Forward: a zero scalar (so the main forward never waits for the worker); its inputs are the aux
+    tables and IaCN's parameters, so the join is part of every backward that can reach them.
+    Backward: waits for the worker's forward+backward, which computed (not accumulated) the
+    gradients of ``λ·L_IaCN`` w.r.t. the aux rows it looked up (already × (1-δ)) and IaCN's
+    parameters; scales them by the upstream gradient (so ``(c·loss).backward()`` and loss scalers
+    act on IaCN as on the serial graph) and adds them to ``.grad``: the rows' into their tables'
+    (``index_add_``; the main lookup's own gradient then accumulates onto it), the parameters' as the
+    serial backward would at this point. Returns no gradient through the graph."""
 
     @staticmethod
-    def forward(ctx, pending, *views: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.pending = pending
-        return views[0].new_zeros(())
+    def forward(ctx, pending, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.pending, ctx.num_inputs = pending, len(inputs)
+        return inputs[0].new_zeros(())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         # the worker's result stays with the node: a second backward (retain_graph=True) reuses it
-        view_grads, param_grads = ctx.pending.result()
+        row_grads, param_grads = ctx.pending.result()
         unit = bool(grad == 1)  # the usual loss.backward(): no multiplications
         with torch.no_grad():
             for p, g in param_grads:
@@ -79,7 +80,11 @@ class _JoinBranch(torch.autograd.Function):
                     p.grad = g
                 else:
                     p.grad.add_(g)
-        return (None, *[g if unit else g * grad for g in view_grads])
+            for table, ids, g in row_grads:
+                if table.grad is None:
+                    table.grad = torch.zeros_like(table)
+                table.grad.index_add_(0, ids, g if unit else g * grad)
+        return (None,) * (1 + ctx.num_inputs)
 
 
 class CTRWithIaCN(nn.Module):
@@ -156,6 +161,14 @@ class CTRWithIaCN(nn.Module):
     def runs_iacn(self) -> bool:
         return self.iacn is not None and self.lam != 0.0
 
+    def _log_q(
+        self, target_ids: torch.Tensor, negative_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """log Q of the targets and the sampled negatives (the log-uniform sampler's correction)."""
+        if self.item_log_q is None:
+            return None, None
+        return self.item_log_q[target_ids], None if negative_ids is None else self.item_log_q[negative_ids]
+
     def _iacn_inputs(self, emb: EmbeddedBatch) -> dict[str, Any]:
         """The keyword arguments of :meth:`IaCNTask.forward` for the aux views of ``emb`` (built with
         ``aux_views=True``).
@@ -167,11 +180,7 @@ class CTRWithIaCN(nn.Module):
         the worker thread: the global RNG's draws come in one order (a main model with dropout
         draws too), so the worker is deterministic and equals the serial run."""
         assert self.iacn is not None
-        neg_log_q = target_log_q = None
-        if self.item_log_q is not None:
-            target_log_q = self.item_log_q[emb.target_ids]
-            if emb.negative_ids is not None:
-                neg_log_q = self.item_log_q[emb.negative_ids]
+        target_log_q, neg_log_q = self._log_q(emb.target_ids, emb.negative_ids)
         aux_hist = emb.aux_hist_jagged()  # jagged when possible: routing maps only the real behaviours
         return dict(
             aux_hist=aux_hist,
@@ -197,13 +206,17 @@ class CTRWithIaCN(nn.Module):
         return self.iacn(labels=labels, **self._iacn_inputs(emb))
 
     def _iacn_on_worker(
-        self, emb: EmbeddedBatch, labels: torch.Tensor
+        self, kjt: Any, emb: EmbeddedBatch, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]]:
         """Prepares IaCN's forward *and backward* for the worker thread.
 
-        IaCN reads detached copies of its aux views; the worker's backward fills IaCN's parameter
-        gradients and the copies' gradients, which :class:`_JoinBranch` hands to the real aux views
-        when the main backward reaches them.
+        The worker reads IaCN's views of ``kjt`` straight from the aux tables
+        (:meth:`InterestAwareEmbeddings.detached_aux_views`): ``emb`` was built without aux views, so
+        the main thread runs the main model alone (no aux views, no lookups of the negatives, none of
+        their backward). The worker's backward computes the gradients of ``λ·L_IaCN`` w.r.t. the rows
+        it looked up and IaCN's parameters; :class:`_JoinBranch` adds them to ``.grad`` (the rows'
+        × (1-δ), IaCN's share of ``E_aux``'s gradient) when the main backward reaches it. The routing
+        logits are drawn here, where the serial path draws them (:meth:`_iacn_inputs`).
 
         Returns ``(join, iacn_loss, start)``: add ``join`` (value 0) to the loss, then call
         ``start(total)`` with the (detached) total loss: the worker runs IaCN and adds ``λ·L_IaCN``
@@ -211,27 +224,15 @@ class CTRWithIaCN(nn.Module):
         final once ``backward`` through ``join`` has returned. An exception on the worker is raised
         by that ``backward``.
         """
-        assert self.iacn is not None
-        kwargs = self._iacn_inputs(emb)
-        views: list[torch.Tensor] = []  # the aux views in the main graph
-        leaves: list[torch.Tensor] = []  # their detached copies, which the worker's IaCN reads
-        for name in ("aux_target", "aux_hist", "aux_negatives"):
-            view = kwargs[name]
-            if view is None:
-                continue
-            values = view.values() if isinstance(view, JaggedTensor) else view
-            leaf = values.detach().requires_grad_()
-            if isinstance(view, JaggedTensor):
-                kwargs[name] = JaggedTensor(values=leaf, lengths=view.lengths(), offsets=view.offsets())
-            else:
-                kwargs[name] = leaf
-            views.append(values)
-            leaves.append(leaf)
+        assert self.iacn is not None and self.embeddings.aux is not None
+        tables = [t.weight for t in self.embeddings.aux.embeddings.values()]
+        params = [p for p in self.iacn.parameters() if p.requires_grad]
+        routing = self.iacn.routing
+        init_logits = routing.jagged_training_logits(labels.shape[0], tables[0]) if routing.training else None
+        user, hist_lengths, hist_offsets = emb.user.detach(), emb.hist_lengths, emb.hist_offsets
         iacn_loss = labels.new_zeros(())
         pending: concurrent.futures.Future = concurrent.futures.Future()
-        lam = self.lam
-
-        params = [p for p in self.iacn.parameters() if p.requires_grad]
+        lam, share = self.lam, 1.0 - self.delta
         # a thread keeps the intra-op thread count it started with: use the training thread's
         threads = torch.get_num_threads()
 
@@ -239,47 +240,64 @@ class CTRWithIaCN(nn.Module):
             try:  # the outcome goes to `pending`, which the main backward's join waits on
                 if torch.get_num_threads() != threads:
                     torch.set_num_threads(threads)
-                loss = self.iacn(labels=labels, **kwargs)
+                views = self.embeddings.detached_aux_views(kjt)
+                target_log_q, neg_log_q = self._log_q(views.target_ids, views.negative_ids)
+                hist = JaggedTensor(values=views.hist_values, lengths=hist_lengths, offsets=hist_offsets)
+                loss = self.iacn(
+                    labels=labels, aux_hist=hist, hist_lengths=hist_lengths, aux_target=views.target,
+                    user=user, aux_negatives=views.negatives, neg_log_q=neg_log_q, target_log_q=target_log_q,
+                    target_ids=views.target_ids, negative_ids=views.negative_ids,
+                    negative_rows=views.negative_rows, init_logits=init_logits,
+                )
                 # computed, not accumulated into .grad: the join scales and accumulates them inside
                 # the main backward (so zero_grad or a second forward meanwhile cannot interfere)
-                grads = torch.autograd.grad(lam * loss, leaves + params, allow_unused=True)
+                grads = torch.autograd.grad(lam * loss, views.rows + params, allow_unused=True)
                 with torch.no_grad():
                     iacn_loss.copy_(loss)
                     total.add_(lam * loss)
-                view_grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
-                param_grads = [(p, g) for p, g in zip(params, grads[len(leaves):]) if g is not None]
-                pending.set_result((view_grads, param_grads))
+                    row_grads = [(t, ids, g * share) for t, ids, g in zip(views.tables, views.ids, grads)
+                                 if g is not None and t.requires_grad and share != 0.0]
+                param_grads = [(p, g) for p, g in zip(params, grads[len(views.rows):]) if g is not None]
+                pending.set_result((row_grads, param_grads))
             except BaseException as e:
                 pending.set_exception(e)
 
         def start(total: torch.Tensor) -> None:
             _iacn_worker().submit(work, total)
 
-        return _JoinBranch.apply(pending, *views), iacn_loss, start
+        join_inputs = [t for t in tables if t.requires_grad] + params
+        return _JoinBranch.apply(pending, *join_inputs), iacn_loss, start
+
+    def _worker_applies(self, labels: torch.Tensor) -> bool:
+        """Whether this forward runs IaCN on the worker thread (see :meth:`run_iacn_on_worker`)."""
+        # CPU only: on CUDA the join would block the device's autograd thread, which the worker's
+        # own backward needs (there IaCN runs serially, as it would with run_iacn_on_worker(False))
+        return (self.iacn_on_worker and self.runs_iacn and self.training and torch.is_grad_enabled()
+                and labels.device.type == "cpu" and self.embeddings.reads_aux_tables_directly()
+                and any(t.weight.requires_grad for t in self.embeddings.aux.embeddings.values()))
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         labels = batch.labels.float()
         run_iacn = self.runs_iacn
-        emb = self.embeddings(batch.sparse_features, self.delta, aux_views=run_iacn)
-        # CPU only: on CUDA the join would block the device's autograd thread, which the worker's
-        # own backward needs (there IaCN runs serially, as it would with run_iacn_on_worker(False))
-        if (run_iacn and self.iacn_on_worker and self.training and torch.is_grad_enabled()
-                and labels.device.type == "cpu"):
-            join, iacn_loss, start = self._iacn_on_worker(emb, labels)
+        if self._worker_applies(labels):
+            # the main graph without aux views: IaCN reads the tables itself on the worker
+            emb = self.embeddings(batch.sparse_features, self.delta, aux_views=False)
+            join, iacn_loss, start = self._iacn_on_worker(batch.sparse_features, emb, labels)
             logits, main_loss = self._main_loss(emb, labels)
             loss = main_loss + join
             # Started now, IaCN runs beside the main *backward*, whose autograd engine runs without
             # the GIL: beside the Python-heavy main forward, both threads kept waiting for the GIL.
             start(loss.detach())
+            return loss, (logits.detach(), main_loss.detach(), iacn_loss.detach())
+        emb = self.embeddings(batch.sparse_features, self.delta, aux_views=run_iacn)
+        iacn_inputs = self._iacn_inputs(emb) if run_iacn else {}  # before the main model (RNG order)
+        logits, main_loss = self._main_loss(emb, labels)
+        if run_iacn:
+            iacn_loss = self.iacn(labels=labels, **iacn_inputs)
+            loss = main_loss + self.lam * iacn_loss
         else:
-            iacn_inputs = self._iacn_inputs(emb) if run_iacn else {}  # before the main model (RNG order)
-            logits, main_loss = self._main_loss(emb, labels)
-            if run_iacn:
-                iacn_loss = self.iacn(labels=labels, **iacn_inputs)
-                loss = main_loss + self.lam * iacn_loss
-            else:
-                iacn_loss = torch.zeros((), device=logits.device)
-                loss = main_loss
+            iacn_loss = torch.zeros((), device=logits.device)
+            loss = main_loss
         return loss, (logits.detach(), main_loss.detach(), iacn_loss.detach())
 
     def _main_loss(self, emb: EmbeddedBatch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,13 +316,16 @@ class CTRWithIaCN(nn.Module):
         but IaCN is an independent branch of the graph: with one torch thread each, the two
         branches overlap on two cores. The worker starts when the forward has built the loss, so
         IaCN's Python-heavy forward meets the main backward, which runs in the autograd engine
-        without the GIL. The result is the same computation (the gradients reaching every
-        parameter are the serial ones up to float summation order), so this is an execution
-        choice, made by the trainer for the single-process, unsharded path. IaCN's parameter
-        gradients reach ``.grad`` during the main backward (scaled by its upstream gradient), as in
-        the serial graph. Call ``backward`` on the returned loss once per forward; sharded/DDP
-        models must not use it (their gradient hooks expect one backward pass). CPU tensors only:
-        on CUDA the join would block the device's autograd thread, so IaCN runs serially there.
+        without the GIL. The worker reads IaCN's views from the aux tables itself, so the main
+        thread runs the capacity-matched model only. The result is the same computation (the
+        gradients reaching every parameter are the serial ones up to float summation order), so
+        this is an execution choice, made by the trainer for the single-process, unsharded path.
+        IaCN's gradients reach ``.grad`` during the main backward (scaled by its upstream gradient),
+        as in the serial graph. Call ``backward`` on the returned loss once per forward, best with
+        ``retain_graph=True`` and the loss dropped after the optimizer step (as the trainer's step
+        loop does): freeing the graph's saved tensors inside backward takes the GIL once per tensor,
+        and the worker's Python holds it. Plain CPU tables only: with sharded aux tables, on CUDA
+        (where the join would block the device's autograd thread) or DDP, IaCN runs serially.
         """
         self.iacn_on_worker = bool(enabled)
         return self

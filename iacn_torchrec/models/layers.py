@@ -297,28 +297,16 @@ class AttentionUnit(nn.Module):
         return out, weights
 
 
-class _FusedAttention(torch.autograd.Function):
-    """:meth:`AttentionUnit.forward_jagged` through ``csrc/din_attention.cpp`` (forward and
-    hand-written backward); inputs: query, values, then the MLP's weights and biases."""
+class _FusedAttention:
+    """:meth:`AttentionUnit.forward_jagged` through ``csrc/din_attention.cpp``: forward, hand-written
+    backward and the autograd node itself in C++ (``DinAttention``), so the main backward runs it
+    without the GIL, which the IaCN worker thread's Python holds (``create_graph=True`` raises:
+    the kernel's backward has no graph). Inputs: query, values, then the MLP's weights and biases."""
 
     @staticmethod
-    def forward(ctx, ext, offsets, layers, query, values, *params):  # type: ignore[override]
-        weights, biases = list(params[:layers]), list(params[layers:])
-        res = ext.forward(query, values, offsets, weights, biases)
-        ctx.ext, ctx.layers = ext, layers
-        ctx.save_for_backward(query, values, offsets, *weights, *res)
-        return res[0], res[1]
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_att):  # type: ignore[override]
-        if torch.is_grad_enabled():  # backward(create_graph=True): the kernel's backward has no graph
-            raise RuntimeError("DIN's fused attention kernel has no double backward; set "
-                               "IACN_FUSED_KERNEL=0 to differentiate through its gradients")
-        query, values, offsets, *rest = ctx.saved_tensors
-        weights, saved = rest[:ctx.layers], rest[ctx.layers:]
-        grads = ctx.ext.backward(grad_out.contiguous(), None if grad_att is None else grad_att.contiguous(),
-                                 query, values, offsets, weights, saved)
-        return (None, None, None, *grads)
+    def apply(ext, offsets, layers, query, values, *params):
+        out, weights = ext.apply(query, values, offsets, list(params[:layers]), list(params[layers:]))
+        return out, weights
 
 
 def _fused_attention(

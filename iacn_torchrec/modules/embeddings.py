@@ -19,6 +19,7 @@ drawn exactly as in the plain model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -30,10 +31,12 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from iacn_torchrec.modules.gradient_split import scale_grad
 
-__all__ = ["EmbeddedBatch", "InterestAwareEmbeddings", "TABLE_NAMES", "fixed_length_ids"]
+__all__ = ["DetachedAuxViews", "EmbeddedBatch", "InterestAwareEmbeddings", "TABLE_NAMES", "fixed_length_ids"]
 
 #: every table this module can hold, in creation order.
 TABLE_NAMES: tuple[str, ...] = ("uid", "item_orig", "cate_orig", "item_aux", "cate_aux")
+#: the features only IaCN reads (its sampled negatives), looked up only with aux views.
+IACN_NEGATIVE_KEYS: tuple[str, ...] = ("iacn_neg_item", "iacn_neg_cate")
 
 
 class _PaddedView:
@@ -133,6 +136,36 @@ class EmbeddedBatch:
             ("neg_hist_values", self.neg_hist_values), ("aux_hist", self._aux_hist),
             ("aux_negatives", self.aux_negatives))}
         return f"EmbeddedBatch({shapes})"
+
+
+@dataclass
+class DetachedAuxViews:
+    """IaCN's views of a batch read straight from the plain (unsharded) ``E_aux`` tables, outside
+    every autograd graph: what the IaCN worker thread reads
+    (:meth:`InterestAwareEmbeddings.detached_aux_views`).
+
+    Each aux table's looked-up rows form one leaf (``rows[t]`` ``[n_t, d]``, ids ``ids[t]``: the
+    batch's targets, then its behaviours, then its sampled negatives); the views are slices of their
+    concatenation, so the gradients of a loss w.r.t. ``rows`` are the tables' gradients row by row
+    (``tables[t].grad.index_add_(0, ids[t], grad_rows[t])``), as the lookup's own backward would give.
+
+    Attributes:
+        target: ``[B, h]`` ``c_t``. hist_values: ``[N, h]`` the behaviours' ``c_i`` (row-major).
+        negatives: ``[R, S, h]`` the sampled negatives of the R rows that have them, or None.
+        target_ids: ``[B]``. negative_ids: ``[R, S]`` or None. negative_rows: ``[R]`` or None (R = B).
+        tables: the aux tables' weights (``item_aux``, ``cate_aux``). ids: their looked-up row ids.
+        rows: the looked-up rows, leaves that require grad.
+    """
+
+    target: torch.Tensor
+    hist_values: torch.Tensor
+    negatives: torch.Tensor | None
+    target_ids: torch.Tensor
+    negative_ids: torch.Tensor | None
+    negative_rows: torch.Tensor | None
+    tables: list[torch.Tensor]
+    ids: list[torch.Tensor]
+    rows: list[torch.Tensor]
 
 
 def _table(
@@ -272,7 +305,8 @@ class InterestAwareEmbeddings(nn.Module):
             delta: δ, the share of the main model's gradient reaching ``E_aux``; IaCN's views carry
                 1-δ.
             aux_views: build ``aux_target`` / ``aux_hist`` / ``aux_negatives`` (skip at eval or when
-                no IaCN task reads them).
+                no IaCN task reads them, or reads them itself: :meth:`detached_aux_views`). Without
+                them an unsharded collection does not look up IaCN's sampled negatives either.
 
         The collections are called on ``kjt`` itself and everything after the lookups is one
         ``torch.fx.wrap``-ed function, so TorchRec's train pipelines can trace this module and
@@ -282,10 +316,50 @@ class InterestAwareEmbeddings(nn.Module):
         features = _key_slices(kjt)
         orig = _collection_lookup(self.orig, kjt, features)
         user = _collection_lookup(self.user, kjt, features) if self.user is not None else orig
-        aux = _collection_lookup(self.aux, kjt, features) if self.aux is not None else None
+        skip = () if aux_views else IACN_NEGATIVE_KEYS
+        aux = _collection_lookup(self.aux, kjt, features, skip) if self.aux is not None else None
         return _assemble(
             kjt, features, orig, user, aux, float(delta), bool(aux_views), self.max_len, self.aux_dim,
             self.with_neg_hist, self.with_iacn_negatives,
+        )
+
+    def reads_aux_tables_directly(self) -> bool:
+        """Whether :meth:`detached_aux_views` applies: the aux tables are a plain (unsharded)
+        ``EmbeddingCollection`` on the CPU."""
+        return type(self.aux) is EmbeddingCollection and all(
+            t.weight.device.type == "cpu" for t in self.aux.embeddings.values())
+
+    def detached_aux_views(self, kjt: KeyedJaggedTensor) -> DetachedAuxViews:
+        """IaCN's views of ``kjt`` (the batch :meth:`forward` embeds) read from the aux tables'
+        weights without recording autograd: one ``index_select`` per table into a leaf of rows.
+
+        The values equal :meth:`forward`'s ``aux_target`` / ``aux_hist_values`` / ``aux_negatives``
+        (the same rows, not scaled: apply the 1-δ share to the rows' gradients). For the IaCN worker
+        thread, which reads them beside the main model's backward and hands its gradients to the
+        tables itself; plain collections only (:meth:`reads_aux_tables_directly`).
+        """
+        if not self.reads_aux_tables_directly():
+            raise TypeError(f"{type(self).__name__}.detached_aux_views needs plain CPU aux tables "
+                            f"(an unsharded EmbeddingCollection), got {type(self.aux).__name__}")
+        assert self.aux is not None
+        features = _key_slices(kjt)
+        negatives = self.with_iacn_negatives and features["iacn_neg_item"][0].numel() > 0
+        negative_ids, negative_rows = _negative_ids(features) if negatives else (None, None)
+        tables, ids, rows = [], [], []
+        for kind in ("item", "cate"):
+            keys = [kind, f"hist_{kind}"] + ([f"iacn_neg_{kind}"] if negatives else [])
+            weight = self.aux.embeddings[f"{kind}_aux"].weight
+            row_ids = torch.cat([features[k][0] for k in keys])
+            tables.append(weight)
+            ids.append(row_ids)
+            rows.append(weight.detach().index_select(0, row_ids).requires_grad_())
+        B, N = features["item"][0].numel(), features["hist_item"][0].numel()
+        target, hist_values, neg = torch.cat(rows, dim=1).split([B, N, ids[0].numel() - B - N])
+        return DetachedAuxViews(
+            target=target, hist_values=hist_values,
+            negatives=neg.view(*negative_ids.shape, -1) if negative_ids is not None else None,
+            target_ids=features["item"][0], negative_ids=negative_ids, negative_rows=negative_rows,
+            tables=tables, ids=ids, rows=rows,
         )
 
 
@@ -307,7 +381,8 @@ def _key_slices(kjt: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.T
 
 
 def _collection_lookup(
-    ec: nn.Module, kjt: KeyedJaggedTensor, features: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ec: nn.Module, kjt: KeyedJaggedTensor, features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    skip: tuple[str, ...] = (),
 ) -> dict[str, JaggedTensor | torch.Tensor]:
     """``ec(kjt)`` (embedding name → ``JaggedTensor``); for a plain (unsharded)
     ``EmbeddingCollection``, the same lookups with one embedding call per *table* instead of one per
@@ -317,12 +392,18 @@ def _collection_lookup(
     gets F dense ``[rows, dim]`` gradients (each zero-filled, then summed) in backward; concatenating
     the table's ids first gives one lookup and one dense gradient: the same values and the same
     summed gradient, at 1/F of the whole-table work. Sharded collections (not this class) are called
-    as they are.
+    as they are. ``skip``: features not to look up (a plain collection only; a sharded one looks up
+    every feature of the batch).
     """
     if type(ec) is not EmbeddingCollection or isinstance(kjt, torch.fx.Proxy):
         return ec(kjt)  # sharded, or fx-traced (TorchRec pipelines keep the collections as leaves)
-    return _table_lookups(features, list(ec.embeddings.values()), ec._feature_names,
-                          ec.embedding_names_by_table())
+    feature_names, embedding_names = ec._feature_names, ec.embedding_names_by_table()
+    if skip:
+        kept = [[(f, e) for f, e in zip(fs, es) if f not in skip]
+                for fs, es in zip(feature_names, embedding_names)]
+        feature_names = [[f for f, _ in k] for k in kept]
+        embedding_names = [[e for _, e in k] for k in kept]
+    return _table_lookups(features, list(ec.embeddings.values()), feature_names, embedding_names)
 
 
 def _table_lookups(
@@ -332,6 +413,8 @@ def _table_lookups(
     out: dict[str, torch.Tensor] = {}
     for table, feats, names in zip(tables, feature_names, embedding_names):
         ids = [features[f][0] for f in feats]
+        if not ids:
+            continue
         if len(ids) == 1:
             pieces = [table(ids[0])]
         else:
@@ -375,6 +458,16 @@ def fixed_length_ids(
         raise ValueError(f"{__file__}: feature {name!r} must have the same length S={S} for every sample "
                          f"that has any (sample {i} has {int(lengths[i])})")
     return values.view(R, S), (None if R == lengths.numel() else torch.nonzero(has).squeeze(1))
+
+
+def _negative_ids(
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """IaCN's sampled negatives ``(ids [R, S], rows [R] or None)`` (see :func:`fixed_length_ids`)."""
+    ids_rows = fixed_length_ids(*features["iacn_neg_item"], "iacn_neg_item")
+    if not torch.equal(features["iacn_neg_cate"][1], features["iacn_neg_item"][1]):
+        raise ValueError(f"{__file__}: feature 'iacn_neg_cate' must have the lengths of 'iacn_neg_item'")
+    return ids_rows
 
 
 def _assemble(
@@ -447,10 +540,8 @@ def _assemble(
     if with_neg_hist:
         # padded on first .neg_hist access (DIEN reads the jagged values)
         out.neg_hist_values = main_values("neg_hist_item", "neg_hist_cate")
-    if with_iacn_negatives:
-        out.negative_ids, out.negative_rows = fixed_length_ids(*features["iacn_neg_item"], "iacn_neg_item")
-        if not torch.equal(features["iacn_neg_cate"][1], features["iacn_neg_item"][1]):
-            raise ValueError(f"{__file__}: feature 'iacn_neg_cate' must have the lengths of 'iacn_neg_item'")
+    if with_iacn_negatives and aux_views:
+        out.negative_ids, out.negative_rows = _negative_ids(features)
     if aux is not None and aux_views:
         out.aux_target = aux_values("item", "cate")
         out.aux_hist_values = aux_values("hist_item", "hist_cate")  # padded on first .aux_hist access

@@ -395,6 +395,8 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
                            "iacn_kernel": "fused" if load_kernel("iacn_fused") is not None else "aten",
                            "din_attention_kernel": "fused" if load_kernel("din_attention") is not None
                            else "aten",
+                           "recurrence_kernel": "cpp" if load_kernel("packed_recurrence") is not None
+                           else "python",
                            "quick": bool(a.quick), "load_before": _uptime()}
     batches = [128] if a.quick else [128, 1024]
     models = ["din"] if a.quick else ["din", "dien"]
