@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from iacn_torchrec.train.metrics import CTRMetrics, group_auc
+from iacn_torchrec.train.metrics import CTRMetrics, _by_user_then_score, group_auc
 
 
 def _pairwise_auc(scores, labels):
@@ -15,10 +15,15 @@ def _pairwise_auc(scores, labels):
     return total / (len(pos) * len(neg))
 
 
-def test_group_auc_matches_per_user_reference():
+@pytest.mark.parametrize("scores_kind", ["float64", "float32"])
+def test_group_auc_matches_per_user_reference(scores_kind):
+    """float32 scores (model probabilities) take the one-key sort, others the lexsort: both equal
+    the pairwise reference."""
     rng = np.random.default_rng(0)
     uids = rng.integers(0, 7, size=120)
     scores = np.round(rng.random(120), 1)  # many ties
+    if scores_kind == "float32":
+        scores = scores.astype(np.float32).astype(np.float64)
     labels = rng.random(120) < 0.4
     got, n = group_auc(uids, scores, labels)
     num = den = 0.0
@@ -31,6 +36,30 @@ def test_group_auc_matches_per_user_reference():
             users += 1
     assert n == users
     assert got == pytest.approx(num / den, abs=1e-12)
+
+
+@pytest.mark.parametrize("case", ["probabilities", "negative zero", "negative", "nan", "big ids",
+                                  "not float32"])
+def test_user_then_score_order_is_lexsorts(case):
+    """The one-key sort orders (user, score) as ``np.lexsort`` does, where it applies; the others
+    (a sign bit, NaN, ids past 31 bits, scores that are not float32 values) take the lexsort."""
+    rng = np.random.default_rng(1)
+    uids = rng.integers(0, 50, size=500)
+    scores = np.round(rng.random(500), 2).astype(np.float32).astype(np.float64)
+    if case == "negative zero":
+        scores[:5] = -0.0
+    elif case == "negative":
+        scores[:5] = -0.25
+    elif case == "nan":
+        scores[3] = np.nan
+    elif case == "big ids":
+        uids[7] = 2**40
+    elif case == "not float32":
+        scores[0] = 0.1
+    got = _by_user_then_score(uids, scores)
+    ref = np.lexsort((scores, uids))
+    assert np.array_equal(uids[got], uids[ref])
+    np.testing.assert_array_equal(scores[got], scores[ref])  # NaN == NaN here
 
 
 def test_group_auc_skips_single_class_users_and_hand_value():

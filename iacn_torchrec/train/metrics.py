@@ -25,7 +25,7 @@ def group_auc(uids: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple
     labels = np.asarray(labels).astype(bool)
     if len(uids) == 0:
         return float("nan"), 0
-    order = np.lexsort((scores, uids))
+    order = _by_user_then_score(uids, scores)
     u, s, y = uids[order], scores[order], labels[order]
     n = len(u)
     # group boundaries by user, and tie blocks by (user, score)
@@ -48,6 +48,18 @@ def group_auc(uids: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple
     auc = (rank_sum_pos[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2) / (n_pos[ok] * n_neg[ok])
     w = n_all[ok]
     return float((auc * w).sum() / w.sum()), int(ok.sum())
+
+
+def _by_user_then_score(uids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The order of ``np.lexsort((scores, uids))`` up to ties of equal (user, score), which
+    :func:`group_auc` averages anyway. Model probabilities are float32 values without a sign bit,
+    whose bit patterns sort as the numbers do: then one argsort of the int64 key ``uid·2³² + bits``
+    does it (measured on the 44,726 Beauty test rows: ~3x faster than the two-key lexsort)."""
+    s32 = scores.astype(np.float32)
+    if (uids.dtype.kind in "iu" and uids.min() >= 0 and uids.max() < 2**31
+            and not np.signbit(s32).any() and np.array_equal(s32, scores)):  # NaN fails the last test
+        return np.argsort((uids.astype(np.int64) << 32) | s32.view(np.uint32).astype(np.int64))
+    return np.lexsort((scores, uids))
 
 
 class CTRMetrics:
