@@ -217,6 +217,21 @@ def test_capacity_matched_arm_is_width_without_capsules(tiny_prepared):
     assert set(bench.worker_throughput(a)["step_s"]) == {"din@16", "din+aux@16", "din+iacn@16"}
 
 
+def test_keep_width_arm_is_iacn_at_the_plain_width(tiny_prepared):
+    from iacn_torchrec.train.config import TrainConfig
+
+    cfg = TrainConfig().override(bench.arm_overrides("dien", "k", 16))
+    assert cfg.iacn.enabled and cfg.iacn.keep_width and cfg.iacn.lam == 1.0
+    assert cfg.iacn.aux_dim == bench.KEEP_WIDTH_AUX_DIM < cfg.model.emb_dim
+    assert bench.arm_name("dien", "k", 16) == "dien+iacn/keep@16"
+    a = _args(data=str(tiny_prepared), threads=1, rounds=1, block_samples=32, warmup=1,
+              arms=["din:0:16:0", "din:k:16:0"])
+    assert set(bench.worker_throughput(a)["step_s"]) == {"din@16", "din+iacn/keep@16"}
+    res = {"machine": {"cpu": "x", "cores": 2}, "threads": 2, "load_before": "1", "load_after": "1",
+           "throughput": {}, "iacn_overhead_by_arm": {}, "iacn_overhead_keep_width_by_arm": {"din@128": 1.07}}
+    assert "E_orig 12 ⊕ E_aux 6 per table): din@128 1.070" in bench.render(res)
+
+
 def test_one_lookup_per_table_equals_torchrec_collection():
     """InterestAwareEmbeddings looks each table up once (all its features' ids together, sliced from
     the KJT without to_dict); values and the summed table gradients must equal TorchRec's

@@ -431,3 +431,30 @@ def test_iacn_worker_uses_the_training_threads(monkeypatch):
     finally:
         fw._iacn_worker().shutdown()
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_keep_width_gives_the_main_model_the_plain_width(name):
+    """``iacn.keep_width`` splits emb_dim into E_orig (emb_dim - aux_dim) and E_aux: the main model
+    gets exactly the plain model's layers (same parameter shapes), and still reads E_orig ⊕ E_aux.
+    Without it (the paper's setting) the main model reads the wider emb_dim + aux_dim."""
+    plain = build_model(name, NU, NI, NC, L, IaCNConfig(enabled=False), emb_dim=6)
+    kept = build_model(name, NU, NI, NC, L, IaCNConfig(enabled=True, aux_dim=2, keep_width=True), emb_dim=6)
+    wide = build_model(name, NU, NI, NC, L, IaCNConfig(enabled=True, aux_dim=2), emb_dim=6)
+
+    def shapes(m):
+        return {k: tuple(p.shape) for k, p in m.main_model.named_parameters()}
+
+    assert kept.embeddings.item_dim == plain.embeddings.item_dim == 12
+    assert (kept.embeddings.orig_dim, kept.embeddings.aux_dim) == (4, 2)
+    assert tuple(table(kept, "item_orig").shape) == (NI + 1, 4)
+    assert tuple(table(kept, "item_aux").shape) == (NI + 1, 2)
+    assert shapes(kept) == shapes(plain)
+    assert wide.embeddings.item_dim == 16 and shapes(wide) != shapes(plain)
+    batch = make_batch(16, seed=1, S=S, neg_hist=name == "dien")
+    loss, (logits, _, iacn_loss) = kept(batch)
+    loss.backward()
+    assert logits.shape == (16,) and iacn_loss.item() > 0
+    assert table(kept, "item_aux").grad.any()
+    with pytest.raises(ValueError, match="aux_dim=6 must be smaller"):
+        build_model(name, NU, NI, NC, L, IaCNConfig(enabled=True, aux_dim=6, keep_width=True), emb_dim=6)

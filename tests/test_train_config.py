@@ -34,6 +34,16 @@ def test_bad_values_name_the_field(assignment, needle):
         TrainConfig().override([assignment])
 
 
+def test_keep_width_needs_aux_dim_below_emb_dim():
+    on = ["iacn.enabled=true", "iacn.keep_width=true"]
+    with pytest.raises(ConfigError, match=r"model\.emb_dim=18.*iacn\.aux_dim=18 must be smaller"):
+        TrainConfig().override(on)
+    assert TrainConfig().override([*on, "iacn.aux_dim=6"]).iacn.keep_width
+    assert TrainConfig().override(["iacn.keep_width=true"]).iacn.keep_width  # IaCN off: nothing to split
+    with pytest.raises(ConfigError, match="keep_width"):
+        TrainConfig().override(["iacn.keep_width=3"])
+
+
 def test_unknown_yaml_field_names_file_and_field(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("iacn:\n  lamda: 2\n")
@@ -78,5 +88,8 @@ def test_cli_flags_comma_separated_sharding_and_joined_sets():
     assert cfg.distributed.sharding_types == {"item_orig": "row_wise", "item_aux": "column_wise"}
     assert cfg.iacn.enabled and cfg.iacn.delta == 0.5 and cfg.iacn.lam == 2 and cfg.model.emb_dim == 16
     assert cfg.model.name == "dien" and cfg.data.path == "/x"
+    kept = config_from_args(p.parse_args(["--data", "/x", "--iacn", "--aux-dim", "6", "--keep-width"]))
+    assert kept.iacn.keep_width and kept.iacn.aux_dim == 6 and kept.model.emb_dim == 18
+    assert not config_from_args(p.parse_args(["--data", "/x", "--iacn"])).iacn.keep_width
     with pytest.raises(ConfigError, match="no dataset"):
         config_from_args(p.parse_args(["--model", "din"]))

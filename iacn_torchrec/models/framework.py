@@ -379,7 +379,8 @@ def build_model(
     before the call fixes the model. With ``iacn`` None or disabled: no aux tables, no IaCN module.
 
     Args:
-        emb_dim: per-table dimension of ``E_orig`` (the aux tables get ``iacn.aux_dim``).
+        emb_dim: per-table dimension of ``E_orig`` (the aux tables get ``iacn.aux_dim``); with
+            ``iacn.keep_width`` the width of ``E_orig ⊕ E_aux``, so ``E_orig`` gets ``emb_dim - aux_dim``.
         user_dim: user table dimension (default ``emb_dim``).
         item_log_q: ``[num_items + 1]`` log sampling probabilities (required for the log-uniform
             sampler, used for logQ correction).
@@ -405,10 +406,16 @@ def build_model(
     if on and iacn.sampler == "log_uniform" and item_log_q is None:
         raise ValueError("build_model: IaCN sampler 'log_uniform' needs item_log_q (log Q per item id)")
     user_dim = emb_dim if user_dim is None else user_dim
+    orig_dim = emb_dim
+    if on and iacn.keep_width:
+        if iacn.aux_dim >= emb_dim:
+            raise ValueError(f"build_model: iacn.keep_width splits emb_dim={emb_dim} into E_orig and E_aux; "
+                             f"aux_dim={iacn.aux_dim} must be smaller")
+        orig_dim = emb_dim - iacn.aux_dim
 
     embeddings = InterestAwareEmbeddings(
         num_users, num_items, num_cates, max_len,
-        orig_dim=emb_dim,
+        orig_dim=orig_dim,
         aux_dim=iacn.aux_dim if on else 0,
         user_dim=user_dim,
         with_neg_hist=model_name == "dien",

@@ -39,6 +39,11 @@ class IaCNConfig:
         k_max: K_max, the most interests per user; None = ``ceil(log2 max_len)``.
         routing_iters: r, dynamic-routing iterations.
         aux_dim: dimension of each aux table (h = 2·aux_dim: item ⊕ category).
+        keep_width: the main model keeps its plain width: ``E_orig`` gets ``emb_dim - aux_dim`` per
+            table, so ``E_orig ⊕ E_aux`` is as wide as the plain model's tables (the DLRM plug-in's
+            rule). False (the paper's setting): ``E_orig`` keeps ``emb_dim`` and the main model reads
+            ``emb_dim + aux_dim`` per item-side feature, which costs step time (matrix products, a
+            second set of table updates) beside what the capsule network costs.
         sampler: negatives for the sampled softmax: ``uniform``, ``log_uniform`` (needs logQ
             correction: ``neg_log_q``), or ``in_batch`` (other positive rows' targets).
         num_negatives: S, sampled negatives per row (not used by ``in_batch``).
@@ -55,6 +60,7 @@ class IaCNConfig:
     k_max: int | None = None
     routing_iters: int = 3
     aux_dim: int = 18
+    keep_width: bool = False
     sampler: str = "uniform"
     num_negatives: int = 10
     user_profile_layer: bool = True
@@ -70,7 +76,7 @@ class IaCNConfig:
         def is_num(v: object) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
-        for field in ("enabled", "user_profile_layer"):
+        for field in ("enabled", "keep_width", "user_profile_layer"):
             if not isinstance(getattr(self, field), bool):
                 raise bad(field, "a bool")
         if not is_num(self.lam) or not math.isfinite(self.lam) or self.lam < 0:

@@ -9,7 +9,9 @@
    (``iacn_overhead_spread_by_arm``: their quartiles, how far the rounds scatter).
    ``iacn_overhead = step_time(main+IaCN) / step_time(main)``; a capacity-matched control arm
    (``+aux``: the same main model with the aux tables, λ = 0, no sampled negatives) splits it into
-   the wider main model's cost and ``iacn_overhead_vs_capacity_matched`` (the capsule network's own).
+   the wider main model's cost and ``iacn_overhead_vs_capacity_matched`` (the capsule network's own);
+   ``iacn_overhead_keep_width`` is main+IaCN with ``iacn.keep_width`` (E_aux taken out of the main
+   model's own width) over main alone.
    An evaluation arm (``din/eval@2048``: whole passes over the test split as ``iacn train``
    evaluates, loader, worker threads and metrics included) runs in the same rounds →
    ``eval_over_train`` (its samples/s over ``din@128``'s, paired per round).
@@ -57,6 +59,8 @@ PEER_PYTHON = REPO / ".peer-venv" / "bin" / "python"
 
 #: dims that the fused (FBGEMM) table kernels accept (multiples of 4); the dense configs use 18.
 FUSED_DIM = 16
+#: aux dim of the keep-width arms (``+iacn/keep``: E_orig 18 - 6 = 12 ⊕ E_aux 6 per table, the plain width)
+KEEP_WIDTH_AUX_DIM = 6
 TABLE_WISE = {"uid": "table_wise", "item_orig": "table_wise", "cate_orig": "table_wise",
               "item_aux": "table_wise", "cate_aux": "table_wise"}
 
@@ -69,14 +73,18 @@ def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False,
     ``iacn``: False/"0" the plain main model, True/"1" main + IaCN (IaCN on the worker thread, the
     default), ``"s"`` main + IaCN run serially in the main thread, ``"w"`` the *capacity-matched*
     control: the same main model reading ``E_orig ⊕ E_aux`` (aux tables included) but λ = 0 and no
-    sampled negatives, i.e. IaCN's width without the capsule network."""
-    width_only, serial = iacn == "w", iacn == "s"
-    iacn = width_only or serial or iacn in (True, "1")
+    sampled negatives, i.e. IaCN's width without the capsule network; ``"k"`` main + IaCN with
+    ``iacn.keep_width`` (aux dim :data:`KEEP_WIDTH_AUX_DIM` taken out of ``emb_dim``): the main model
+    at its plain width."""
+    width_only, serial, keep = iacn == "w", iacn == "s", iacn == "k"
+    iacn = width_only or serial or keep or iacn in (True, "1")
     sets = [f"model.name={model}", f"iacn.enabled={'true' if iacn else 'false'}", f"data.batch_size={batch}"]
     if width_only:
         sets += ["iacn.lam=0", "iacn.sampler=in_batch"]
     if serial:
         sets += ["model.iacn_worker=false"]
+    if keep:
+        sets += ["iacn.keep_width=true", f"iacn.aux_dim={KEEP_WIDTH_AUX_DIM}"]
     if compiled:
         sets += ["model.compile=true"]
     if fused:
@@ -88,7 +96,8 @@ def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False,
 
 
 def arm_name(model: str, iacn: bool | str, batch: int, fused: bool = False, compiled: bool = False) -> str:
-    tag = {"w": "+aux", "s": "+iacn/serial"}.get(iacn, "+iacn" if iacn in (True, "1") else "")
+    tags = {"w": "+aux", "s": "+iacn/serial", "k": "+iacn/keep"}
+    tag = tags.get(iacn, "+iacn" if iacn in (True, "1") else "")
     return f"{model}{tag}{'/fused' if fused else ''}{'/compiled' if compiled else ''}@{batch}"
 
 
@@ -402,6 +411,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     models = ["din"] if a.quick else ["din", "dien"]
     specs = [f"{m}:{i}:{b}:0" for b in batches for m in models for i in ("0", "w", "1")]
     specs += [f"{m}:s:128:0" for m in models]  # IaCN serially in the main thread: the worker's effect
+    specs += [f"{m}:k:128:0" for m in models]  # IaCN at the plain model's width (iacn.keep_width)
     specs += ["din:0:128:c", "din:1:128:c"]  # main model torch.compile-d (IaCN then runs serially)
     if not a.quick:
         specs += [f"din:{i}:128:1" for i in (0, 1)]  # fused sparse table optimizer arms
@@ -418,11 +428,14 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     n_test = tp["samples_per_step"]["din/eval@2048"]
     res["eval_over_train"] = n_test / 128 * _paired(tp["step_s"]["din@128"], tp["step_s"]["din/eval@2048"])
     overhead, vs_capacity, width = {}, {}, {}
-    serial, spread = {}, {}
+    serial, spread, keep = {}, {}, {}
     for name in step:
         if "+iacn/serial" in name:
             base = name.replace("+iacn/serial", "")
             serial[base] = _paired(step[name], step[base])  # IaCN's cost without the worker thread
+        elif "+iacn/keep" in name:
+            base = name.replace("+iacn/keep", "")
+            keep[base] = _paired(step[name], step[base])  # IaCN without widening the main model
         elif "+iacn" in name:
             base = name.replace("+iacn", "")
             overhead[base] = _paired(step[name], step[base])
@@ -437,11 +450,16 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     res["iacn_overhead_vs_capacity_matched_by_arm"] = vs_capacity
     res["width_overhead_by_arm"] = width
     res["iacn_overhead_serial_by_arm"] = serial
+    res["iacn_overhead_keep_width_by_arm"] = keep
     res["iacn_overhead"] = overhead["din@128"]
     res["iacn_overhead_vs_capacity_matched"] = vs_capacity["din@128"]
+    if "din@128" in keep:
+        res["iacn_overhead_keep_width"] = keep["din@128"]
     if "dien@128" in overhead:
         res["iacn_overhead_dien"] = overhead["dien@128"]
         res["iacn_overhead_vs_capacity_matched_dien"] = vs_capacity["dien@128"]
+        if "dien@128" in keep:
+            res["iacn_overhead_keep_width_dien"] = keep["dien@128"]
 
     if not a.no_peer:
         _log("[2/4] DeepCTR-Torch peer (DIN), one epoch; ours, one epoch of `iacn train` right before and "
@@ -564,6 +582,13 @@ def render(res: dict[str, Any]) -> str:
     if "eval_over_train" in res:
         lines.append("evaluation / training throughput (DIN, test-split passes vs batch-128 steps, "
                      f"paired per round): {res['eval_over_train']:.1f}x")
+    if res.get("iacn_overhead_keep_width_by_arm"):
+        from iacn_torchrec.train.config import ModelConfig
+
+        d = ModelConfig().emb_dim
+        lines.append(f"iacn_overhead at the plain width (iacn.keep_width: E_orig {d - KEEP_WIDTH_AUX_DIM} ⊕ "
+                     f"E_aux {KEEP_WIDTH_AUX_DIM} per table): " + ", ".join(
+                         f"{k} {v:.3f}" for k, v in res["iacn_overhead_keep_width_by_arm"].items()))
     if res.get("iacn_overhead_serial_by_arm"):
         lines.append("iacn_overhead with IaCN serial in the main thread (no worker): " + ", ".join(
             f"{k} {v:.3f}" for k, v in res["iacn_overhead_serial_by_arm"].items()))

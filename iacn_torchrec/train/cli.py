@@ -33,6 +33,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "k_max": ("iacn.k_max", int),
     "routing_iters": ("iacn.routing_iters", int),
     "aux_dim": ("iacn.aux_dim", int),
+    "keep_width": ("iacn.keep_width", bool),
     "sampler": ("iacn.sampler", str),
     "num_negatives": ("iacn.num_negatives", int),
     "lr": ("optim.lr", float),
@@ -62,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k-max", dest="k_max", type=int, help="maximum number of interest capsules")
     p.add_argument("--routing-iters", dest="routing_iters", type=int)
     p.add_argument("--aux-dim", dest="aux_dim", type=int, help="E_aux dimension per item-side table")
+    p.add_argument("--keep-width", dest="keep_width", action="store_true", default=None,
+                   help="split --emb-dim into E_orig and E_aux (E_orig gets emb_dim - aux_dim), so the main "
+                   "model keeps its plain width; default: E_orig keeps emb_dim (the paper's setting)")
     p.add_argument("--sampler", choices=["uniform", "log_uniform", "in_batch"])
     p.add_argument("--num-negatives", dest="num_negatives", type=int)
     p.add_argument("--emb-dim", dest="emb_dim", type=int, help="E_orig dimension per table (default 18)")

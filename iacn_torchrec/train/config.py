@@ -50,7 +50,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "din"
-    emb_dim: int = 18  # per table (orig part); DIEN reference code uses 18
+    emb_dim: int = 18  # per table (orig part, or orig + aux with iacn.keep_width); DIEN reference code: 18
     user_dim: int = 18
     dien_aux_loss_weight: float = 1.0
     # DIEN's GRU/AUGRU hidden size; None: 2·emb_dim, the plain model's item width (reference code)
@@ -159,6 +159,10 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"{name} must be None or >= 1, got {v}")
+        if self.iacn.enabled and self.iacn.keep_width and self.iacn.aux_dim >= self.model.emb_dim:
+            raise ConfigError(
+                f"iacn.keep_width splits model.emb_dim={self.model.emb_dim} into E_orig and E_aux: "
+                f"iacn.aux_dim={self.iacn.aux_dim} must be smaller")
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
