@@ -202,6 +202,12 @@ def test_iacn_negatives_features(small):
     assert all(torch.equal(x, b.sparse_features["iacn_neg_item"].values()) for x, b in zip(again, batches))
     loader.set_epoch(1)
     assert not torch.equal(next(iter(loader)).sparse_features["iacn_neg_item"].values(), ni.values())
+    # a seed past 32 bits: the generator still follows default_rng([...]) of the key
+    big = BatchLoader(ds, "train", 10, shuffle=True, seed=2**40 + 3, iacn_negatives=neg)
+    first = next(iter(big))
+    values, labels = first.sparse_features["iacn_neg_item"].values(), first.labels.numpy() > 0
+    full = neg.sample(np.random.default_rng([neg.seed, 2**40 + 3, 0, 0, 0]), len(labels))
+    assert torch.equal(values, torch.from_numpy(full[labels].reshape(-1)))
 
 
 def test_samplers_match_their_log_q():

@@ -80,6 +80,13 @@ class Batch(Pipelineable):
         return int(self.labels.shape[0])
 
 
+def _entropy(*key: int) -> list[int] | np.ndarray:
+    """``key`` as a seed for ``np.random.default_rng``: a uint32 array when every part fits 32 bits.
+    SeedSequence reads such an int as one 32-bit word either way, so the stream is the list's; the
+    array skips its per-int conversion (half the generator's set-up, once per training batch)."""
+    return np.array(key, dtype=np.uint32) if max(key) < 2**32 else list(key)
+
+
 def _load(path: Path, spec: dict[str, Any] | None) -> np.ndarray:
     if not path.is_file():
         raise DataError(
@@ -361,9 +368,8 @@ class BatchLoader:
         for k in range(len(hist_arrays)):
             lengths[(3 + k) * B : (4 + k) * B] = lens
         if S:
-            rng = np.random.default_rng(
-                [self.iacn_negatives.seed, self.seed, self.epoch, batch_index, self.rank]
-            )
+            rng = np.random.default_rng(_entropy(
+                self.iacn_negatives.seed, self.seed, self.epoch, batch_index, self.rank))
             neg = self.iacn_negatives.sample(rng, B)[positive].reshape(-1)
             values[o : o + P * S] = neg
             np.take(self.ds.item2cate, neg, out=values[o + P * S : o + 2 * P * S])
