@@ -447,7 +447,8 @@ class DLRMMain(nn.Module):
 
     DLRM needs equal dims: when ``user_dim ≠ d`` (e.g. IaCN on with the default emb_dim = user_dim)
     the user embedding goes through a bias-free linear map to d. With ``emb_dim + aux_dim = user_dim``
-    (``iacn train --model dlrm --emb-dim 12 --aux-dim 6``) there is none: the plug-in's setting.
+    (``iacn train --model dlrm --emb-dim 12 --aux-dim 6``, or ``--keep-width --aux-dim 6``) there is
+    none: the plug-in's setting.
 
     Args: ``user_dim`` Du, ``item_dim`` D (``item ⊕ cate``), ``max_len`` L, ``config``.
     """
