@@ -442,14 +442,18 @@ def test_epoch_checkpoints_and_a_signal_stop_after_the_step(tmp_path):
     steps = sorted(int(p.name[5:]) for p in (tmp_path / "ep" / "checkpoints").iterdir())
     assert steps == [2 * per_epoch, 3 * per_epoch]  # epoch ends (the first pruned: two are kept)
 
+    # the suite may run as a background job, whose SIGINT the shell set to ignored (and the loop
+    # then leaves ignored, as checked below): this part needs Python's own handler
+    launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         with pytest.raises(TrainingInterrupted, match=r"SIGINT at step \d+: checkpoint saved"):
             train(cfg(tmp_path / "sig", 10_000))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     finally:
         timer.cancel()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+        signal.signal(signal.SIGINT, launched_with)
     # a signal the process ignores on purpose (a background job's SIGINT) stays ignored
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
