@@ -73,3 +73,20 @@ def test_fused_update_of_aux_table_is_the_delta_split(tmp_path):
         # with δ = 0, λ = 1 the orig tables still get exactly g_main: L_IaCN never reaches E_orig
         torch.testing.assert_close(g_iacn[k], g_main[k], rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(delta_sharded[k], -lr * g_main[k], rtol=1e-4, atol=1e-7)
+
+
+def test_sharding_refuses_table_dims_fbgemm_cannot_run():
+    """FBGEMM's table kernels need dims that are multiples of 4: the check names every bad table
+    (with ``iacn.keep_width`` the orig tables get emb_dim - aux_dim) before any process group."""
+    import pytest
+
+    from iacn_torchrec.distributed.sharding import _check_fused_dims
+    from iacn_torchrec.models.framework import build_model
+    from iacn_torchrec.modules.iacn import IaCNConfig
+    from iacn_torchrec.train.config import ConfigError
+
+    kept = build_model("din", 9, 30, 4, 5, IaCNConfig(enabled=True, aux_dim=6, keep_width=True), emb_dim=16)
+    with pytest.raises(ConfigError, match=r"'item_orig': 10, 'cate_orig': 10.*'item_aux': 6.*keep-width"):
+        _check_fused_dims(kept)
+    _check_fused_dims(build_model("din", 9, 30, 4, 5, IaCNConfig(enabled=True, aux_dim=8, keep_width=True),
+                                  emb_dim=16))

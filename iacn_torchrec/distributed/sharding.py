@@ -110,7 +110,8 @@ def _check_fused_dims(model: torch.nn.Module) -> None:
         raise ConfigError(
             "sharded tables run FBGEMM kernels, which need embedding dims that are multiples of 4; "
             f"table(s) {bad} are not: set model.emb_dim, model.user_dim and iacn.aux_dim to e.g. 16 "
-            "(--emb-dim 16 --aux-dim 16 --set model.user_dim=16)"
+            "(--emb-dim 16 --aux-dim 16 --set model.user_dim=16; with iacn.keep_width the orig tables get "
+            "emb_dim - aux_dim, e.g. --emb-dim 16 --aux-dim 8 --keep-width)"
         )
 
 
