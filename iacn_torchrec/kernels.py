@@ -7,7 +7,8 @@ callers run their ATen ops instead. ``IACN_FUSED_KERNEL=0`` turns every kernel o
 
 Kernels: ``iacn_fused`` (IaCN's loss, :mod:`iacn_torchrec.modules.fused_iacn`),
 ``din_attention`` (DIN's attention unit on a jagged history, :mod:`iacn_torchrec.models.layers`) and
-``packed_recurrence`` (DIEN's GRU / AUGRU recurrence, :mod:`iacn_torchrec.models.dien`). Each
+``packed_recurrence`` (DIEN's GRU / AUGRU recurrence, :mod:`iacn_torchrec.models.dien`) and
+``concat_lookup`` (the main model's item-side views, :mod:`iacn_torchrec.modules.embeddings`). Each
 defines its autograd node in C++ or is called from a Python one; the C++ nodes run without the GIL.
 """
 
@@ -28,7 +29,7 @@ import torch
 
 __all__ = ["KERNELS", "load_kernel", "kernels_enabled"]
 
-KERNELS = ("iacn_fused", "din_attention", "packed_recurrence")
+KERNELS = ("iacn_fused", "din_attention", "packed_recurrence", "concat_lookup")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _LOCK = threading.Lock()
 _STATE: dict[str, dict[str, Any]] = {}

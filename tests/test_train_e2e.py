@@ -107,8 +107,14 @@ def test_resume_across_iacn_execution_modes(beauty_prepared, tmp_path):
     second.model.iacn_worker = False
     assert train(second)["resumed_from_step"] == 20
     a, b = _final_state(tmp_path / "full")["model"], _final_state(tmp_path / "mixed")["model"]
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the attention score's bias has a true gradient of 0 (the softmax ignores a shift), so Adam
+    # turns the paths' different rounding (serial: ATen lookups; worker: the concat_lookup kernel)
+    # into lr-sized steps of either sign: nothing to compare there
+    shift_invariant = "main_model.attention.mlp.net.4.bias"
+    assert shift_invariant in a
+    bad = [k for k in a if k != shift_invariant
+           and not torch.allclose(b[k], a[k], rtol=1e-4, atol=1e-5)]
+    assert not bad, bad
 
 
 def test_plain_path_gives_the_tables_their_own_learning_rate(beauty_prepared):

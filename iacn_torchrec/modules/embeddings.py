@@ -19,6 +19,7 @@ drawn exactly as in the plain model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,6 +30,7 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from iacn_torchrec.kernels import load_kernel
 from iacn_torchrec.modules.gradient_split import scale_grad
 
 __all__ = ["DetachedAuxViews", "EmbeddedBatch", "InterestAwareEmbeddings", "TABLE_NAMES", "fixed_length_ids"]
@@ -314,6 +316,16 @@ class InterestAwareEmbeddings(nn.Module):
         """
         _check_features(kjt, self.feature_names())
         features = _key_slices(kjt)
+        main_views = None
+        if not aux_views or self.aux is None:
+            main_views = self._main_views_kernel(kjt, features, delta)
+        if main_views is not None:  # the item-side tables in one kernel call; uid on its own
+            uid = (self.user if self.user is not None else self.orig).embeddings["uid"]
+            user_out = {"uid": uid(features["uid"][0])}
+            return _assemble(
+                kjt, features, {}, user_out, None, float(delta), False, self.max_len, self.aux_dim,
+                self.with_neg_hist, self.with_iacn_negatives, main_views,
+            )
         orig = _collection_lookup(self.orig, kjt, features)
         user = _collection_lookup(self.user, kjt, features) if self.user is not None else orig
         skip = () if aux_views else IACN_NEGATIVE_KEYS
@@ -322,6 +334,41 @@ class InterestAwareEmbeddings(nn.Module):
             kjt, features, orig, user, aux, float(delta), bool(aux_views), self.max_len, self.aux_dim,
             self.with_neg_hist, self.with_iacn_negatives,
         )
+
+    def _main_views_kernel(
+        self, kjt: KeyedJaggedTensor, features: dict[str, tuple[torch.Tensor, torch.Tensor]], delta: float
+    ) -> Callable[[list[str]], list[torch.Tensor]] | None:
+        """The main model's views through ``csrc/concat_lookup.cpp``: ``views(item_keys)`` returns,
+        per item key (``item``, ``hist_item``, ...), ``E_orig(item) ⊕ E_aux(item)·δ-grad ⊕
+        E_orig(cate) ⊕ E_aux(cate)·δ-grad`` ``[n, D]`` from one kernel call, one autograd node.
+        None where it does not apply (sharded or fx-traced collections, ``torch.compile``, tables
+        that are not plain CPU float ``nn.Embedding``s, no compiled kernel): the ATen path runs."""
+        if isinstance(kjt, torch.fx.Proxy) or torch.compiler.is_compiling():
+            return None
+        collections = [self.orig] + [c for c in (self.user, self.aux) if c is not None]
+        if any(type(c) is not EmbeddingCollection for c in collections):
+            return None
+        names = ["item_orig", "item_aux", "cate_orig", "cate_aux"] if self.aux is not None else [
+            "item_orig", "cate_orig"]
+        tables = [(self.aux if n.endswith("_aux") else self.orig).embeddings[n] for n in names]
+        weights = [t.weight for t in tables]
+        if (any(type(t) is not nn.Embedding or t.padding_idx is not None or t.max_norm is not None
+                or t.sparse or t.scale_grad_by_freq for t in tables)
+                or any(w.device.type != "cpu" or w.dtype != weights[0].dtype for w in weights)
+                or weights[0].dtype not in (torch.float32, torch.float64)):
+            return None
+        ext = load_kernel("concat_lookup")
+        if ext is None:
+            return None
+        scales = [float(delta) if n.endswith("_aux") else 1.0 for n in names]
+        kinds = [0 if n.startswith("item") else 1 for n in names]
+
+        def views(item_keys: list[str]) -> list[torch.Tensor]:
+            ids = [features[k][0] for key in item_keys for k in (key, key.replace("item", "cate"))]
+            ids = [i.long().contiguous() for i in ids]  # no copy for the loader's int64 slices
+            return _ConcatLookup.apply(ext, weights, ids, scales, kinds)
+
+        return views
 
     def reads_aux_tables_directly(self) -> bool:
         """Whether :meth:`detached_aux_views` applies: the aux tables are a plain (unsharded)
@@ -423,6 +470,16 @@ def _table_lookups(
     return out
 
 
+class _ConcatLookup:
+    """The ``concat_lookup`` kernel's call (its autograd node is C++), a class so that tests can
+    count which path ran."""
+
+    @staticmethod
+    def apply(ext, weights: list[torch.Tensor], ids: list[torch.Tensor], scales: list[float],
+              kinds: list[int]) -> list[torch.Tensor]:
+        return ext.apply(weights, ids, scales, kinds)
+
+
 def _values(x: JaggedTensor | torch.Tensor) -> torch.Tensor:
     """Embedded values of a lookup output (a sharded collection's ``JaggedTensor`` or ours)."""
     return x if isinstance(x, torch.Tensor) else x.values()
@@ -482,8 +539,12 @@ def _assemble(
     aux_dim: int,
     with_neg_hist: bool,
     with_iacn_negatives: bool,
+    main_views: Callable[[list[str]], list[torch.Tensor]] | None = None,
 ) -> EmbeddedBatch:
     """Lookups → :class:`EmbeddedBatch`: concatenation, δ / 1-δ gradient scaling, padding.
+
+    ``main_views`` (:meth:`InterestAwareEmbeddings._main_views_kernel`): the main model's views from
+    one kernel call instead of ``orig`` / ``aux`` (which are then not read; no aux views).
 
     All features sharing the history lengths are concatenated on the jagged values first
     (``[N, D]``) and padded once per view, not once per feature or table.
@@ -512,8 +573,15 @@ def _assemble(
         if ids[key].numel() != n_hist:
             raise ValueError(f"{__file__}: feature {key!r} must have the lengths of 'hist_item'")
 
+    fused: dict[str, torch.Tensor] = {}
+    if main_views is not None:  # every main view in one call (one zero-filled gradient per table)
+        keys = ["item", "hist_item"] + (["neg_hist_item"] if with_neg_hist else [])
+        fused = dict(zip(keys, main_views(keys)))
+
     def main_values(item_f: str, cate_f: str) -> torch.Tensor:
         # [N, D] = item_orig ⊕ item_aux ⊕ cate_orig ⊕ cate_aux, aux halves with grad × δ
+        if item_f in fused:
+            return fused[item_f]
         if aux is None:
             return torch.cat([_values(orig[item_f]), _values(orig[cate_f])], dim=1)
         return torch.cat([
