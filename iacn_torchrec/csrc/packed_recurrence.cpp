@@ -1,13 +1,19 @@
 // DIEN's GRU / AUGRU recurrence over packed steps (iacn_torchrec/models/dien.py, _PackedRecurrence),
 // forward, hand-written backward and the autograd node in C++.
 //
-// The same ATen ops in the same order as the Python version (so the same numbers): at DIEN's sizes
-// (~20 steps of <= 128 rows, H = 36) each op is tiny and a step costs what its ops cost to dispatch;
-// from C++ that is a fraction of the Python dispatch. The node runs without the GIL, so the main
-// backward does not wait for the IaCN worker thread's Python.
+// At DIEN's sizes (~20 steps of <= 128 rows, H = 36) the work of a step is one small matrix
+// product; the ~15 elementwise ops around it would each cost more to dispatch than to run. So each
+// step is one ATen matrix product (MKL) and one loop over the step's rows for the gates, writing
+// straight into packed [N, ·] buffers (no per-step tensors, no cat).
+// The same function as the Python version; the sums are formed in another order, so equal to
+// rounding. The node runs without the GIL, so the main backward does not wait for the IaCN worker
+// thread's Python.
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -17,43 +23,179 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kSavedPerStep = 7;  // h_{t-1}, n, ũ, 1 - z, r, gh_n, σ'(rz)
+// exp for float in a form the compiler vectorises (Cephes' expf polynomial on a range-reduced
+// argument, relative error < 2e-7; arguments clamped to [-87, 88], where float's exp is finite and
+// normal): ATen's exp is vectorised too, but a call per step and op costs more than the op here.
+inline float exp_of(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // x = m ln 2 + r, |r| <= ln 2 / 2; m rounded to nearest by the 1.5 * 2^23 trick (no call, so vectorised)
+  const float m = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - m * 0.693359375f;
+  r = r - m * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (int32_t(m) + 127) << 23;  // 2^m
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+inline double exp_of(double x) { return std::exp(x); }  // float64: the tests' precision, not speed
 
-// Every step's state [N, H] in packed order (h' = h + ũ ⊙ (n - h), ũ = a (1 - z)); with `keep`,
-// the kSavedPerStep packed tensors the backward needs.
-std::pair<Tensor, std::vector<Tensor>> recurrence_steps(const Tensor& gi, const std::optional<Tensor>& att,
-                                                        const Tensor& w_hh, const Tensor& b_hh,
-                                                        const std::vector<int64_t>& sizes, bool keep) {
-  const int64_t H = w_hh.size(1);
-  const Tensor w_t = w_hh.t();
-  const std::vector<Tensor> gi_parts = gi.split_with_sizes({2 * H, H}, 1);
-  const std::vector<Tensor> gi_rz = gi_parts[0].split_with_sizes(sizes), gi_n = gi_parts[1].split_with_sizes(sizes);
-  std::vector<Tensor> a;
-  if (att.has_value()) a = att->unsqueeze(1).split_with_sizes(sizes);
-  Tensor h = gi.new_zeros({sizes[0], H});
-  std::vector<std::vector<Tensor>> kept(kSavedPerStep);
-  std::vector<Tensor> outs;
-  outs.reserve(sizes.size());
+template <typename T>
+inline T sigmoid_of(T x) {
+  return T(1) / (T(1) + exp_of(-x));
+}
+template <typename T>
+inline T tanh_of(T x) {
+  return T(1) - T(2) / (T(1) + exp_of(T(2) * x));  // absolute error ~1e-7 in float
+}
+
+// What the forward keeps for the backward, packed like the states ([N, ·], step-major).
+struct Saved {
+  Tensor prev;  // h_{t-1} [N, H] (zeros at step 0)
+  Tensor rz;    // σ(r), σ(z) [N, 2H]
+  Tensor n;     // tanh(gi_n + r ⊙ gh_n) [N, H]
+  Tensor gh_n;  // (h_{t-1} W_hhᵀ + b_hh)_n [N, H]
+};
+
+std::vector<int64_t> offsets_of(const std::vector<int64_t>& sizes, int64_t N) {
+  TORCH_CHECK(!sizes.empty(), "packed_recurrence: no steps");
+  std::vector<int64_t> off(sizes.size() + 1, 0);
   for (size_t t = 0; t < sizes.size(); ++t) {
-    if (sizes[t] < h.size(0)) h = h.slice(0, 0, sizes[t]);
-    const std::vector<Tensor> gh = at::addmm(b_hh, h, w_t).split_with_sizes({2 * H, H}, 1);
-    const Tensor rz = at::sigmoid(gi_rz[t] + gh[0]);
-    const std::vector<Tensor> r_z = rz.split(H, 1);
-    const Tensor n = at::tanh(at::addcmul(gi_n[t], r_z[0], gh[1]));
-    const Tensor one_minus_z = at::rsub(r_z[1], 1.0);
-    const Tensor u = a.empty() ? one_minus_z : a[t] * one_minus_z;
-    Tensor h_next = at::lerp(h, n, u);
-    if (keep) {
-      const Tensor step[kSavedPerStep] = {h, n, u, one_minus_z, r_z[0], gh[1], at::addcmul(rz, rz, rz, -1.0)};
-      for (int64_t k = 0; k < kSavedPerStep; ++k) kept[k].push_back(step[k]);
-    }
-    outs.push_back(h_next);
-    h = h_next;
+    TORCH_CHECK(sizes[t] > 0 && (t == 0 || sizes[t] <= sizes[t - 1]),
+                "packed_recurrence: sizes must be positive and non-increasing");
+    off[t + 1] = off[t] + sizes[t];
   }
-  std::vector<Tensor> saved;
-  if (keep)
-    for (auto& x : kept) saved.push_back(at::cat(x));
-  return {at::cat(outs), saved};
+  TORCH_CHECK(off.back() == N, "packed_recurrence: sizes sum to ", off.back(), ", inputs have ", N, " rows");
+  return off;
+}
+
+// Every step's state [N, H] in packed order: h' = h + ũ ⊙ (n - h), ũ = a (1 - z) (a = 1 without att).
+Tensor recurrence_forward(const Tensor& gi, const std::optional<Tensor>& att, const Tensor& w_hh,
+                          const Tensor& b_hh, const std::vector<int64_t>& sizes, Saved& s) {
+  const int64_t H = w_hh.size(1), N = gi.size(0), H3 = 3 * H;
+  TORCH_CHECK(gi.dim() == 2 && gi.size(1) == H3, "packed_recurrence: gi must be [N, 3H]");
+  const std::vector<int64_t> off = offsets_of(sizes, N);
+  const auto opts = gi.options();
+  Tensor out = at::empty({N, H}, opts);
+  s.prev = at::empty({N, H}, opts);
+  s.rz = at::empty({N, 2 * H}, opts);
+  s.n = at::empty({N, H}, opts);
+  s.gh_n = at::empty({N, H}, opts);
+  Tensor gh = at::empty({sizes[0], H3}, opts);  // one step's h W_hhᵀ + b_hh
+  const Tensor w_t = w_hh.t();
+  AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "packed_recurrence_forward", [&] {
+    using T = scalar_t;
+    const T* gp = gi.data_ptr<T>();
+    const T* ap = att.has_value() ? att->data_ptr<T>() : nullptr;
+    const T* bp = b_hh.data_ptr<T>();
+    T *op = out.data_ptr<T>(), *pp = s.prev.data_ptr<T>(), *rzp = s.rz.data_ptr<T>(), *np = s.n.data_ptr<T>(),
+      *gnp = s.gh_n.data_ptr<T>(), *ghp = gh.data_ptr<T>();
+    for (size_t t = 0; t < sizes.size(); ++t) {
+      const int64_t rows = sizes[t], o = off[t];
+      Tensor gh_t = gh.narrow(0, 0, rows);
+      if (t == 0) {  // h_0 = 0
+        for (int64_t i = 0; i < rows; ++i) std::copy(bp, bp + H3, ghp + i * H3);
+        std::fill(pp, pp + rows * H, T(0));
+      } else {
+        const Tensor h = out.narrow(0, off[t - 1], rows);  // the first rows of the previous step
+        at::addmm_out(gh_t, b_hh, h, w_t);
+        std::copy(op + off[t - 1] * H, op + (off[t - 1] + rows) * H, pp + o * H);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const T a = ap ? ap[o + i] : T(1);
+        const T* g = gp + (o + i) * H3;
+        const T* q = ghp + i * H3;
+        const T* h = pp + (o + i) * H;
+        T *r = rzp + (o + i) * 2 * H, *z = r + H, *n = np + (o + i) * H, *gn = gnp + (o + i) * H;
+        T* y = op + (o + i) * H;
+        _Pragma("omp simd")
+        for (int64_t k = 0; k < H; ++k) {
+          const T rk = sigmoid_of(g[k] + q[k]), zk = sigmoid_of(g[H + k] + q[H + k]);
+          const T nk = tanh_of(g[2 * H + k] + rk * q[2 * H + k]);
+          r[k] = rk;
+          z[k] = zk;
+          gn[k] = q[2 * H + k];
+          n[k] = nk;
+          y[k] = h[k] + a * (T(1) - zk) * (nk - h[k]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Gradients [d gi [N, 3H], d att [N] (undefined unless want_att), d w_hh (undefined unless want_w),
+// d b_hh (undefined unless want_b)].
+std::vector<Tensor> recurrence_backward(const Tensor& grad, const std::optional<Tensor>& att, const Tensor& w_hh,
+                                        const std::vector<int64_t>& sizes, const Saved& s, bool want_att,
+                                        bool want_w, bool want_b) {
+  const int64_t H = w_hh.size(1), N = grad.size(0), H3 = 3 * H;
+  const std::vector<int64_t> off = offsets_of(sizes, N);
+  const auto opts = grad.options();
+  Tensor d_gh = at::empty({N, H3}, opts);  // ∂L/∂gh per entry (its r, z columns are also gi's)
+  Tensor d_gi = at::empty({N, H3}, opts);
+  Tensor d_att = want_att ? at::empty({N}, opts) : Tensor();
+  Tensor keep = at::empty({sizes[0], H}, opts);    // ∂L/∂h_t, then dh ⊙ (1 - ũ)
+  Tensor carry = at::empty({sizes[0], H}, opts);   // ∂L/∂h_t flowing back from step t + 1
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "packed_recurrence_backward", [&] {
+    using T = scalar_t;
+    const T* gp = grad.data_ptr<T>();
+    const T* ap = att.has_value() ? att->data_ptr<T>() : nullptr;
+    const T *pp = s.prev.data_ptr<T>(), *rzp = s.rz.data_ptr<T>(), *np = s.n.data_ptr<T>(),
+            *gnp = s.gh_n.data_ptr<T>();
+    T *dgh = d_gh.data_ptr<T>(), *dgi = d_gi.data_ptr<T>(), *kp = keep.data_ptr<T>(), *cp = carry.data_ptr<T>();
+    T* dap = want_att ? d_att.data_ptr<T>() : nullptr;
+    int64_t carry_rows = 0;
+    for (int64_t t = int64_t(sizes.size()) - 1; t >= 0; --t) {
+      const int64_t rows = sizes[t], o = off[t];
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t e = o + i;
+        const T a = ap ? ap[e] : T(1);
+        const T *r = rzp + e * 2 * H, *z = r + H, *n = np + e * H, *h = pp + e * H, *gn = gnp + e * H;
+        const T* go = gp + e * H;
+        T *dg = dgh + e * H3, *di = dgi + e * H3, *dh = kp + i * H;
+        if (i < carry_rows) {  // ∂L/∂h_t: this step's output gradient plus what step t + 1 carries
+          const T* c = cp + i * H;
+        _Pragma("omp simd")
+          for (int64_t k = 0; k < H; ++k) dh[k] = go[k] + c[k];
+        } else {
+          std::copy(go, go + H, dh);
+        }
+        T datt = 0;
+        _Pragma("omp simd reduction(+ : datt)")
+        for (int64_t k = 0; k < H; ++k) {
+          const T one_minus_z = T(1) - z[k];
+          const T dn = dh[k] * a * one_minus_z;
+          const T d_u = dh[k] * (n[k] - h[k]);                   // ∂L/∂ũ
+          const T dp_n = dn * (T(1) - n[k] * n[k]);                // through tanh
+          datt += d_u * one_minus_z;
+          const T dp_r = dp_n * gn[k] * r[k] * (T(1) - r[k]);    // through the sigmoids
+          const T dp_z = -d_u * a * z[k] * one_minus_z;
+          dg[k] = di[k] = dp_r;
+          dg[H + k] = di[H + k] = dp_z;
+          dg[2 * H + k] = dp_n * r[k];
+          di[2 * H + k] = dp_n;
+          dh[k] -= dn;  // dh (1 - ũ): the carry's own part
+        }
+        if (dap) dap[e] = datt;
+      }
+      // carry = dh (1 - ũ) + ∂gh_t W_hh, for step t - 1's first `rows` rows
+      if (t > 0) {
+        Tensor c = carry.narrow(0, 0, rows);
+        at::addmm_out(c, keep.narrow(0, 0, rows), d_gh.narrow(0, o, rows), w_hh);
+      }
+      carry_rows = rows;
+    }
+  });
+  Tensor d_w = want_w ? d_gh.t().mm(s.prev) : Tensor();  // Σ_t ∂gh_tᵀ h_{t-1}
+  Tensor d_b = want_b ? d_gh.sum(0) : Tensor();
+  return {d_gi, d_att, d_w, d_b};
 }
 
 class PackedRecurrence : public torch::autograd::Function<PackedRecurrence> {
@@ -62,10 +204,9 @@ class PackedRecurrence : public torch::autograd::Function<PackedRecurrence> {
   // at each step, non-increasing).
   static variable_list forward(AutogradContext* ctx, const Tensor& gi, const std::optional<Tensor>& att,
                                const Tensor& w_hh, const Tensor& b_hh, const std::vector<int64_t>& sizes) {
-    auto [out, saved] = recurrence_steps(gi, att, w_hh, b_hh, sizes, true);
-    std::vector<Tensor> to_save = {att.has_value() ? *att : Tensor(), w_hh};
-    to_save.insert(to_save.end(), saved.begin(), saved.end());
-    ctx->save_for_backward(to_save);
+    Saved s;
+    Tensor out = recurrence_forward(gi, att, w_hh, b_hh, sizes, s);
+    ctx->save_for_backward({att.has_value() ? *att : Tensor(), w_hh, s.prev, s.rz, s.n, s.gh_n});
     ctx->saved_data["sizes"] = sizes;
     ctx->saved_data["has_att"] = att.has_value();
     return {out};
@@ -75,73 +216,39 @@ class PackedRecurrence : public torch::autograd::Function<PackedRecurrence> {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "DIEN's recurrence kernel has no double backward; set IACN_FUSED_KERNEL=0 to "
                 "differentiate through its gradients");
-    const std::vector<Tensor> saved_all = ctx->get_saved_variables();
+    const std::vector<Tensor> v = ctx->get_saved_variables();
     const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
     const bool has_att = ctx->saved_data["has_att"].toBool();
-    const Tensor &att = saved_all[0], &w_hh = saved_all[1];
-    const int64_t H = w_hh.size(1);
-    const Tensor& prev = saved_all[2];
-    std::vector<std::vector<Tensor>> steps;  // [kSavedPerStep][T]
-    for (int64_t k = 0; k < kSavedPerStep; ++k) steps.push_back(saved_all[2 + k].split_with_sizes(sizes));
-    std::vector<Tensor> a;
-    if (has_att) a = att.unsqueeze(1).split_with_sizes(sizes);
-    const std::vector<Tensor> grads = grad_outputs[0].split_with_sizes(sizes);
+    const std::optional<Tensor> att = has_att ? std::optional<Tensor>(v[0]) : std::nullopt;
+    const Saved s{v[2], v[3], v[4], v[5]};
     // the autograd edges are the variable inputs only: gi, [att,] w_hh, b_hh
     const size_t e_w = has_att ? 2 : 1;
-    const bool want_att = has_att && ctx->needs_input_grad(1);
-    std::vector<Tensor> d_gh, d_pre_n, d_att;
-    Tensor carry;  // ∂L/∂h_t flowing back from step t + 1 (its live rows: the first ones)
-    for (int64_t t = int64_t(sizes.size()) - 1; t >= 0; --t) {
-      const Tensor &h = steps[0][t], &n = steps[1][t], &u = steps[2][t], &one_minus_z = steps[3][t],
-                   &r = steps[4][t], &gh_n = steps[5][t], &ds = steps[6][t];
-      Tensor dh;
-      if (!carry.defined()) {
-        dh = grads[t];
-      } else if (carry.size(0) == sizes[t]) {
-        dh = grads[t] + carry;
-      } else {
-        dh = grads[t].clone();
-        dh.slice(0, 0, carry.size(0)).add_(carry);
-      }
-      const Tensor dn = dh * u;
-      const Tensor d_u = dh * (n - h);
-      const Tensor dp_n = at::addcmul(dn, dn, n * n, -1.0);  // through tanh: dn (1 - n²)
-      const Tensor d_z = a.empty() ? -d_u : d_u * -a[t];      // ũ = a (1 - z)
-      if (want_att) d_att.push_back(at::linalg_vecdot(d_u, one_minus_z));
-      const Tensor dp_rz = at::cat({dp_n * gh_n, d_z}, 1) * ds;  // through the sigmoids
-      const Tensor d_gh_t = at::cat({dp_rz, dp_n * r}, 1);
-      d_gh.push_back(d_gh_t);
-      d_pre_n.push_back(dp_n);
-      carry = at::addmm(dh - dn, d_gh_t, w_hh);  // dh (1 - ũ) + ∂gh W_hh
-    }
-    std::reverse(d_gh.begin(), d_gh.end());
-    std::reverse(d_pre_n.begin(), d_pre_n.end());
-    std::reverse(d_att.begin(), d_att.end());
-    const Tensor d_gh_all = at::cat(d_gh);
-    const Tensor d_gi = at::cat({d_gh_all.slice(1, 0, 2 * H), at::cat(d_pre_n)}, 1);
-    const Tensor d_w = ctx->needs_input_grad(e_w) ? d_gh_all.t().mm(prev) : Tensor();  // Σ_t ∂gh_tᵀ h_{t-1}
-    const Tensor d_b = ctx->needs_input_grad(e_w + 1) ? d_gh_all.sum(0) : Tensor();
-    const Tensor d_a = want_att ? at::cat(d_att) : Tensor();
-    return {d_gi, d_a, d_w, d_b, Tensor()};
+    std::vector<Tensor> g = recurrence_backward(grad_outputs[0].contiguous(), att, v[1], sizes, s,
+                                                has_att && ctx->needs_input_grad(1),
+                                                ctx->needs_input_grad(e_w), ctx->needs_input_grad(e_w + 1));
+    return {g[0], g[1], g[2], g[3], Tensor()};
   }
 };
 
 // states [N, H]; records the autograd node when an input requires grad.
 Tensor apply(const Tensor& gi, const std::optional<Tensor>& att, const Tensor& w_hh, const Tensor& b_hh,
              const std::vector<int64_t>& sizes) {
-  return PackedRecurrence::apply(gi, att, w_hh, b_hh, sizes)[0];
+  const std::optional<Tensor> a = att.has_value() ? std::optional<Tensor>(att->contiguous()) : std::nullopt;
+  return PackedRecurrence::apply(gi.contiguous(), a, w_hh, b_hh.contiguous(), sizes)[0];
 }
 
 // states [N, H] without autograd (inference).
 Tensor steps(const Tensor& gi, const std::optional<Tensor>& att, const Tensor& w_hh, const Tensor& b_hh,
              const std::vector<int64_t>& sizes) {
-  return recurrence_steps(gi, att, w_hh, b_hh, sizes, false).first;
+  Saved s;
+  const std::optional<Tensor> a = att.has_value() ? std::optional<Tensor>(att->contiguous()) : std::nullopt;
+  return recurrence_forward(gi.contiguous(), a, w_hh, b_hh.contiguous(), sizes, s);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // no GIL needed: ATen ops and the autograd node only
+  // no GIL needed: ATen ops, loops and the autograd node only
   m.def("apply", &apply, "GRU / AUGRU packed recurrence with its autograd node (CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("steps", &steps, "GRU / AUGRU packed recurrence, no autograd (CPU)",

@@ -233,9 +233,11 @@ def packed_recurrence(
 
 
 class _RecurrenceKernel:
-    """:class:`_PackedRecurrence` in C++ (``csrc/packed_recurrence.cpp``): the same ATen ops in the
-    same order, and the autograd node too, so neither pass dispatches ~15 ops a step from Python
-    and the backward runs without the GIL (which the IaCN worker thread's Python holds).
+    """:class:`_PackedRecurrence` in C++ (``csrc/packed_recurrence.cpp``): a step is one matrix
+    product and one loop over its rows for the gates (with a vectorised float exp), written straight
+    into packed buffers, where the Python node dispatches ~15 ops a step and ``cat`` s them; equal to
+    rounding (1e-12 in float64). The autograd node is C++ too, so the backward runs without the GIL
+    (which the IaCN worker thread's Python holds).
     ``create_graph=True`` raises (first-order gradients only, as ``once_differentiable``)."""
 
     @staticmethod
