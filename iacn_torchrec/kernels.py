@@ -7,9 +7,11 @@ callers run their ATen ops instead. ``IACN_FUSED_KERNEL=0`` turns every kernel o
 
 Kernels: ``iacn_fused`` (IaCN's loss, :mod:`iacn_torchrec.modules.fused_iacn`),
 ``din_attention`` (DIN's attention unit on a jagged history, :mod:`iacn_torchrec.models.layers`) and
-``packed_recurrence`` (DIEN's GRU / AUGRU recurrence, :mod:`iacn_torchrec.models.dien`) and
-``concat_lookup`` (the main model's item-side views, :mod:`iacn_torchrec.modules.embeddings`). Each
-defines its autograd node in C++ or is called from a Python one; the C++ nodes run without the GIL.
+``packed_recurrence`` (DIEN's GRU / AUGRU recurrence, :mod:`iacn_torchrec.models.dien`),
+``concat_lookup`` (the main model's item-side views, :mod:`iacn_torchrec.modules.embeddings`) and
+``next_behaviour_loss`` (DIEN's auxiliary loss, :mod:`iacn_torchrec.models.dien`). Each defines its
+autograd node in C++ or is called from a Python one; the C++ nodes run without the GIL. Their shared
+elementwise math is ``csrc/vec_math.h``, part of every kernel's build key.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 __all__ = ["KERNELS", "load_kernel", "kernels_enabled"]
 
-KERNELS = ("iacn_fused", "din_attention", "packed_recurrence", "concat_lookup")
+KERNELS = ("iacn_fused", "din_attention", "packed_recurrence", "concat_lookup", "next_behaviour_loss")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _LOCK = threading.Lock()
 _STATE: dict[str, dict[str, Any]] = {}
@@ -77,7 +79,8 @@ def build_name(name: str) -> str:
     rebuild it for each other on every first use."""
     import hashlib
 
-    key = b"\0".join([(_CSRC / f"{name}.cpp").read_bytes(), " ".join(_cflags()).encode(),
+    headers = [h.read_bytes() for h in sorted(_CSRC.glob("*.h"))]  # what the kernels #include
+    key = b"\0".join([(_CSRC / f"{name}.cpp").read_bytes(), *headers, " ".join(_cflags()).encode(),
                       torch.__version__.encode(), str(Path(torch.__file__).resolve().parent).encode(),
                       sys.prefix.encode()])
     return f"{name}_{_simd_level()}_{hashlib.sha256(key).hexdigest()[:12]}"

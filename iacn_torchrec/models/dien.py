@@ -332,10 +332,53 @@ def _next_behaviour_loss(
     behaviours ``pos [V, D]``, sampled negatives ``neg [V, D]``."""
     if h.shape[0] == 0:
         return h.sum() * 0.0
+    fused = _fused_next_behaviour_loss(net, h, pos, neg)
+    if fused is not None:
+        return fused
     logits = net(torch.cat([torch.cat([h, pos], 1), torch.cat([h, neg], 1)], 0)).squeeze(-1)  # [2V]
     V = h.shape[0]
     targets = torch.cat([logits.new_ones(V), logits.new_zeros(V)])
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / V
+
+
+class _NextBehaviourLossKernel:
+    """:func:`_next_behaviour_loss` through ``csrc/next_behaviour_loss.cpp``: the MLP's first layer
+    split as ``W_h h + W_e e + b`` (``W_h h`` once for the positive and the negative, no ``[h, e]``
+    concatenations), sigmoids and the loss in loops, its forward, backward and autograd node in C++
+    (the main backward runs it without the GIL). ``create_graph=True`` raises."""
+
+    @staticmethod
+    def apply(ext, h, pos, neg, weights, biases):
+        return ext.apply(h, pos, neg, weights, biases)
+
+
+def _fused_next_behaviour_loss(
+    net: nn.Module, h: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+) -> torch.Tensor | None:
+    """The loss through the fused kernel, or None where it does not apply (an MLP other than
+    Linear → sigmoid → … → Linear(·, 1), e.g. with dropout or input BN; non-CPU or mixed dtypes;
+    autocast; ``torch.compile`` / fx tracing): the caller then runs the ATen ops."""
+    layers = list(getattr(net, "net", ()))
+    linears, acts = layers[0::2], layers[1::2]
+    tensors = [h, pos, neg]
+    if (not layers or len(layers) % 2 != 1 or not all(isinstance(m, nn.Linear) for m in linears)
+            or not all(isinstance(m, nn.Sigmoid) for m in acts) or linears[-1].out_features != 1
+            or len(linears) < 2 or any(m.bias is None for m in linears)
+            or torch.compiler.is_compiling() or any(isinstance(x, torch.fx.Proxy) for x in tensors)
+            or torch.is_autocast_enabled("cpu")):
+        return None
+    weights, biases = [m.weight for m in linears], [m.bias for m in linears]
+    everything = tensors + weights + biases
+    if any(x.device.type != "cpu" or x.dtype != h.dtype for x in everything) or h.dtype not in (
+            torch.float32, torch.float64):
+        return None
+    from iacn_torchrec.kernels import load_kernel
+
+    ext = load_kernel("next_behaviour_loss")
+    if ext is None:
+        return None
+    return _NextBehaviourLossKernel.apply(ext, h.contiguous(), pos.contiguous(), neg.contiguous(),
+                                          weights, biases)
 
 
 class DIEN(nn.Module):

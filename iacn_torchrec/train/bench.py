@@ -407,6 +407,8 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
                            "recurrence_kernel": "cpp" if load_kernel("packed_recurrence") is not None
                            else "python",
                            "lookup_kernel": "cpp" if load_kernel("concat_lookup") is not None else "aten",
+                           "dien_aux_loss_kernel": "cpp" if load_kernel("next_behaviour_loss") is not None
+                           else "aten",
                            "quick": bool(a.quick), "load_before": _uptime()}
     batches = [128] if a.quick else [128, 1024]
     models = ["din"] if a.quick else ["din", "dien"]
