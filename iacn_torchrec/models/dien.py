@@ -479,8 +479,16 @@ class DIEN(nn.Module):
                 self.aux_net, states[packed.has_next], values.index_select(0, following),
                 neg.index_select(0, following),
             )
-        _, att = self.attention.forward_jagged(emb.target, states, packed.rows, B)  # att [N]
+        # the attention in row-major order (each row's states contiguous, as the fused attention
+        # kernel reads them); its weights back in packed order for the AUGRU
+        N = values.shape[0]
+        to_row_major = torch.empty_like(packed.index).index_copy_(
+            0, packed.index, torch.arange(N, device=packed.index.device))
+        segments = segment_ids(lengths, N)
+        _, att = self.attention.forward_jagged(emb.target, states.index_select(0, to_row_major), segments, B,
+                                               offsets=emb.hist_offsets)
+        att = att.index_select(0, packed.index)  # [N], packed order
         live = self.augru.forward_packed(states, att, packed.batch_sizes)
         final = live.new_zeros(B, live.shape[1]).index_copy(0, packed.order[: live.shape[0]], live)
-        hist_sum = segment_sum(values, segment_ids(lengths, values.shape[0]), B)
+        hist_sum = segment_sum(values, segments, B)
         return final, hist_sum, aux_loss

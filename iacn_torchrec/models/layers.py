@@ -313,16 +313,22 @@ def _fused_attention(
     unit: AttentionUnit, query: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``unit.forward_jagged`` through the fused kernel, or None where the kernel does not apply
-    (a query projection, activations other than sigmoid, no softmax, dropout, non-CPU or mixed
-    dtypes, autocast, ``torch.compile`` / fx tracing): the caller then runs the ATen ops."""
+    (activations other than sigmoid, no softmax, dropout, non-CPU or mixed dtypes, autocast,
+    ``torch.compile`` / fx tracing): the caller then runs the ATen ops. A query projection (DIEN's)
+    runs first as the module it is; the kernel takes its output."""
     layers = list(unit.mlp.net)
     linears, acts = layers[0::2], layers[1::2]
-    if (unit.query_proj is not None or not unit.softmax or isinstance(query, torch.fx.Proxy)
+    if (not unit.softmax or isinstance(query, torch.fx.Proxy)
             or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
             or len(layers) % 2 != 1 or not all(isinstance(m, nn.Linear) for m in linears)
             or not all(isinstance(m, nn.Sigmoid) for m in acts) or linears[-1].out_features != 1):
         return None
     params = [m.weight for m in linears] + [m.bias for m in linears]
+    proj = [] if unit.query_proj is None else list(unit.query_proj.parameters())
+    if any(t.device.type != "cpu" or t.dtype != values.dtype for t in [query, *proj]):
+        return None
+    if unit.query_proj is not None:
+        query = unit.query_proj(query)
     tensors = [query, values, *params]
     if (any(t is None or t.device.type != "cpu" or t.dtype != values.dtype for t in tensors)
             or values.dtype not in (torch.float32, torch.float64) or offsets.device.type != "cpu"
