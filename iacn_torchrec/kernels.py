@@ -10,8 +10,9 @@ Kernels: ``iacn_fused`` (IaCN's loss, :mod:`iacn_torchrec.modules.fused_iacn`),
 ``packed_recurrence`` (DIEN's GRU / AUGRU recurrence, :mod:`iacn_torchrec.models.dien`),
 ``concat_lookup`` (the main model's item-side views, :mod:`iacn_torchrec.modules.embeddings`) and
 ``next_behaviour_loss`` (DIEN's auxiliary loss, :mod:`iacn_torchrec.models.dien`). Each defines its
-autograd node in C++ or is called from a Python one; the C++ nodes run without the GIL. Their shared
-elementwise math is ``csrc/vec_math.h``, part of every kernel's build key.
+autograd node in C++ or is called from a Python one; the C++ nodes run without the GIL. What they
+share is in headers (``csrc/*.h``: the sigmoid MLP's later layers, a vectorised float exp), which
+are part of every kernel's build key.
 """
 
 from __future__ import annotations

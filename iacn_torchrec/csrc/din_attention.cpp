@@ -9,6 +9,8 @@
 // the main backward then never needs the GIL for it, which the IaCN worker thread's Python holds.
 #include <torch/extension.h>
 
+#include "sigmoid_mlp.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -25,7 +27,6 @@ std::vector<Tensor> attention_forward(const Tensor& query, const Tensor& values,
                                       const std::vector<Tensor>& weights, const std::vector<Tensor>& biases) {
   const int64_t B = query.size(0), D = query.size(1), N = values.size(0);
   TORCH_CHECK(offsets.numel() == B + 1, "din_attention: offsets must be [B + 1]");
-  const int64_t m = int64_t(weights.size()) - 1;  // hidden layers
   const int64_t* off = offsets.data_ptr<int64_t>();
   const Tensor& w1 = weights[0];
   const Tensor wq = w1.narrow(1, 0, D), wk = w1.narrow(1, D, D), wd = w1.narrow(1, 2 * D, D),
@@ -50,13 +51,7 @@ std::vector<Tensor> attention_forward(const Tensor& query, const Tensor& values,
   h.addmm_(values, (wk - wd).t());
   h.addmm_(qv, wp.t());
   std::vector<Tensor> acts;
-  Tensor x = h;
-  for (int64_t l = 0; l <= m; ++l) {
-    if (l > 0) x = at::addmm(biases[l], acts.back(), weights[l].t());
-    if (l == m) break;
-    acts.push_back(x.sigmoid_());  // ATen's vectorised exp: faster than a loop of std::exp
-  }
-  Tensor scores = x.view({N});  // the last layer: one logit per behaviour
+  Tensor scores = iacn_mlp::forward(h, weights, biases, acts).view({N});  // one logit per behaviour
   Tensor att = at::empty({N}, values.options());
   Tensor out = at::zeros({B, D}, values.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "din_attention_softmax", [&] {
@@ -115,20 +110,8 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& gra
     }
   });
   std::vector<Tensor> d_w(m + 1), d_b(m + 1);
-  Tensor dx = d_score;  // gradient of layer l's pre-activation output
-  for (int64_t l = m; l > 0; --l) {
-    d_b[l] = dx.sum(0);
-    const Tensor& a = saved[3 + l - 1];  // input of layer l
-    d_w[l] = at::mm(dx.t(), a);
-    Tensor da = at::mm(dx, weights[l]);
-    AT_DISPATCH_FLOATING_TYPES(da.scalar_type(), "din_attention_sigmoid_backward", [&] {
-      using T = scalar_t;
-      T* p = da.data_ptr<T>();
-      const T* s = a.data_ptr<T>();
-      for (int64_t k = 0, n = da.numel(); k < n; ++k) p[k] *= s[k] * (T(1) - s[k]);
-    });
-    dx = da;
-  }
+  const std::vector<Tensor> acts(saved.begin() + 3, saved.end());
+  const Tensor dx = iacn_mlp::backward(d_score, weights, acts, d_w, d_b);  // ∂ first layer's output
   // first layer: h = h_q[row] + k (W_k - W_d)^T + (q·k) W_p^T, h_q = q (W_q + W_d)^T + b_1
   const Tensor& w1 = weights[0];
   const Tensor wk_d = w1.narrow(1, D, D) - w1.narrow(1, 2 * D, D), wp = w1.narrow(1, 3 * D, D);

@@ -4,32 +4,19 @@
 // L_aux = (1/V) Σ_v [softplus(-f(h_v, e_v)) + softplus(f(h_v, ê_v))], f an MLP with sigmoid hidden
 // layers on [h, e] (DIEN's code: 100 → 50 → 1). The first layer is split as W_h h + W_e e + b, so
 // W_h h is computed once for the positive and the negative (no [h, e] concatenations); the matrix
-// products go to ATen (MKL); sigmoids, their derivatives and the loss are loops (vectorised exp).
+// products go to ATen (MKL); the layers after the first are DIN's attention MLP's (sigmoid_mlp.h).
 // The same function as the ATen ops to rounding. The node runs without the GIL.
 #include <torch/extension.h>
 
-#include "vec_math.h"
+#include "sigmoid_mlp.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace {
 
 using at::Tensor;
-using iacn_vec::sigmoid_of;
-
-// In place: x = σ(x + bias) row by row ([R, C] contiguous, bias [C]; bias undefined: none).
-template <typename T>
-void sigmoid_rows(T* x, const T* bias, int64_t R, int64_t C) {
-  for (int64_t i = 0; i < R; ++i) {
-    T* row = x + i * C;
-    if (bias) {
-      _Pragma("omp simd") for (int64_t k = 0; k < C; ++k) row[k] = sigmoid_of(row[k] + bias[k]);
-    } else {
-      _Pragma("omp simd") for (int64_t k = 0; k < C; ++k) row[k] = sigmoid_of(row[k]);
-    }
-  }
-}
 
 // Forward. Returns [loss (0-dim), then what the backward needs: the hidden activations
 // a_1 .. a_m [2V, H_l] (rows 0..V-1 the positives, V..2V-1 the negatives), the logits [2V]].
@@ -49,28 +36,9 @@ std::vector<Tensor> loss_forward(const Tensor& h, const Tensor& pos, const Tenso
     at::mm_out(top, pos, w_e);
     at::mm_out(bottom, neg, w_e);
   }
+  a.view({2, V, a.size(1)}).add_(z_h);  // W_h h + b, once, into both halves
   std::vector<Tensor> acts;
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "next_behaviour_loss_first", [&] {
-    using T = scalar_t;
-    T* ap = a.data_ptr<T>();
-    const T* zp = z_h.data_ptr<T>();
-    const int64_t C = a.size(1);
-    for (int64_t half = 0; half < 2; ++half)
-      for (int64_t v = 0; v < V; ++v) {
-        T* row = ap + (half * V + v) * C;
-        const T* z = zp + v * C;
-        _Pragma("omp simd") for (int64_t k = 0; k < C; ++k) row[k] = sigmoid_of(row[k] + z[k]);
-      }
-  });
-  acts.push_back(a);
-  for (int64_t l = 1; l < m; ++l) {
-    Tensor x = at::mm(acts.back(), weights[l].t());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "next_behaviour_loss_hidden", [&] {
-      sigmoid_rows<scalar_t>(x.data_ptr<scalar_t>(), biases[l].data_ptr<scalar_t>(), x.size(0), x.size(1));
-    });
-    acts.push_back(x);
-  }
-  const Tensor logits = at::addmm(biases[m], acts.back(), weights[m].t()).view({2 * V});
+  const Tensor logits = iacn_mlp::forward(a, weights, biases, acts).view({2 * V});
   Tensor loss = at::empty({}, h.options());
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "next_behaviour_loss_value", [&] {
     using T = scalar_t;
@@ -106,20 +74,7 @@ std::vector<Tensor> loss_backward(const Tensor& g, const Tensor& h, const Tensor
     }
   });
   std::vector<Tensor> d_w(m + 1), d_b(m + 1);
-  for (int64_t l = m; l > 0; --l) {
-    const Tensor& a = acts[l - 1];  // the input of layer l
-    d_b[l] = dx.sum(0);
-    d_w[l] = at::mm(dx.t(), a);
-    Tensor da = at::mm(dx, weights[l]);
-    AT_DISPATCH_FLOATING_TYPES(da.scalar_type(), "next_behaviour_loss_sigmoid_backward", [&] {
-      using T = scalar_t;
-      T* p = da.data_ptr<T>();
-      const T* s = a.data_ptr<T>();
-      const int64_t n = da.numel();
-      _Pragma("omp simd") for (int64_t k = 0; k < n; ++k) p[k] *= s[k] * (T(1) - s[k]);
-    });
-    dx = da;
-  }
+  dx = iacn_mlp::backward(dx, weights, acts, d_w, d_b);  // ∂ first layer's output [2V, H1]
   // first layer: z = W_h h + W_e e + b for e = pos (rows < V) and e = neg (rows >= V)
   const Tensor& w1 = weights[0];
   const Tensor w_h = w1.narrow(1, 0, H), w_e = w1.narrow(1, H, D);

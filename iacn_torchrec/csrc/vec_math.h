@@ -1,6 +1,6 @@
 // Elementwise math for the kernels' loops, written so that g++ -O3 -fno-trapping-math vectorises
-// the loops that call it (std::exp is a call per element, which stops vectorisation). Included by
-// each kernel that needs it; kernels.py puts this file's text into every kernel's build key.
+// the loops that call it (std::exp is a call per element, which stops vectorisation); used by the
+// recurrence kernel's gate loop. kernels.py puts every header's text into each kernel's build key.
 #pragma once
 
 #include <algorithm>

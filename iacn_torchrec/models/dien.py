@@ -344,8 +344,9 @@ def _next_behaviour_loss(
 class _NextBehaviourLossKernel:
     """:func:`_next_behaviour_loss` through ``csrc/next_behaviour_loss.cpp``: the MLP's first layer
     split as ``W_h h + W_e e + b`` (``W_h h`` once for the positive and the negative, no ``[h, e]``
-    concatenations), sigmoids and the loss in loops, its forward, backward and autograd node in C++
-    (the main backward runs it without the GIL). ``create_graph=True`` raises."""
+    concatenations), the later layers as DIN's attention kernel runs them (``csrc/sigmoid_mlp.h``);
+    forward, backward and autograd node in C++ (the main backward runs it without the GIL).
+    ``create_graph=True`` raises."""
 
     @staticmethod
     def apply(ext, h, pos, neg, weights, biases):
