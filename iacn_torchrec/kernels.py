@@ -9,7 +9,8 @@ Kernels: ``iacn_fused`` (IaCN's loss, :mod:`iacn_torchrec.modules.fused_iacn`),
 ``din_attention`` (DIN's attention unit on a jagged history, :mod:`iacn_torchrec.models.layers`) and
 ``packed_recurrence`` (DIEN's GRU / AUGRU recurrence, :mod:`iacn_torchrec.models.dien`),
 ``concat_lookup`` (the main model's item-side views, :mod:`iacn_torchrec.modules.embeddings`) and
-``next_behaviour_loss`` (DIEN's auxiliary loss, :mod:`iacn_torchrec.models.dien`). Each defines its
+``next_behaviour_loss`` (DIEN's auxiliary loss, :mod:`iacn_torchrec.models.dien`) and ``dice`` (the
+towers' Dice activation, :mod:`iacn_torchrec.models.layers`). Each defines its
 autograd node in C++ or is called from a Python one; the C++ nodes run without the GIL. What they
 share is in headers (``csrc/*.h``: the sigmoid MLP's later layers, a vectorised float exp), which
 are part of every kernel's build key.
@@ -32,7 +33,7 @@ import torch
 
 __all__ = ["KERNELS", "load_kernel", "kernels_enabled"]
 
-KERNELS = ("iacn_fused", "din_attention", "packed_recurrence", "concat_lookup", "next_behaviour_loss")
+KERNELS = ("iacn_fused", "din_attention", "packed_recurrence", "concat_lookup", "next_behaviour_loss", "dice")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _LOCK = threading.Lock()
 _STATE: dict[str, dict[str, Any]] = {}

@@ -47,8 +47,37 @@ class Dice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        fused = _fused_dice(self, flat)
+        if fused is not None:
+            return fused.view_as(x)
         p = torch.sigmoid(self.bn(flat)).view_as(x)
         return x * (p + (1.0 - p) * self.alpha)
+
+
+def _fused_dice(dice: Dice, flat: torch.Tensor) -> torch.Tensor | None:
+    """``dice`` on ``flat [M, H]`` through ``csrc/dice.cpp`` (the same function, BatchNorm's running
+    statistics updated as ``nn.BatchNorm1d`` updates them), or None where the kernel does not apply:
+    non-CPU or mixed dtypes, autocast, ``torch.compile`` / fx / TorchScript tracing, a BatchNorm
+    without running statistics, or a training batch of one row (the ATen path then raises
+    BatchNorm's error)."""
+    bn = dice.bn
+    if (isinstance(flat, torch.fx.Proxy) or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.is_autocast_enabled("cpu") or bn.running_mean is None or bn.num_batches_tracked is None
+            or flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64)
+            or any(t.device.type != "cpu" or t.dtype != flat.dtype
+                   for t in (dice.alpha, bn.running_mean, bn.running_var))
+            or (bn.training and flat.shape[0] <= 1)):
+        return None
+    from iacn_torchrec.kernels import load_kernel
+
+    ext = load_kernel("dice")
+    if ext is None:
+        return None
+    # in training the kernel counts the batch in num_batches_tracked; momentum None (< 0 there) is
+    # BatchNorm's cumulative average
+    momentum = -1.0 if bn.momentum is None else float(bn.momentum)
+    return ext.apply(flat.contiguous(), dice.alpha, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                     bn.training, momentum, float(bn.eps))
 
 
 def activation_layer(name: str, num_features: int) -> nn.Module:
