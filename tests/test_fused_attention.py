@@ -123,3 +123,53 @@ def test_din_trains_the_same_with_the_kernel(monkeypatch, kernel_calls):
             assert len(kernel_calls) == 3
     for a, b in zip(*params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hidden", [(80, 40), (13, 5), (100, 3), (200,), (8,)],
+                         ids=["din", "tail", "12-blocks-and-tail", "several-passes", "one-block"])
+def test_evaluation_path_equals_the_training_forward(dtype, hidden, kernel_calls):
+    """Without a gradient to record the kernel forms M_b = (W_k - W_d)ᵀ + diag(q_b) W_pᵀ per row and
+    runs one product per behaviour (its AVX2 row kernel: widths of whole 8-column blocks, a tail,
+    more than one 12-block pass); the same outputs and weights as the training forward (which
+    computes the two products separately) and as the ATen path, empty rows included."""
+    unit, q, v, lengths, offsets, *_ = _case(dtype, seed=4, hidden=hidden)
+    seg = segment_ids(lengths, v.shape[0])
+    with torch.no_grad():
+        got = unit.forward_jagged(q, v, seg, B, offsets=offsets)
+        aten = unit.forward_jagged(q, v, seg, B)
+    train = unit.forward_jagged(q, v, seg, B, offsets=offsets)
+    assert kernel_calls == [1, 1] and train[0].requires_grad and not got[0].requires_grad
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b, c in zip(got, train, aten, strict=True):
+        torch.testing.assert_close(a, b.detach(), **tol)
+        torch.testing.assert_close(a, c, **tol)
+    assert float(got[0][0].abs().sum()) == 0  # the empty row
+    assert float(got[1].sum()) == pytest.approx(int((lengths > 0).sum()))  # each row's weights sum to 1
+
+
+def test_din_predict_is_the_same_with_the_kernels(monkeypatch):
+    """A trained-for-a-step DIN+IaCN in eval mode scores a batch the same (float32 rounding) with
+    every kernel on (the merged attention, Dice on running statistics, the hist sum as an
+    embedding bag) and off."""
+    from helpers import planted_batch
+
+    from iacn_torchrec.models.framework import build_model
+    from iacn_torchrec.modules.iacn import IaCNConfig
+
+    torch.manual_seed(0)
+    model = build_model("din", 20, 60, 6, 8, IaCNConfig(enabled=True, aux_dim=4, num_negatives=5), emb_dim=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):  # moves Dice's running statistics off their initial values
+        loss, _ = model(planted_batch(32, step, 20, 60, 6, 8, num_negatives=5))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    batch = planted_batch(64, 7, 20, 60, 6, 8, num_negatives=5)
+    with torch.no_grad():
+        on = model.predict(batch)
+        monkeypatch.setenv("IACN_FUSED_KERNEL", "0")
+        off = model.predict(batch)
+    assert on.std() > 0
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-6)
