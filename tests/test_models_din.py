@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from iacn_torchrec.models.din import DIN, DINConfig
-from iacn_torchrec.models.layers import MLP, AttentionUnit, Dice, masked_sum, segment_ids, sequence_mask
+from iacn_torchrec.models.layers import (
+    MLP,
+    AttentionUnit,
+    Dice,
+    masked_sum,
+    segment_ids,
+    segment_sum,
+    sequence_mask,
+)
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
 
 B, L, DU, D = 6, 7, 5, 8
@@ -174,3 +182,21 @@ def test_din_backward_with_empty_history_is_finite():
     logits, _ = model(emb)
     logits.sum().backward()
     assert torch.isfinite(logits).all() and torch.isfinite(emb.hist.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_segment_sum_with_offsets_is_the_same_sum(dtype):
+    """Given the row-major offsets, a sum without a gradient to record runs as ``embedding_bag``:
+    bit for bit the ``index_add`` sum (the same order), rows without values included; with a
+    gradient to record it stays ``index_add`` and the gradient reaches the values."""
+    lengths = torch.tensor([2, 0, 3, 1, 0, 4])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    values = torch.randn(int(lengths.sum()), 5, dtype=dtype)
+    seg = segment_ids(lengths, values.shape[0])
+    want = segment_sum(values, seg, 6)
+    with torch.no_grad():
+        got = segment_sum(values, seg, 6, offsets)
+    assert torch.equal(got, want) and float(got[1].abs().sum()) == 0
+    v = values.clone().requires_grad_()
+    segment_sum(v, seg, 6, offsets).sum().backward()
+    assert torch.equal(v.grad, torch.ones_like(values))

@@ -491,5 +491,5 @@ class DIEN(nn.Module):
         att = att.index_select(0, packed.index)  # [N], packed order
         live = self.augru.forward_packed(states, att, packed.batch_sizes)
         final = live.new_zeros(B, live.shape[1]).index_copy(0, packed.order[: live.shape[0]], live)
-        hist_sum = segment_sum(values, segments, B)
+        hist_sum = segment_sum(values, segments, B, emb.hist_offsets)
         return final, hist_sum, aux_loss

@@ -70,6 +70,6 @@ class DIN(nn.Module):
         else:
             values, segments = jagged_history(emb.hist, emb.hist_lengths)
         att, _ = self.attention.forward_jagged(emb.target, values, segments, B, offsets=offsets)
-        hist_sum = segment_sum(values, segments, B)
+        hist_sum = segment_sum(values, segments, B, offsets)
         x = torch.cat([emb.user, emb.target, hist_sum, emb.target * hist_sum, att], dim=1)
         return self.tower(x).squeeze(-1), None
