@@ -84,3 +84,26 @@ def test_ctr_metrics_auc_logloss():
     assert r["samples"] == 5
     # GAUC by hand: user 1 ranks its pair right (AUC 1, 2 samples), user 2 one of its two pairs (0.5, 3)
     assert r["gauc"] == pytest.approx((2 * 1.0 + 3 * 0.5) / 5) and r["gauc_users"] == 2
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_binary_auc_is_torchmetrics_auroc(ties):
+    """The Mann-Whitney AUC with tie-averaged ranks (one sort shared with GAUC's code) is the
+    pairwise AUC exactly, ties in the scores included, and torchmetrics' ``binary_auroc`` up to the
+    float32 its result is returned in; nan with one class."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    from iacn_torchrec.train.metrics import binary_auc
+
+    g = torch.Generator().manual_seed(3)
+    p = torch.rand(5000, generator=g)
+    if ties:
+        p = (p * 20).round() / 20
+    y = (torch.rand(5000, generator=g) < 0.3 + 0.4 * p).long()
+    scores, labels = p.double().numpy(), y.numpy() > 0
+    pos, neg = scores[labels][:, None], scores[~labels][None, :]
+    exact = ((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size)
+    got = binary_auc(scores, labels)
+    assert got == pytest.approx(exact, abs=1e-12)
+    assert got == pytest.approx(float(binary_auroc(p, y, thresholds=None)), abs=1e-6)
+    assert np.isnan(binary_auc(p.double().numpy(), np.ones(5000, dtype=bool)))

@@ -1,4 +1,4 @@
-"""CTR metrics: AUC and log-loss (torchmetrics) and user-grouped AUC (GAUC).
+"""CTR metrics: AUC, log-loss and user-grouped AUC (GAUC).
 
 `CTRMetrics` accumulates predictions per batch and computes over the *whole* test set: under
 torch.distributed it gathers every rank's predictions first, so AUC is not an average of
@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 
@@ -50,15 +49,25 @@ def group_auc(uids: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple
     return float((auc * w).sum() / w.sum()), int(ok.sum())
 
 
+def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC over all rows: the Mann-Whitney statistic with tie-averaged ranks, which is the area
+    under the exact ROC curve (torchmetrics' ``binary_auroc(..., thresholds=None)``; a test checks
+    the two agree). :func:`group_auc` with one group, so the same sort serves both: on the 44,726
+    Beauty test rows ~1 ms against ~5 ms for ``binary_auroc``. ``nan`` without both labels."""
+    return group_auc(np.zeros(len(scores), dtype=np.int64), scores, labels)[0]
+
+
 def _by_user_then_score(uids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """The order of ``np.lexsort((scores, uids))`` up to ties of equal (user, score), which
     :func:`group_auc` averages anyway. Model probabilities are float32 values without a sign bit,
-    whose bit patterns sort as the numbers do: then one argsort of the int64 key ``uid·2³² + bits``
-    does it (measured on the 44,726 Beauty test rows: ~3x faster than the two-key lexsort)."""
+    whose bit patterns sort as the numbers do: then one sort of the int64 key ``uid·2³² + bits``
+    does it, with torch's integer sort (on the 44,726 Beauty test rows: 0.7 ms; numpy's argsort of
+    the key 1.9 ms, the two-key lexsort ~3x that)."""
     s32 = scores.astype(np.float32)
     if (uids.dtype.kind in "iu" and uids.min() >= 0 and uids.max() < 2**31
             and not np.signbit(s32).any() and np.array_equal(s32, scores)):  # NaN fails the last test
-        return np.argsort((uids.astype(np.int64) << 32) | s32.view(np.uint32).astype(np.int64))
+        key = (uids.astype(np.int64) << 32) | s32.view(np.uint32).astype(np.int64)
+        return torch.sort(torch.from_numpy(key)).indices.numpy()
     return np.lexsort((scores, uids))
 
 
@@ -97,7 +106,7 @@ class CTRMetrics:
             raise ValueError("CTRMetrics.compute(): no predictions were accumulated")
         pc = p.double().clamp(1e-7, 1 - 1e-7)
         logloss = float(-(y * pc.log() + (1 - y) * (1 - pc).log()).mean())
-        has_both = bool((y > 0.5).any() and (y < 0.5).any())
-        auc = float(binary_auroc(p, y.long(), thresholds=None)) if has_both else float("nan")
-        gauc, n_users = group_auc(u.numpy(), p.double().numpy(), y.numpy() > 0.5)
+        scores, labels = p.double().numpy(), y.numpy() > 0.5
+        auc = binary_auc(scores, labels)
+        gauc, n_users = group_auc(u.numpy(), scores, labels)
         return {"auc": auc, "logloss": logloss, "gauc": gauc, "gauc_users": n_users, "samples": int(len(y))}
