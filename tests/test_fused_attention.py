@@ -148,28 +148,33 @@ def test_evaluation_path_equals_the_training_forward(dtype, hidden, kernel_calls
     assert float(got[1].sum()) == pytest.approx(int((lengths > 0).sum()))  # each row's weights sum to 1
 
 
-def test_din_predict_is_the_same_with_the_kernels(monkeypatch):
-    """A trained-for-a-step DIN+IaCN in eval mode scores a batch the same (float32 rounding) with
-    every kernel on (the merged attention, Dice on running statistics, the hist sum as an
-    embedding bag) and off."""
+@pytest.mark.parametrize("model_name", ["din", "dien"])
+def test_predict_is_the_same_with_the_kernels(model_name, monkeypatch, kernel_calls):
+    """DIN+IaCN / DIEN+IaCN after two SGD steps, in eval mode, score a batch the same (float32
+    rounding) with every kernel on (the merged attention, DIEN's after its query projection; Dice
+    on running statistics; the history sum as an embedding bag) and off."""
     from helpers import planted_batch
 
     from iacn_torchrec.models.framework import build_model
     from iacn_torchrec.modules.iacn import IaCNConfig
 
     torch.manual_seed(0)
-    model = build_model("din", 20, 60, 6, 8, IaCNConfig(enabled=True, aux_dim=4, num_negatives=5), emb_dim=4)
+    dien = model_name == "dien"
+    model = build_model(model_name, 20, 60, 6, 8, IaCNConfig(enabled=True, aux_dim=4, num_negatives=5),
+                        emb_dim=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(2):  # moves Dice's running statistics off their initial values
-        loss, _ = model(planted_batch(32, step, 20, 60, 6, 8, num_negatives=5))
+        loss, _ = model(planted_batch(32, step, 20, 60, 6, 8, num_negatives=5, neg_hist=dien))
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    batch = planted_batch(64, 7, 20, 60, 6, 8, num_negatives=5)
+    batch = planted_batch(64, 7, 20, 60, 6, 8, num_negatives=5, neg_hist=dien)
     with torch.no_grad():
+        before = len(kernel_calls)
         on = model.predict(batch)
+        assert len(kernel_calls) == before + 1  # the attention kernel's evaluation path
         monkeypatch.setenv("IACN_FUSED_KERNEL", "0")
         off = model.predict(batch)
-    assert on.std() > 0
+    assert len(kernel_calls) == before + 1 and on.std() > 0
     torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-6)
