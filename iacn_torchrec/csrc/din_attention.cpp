@@ -7,6 +7,8 @@
 // The matrix products go to ATen (MKL runs them near peak); the ~60 elementwise / segment ops
 // around them, and their autograd records, become loops. The autograd node is C++ too (DinAttention):
 // the main backward then never needs the GIL for it, which the IaCN worker thread's Python holds.
+// Without a gradient to record (evaluation), attention_inference computes the first layer's behaviour
+// part as one product per behaviour with a per-row matrix (see there) and saves nothing.
 #include <torch/extension.h>
 
 #include "sigmoid_mlp.h"
