@@ -31,12 +31,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["KERNELS", "load_kernel", "kernels_enabled"]
+__all__ = ["KERNELS", "capturing_graph", "load_kernel", "kernels_enabled"]
 
 KERNELS = ("iacn_fused", "din_attention", "packed_recurrence", "concat_lookup", "next_behaviour_loss", "dice")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _LOCK = threading.Lock()
 _STATE: dict[str, dict[str, Any]] = {}
+
+
+def capturing_graph(*tensors: Any) -> bool:
+    """True while a graph is being captured: ``torch.compile``, TorchScript tracing, or fx tracing
+    (an fx ``Proxy`` among ``tensors``). A kernel's call cannot be recorded in such a graph (a trace
+    would keep its output as a constant), so callers run their ATen ops instead."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or any(isinstance(t, torch.fx.Proxy) for t in tensors))
 
 
 def kernels_enabled() -> bool:

@@ -182,3 +182,31 @@ def test_predict_is_the_same_with_the_kernels(model_name, monkeypatch, kernel_ca
         off = model.predict(batch)
     assert len(kernel_calls) == before + 1 and on.std() > 0
     torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-6)
+
+
+def test_a_traced_graph_runs_the_aten_path(kernel_calls):
+    """Under ``torch.jit.trace`` (as under fx tracing and ``torch.compile``: ``capturing_graph``) the
+    kernel is not called, since a trace would keep its output as a constant: the traced function
+    computes the right values for new inputs."""
+    from iacn_torchrec.kernels import capturing_graph
+
+    unit, q, v, lengths, offsets, *_ = _case(torch.float32, seed=5)
+    seg = segment_ids(lengths, v.shape[0])
+    assert not capturing_graph(q)
+
+    class Attend(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unit = unit
+
+        def forward(self, q, v):
+            assert capturing_graph(q)
+            return self.unit.forward_jagged(q, v, seg, B, offsets=offsets)[0]
+
+    with torch.no_grad():
+        traced = torch.jit.trace(Attend(), (q, v), check_trace=False)
+        assert kernel_calls == []
+        q2, v2 = torch.randn_like(q), torch.randn_like(v)
+        torch.testing.assert_close(traced(q2, v2), unit.forward_jagged(q2, v2, seg, B, offsets=offsets)[0],
+                                   rtol=1e-5, atol=1e-6)
+    assert kernel_calls == [1]  # the eager call after the trace

@@ -7,10 +7,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from iacn_torchrec.kernels import capturing_graph, load_kernel
 from iacn_torchrec.models.layers import (
     MLP,
     AttentionUnit,
@@ -249,10 +249,9 @@ def _recurrence_kernel(gi: torch.Tensor, att: torch.Tensor | None, w_hh: torch.T
     """The compiled recurrence kernel where it applies (CPU float32 / float64 inputs, eager mode),
     else None: :class:`_PackedRecurrence` then runs the same ops from Python."""
     tensors = [x for x in (gi, att, w_hh, b_hh) if x is not None]
-    if (torch.compiler.is_compiling() or any(isinstance(x, torch.fx.Proxy) for x in tensors)
+    if (capturing_graph(*tensors)
             or any(x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) for x in tensors)):
         return None
-    from iacn_torchrec.kernels import load_kernel
 
     return load_kernel("packed_recurrence")
 
@@ -358,23 +357,21 @@ def _fused_next_behaviour_loss(
 ) -> torch.Tensor | None:
     """The loss through the fused kernel, or None where it does not apply (an MLP other than
     Linear → sigmoid → … → Linear(·, 1), e.g. with dropout or input BN; non-CPU or mixed dtypes;
-    autocast; ``torch.compile`` / fx tracing): the caller then runs the ATen ops."""
+    autocast; a graph being captured, :func:`~iacn_torchrec.kernels.capturing_graph`): the caller
+    then runs the ATen ops."""
     layers = list(getattr(net, "net", ()))
     linears, acts = layers[0::2], layers[1::2]
     tensors = [h, pos, neg]
     if (not layers or len(layers) % 2 != 1 or not all(isinstance(m, nn.Linear) for m in linears)
             or not all(isinstance(m, nn.Sigmoid) for m in acts) or linears[-1].out_features != 1
             or len(linears) < 2 or any(m.bias is None for m in linears)
-            or torch.compiler.is_compiling() or any(isinstance(x, torch.fx.Proxy) for x in tensors)
-            or torch.is_autocast_enabled("cpu")):
+            or capturing_graph(*tensors) or torch.is_autocast_enabled("cpu")):
         return None
     weights, biases = [m.weight for m in linears], [m.bias for m in linears]
     everything = tensors + weights + biases
     if any(x.device.type != "cpu" or x.dtype != h.dtype for x in everything) or h.dtype not in (
             torch.float32, torch.float64):
         return None
-    from iacn_torchrec.kernels import load_kernel
-
     ext = load_kernel("next_behaviour_loss")
     if ext is None:
         return None

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from iacn_torchrec.kernels import capturing_graph, load_kernel
+
 __all__ = [
     "Dice",
     "MLP",
@@ -57,19 +59,17 @@ class Dice(nn.Module):
 def _fused_dice(dice: Dice, flat: torch.Tensor) -> torch.Tensor | None:
     """``dice`` on ``flat [M, H]`` through ``csrc/dice.cpp`` (the same function, BatchNorm's running
     statistics updated as ``nn.BatchNorm1d`` updates them), or None where the kernel does not apply:
-    non-CPU or mixed dtypes, autocast, ``torch.compile`` / fx / TorchScript tracing, a BatchNorm
-    without running statistics, or a training batch of one row (the ATen path then raises
-    BatchNorm's error)."""
+    non-CPU or mixed dtypes, autocast, a graph being captured (``torch.compile``, fx or TorchScript
+    tracing: :func:`~iacn_torchrec.kernels.capturing_graph`), a BatchNorm without running
+    statistics, or a training batch of one row (the ATen path then raises BatchNorm's error)."""
     bn = dice.bn
-    if (isinstance(flat, torch.fx.Proxy) or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch.is_autocast_enabled("cpu") or bn.running_mean is None or bn.num_batches_tracked is None
+    if (capturing_graph(flat) or torch.is_autocast_enabled("cpu")
+            or bn.running_mean is None or bn.num_batches_tracked is None
             or flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64)
             or any(t.device.type != "cpu" or t.dtype != flat.dtype
                    for t in (dice.alpha, bn.running_mean, bn.running_var))
             or (bn.training and flat.shape[0] <= 1)):
         return None
-    from iacn_torchrec.kernels import load_kernel
-
     ext = load_kernel("dice")
     if ext is None:
         return None
@@ -352,13 +352,12 @@ def _fused_attention(
     unit: AttentionUnit, query: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``unit.forward_jagged`` through the fused kernel, or None where the kernel does not apply
-    (activations other than sigmoid, no softmax, dropout, non-CPU or mixed dtypes, autocast,
-    ``torch.compile`` / fx tracing): the caller then runs the ATen ops. A query projection (DIEN's)
-    runs first as the module it is; the kernel takes its output."""
+    (activations other than sigmoid, no softmax, dropout, non-CPU or mixed dtypes, autocast, a graph
+    being captured: :func:`~iacn_torchrec.kernels.capturing_graph`): the caller then runs the ATen
+    ops. A query projection (DIEN's) runs first as the module it is; the kernel takes its output."""
     layers = list(unit.mlp.net)
     linears, acts = layers[0::2], layers[1::2]
-    if (not unit.softmax or isinstance(query, torch.fx.Proxy)
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+    if (not unit.softmax or capturing_graph(query, values) or torch.is_autocast_enabled("cpu")
             or len(layers) % 2 != 1 or not all(isinstance(m, nn.Linear) for m in linears)
             or not all(isinstance(m, nn.Sigmoid) for m in acts) or linears[-1].out_features != 1):
         return None
@@ -375,8 +374,6 @@ def _fused_attention(
             or query.shape[1] != values.shape[1] or offsets.shape != (query.shape[0] + 1,)
             or linears[0].in_features != 4 * values.shape[1]):
         return None
-    from iacn_torchrec.kernels import load_kernel
-
     ext = load_kernel("din_attention")
     if ext is None:
         return None

@@ -30,7 +30,7 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from iacn_torchrec.kernels import load_kernel
+from iacn_torchrec.kernels import capturing_graph, load_kernel
 from iacn_torchrec.modules.gradient_split import scale_grad
 
 __all__ = ["DetachedAuxViews", "EmbeddedBatch", "InterestAwareEmbeddings", "TABLE_NAMES", "fixed_length_ids"]
@@ -341,9 +341,10 @@ class InterestAwareEmbeddings(nn.Module):
         """The main model's views through ``csrc/concat_lookup.cpp``: ``views(item_keys)`` returns,
         per item key (``item``, ``hist_item``, ...), ``E_orig(item) ⊕ E_aux(item)·δ-grad ⊕
         E_orig(cate) ⊕ E_aux(cate)·δ-grad`` ``[n, D]`` from one kernel call, one autograd node.
-        None where it does not apply (sharded or fx-traced collections, ``torch.compile``, tables
+        None where it does not apply (sharded collections, a graph being captured: fx or TorchScript
+        tracing, ``torch.compile``; tables
         that are not plain CPU float ``nn.Embedding``s, no compiled kernel): the ATen path runs."""
-        if isinstance(kjt, torch.fx.Proxy) or torch.compiler.is_compiling():
+        if capturing_graph(kjt):
             return None
         collections = [self.orig] + [c for c in (self.user, self.aux) if c is not None]
         if any(type(c) is not EmbeddingCollection for c in collections):

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from iacn_torchrec.kernels import load_kernel
+from iacn_torchrec.kernels import capturing_graph, load_kernel
 
 __all__ = ["fused_kernel", "fused_iacn_loss"]
 
@@ -88,7 +88,7 @@ def fused_iacn_loss(
     cfg, routing = task.config, task.routing
     B, h = aux_target.shape[0], routing.item_dim
     if (cfg.sampler == "in_batch" or not 0 < cfg.pow_p < math.inf or aux_negatives is None
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")):
+            or capturing_graph(values, aux_target) or torch.is_autocast_enabled("cpu")):
         return None
     profile = routing.user_profile
     params = [routing.bilinear] + ([profile[0].weight, profile[0].bias, profile[2].weight, profile[2].bias]
