@@ -341,9 +341,9 @@ class InterestAwareEmbeddings(nn.Module):
         """The main model's views through ``csrc/concat_lookup.cpp``: ``views(item_keys)`` returns,
         per item key (``item``, ``hist_item``, ...), ``E_orig(item) ⊕ E_aux(item)·δ-grad ⊕
         E_orig(cate) ⊕ E_aux(cate)·δ-grad`` ``[n, D]`` from one kernel call, one autograd node.
-        None where it does not apply (sharded collections, a graph being captured: fx or TorchScript
-        tracing, ``torch.compile``; tables
-        that are not plain CPU float ``nn.Embedding``s, no compiled kernel): the ATen path runs."""
+        None where it does not apply (sharded collections; a graph being captured: fx or TorchScript
+        tracing, ``torch.compile``; tables that are not plain CPU float ``nn.Embedding``s; no compiled
+        kernel): the ATen path runs."""
         if capturing_graph(kjt):
             return None
         collections = [self.orig] + [c for c in (self.user, self.aux) if c is not None]

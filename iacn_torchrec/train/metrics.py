@@ -52,8 +52,8 @@ def group_auc(uids: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple
 def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC over all rows: the Mann-Whitney statistic with tie-averaged ranks, which is the area
     under the exact ROC curve (torchmetrics' ``binary_auroc(..., thresholds=None)``; a test checks
-    the two agree). :func:`group_auc` with one group, so the same sort serves both: on the 44,726
-    Beauty test rows ~1 ms against ~5 ms for ``binary_auroc``. ``nan`` without both labels."""
+    the two agree). It is :func:`group_auc` with one group: on the 44,726 Beauty test rows ~2 ms
+    against ~5 ms for ``binary_auroc``. ``nan`` without both labels."""
     return group_auc(np.zeros(len(scores), dtype=np.int64), scores, labels)[0]
 
 
