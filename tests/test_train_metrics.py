@@ -88,7 +88,7 @@ def test_ctr_metrics_auc_logloss():
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_binary_auc_is_torchmetrics_auroc(ties):
-    """The Mann-Whitney AUC with tie-averaged ranks (one sort shared with GAUC's code) is the
+    """The Mann-Whitney AUC with tie-averaged ranks (GAUC's code with one group) is the
     pairwise AUC exactly, ties in the scores included, and torchmetrics' ``binary_auroc`` up to the
     float32 its result is returned in; nan with one class."""
     from torchmetrics.functional.classification import binary_auroc
