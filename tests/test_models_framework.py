@@ -458,3 +458,31 @@ def test_keep_width_gives_the_main_model_the_plain_width(name):
     assert table(kept, "item_aux").grad.any()
     with pytest.raises(ValueError, match="aux_dim=6 must be smaller"):
         build_model(name, NU, NI, NC, L, IaCNConfig(enabled=True, aux_dim=6, keep_width=True), emb_dim=6)
+
+
+def test_the_join_runs_after_the_tables_gradients(monkeypatch):
+    """The join (created before the main lookups, its graph inputs IaCN's parameters) runs last in
+    the backward: it finds the aux tables' ``.grad`` already holding the main lookups' gradient and
+    adds IaCN's rows into it, and the step's gradients equal the serial path's."""
+    import iacn_torchrec.models.framework as framework
+
+    seen: list[bool] = []
+    backward = framework._JoinBranch.backward
+
+    def recording(ctx, grad):
+        rows, _ = ctx.pending.result()
+        seen.extend(table.grad is not None for table, _, _ in rows)
+        return backward(ctx, grad)
+
+    monkeypatch.setattr(framework._JoinBranch, "backward", staticmethod(recording))
+    cfg = IaCNConfig(enabled=True, aux_dim=4, num_negatives=S, delta=0.3)
+    grads = []
+    for worker in (True, False):
+        torch.manual_seed(0)
+        model = build_model("din", NU, NI, NC, L, cfg, emb_dim=4).run_iacn_on_worker(worker)
+        loss, _ = model(make_batch(16, seed=1, S=S))
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert seen and all(seen)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
