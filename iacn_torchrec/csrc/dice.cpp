@@ -22,9 +22,9 @@ namespace {
 using at::Tensor;
 using iacn_vec::sigmoid_of;
 
-// Per-channel statistics of x [M, H] in training: the biased variance normalises, the unbiased one goes into the
-// running variance (as nn.BatchNorm1d). Two passes (mean, then squared deviations), accumulated in
-// double. Updates running_mean / running_var in place. Returns (mean [H], invstd [H]).
+// Per-channel statistics of x [M, H] in training: the biased variance normalises, the unbiased one
+// goes into the running variance (as nn.BatchNorm1d). Two passes (mean, then squared deviations),
+// accumulated in double. Updates running_mean / running_var in place. Returns (mean [H], invstd [H]).
 // Counts the batch in num_batches_tracked; momentum < 0 means BatchNorm's momentum=None (a cumulative
 // average, factor 1 / batches counted).
 std::pair<Tensor, Tensor> batch_statistics(const Tensor& x, Tensor& running_mean, Tensor& running_var,
@@ -67,9 +67,11 @@ std::pair<Tensor, Tensor> batch_statistics(const Tensor& x, Tensor& running_mean
   return {mean, invstd};
 }
 
-// (mean, invstd) from the running statistics.
-std::pair<Tensor, Tensor> running_statistics(const Tensor& running_mean, const Tensor& running_var,
-                                             double eps) {
+// (mean, invstd): the batch's in training (updating BatchNorm's buffers), else the running ones.
+std::pair<Tensor, Tensor> statistics(const Tensor& x, Tensor& running_mean, Tensor& running_var,
+                                     Tensor& num_batches_tracked, bool training, double momentum,
+                                     double eps) {
+  if (training) return batch_statistics(x, running_mean, running_var, num_batches_tracked, momentum, eps);
   return {running_mean.contiguous(), (running_var + eps).rsqrt()};
 }
 
@@ -169,9 +171,8 @@ class Dice : public torch::autograd::Function<Dice> {
                                                 const Tensor& alpha, Tensor running_mean, Tensor running_var,
                                                 Tensor num_batches_tracked, bool training, double momentum,
                                                 double eps) {
-    auto [mean, invstd] = training ? batch_statistics(x, running_mean, running_var, num_batches_tracked,
-                                                      momentum, eps)
-                                   : running_statistics(running_mean, running_var, eps);
+    auto [mean, invstd] =
+        statistics(x, running_mean, running_var, num_batches_tracked, training, momentum, eps);
     Tensor p = at::empty_like(x);
     Tensor y = activate(x, alpha, mean, invstd, p);
     ctx->save_for_backward({x, alpha, p, mean, invstd});
@@ -200,9 +201,8 @@ Tensor apply(const Tensor& x, const Tensor& alpha, Tensor running_mean, Tensor r
   if (at::GradMode::is_enabled() && (x.requires_grad() || alpha.requires_grad()))
     return Dice::apply(x, alpha, running_mean, running_var, num_batches_tracked, training, momentum, eps)[0];
   at::NoGradGuard no_grad;
-  auto [mean, invstd] = training ? batch_statistics(x, running_mean, running_var, num_batches_tracked,
-                                                    momentum, eps)
-                                 : running_statistics(running_mean, running_var, eps);
+  auto [mean, invstd] =
+      statistics(x, running_mean, running_var, num_batches_tracked, training, momentum, eps);
   return activate(x, alpha, mean, invstd, Tensor());
 }
 

@@ -28,6 +28,16 @@ using at::Tensor;
 
 std::pair<Tensor, Tensor> softmax_pool(const Tensor& scores, const Tensor& values, const Tensor& offsets);
 
+// The first layer W·[q, k, q-k, q·k] + b regrouped as (W_q + W_d)·q + (W_k - W_d)·k + W_p·(q·k): the
+// three [H1, D] matrices, which the forward, the evaluation path and the backward all use.
+struct FirstLayer {
+  Tensor wq_d, wk_d, wp;
+};
+FirstLayer split_first_layer(const Tensor& w1, int64_t D) {
+  const Tensor wd = w1.narrow(1, 2 * D, D);
+  return {w1.narrow(1, 0, D) + wd, w1.narrow(1, D, D) - wd, w1.narrow(1, 3 * D, D)};
+}
+
 // Forward. Returns [out [B, D], weights [N], then what the backward needs: 2 qv [N, D] (q · k of
 //   each behaviour), 3..: the activations a_1 .. a_m [N, H_l] of the hidden layers (after the
 //   sigmoid)].
@@ -36,12 +46,10 @@ std::vector<Tensor> attention_forward(const Tensor& query, const Tensor& values,
   const int64_t B = query.size(0), D = query.size(1), N = values.size(0);
   TORCH_CHECK(offsets.numel() == B + 1, "din_attention: offsets must be [B + 1]");
   const int64_t* off = offsets.data_ptr<int64_t>();
-  const Tensor& w1 = weights[0];
-  const Tensor wq = w1.narrow(1, 0, D), wk = w1.narrow(1, D, D), wd = w1.narrow(1, 2 * D, D),
-               wp = w1.narrow(1, 3 * D, D);
-  const Tensor h_q = at::addmm(biases[0], query, (wq + wd).t());  // [B, H1]
+  const FirstLayer first = split_first_layer(weights[0], D);
+  const Tensor h_q = at::addmm(biases[0], query, first.wq_d.t());  // [B, H1]
   Tensor qv = at::empty({N, D}, values.options());
-  Tensor h = at::empty({N, w1.size(0)}, values.options());
+  Tensor h = at::empty({N, weights[0].size(0)}, values.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "din_attention_gather", [&] {
     using T = scalar_t;
     const T* qp = query.data_ptr<T>();
@@ -56,8 +64,8 @@ std::vector<Tensor> attention_forward(const Tensor& query, const Tensor& values,
         std::copy(hq + b * H1, hq + (b + 1) * H1, hp + i * H1);
       }
   });
-  h.addmm_(values, (wk - wd).t());
-  h.addmm_(qv, wp.t());
+  h.addmm_(values, first.wk_d.t());
+  h.addmm_(qv, first.wp.t());
   std::vector<Tensor> acts;
   Tensor scores = iacn_mlp::forward(h, weights, biases, acts).view({N});  // one logit per behaviour
   auto [out, att] = softmax_pool(scores, values, offsets);
@@ -159,12 +167,10 @@ std::vector<Tensor> attention_inference(const Tensor& query, const Tensor& value
   const int64_t B = query.size(0), D = query.size(1), N = values.size(0);
   TORCH_CHECK(offsets.numel() == B + 1, "din_attention: offsets must be [B + 1]");
   const int64_t* off = offsets.data_ptr<int64_t>();
-  const Tensor& w1 = weights[0];
-  const int64_t H1 = w1.size(0);
-  const Tensor wq = w1.narrow(1, 0, D), wk = w1.narrow(1, D, D), wd = w1.narrow(1, 2 * D, D),
-               wp = w1.narrow(1, 3 * D, D);
-  const Tensor h_q = at::addmm(biases[0], query, (wq + wd).t());  // [B, H1]
-  const Tensor wkd_t = (wk - wd).t().contiguous(), wp_t = wp.t().contiguous();  // [D, H1]
+  const int64_t H1 = weights[0].size(0);
+  const FirstLayer first = split_first_layer(weights[0], D);
+  const Tensor h_q = at::addmm(biases[0], query, first.wq_d.t());  // [B, H1]
+  const Tensor wkd_t = first.wk_d.t().contiguous(), wp_t = first.wp.t().contiguous();  // [D, H1]
   Tensor h = at::empty({N, H1}, values.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "din_attention_merged_first_layer", [&] {
     using T = scalar_t;
@@ -228,12 +234,10 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& gra
   const std::vector<Tensor> acts(saved.begin() + 3, saved.end());
   const Tensor dx = iacn_mlp::backward(d_score, weights, acts, d_w, d_b);  // ∂ first layer's output
   // first layer: h = h_q[row] + k (W_k - W_d)^T + (q·k) W_p^T, h_q = q (W_q + W_d)^T + b_1
-  const Tensor& w1 = weights[0];
-  const Tensor wk_d = w1.narrow(1, D, D) - w1.narrow(1, 2 * D, D), wp = w1.narrow(1, 3 * D, D);
-  const Tensor wq_d = w1.narrow(1, 0, D) + w1.narrow(1, 2 * D, D);
+  const FirstLayer first = split_first_layer(weights[0], D);
   Tensor d_hq = at::zeros({B, dx.size(1)}, values.options());
-  Tensor d_qv = at::mm(dx, wp);  // [N, D]
-  d_values.addmm_(dx, wk_d);
+  Tensor d_qv = at::mm(dx, first.wp);  // [N, D]
+  d_values.addmm_(dx, first.wk_d);
   Tensor d_query = at::zeros_like(query);
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "din_attention_first_backward", [&] {
     using T = scalar_t;
@@ -254,7 +258,7 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& gra
         }
       }
   });
-  d_query.addmm_(d_hq, wq_d);
+  d_query.addmm_(d_hq, first.wq_d);
   d_b[0] = d_hq.sum(0);
   const Tensor d_wq_d = at::mm(d_hq.t(), query), d_wk_d = at::mm(dx.t(), values), d_wp = at::mm(dx.t(), qv);
   d_w[0] = at::cat({d_wq_d, d_wk_d, d_wq_d - d_wk_d, d_wp}, 1);
