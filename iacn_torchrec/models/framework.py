@@ -61,8 +61,8 @@ class _JoinBranch(torch.autograd.Function):
     parameters; scales them by the upstream gradient (so ``(c·loss).backward()`` and loss scalers
     act on IaCN as on the serial graph) and adds them to ``.grad``: the rows' into their tables'
     (``index_add_`` into the gradient the main lookups have accumulated by then, since the join is
-    created first and so runs last, :meth:`CTRWithIaCN._iacn_join`; a zero gradient where there is
-    none), the parameters' as the serial backward would. Returns no gradient through the graph."""
+    created first and so runs last, :meth:`CTRWithIaCN._iacn_on_worker`; a zero gradient where there
+    is none), the parameters' as the serial backward would. Returns no gradient through the graph."""
 
     @staticmethod
     def forward(ctx, pending, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -206,52 +206,48 @@ class CTRWithIaCN(nn.Module):
         assert self.iacn is not None
         return self.iacn(labels=labels, **self._iacn_inputs(emb))
 
-    def _iacn_join(self) -> tuple[torch.Tensor, concurrent.futures.Future]:
-        """The join node and the future it waits on (see :meth:`_iacn_on_worker`).
-
-        Created before the main model's lookups, it has the lowest sequence number in the step's
-        graph, so the autograd engine runs it last; and its graph inputs are IaCN's parameters, not
-        the aux tables (whose accumulation would otherwise wait for it): the tables' own gradients
-        are accumulated first, and the join adds IaCN's rows into ``.grad`` holding them (no dense
-        zero fill, no second dense add), with the whole main backward's time for the worker to
-        finish. Without trainable IaCN parameters the tables are its inputs (it must be in the graph)."""
-        assert self.iacn is not None and self.embeddings.aux is not None
-        tables = [t.weight for t in self.embeddings.aux.embeddings.values() if t.weight.requires_grad]
-        params = [p for p in self.iacn.parameters() if p.requires_grad]
-        pending: concurrent.futures.Future = concurrent.futures.Future()
-        return _JoinBranch.apply(pending, *(params or tables)), pending
-
     def _iacn_on_worker(
-        self, kjt: Any, emb: EmbeddedBatch, labels: torch.Tensor, pending: concurrent.futures.Future
-    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
-        """Prepares IaCN's forward *and backward* for the worker thread.
+        self, kjt: Any, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, EmbeddedBatch], None]]:
+        """Prepares IaCN's forward *and backward* for the worker thread; call it before the main
+        model's lookups.
 
         The worker reads IaCN's views of ``kjt`` straight from the aux tables
-        (:meth:`InterestAwareEmbeddings.detached_aux_views`): ``emb`` was built without aux views, so
-        the main thread runs the main model alone (no aux views, no lookups of the negatives, none of
-        their backward). The worker's backward computes the gradients of ``λ·L_IaCN`` w.r.t. the rows
-        it looked up and IaCN's parameters; :class:`_JoinBranch` adds them to ``.grad`` (the rows'
-        × (1-δ), IaCN's share of ``E_aux``'s gradient) when the main backward reaches it. The routing
-        logits are drawn here, where the serial path draws them (:meth:`_iacn_inputs`).
+        (:meth:`InterestAwareEmbeddings.detached_aux_views`): the main model's embeddings are built
+        without aux views, so the main thread runs the main model alone (no aux views, no lookups of
+        the negatives, none of their backward). The worker's backward computes the gradients of
+        ``λ·L_IaCN`` w.r.t. the rows it looked up and IaCN's parameters; :class:`_JoinBranch` adds
+        them to ``.grad`` (the rows' × (1-δ), IaCN's share of ``E_aux``'s gradient). The routing
+        logits are drawn here, before the main model, as the serial path draws them
+        (:meth:`_iacn_inputs`; the lookups draw nothing).
 
-        ``pending`` is the future of the join from :meth:`_iacn_join` (add the join, value 0, to the
-        loss). Returns ``(iacn_loss, start)``: call ``start(total)`` with the (detached) total loss:
-        the worker runs IaCN, sets ``pending`` and adds ``λ·L_IaCN`` to ``total`` in place;
-        ``iacn_loss`` is a scalar it fills with ``L_IaCN``. Both values are final once ``backward``
-        through the join has returned. An exception on the worker is raised by that ``backward``.
+        The join is created here, before the lookups: it has the lowest sequence number in the step's
+        graph, so the autograd engine runs it last; and its graph inputs are IaCN's parameters, not
+        the aux tables (whose accumulation would otherwise wait for it). So the tables' own gradients
+        are accumulated first and the join adds IaCN's rows into ``.grad`` holding them (no dense zero
+        fill, no second dense add), and the worker has the whole main backward to finish. Without
+        trainable IaCN parameters the tables are its inputs (it must be in the graph).
+
+        Returns ``(join, iacn_loss, start)``: add ``join`` (value 0) to the loss, then call
+        ``start(total, emb)`` with the (detached) total loss and the main model's embedded batch: the
+        worker runs IaCN and adds ``λ·L_IaCN`` to ``total`` in place; ``iacn_loss`` is a scalar it
+        fills with ``L_IaCN``. Both values are final once ``backward`` through ``join`` has returned.
+        An exception on the worker is raised by that ``backward``.
         """
         assert self.iacn is not None and self.embeddings.aux is not None
         tables = [t.weight for t in self.embeddings.aux.embeddings.values()]
         params = [p for p in self.iacn.parameters() if p.requires_grad]
+        pending: concurrent.futures.Future = concurrent.futures.Future()
+        join = _JoinBranch.apply(pending, *(params or [t for t in tables if t.requires_grad]))
         routing = self.iacn.routing
         init_logits = routing.jagged_training_logits(labels.shape[0], tables[0]) if routing.training else None
-        user, hist_lengths, hist_offsets = emb.user.detach(), emb.hist_lengths, emb.hist_offsets
         iacn_loss = labels.new_zeros(())
         lam, share = self.lam, 1.0 - self.delta
         # a thread keeps the intra-op thread count it started with: use the training thread's
         threads = torch.get_num_threads()
 
-        def work(total: torch.Tensor) -> None:
+        def work(total: torch.Tensor, user: torch.Tensor, hist_lengths: torch.Tensor,
+                 hist_offsets: torch.Tensor) -> None:
             try:  # the outcome goes to `pending`, which the main backward's join waits on
                 if torch.get_num_threads() != threads:
                     torch.set_num_threads(threads)
@@ -277,10 +273,10 @@ class CTRWithIaCN(nn.Module):
             except BaseException as e:
                 pending.set_exception(e)
 
-        def start(total: torch.Tensor) -> None:
-            _iacn_worker().submit(work, total)
+        def start(total: torch.Tensor, emb: EmbeddedBatch) -> None:
+            _iacn_worker().submit(work, total, emb.user.detach(), emb.hist_lengths, emb.hist_offsets)
 
-        return iacn_loss, start
+        return join, iacn_loss, start
 
     def _worker_applies(self, labels: torch.Tensor) -> bool:
         """Whether this forward runs IaCN on the worker thread (see :meth:`run_iacn_on_worker`)."""
@@ -294,15 +290,15 @@ class CTRWithIaCN(nn.Module):
         labels = batch.labels.float()
         run_iacn = self.runs_iacn
         if self._worker_applies(labels):
-            join, pending = self._iacn_join()  # first: the engine runs it last (see _iacn_join)
+            # before the lookups: the join must come first in the graph (see _iacn_on_worker)
+            join, iacn_loss, start = self._iacn_on_worker(batch.sparse_features, labels)
             # the main graph without aux views: IaCN reads the tables itself on the worker
             emb = self.embeddings(batch.sparse_features, self.delta, aux_views=False)
-            iacn_loss, start = self._iacn_on_worker(batch.sparse_features, emb, labels, pending)
             logits, main_loss = self._main_loss(emb, labels)
             loss = main_loss + join
             # Started now, IaCN runs beside the main *backward*, whose autograd engine runs without
             # the GIL: beside the Python-heavy main forward, both threads kept waiting for the GIL.
-            start(loss.detach())
+            start(loss.detach(), emb)
             return loss, (logits.detach(), main_loss.detach(), iacn_loss.detach())
         emb = self.embeddings(batch.sparse_features, self.delta, aux_views=run_iacn)
         iacn_inputs = self._iacn_inputs(emb) if run_iacn else {}  # before the main model (RNG order)
