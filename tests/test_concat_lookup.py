@@ -1,8 +1,11 @@
 """The ``concat_lookup`` kernel (csrc/concat_lookup.cpp): the main model's item-side views from one
 call, against InterestAwareEmbeddings' ATen path (per-table lookups, δ's lerp, a cat per view) for
-values and table gradients; gradcheck; bad ids; which path runs when."""
+values and table gradients; gradcheck; bad ids; which path runs when. Its ``accumulate_rows`` (IaCN's
+row gradients into the tables, ``accumulate_row_grads``) against ``index_add_``."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -117,3 +120,40 @@ def test_which_path_runs(monkeypatch):
     n = len(calls)
     emb(kjt, 0.3, aux_views=False)
     assert len(calls) == n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, -0.25])
+def test_accumulate_row_grads_equals_index_add(monkeypatch, dtype, scale):
+    """IaCN's row gradients into the tables' ``.grad``: the kernel against ``index_add_`` (repeated
+    ids accumulate; a table without ``.grad`` gets one; a missing kernel takes the ATen path)."""
+    g = torch.Generator().manual_seed(5)
+    tables = [torch.zeros(13, 3, dtype=dtype, requires_grad=True), torch.zeros(7, 2, dtype=dtype,
+                                                                                requires_grad=True)]
+    tables[0].grad = torch.randn(13, 3, generator=g, dtype=dtype)
+    ids = [torch.tensor([0, 4, 4, 12, 4, 1]), torch.tensor([6, 6, 0])]
+    rows = [torch.randn(6, 3, generator=g, dtype=dtype), torch.randn(3, 2, generator=g, dtype=dtype)]
+    want = [tables[0].grad.clone().index_add_(0, ids[0], rows[0] * scale),
+            torch.zeros(7, 2, dtype=dtype).index_add_(0, ids[1], rows[1] * scale)]
+    ext, calls = load_kernel("concat_lookup"), []
+    counting = SimpleNamespace(accumulate_rows=lambda *a: calls.append(1) or ext.accumulate_rows(*a))
+    monkeypatch.setattr(embeddings_module, "load_kernel", lambda name: counting)
+    embeddings_module.accumulate_row_grads(tables, ids, rows, scale)
+    assert calls == [1]  # one call for both tables
+    for t, w in zip(tables, want):
+        torch.testing.assert_close(t.grad, w, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    # the ATen path (no kernel) gives the same
+    monkeypatch.setattr(embeddings_module, "load_kernel", lambda name: None)
+    for t in tables:
+        t.grad = None
+    embeddings_module.accumulate_row_grads(tables, ids, rows, scale)
+    for t, i, r in zip(tables, ids, rows):
+        torch.testing.assert_close(t.grad, torch.zeros_like(t).index_add_(0, i, r * scale))
+
+
+def test_accumulate_row_grads_refuses_bad_ids():
+    t = torch.zeros(4, 2, requires_grad=True)
+    with pytest.raises(IndexError, match="out of range for a table of 4 rows"):
+        embeddings_module.accumulate_row_grads([t], [torch.tensor([1, 4])], [torch.ones(2, 2)])
+    with pytest.raises(RuntimeError, match="accumulate_rows: table 0"):
+        load_kernel("concat_lookup").accumulate_rows([t.grad], [torch.tensor([1])], [torch.ones(2, 2)], 1.0)

@@ -330,6 +330,28 @@ def test_main_model_error_with_the_worker_on():
     torch.testing.assert_close(loss.detach(), main_loss + iacn_loss)
 
 
+def test_the_worker_starts_when_the_backward_begins():
+    """IaCN is submitted to the worker by the backward's first node, not by the forward (whose end
+    met the step loop's Python, both threads then waiting for the GIL): after the forward nothing has
+    run; the backward runs it once, and a second backward (retain_graph) reuses its result."""
+    import time
+
+    torch.manual_seed(0)
+    cfg = IaCNConfig(enabled=True, aux_dim=4, num_negatives=S)
+    model = build_model("din", NU, NI, NC, L, cfg, emb_dim=4).run_iacn_on_worker()
+    loss, (_, main_loss, iacn_loss) = model(make_batch(16, seed=1, S=S))
+    time.sleep(0.05)
+    assert iacn_loss == 0 and model.iacn.routing.bilinear.grad is None
+    torch.testing.assert_close(loss.detach(), main_loss)  # λ·L_IaCN not added yet
+    loss.backward(retain_graph=True)
+    assert iacn_loss > 0
+    first = model.iacn.routing.bilinear.grad.clone()
+    torch.testing.assert_close(loss.detach(), main_loss + iacn_loss)
+    loss.backward()
+    torch.testing.assert_close(model.iacn.routing.bilinear.grad, 2 * first)
+    torch.testing.assert_close(loss.detach(), main_loss + iacn_loss)  # added once
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.25])
 def test_iacn_worker_grads_follow_the_backward(scale):
     """IaCN's parameter gradients reach ``.grad`` inside the main backward, scaled by what it

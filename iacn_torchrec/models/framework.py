@@ -15,7 +15,6 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
@@ -24,7 +23,7 @@ from iacn_torchrec.models.dien import DIEN, DIENConfig
 from iacn_torchrec.models.din import DIN, DINConfig
 from iacn_torchrec.models.dlrm_plugin import DLRMConfig, DLRMMain
 from iacn_torchrec.models.wide_deep import WideDeep, WideDeepConfig
-from iacn_torchrec.modules.embeddings import EmbeddedBatch, InterestAwareEmbeddings
+from iacn_torchrec.modules.embeddings import EmbeddedBatch, InterestAwareEmbeddings, accumulate_row_grads
 from iacn_torchrec.modules.iacn import IaCNConfig, IaCNTask
 
 __all__ = ["CTRWithIaCN", "build_model", "MODEL_NAMES"]
@@ -60,9 +59,10 @@ class _JoinBranch(torch.autograd.Function):
     gradients of ``λ·L_IaCN`` w.r.t. the aux rows it looked up (already × (1-δ)) and IaCN's
     parameters; scales them by the upstream gradient (so ``(c·loss).backward()`` and loss scalers
     act on IaCN as on the serial graph) and adds them to ``.grad``: the rows' into their tables'
-    (``index_add_`` into the gradient the main lookups have accumulated by then, since the join is
-    created first and so runs last, :meth:`CTRWithIaCN._iacn_on_worker`; a zero gradient where there
-    is none), the parameters' as the serial backward would. Returns no gradient through the graph."""
+    (:func:`accumulate_row_grads` into the gradient the main lookups have accumulated by then,
+    since the join is created first and so runs last, :meth:`CTRWithIaCN._iacn_on_worker`; a zero
+    gradient where there is none), the parameters' as the serial backward would. Returns no
+    gradient through the graph."""
 
     @staticmethod
     def forward(ctx, pending, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -73,18 +73,17 @@ class _JoinBranch(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         # the worker's result stays with the node: a second backward (retain_graph=True) reuses it
         row_grads, param_grads = ctx.pending.result()
-        unit = bool(grad == 1)  # the usual loss.backward(): no multiplications
+        scale = float(grad)  # 1 for the usual loss.backward(): no multiplications
         with torch.no_grad():
             for p, g in param_grads:
-                g = g if unit else g * grad
+                g = g if scale == 1.0 else g * scale
                 if p.grad is None:
                     p.grad = g
                 else:
                     p.grad.add_(g)
-            for table, ids, g in row_grads:
-                if table.grad is None:
-                    table.grad = torch.zeros_like(table)
-                table.grad.index_add_(0, ids, g if unit else g * grad)
+        if row_grads:
+            tables, ids, rows = zip(*row_grads)
+            accumulate_row_grads(list(tables), list(ids), list(rows), scale)
         return (None,) * (1 + ctx.num_inputs)
 
 
@@ -176,10 +175,9 @@ class CTRWithIaCN(nn.Module):
 
         Item ids go along for accidental-hit masking, log Q of targets / negatives for the
         log-uniform sampler's correction. The user embedding is passed detached (``E_orig``, the
-        ``uid`` table included, is trained by the main loss only). In training the random routing
-        logits are drawn here, before the main model runs, whether IaCN then runs serially or on
-        the worker thread: the global RNG's draws come in one order (a main model with dropout
-        draws too), so the worker is deterministic and equals the serial run."""
+        ``uid`` table included, is trained by the main loss only). IaCN draws its training-mode
+        routing logits from the global RNG when it runs, after the main model's forward, serially
+        or on the worker thread alike (see :meth:`_iacn_on_worker`)."""
         assert self.iacn is not None
         target_log_q, neg_log_q = self._log_q(emb.target_ids, emb.negative_ids)
         aux_hist = emb.aux_hist_jagged()  # jagged when possible: routing maps only the real behaviours
@@ -196,9 +194,6 @@ class CTRWithIaCN(nn.Module):
             target_ids=emb.target_ids,
             negative_ids=emb.negative_ids,
             negative_rows=emb.negative_rows,
-            # not under fx tracing (TorchRec's pipelines trace this forward with IaCN as a leaf)
-            init_logits=self.iacn.routing.training_logits(aux_hist)
-            if self.iacn.routing.training and not isinstance(aux_hist, torch.fx.Proxy) else None,
         )
 
     def iacn_loss(self, emb: EmbeddedBatch, labels: torch.Tensor) -> torch.Tensor:
@@ -217,9 +212,11 @@ class CTRWithIaCN(nn.Module):
         without aux views, so the main thread runs the main model alone (no aux views, no lookups of
         the negatives, none of their backward). The worker's backward computes the gradients of
         ``λ·L_IaCN`` w.r.t. the rows it looked up and IaCN's parameters; :class:`_JoinBranch` adds
-        them to ``.grad`` (the rows' × (1-δ), IaCN's share of ``E_aux``'s gradient). The routing
-        logits are drawn here, before the main model, as the serial path draws them
-        (:meth:`_iacn_inputs`; the lookups draw nothing).
+        them to ``.grad`` (the rows' × (1-δ), IaCN's share of ``E_aux``'s gradient). The worker
+        draws IaCN's routing logits from the global RNG, as the serial path does after the main
+        model's forward: it runs during the main backward, which draws nothing, and the next forward
+        starts after the join has waited for it, so the RNG's draws keep one order and the worker
+        run equals the serial one.
 
         The join is created here, before the lookups: it has the lowest sequence number in the step's
         graph, so the autograd engine runs it last; and its graph inputs are IaCN's parameters, not
@@ -229,18 +226,16 @@ class CTRWithIaCN(nn.Module):
         trainable IaCN parameters the tables are its inputs (it must be in the graph).
 
         Returns ``(join, iacn_loss, start)``: add ``join`` (value 0) to the loss, then call
-        ``start(total, emb)`` with the (detached) total loss and the main model's embedded batch: the
-        worker runs IaCN and adds ``λ·L_IaCN`` to ``total`` in place; ``iacn_loss`` is a scalar it
-        fills with ``L_IaCN``. Both values are final once ``backward`` through ``join`` has returned.
-        An exception on the worker is raised by that ``backward``.
+        ``start(loss, emb)`` with that total loss and the main model's embedded batch: the worker
+        starts when the backward through ``loss`` begins, runs IaCN and adds ``λ·L_IaCN`` to
+        ``loss``'s value in place; ``iacn_loss`` is a scalar it fills with ``L_IaCN``. Both values
+        are final once that ``backward`` has returned; an exception on the worker is raised by it.
         """
         assert self.iacn is not None and self.embeddings.aux is not None
         tables = [t.weight for t in self.embeddings.aux.embeddings.values()]
         params = [p for p in self.iacn.parameters() if p.requires_grad]
         pending: concurrent.futures.Future = concurrent.futures.Future()
         join = _JoinBranch.apply(pending, *(params or [t for t in tables if t.requires_grad]))
-        routing = self.iacn.routing
-        init_logits = routing.jagged_training_logits(labels.shape[0], tables[0]) if routing.training else None
         iacn_loss = labels.new_zeros(())
         lam, share = self.lam, 1.0 - self.delta
         # a thread keeps the intra-op thread count it started with: use the training thread's
@@ -258,7 +253,7 @@ class CTRWithIaCN(nn.Module):
                     labels=labels, aux_hist=hist, hist_lengths=hist_lengths, aux_target=views.target,
                     user=user, aux_negatives=views.negatives, neg_log_q=neg_log_q, target_log_q=target_log_q,
                     target_ids=views.target_ids, negative_ids=views.negative_ids,
-                    negative_rows=views.negative_rows, init_logits=init_logits,
+                    negative_rows=views.negative_rows,
                 )
                 # computed, not accumulated into .grad: the join scales and accumulates them inside
                 # the main backward (so zero_grad or a second forward meanwhile cannot interfere)
@@ -269,12 +264,24 @@ class CTRWithIaCN(nn.Module):
                     row_grads = [(t, ids, g * share) for t, ids, g in zip(views.tables, views.ids, grads)
                                  if g is not None and t.requires_grad and share != 0.0]
                 param_grads = [(p, g) for p, g in zip(params, grads[len(views.rows):]) if g is not None]
+                del views, hist, loss, grads, target_log_q, neg_log_q
                 pending.set_result((row_grads, param_grads))
             except BaseException as e:
                 pending.set_exception(e)
 
-        def start(total: torch.Tensor, emb: EmbeddedBatch) -> None:
-            _iacn_worker().submit(work, total, emb.user.detach(), emb.hist_lengths, emb.hist_offsets)
+        def start(loss: torch.Tensor, emb: EmbeddedBatch) -> None:
+            args = (loss.detach(), emb.user.detach(), emb.hist_lengths, emb.hist_offsets)
+            submitted: list[bool] = []
+
+            # IaCN runs beside the main *backward*, whose autograd engine holds no GIL: submitted
+            # from the backward's first node, the worker's Python meets none of the main thread's
+            # (the step loop's Python between forward and backward used to hold it off, measured)
+            def submit(grad_outputs: Any) -> None:
+                if not submitted:  # once: a second backward (retain_graph=True) reuses the result
+                    submitted.append(True)
+                    _iacn_worker().submit(work, *args)
+
+            loss.grad_fn.register_prehook(submit)
 
         return join, iacn_loss, start
 
@@ -296,13 +303,11 @@ class CTRWithIaCN(nn.Module):
             emb = self.embeddings(batch.sparse_features, self.delta, aux_views=False)
             logits, main_loss = self._main_loss(emb, labels)
             loss = main_loss + join
-            # Started now, IaCN runs beside the main *backward*, whose autograd engine runs without
-            # the GIL: beside the Python-heavy main forward, both threads kept waiting for the GIL.
-            start(loss.detach(), emb)
+            start(loss, emb)
             return loss, (logits.detach(), main_loss.detach(), iacn_loss.detach())
         emb = self.embeddings(batch.sparse_features, self.delta, aux_views=run_iacn)
-        iacn_inputs = self._iacn_inputs(emb) if run_iacn else {}  # before the main model (RNG order)
         logits, main_loss = self._main_loss(emb, labels)
+        iacn_inputs = self._iacn_inputs(emb) if run_iacn else {}
         if run_iacn:
             iacn_loss = self.iacn(labels=labels, **iacn_inputs)
             loss = main_loss + self.lam * iacn_loss

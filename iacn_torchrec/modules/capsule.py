@@ -186,18 +186,10 @@ class InterestCapsuleRouting(nn.Module):
         self, hist: torch.Tensor | JaggedTensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """The training-mode initial logits :meth:`route` would draw for ``hist``: ``[B, K_max, L]``
-        from N(0, 1) (L = max_len for a jagged history, which is padded to it). For a caller that
-        must fix *when* the draw happens (the framework's IaCN worker thread)."""
+        from N(0, 1) (L = max_len for a jagged history, which is padded to it)."""
         if isinstance(hist, JaggedTensor):
-            return self.jagged_training_logits(hist.lengths().numel(), hist.values(), generator)
+            return self._draw_logits(hist.lengths().numel(), self.max_len, hist.values(), generator)
         return self._draw_logits(hist.shape[0], hist.shape[1], hist, generator)
-
-    def jagged_training_logits(
-        self, batch: int, like: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """:meth:`training_logits` of a jagged history of ``batch`` rows (values like ``like``),
-        before its values exist: ``[batch, K_max, max_len]`` from N(0, 1)."""
-        return self._draw_logits(batch, self.max_len, like, generator)
 
     def _draw_logits(
         self, batch: int, seq_len: int, like: torch.Tensor, generator: torch.Generator | None
