@@ -53,8 +53,9 @@ def _iacn_worker() -> concurrent.futures.ThreadPoolExecutor:
 class _JoinBranch(torch.autograd.Function):
     """Joins the IaCN branch, computed on the worker thread, back into the main graph.
 
-    Forward: a zero scalar (so the main forward never waits for the worker); its inputs are IaCN's
-    parameters (or, without any, the aux tables), so the join is part of a backward from the loss.
+    Forward: a zero scalar (so the main forward never waits for the worker); its input is one of
+    IaCN's parameters (or, without any, an aux table), so the join is part of a backward from the
+    loss.
     Backward: waits for the worker's forward+backward, which computed (not accumulated) the
     gradients of ``λ·L_IaCN`` w.r.t. the aux rows it looked up (already × (1-δ)) and IaCN's
     parameters; scales them by the upstream gradient (so ``(c·loss).backward()`` and loss scalers
@@ -219,11 +220,11 @@ class CTRWithIaCN(nn.Module):
         run equals the serial one.
 
         The join is created here, before the lookups: it has the lowest sequence number in the step's
-        graph, so the autograd engine runs it last; and its graph inputs are IaCN's parameters, not
-        the aux tables (whose accumulation would otherwise wait for it). So the tables' own gradients
-        are accumulated first and the join adds IaCN's rows into ``.grad`` holding them (no dense zero
-        fill, no second dense add), and the worker has the whole main backward to finish. Without
-        trainable IaCN parameters the tables are its inputs (it must be in the graph).
+        graph, so the autograd engine runs it last; and its graph input is one of IaCN's parameters,
+        not an aux table (whose accumulation would otherwise wait for it). So the tables' own
+        gradients are accumulated first and the join adds IaCN's rows into ``.grad`` holding them (no
+        dense zero fill, no second dense add), and the worker has the whole main backward to finish.
+        Without trainable IaCN parameters an aux table is its input (it must be in the graph).
 
         Returns ``(join, iacn_loss, start)``: add ``join`` (value 0) to the loss, then call
         ``start(loss, emb)`` with that total loss and the main model's embedded batch: the worker
@@ -235,7 +236,8 @@ class CTRWithIaCN(nn.Module):
         tables = [t.weight for t in self.embeddings.aux.embeddings.values()]
         params = [p for p in self.iacn.parameters() if p.requires_grad]
         pending: concurrent.futures.Future = concurrent.futures.Future()
-        join = _JoinBranch.apply(pending, *(params or [t for t in tables if t.requires_grad]))
+        # one graph input is enough to put the join in the graph (it returns no gradient)
+        join = _JoinBranch.apply(pending, (params or [t for t in tables if t.requires_grad])[0])
         iacn_loss = labels.new_zeros(())
         lam, share = self.lam, 1.0 - self.delta
         # a thread keeps the intra-op thread count it started with: use the training thread's
