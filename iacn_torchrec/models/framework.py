@@ -53,9 +53,9 @@ def _iacn_worker() -> concurrent.futures.ThreadPoolExecutor:
 class _JoinBranch(torch.autograd.Function):
     """Joins the IaCN branch, computed on the worker thread, back into the main graph.
 
-    Forward: a zero scalar (so the main forward never waits for the worker); its input is one of
-    IaCN's parameters (or, without any, an aux table), so the join is part of a backward from the
-    loss.
+    Forward: a zero scalar (so the main forward never waits for the worker); its input is the
+    model's private scalar leaf (``CTRWithIaCN._join_input``, which gets no gradient), so the join
+    is part of a backward from the loss and nothing else waits for it.
     Backward: waits for the worker's forward+backward, which computed (not accumulated) the
     gradients of ``λ·L_IaCN`` w.r.t. the aux rows it looked up (already × (1-δ)) and IaCN's
     parameters; scales them by the upstream gradient (so ``(c·loss).backward()`` and loss scalers
@@ -146,6 +146,9 @@ class CTRWithIaCN(nn.Module):
         #: run IaCN's forward+backward on a worker thread, beside the main backward (see
         #: :meth:`run_iacn_on_worker`); off by default.
         self.iacn_on_worker = False
+        # the worker path's join node needs one input that requires grad to be in the graph; a leaf
+        # of its own (no parameter: not in the state dict or the optimizer, never given a gradient)
+        self._join_input = torch.zeros((), requires_grad=True)
         self.item_log_q: torch.Tensor | None
         if item_log_q is not None:
             if item_log_q.dim() != 1 or item_log_q.numel() != embeddings.num_items + 1:
@@ -220,11 +223,11 @@ class CTRWithIaCN(nn.Module):
         run equals the serial one.
 
         The join is created here, before the lookups: it has the lowest sequence number in the step's
-        graph, so the autograd engine runs it last; and its graph input is one of IaCN's parameters,
+        graph, so the autograd engine runs it last; and its graph input is a private scalar leaf,
         not an aux table (whose accumulation would otherwise wait for it). So the tables' own
         gradients are accumulated first and the join adds IaCN's rows into ``.grad`` holding them (no
         dense zero fill, no second dense add), and the worker has the whole main backward to finish.
-        Without trainable IaCN parameters an aux table is its input (it must be in the graph).
+        The main thread builds nothing else here: the worker lists IaCN's parameters itself.
 
         Returns ``(join, iacn_loss, start)``: add ``join`` (value 0) to the loss, then call
         ``start(loss, emb)`` with that total loss and the main model's embedded batch: the worker
@@ -233,11 +236,8 @@ class CTRWithIaCN(nn.Module):
         are final once that ``backward`` has returned; an exception on the worker is raised by it.
         """
         assert self.iacn is not None and self.embeddings.aux is not None
-        tables = [t.weight for t in self.embeddings.aux.embeddings.values()]
-        params = [p for p in self.iacn.parameters() if p.requires_grad]
         pending: concurrent.futures.Future = concurrent.futures.Future()
-        # one graph input is enough to put the join in the graph (it returns no gradient)
-        join = _JoinBranch.apply(pending, (params or [t for t in tables if t.requires_grad])[0])
+        join = _JoinBranch.apply(pending, self._join_input)
         iacn_loss = labels.new_zeros(())
         lam, share = self.lam, 1.0 - self.delta
         # a thread keeps the intra-op thread count it started with: use the training thread's
@@ -248,13 +248,14 @@ class CTRWithIaCN(nn.Module):
             try:  # the outcome goes to `pending`, which the main backward's join waits on
                 if torch.get_num_threads() != threads:
                     torch.set_num_threads(threads)
+                params = [p for p in self.iacn.parameters() if p.requires_grad]
                 views = self.embeddings.detached_aux_views(kjt)
                 target_log_q, neg_log_q = self._log_q(views.target_ids, views.negative_ids)
                 hist = JaggedTensor(values=views.hist_values, lengths=hist_lengths, offsets=hist_offsets)
                 loss = self.iacn(
                     labels=labels, aux_hist=hist, hist_lengths=hist_lengths, aux_target=views.target,
-                    user=user, aux_negatives=views.negatives, neg_log_q=neg_log_q, target_log_q=target_log_q,
-                    target_ids=views.target_ids, negative_ids=views.negative_ids,
+                    user=user.detach(), aux_negatives=views.negatives, neg_log_q=neg_log_q,
+                    target_log_q=target_log_q, target_ids=views.target_ids, negative_ids=views.negative_ids,
                     negative_rows=views.negative_rows,
                 )
                 # computed, not accumulated into .grad: the join scales and accumulates them inside
@@ -272,7 +273,7 @@ class CTRWithIaCN(nn.Module):
                 pending.set_exception(e)
 
         def start(loss: torch.Tensor, emb: EmbeddedBatch) -> None:
-            args = (loss.detach(), emb.user.detach(), emb.hist_lengths, emb.hist_offsets)
+            args = (loss.detach(), emb.user, emb.hist_lengths, emb.hist_offsets)
             submitted: list[bool] = []
 
             # IaCN runs beside the main *backward*, whose autograd engine holds no GIL: submitted
