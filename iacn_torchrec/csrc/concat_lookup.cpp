@@ -18,6 +18,17 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// dst[ids[i]] += s · src[i·stride : i·stride + d] for i < n: a [rows, d] table gradient accumulated
+// row by row (ids already checked), the lookup's backward and accumulate_rows alike.
+template <typename T>
+void add_rows(T* dst, int64_t d, const int64_t* ids, int64_t n, const T* src, int64_t stride, T s) {
+  for (int64_t i = 0; i < n; ++i) {
+    T* out = dst + ids[i] * d;
+    const T* row = src + i * stride;
+    for (int64_t k = 0; k < d; ++k) out[k] += s * row[k];
+  }
+}
+
 // tables: T_j [R_j, d_j]; ids: per view v its item ids (ids[2v]) and category ids (ids[2v + 1]),
 // int64 [n_v]; kinds[j]: 0 if table j reads item ids, 1 category ids; scales[j]: its gradient factor.
 class ConcatLookup : public torch::autograd::Function<ConcatLookup> {
@@ -98,14 +109,8 @@ class ConcatLookup : public torch::autograd::Function<ConcatLookup> {
           const T s = T(scales[j]);
           for (int64_t v = 0; v < V; ++v) {
             if (!g_views[v].defined()) continue;
-            const T* src = g_views[v].data_ptr<T>();
-            const int64_t* ip = ids[2 * v + kinds[j]].data_ptr<int64_t>();
-            const int64_t n = ids[2 * v].numel();
-            for (int64_t i = 0; i < n; ++i) {
-              T* dst = gp + ip[i] * d;
-              const T* row = src + i * D + col;
-              for (int64_t k = 0; k < d; ++k) dst[k] += s * row[k];
-            }
+            add_rows(gp, d, ids[2 * v + kinds[j]].data_ptr<int64_t>(), ids[2 * v].numel(),
+                     g_views[v].data_ptr<T>() + col, D, s);
           }
         });
       }
@@ -139,18 +144,11 @@ void accumulate_rows(const std::vector<Tensor>& dst, const std::vector<Tensor>& 
                 "rows of its dtype");
     const int64_t n = idx.numel(), d = g.size(1), R = g.size(0);
     const int64_t* ip = idx.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < R, "accumulate_rows: id ", ip[i], " is out of range for a table of ",
+                        R, " rows (table ", j, ")");
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "accumulate_rows", [&] {
-      using T = scalar_t;
-      T* gp = g.data_ptr<T>();
-      const T* rp = rows.data_ptr<T>();
-      const T s = T(scale);
-      for (int64_t i = 0; i < n; ++i) {
-        TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < R, "accumulate_rows: id ", ip[i], " is out of range for a table of ",
-                          R, " rows (table ", j, ")");
-        T* out = gp + ip[i] * d;
-        const T* row = rp + i * d;
-        for (int64_t k = 0; k < d; ++k) out[k] += s * row[k];
-      }
+      add_rows(g.data_ptr<scalar_t>(), d, ip, n, rows.data_ptr<scalar_t>(), d, scalar_t(scale));
     });
   }
 }

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -88,23 +89,23 @@ Tensor activate(const Tensor& x, const Tensor& alpha, const Tensor& mean, const 
     const T* ip = invstd.data_ptr<T>();
     T* yp = y.data_ptr<T>();
     T* pp = p_out.defined() ? p_out.data_ptr<T>() : nullptr;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* xr = xp + m * H;
-      T* yr = yp + m * H;
-      if (pp) {
-        T* pr = pp + m * H;
+    // one loop, instantiated with and without the store of p (no branch inside the simd loop)
+    auto rows = [&](auto store_p) {
+      for (int64_t m = 0; m < M; ++m) {
+        const T* xr = xp + m * H;
+        T* yr = yp + m * H;
+        T* pr = decltype(store_p)::value ? pp + m * H : nullptr;
         _Pragma("omp simd") for (int64_t h = 0; h < H; ++h) {
           const T p = sigmoid_of((xr[h] - mp[h]) * ip[h]);
-          pr[h] = p;
-          yr[h] = xr[h] * (ap[h] + (T(1) - ap[h]) * p);
-        }
-      } else {
-        _Pragma("omp simd") for (int64_t h = 0; h < H; ++h) {
-          const T p = sigmoid_of((xr[h] - mp[h]) * ip[h]);
+          if constexpr (decltype(store_p)::value) pr[h] = p;
           yr[h] = xr[h] * (ap[h] + (T(1) - ap[h]) * p);
         }
       }
-    }
+    };
+    if (pp)
+      rows(std::true_type{});
+    else
+      rows(std::false_type{});
   });
   return y;
 }
