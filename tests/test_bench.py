@@ -344,3 +344,67 @@ def test_compile_submodules_in_place_matches_eager():
         gc = torch.autograd.grad(loss_c, list(comp.main_model.parameters()))
         for x, y in zip(gc, ge, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
+
+
+def _load_app(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "apps" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_width_floor_times_the_layers_the_models_have(tiny_prepared, capsys):
+    """apps/width_floor.py's shapes are the real models' layers at the plain and the paper width, and
+    its floor is the sum of what it timed."""
+    from iacn_torchrec.data.loader import PreparedDataset
+
+    width_floor = _load_app("width_floor")
+    ds = PreparedDataset.open(tiny_prepared)
+    work = width_floor.width_work(ds.num_items, ds.num_cates, batch=16, behaviours=50)
+    layers = {name: (rows, f0, f1, out) for name, _, rows, f0, f1, out in work["layers"]}
+
+    def real(model: str, iacn: bool) -> dict[str, tuple[int, int]]:
+        """(fan_in, fan_out) of the layers that grow with the item width, and the aux tables' shapes."""
+        setup = bench._setup_on_dataset(str(tiny_prepared), bench.arm_overrides(model, iacn, 16), 1, 0)[3]
+        m = dict(setup.model.named_modules())
+        p = dict(setup.model.named_parameters())
+        tower = m["main_model.tower.net.1"]
+        out = {"tower": (tower.in_features, tower.out_features),
+               "aux_tables": sorted(tuple(v.shape) for k, v in p.items() if k.startswith("embeddings.aux."))}
+        if model == "din":
+            att = m["main_model.attention.mlp.net.0"]  # on [q, k, q-k, q·k]: 4 × the item width
+            out["attention"] = (att.in_features // 4, att.out_features)
+        else:
+            w = p["main_model.gru.weight_ih_l0"]
+            aux = m["main_model.aux_net.net.0"]
+            out["gru"] = (w.shape[1], w.shape[0])
+            out["aux_loss"] = (aux.in_features, aux.out_features)
+        return out
+
+    names = {"din": {"tower": "DIN tower, first layer",
+                     "attention": "DIN attention, first layer (behaviour part)"},
+             "dien": {"tower": "DIEN tower, first layer", "gru": "DIEN GRU input projection",
+                      "aux_loss": "DIEN auxiliary loss, first layer"}}
+    for model, rows in names.items():
+        plain, wide = real(model, False), real(model, True)
+        assert plain["aux_tables"] == [] and wide["aux_tables"] == sorted(work["aux_tables"])
+        for key, name in rows.items():
+            _, f0, f1, out = layers[name]
+            assert (f0, out) == plain[key] and (f1, out) == wide[key], (model, key)
+    assert layers["DIEN auxiliary loss, first layer"][0] == 2 * (50 - 16)  # a positive and a negative each
+
+    out = tiny_prepared.parent / "width-floor.json"
+    assert width_floor.main(["--data", str(tiny_prepared), "--calls", "2", "--repeats", "1", "--json",
+                             "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == res
+    offsets = ds.split("train").hist_offsets
+    assert res["behaviours"] == round(128 * (offsets[-1] - offsets[0]) / (len(offsets) - 1))
+    for model in ("din", "dien"):
+        extra = sum(r["extra_us"] for r in res["rows"] if model in r["models"])
+        assert res["floor_ms"][model] == pytest.approx(extra / 1e3)
+    with pytest.raises(SystemExit):
+        width_floor.main(["--data", str(tiny_prepared), "--calls", "0"])
