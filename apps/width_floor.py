@@ -30,6 +30,7 @@ import torch
 
 from iacn_torchrec import versions
 from iacn_torchrec.data.loader import PreparedDataset
+from iacn_torchrec.errors import UserError
 from iacn_torchrec.fileio import write_atomic
 from iacn_torchrec.models.dien import DIENConfig
 from iacn_torchrec.models.din import DINConfig
@@ -132,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size <= 0 or args.calls <= 0 or args.repeats <= 0 or args.threads <= 0:
         p.error("--batch-size, --calls, --repeats and --threads must be positive")
     torch.set_num_threads(args.threads)
-    res = measure(args)
+    try:
+        res = measure(args)
+    except UserError as e:  # a missing or malformed dataset: one line, as the `iacn` CLI reports it
+        p.error(str(e))
     print(f"{res['behaviours']} behaviours at batch {res['batch_size']} "
           f"(mean history {res['mean_history_length']:.2f}), {res['threads']} thread(s), best of "
           f"{args.repeats} × {args.calls} calls")

@@ -408,3 +408,6 @@ def test_width_floor_times_the_layers_the_models_have(tiny_prepared, capsys):
         assert res["floor_ms"][model] == pytest.approx(extra / 1e3)
     with pytest.raises(SystemExit):
         width_floor.main(["--data", str(tiny_prepared), "--calls", "0"])
+    with pytest.raises(SystemExit):
+        width_floor.main(["--data", str(tiny_prepared.parent / "missing")])
+    assert "missing: no such prepared dataset directory" in capsys.readouterr().err
