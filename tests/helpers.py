@@ -1,9 +1,12 @@
-"""Small shared builders for tests: a batch with a planted interest signal, a planted dataset."""
+"""Small shared builders for tests: a batch with a planted interest signal, a planted dataset, an
+``apps/`` script loaded as a module."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -111,3 +114,12 @@ def count_calls(monkeypatch, function_class) -> list[int]:
     apply = function_class.apply
     monkeypatch.setattr(function_class, "apply", lambda *a: calls.append(1) or apply(*a))
     return calls
+
+
+def load_app(name: str) -> ModuleType:
+    """``apps/<name>.py`` (not a package) loaded as a module."""
+    path = Path(__file__).resolve().parents[1] / "apps" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from helpers import load_app
 
-_spec = importlib.util.spec_from_file_location("components", Path(__file__).resolve().parents[1] / "apps"
-                                               / "components.py")
-components = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(components)
+components = load_app("components")
 
 
 def test_train_component_passes_args_resources_and_cpu_choice():

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_app
 
 from iacn_torchrec.models.din import DIN
 from iacn_torchrec.models.layers import MASK_FILL, AttentionUnit, masked_sum, sequence_mask
@@ -346,22 +347,12 @@ def test_compile_submodules_in_place_matches_eager():
             torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
 
 
-def _load_app(name: str):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "apps" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_width_floor_times_the_layers_the_models_have(tiny_prepared, capsys):
     """apps/width_floor.py's shapes are the real models' layers at the plain and the paper width, and
     its floor is the sum of what it timed."""
     from iacn_torchrec.data.loader import PreparedDataset
 
-    width_floor = _load_app("width_floor")
+    width_floor = load_app("width_floor")
     ds = PreparedDataset.open(tiny_prepared)
     work = width_floor.width_work(ds.num_items, ds.num_cates, batch=16, behaviours=50)
     layers = {name: (rows, f0, f1, out) for name, _, rows, f0, f1, out in work["layers"]}

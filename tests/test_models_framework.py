@@ -483,9 +483,9 @@ def test_keep_width_gives_the_main_model_the_plain_width(name):
 
 
 def test_the_join_runs_after_the_tables_gradients(monkeypatch):
-    """The join (created before the main lookups, its graph inputs IaCN's parameters) runs last in
-    the backward: it finds the aux tables' ``.grad`` already holding the main lookups' gradient and
-    adds IaCN's rows into it, and the step's gradients equal the serial path's."""
+    """The join (created before the main lookups, its graph input the model's private scalar leaf)
+    runs last in the backward: it finds the aux tables' ``.grad`` already holding the main lookups'
+    gradient and adds IaCN's rows into it, and the step's gradients equal the serial path's."""
     import iacn_torchrec.models.framework as framework
 
     seen: list[bool] = []
