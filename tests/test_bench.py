@@ -223,7 +223,7 @@ def test_keep_width_arm_is_iacn_at_the_plain_width(tiny_prepared):
 
     cfg = TrainConfig().override(bench.arm_overrides("dien", "k", 16))
     assert cfg.iacn.enabled and cfg.iacn.keep_width and cfg.iacn.lam == 1.0
-    assert cfg.iacn.aux_dim == bench.KEEP_WIDTH_AUX_DIM < cfg.model.emb_dim
+    assert cfg.iacn.aux_dim == bench.SMALL_AUX_DIM < cfg.model.emb_dim
     assert bench.arm_name("dien", "k", 16) == "dien+iacn/keep@16"
     a = _args(data=str(tiny_prepared), threads=1, rounds=1, block_samples=32, warmup=1,
               arms=["din:0:16:0", "din:k:16:0"])
@@ -231,6 +231,24 @@ def test_keep_width_arm_is_iacn_at_the_plain_width(tiny_prepared):
     res = {"machine": {"cpu": "x", "cores": 2}, "threads": 2, "load_before": "1", "load_after": "1",
            "throughput": {}, "iacn_overhead_by_arm": {}, "iacn_overhead_keep_width_by_arm": {"din@128": 1.07}}
     assert "E_orig 12 ⊕ E_aux 6 per table): din@128 1.070" in bench.render(res)
+
+
+def test_small_aux_arm_widens_the_main_model_by_the_small_aux_dim(tiny_prepared):
+    """``+iacn/aux6``: IaCN at λ = 1 with ``iacn.aux_dim`` 6 and the paper's concatenation, so the
+    main model reads E_orig 18 ⊕ E_aux 6 per item-side table."""
+    from iacn_torchrec.train.config import TrainConfig
+
+    cfg = TrainConfig().override(bench.arm_overrides("dien", "a", 16))
+    assert cfg.iacn.enabled and not cfg.iacn.keep_width and cfg.iacn.lam == 1.0
+    assert cfg.iacn.sampler == TrainConfig().iacn.sampler and cfg.model.iacn_worker
+    assert cfg.iacn.aux_dim == bench.SMALL_AUX_DIM < cfg.model.emb_dim
+    assert bench.arm_name("dien", "a", 16) == "dien+iacn/aux6@16"
+    a = _args(data=str(tiny_prepared), threads=1, rounds=1, block_samples=32, warmup=1,
+              arms=["din:0:16:0", "din:a:16:0"])
+    assert set(bench.worker_throughput(a)["step_s"]) == {"din@16", "din+iacn/aux6@16"}
+    res = {"machine": {"cpu": "x", "cores": 2}, "threads": 2, "load_before": "1", "load_after": "1",
+           "throughput": {}, "iacn_overhead_by_arm": {}, "iacn_overhead_small_aux_by_arm": {"dien@128": 1.04}}
+    assert "(iacn.aux_dim=6: E_orig 18 ⊕ E_aux 6 per table): dien@128 1.040" in bench.render(res)
 
 
 def test_one_lookup_per_table_equals_torchrec_collection():

@@ -11,7 +11,8 @@
    (``+aux``: the same main model with the aux tables, λ = 0, no sampled negatives) splits it into
    the wider main model's cost and ``iacn_overhead_vs_capacity_matched`` (the capsule network's own);
    ``iacn_overhead_keep_width`` is main+IaCN with ``iacn.keep_width`` (E_aux taken out of the main
-   model's own width) over main alone.
+   model's own width) over main alone, ``iacn_overhead_small_aux`` main+IaCN with ``iacn.aux_dim=6``
+   (the main model widened by 6 per table instead of 18) over main alone.
    An evaluation arm (``din/eval@2048``: whole passes over the test split as ``iacn train``
    evaluates, loader, worker threads and metrics included) runs in the same rounds →
    ``eval_over_train`` (its samples/s over ``din@128``'s, paired per round).
@@ -59,8 +60,10 @@ PEER_PYTHON = REPO / ".peer-venv" / "bin" / "python"
 
 #: dims that the fused (FBGEMM) table kernels accept (multiples of 4); the dense configs use 18.
 FUSED_DIM = 16
-#: aux dim of the keep-width arms (``+iacn/keep``: E_orig 18 - 6 = 12 ⊕ E_aux 6 per table, the plain width)
-KEEP_WIDTH_AUX_DIM = 6
+#: aux dim of the two narrow-aux arms: ``+iacn/keep`` (E_orig 18 - 6 = 12 ⊕ E_aux 6 per table, the plain
+#: width) and ``+iacn/aux6`` (E_orig 18 ⊕ E_aux 6: a third of the paper's widening); both have their
+#: AUC lift measured in docs/results/amazon-beauty/variants.md
+SMALL_AUX_DIM = 6
 TABLE_WISE = {"uid": "table_wise", "item_orig": "table_wise", "cate_orig": "table_wise",
               "item_aux": "table_wise", "cate_aux": "table_wise"}
 
@@ -74,17 +77,20 @@ def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False,
     default), ``"s"`` main + IaCN run serially in the main thread, ``"w"`` the *capacity-matched*
     control: the same main model reading ``E_orig ⊕ E_aux`` (aux tables included) but λ = 0 and no
     sampled negatives, i.e. IaCN's width without the capsule network; ``"k"`` main + IaCN with
-    ``iacn.keep_width`` (aux dim :data:`KEEP_WIDTH_AUX_DIM` taken out of ``emb_dim``): the main model
-    at its plain width."""
-    width_only, serial, keep = iacn == "w", iacn == "s", iacn == "k"
-    iacn = width_only or serial or keep or iacn in (True, "1")
+    ``iacn.keep_width`` (aux dim :data:`SMALL_AUX_DIM` taken out of ``emb_dim``): the main model
+    at its plain width; ``"a"`` main + IaCN with ``iacn.aux_dim`` :data:`SMALL_AUX_DIM` (the main
+    model widened by that much, not by ``emb_dim``)."""
+    width_only, serial, keep, small = iacn == "w", iacn == "s", iacn == "k", iacn == "a"
+    iacn = width_only or serial or keep or small or iacn in (True, "1")
     sets = [f"model.name={model}", f"iacn.enabled={'true' if iacn else 'false'}", f"data.batch_size={batch}"]
     if width_only:
         sets += ["iacn.lam=0", "iacn.sampler=in_batch"]
     if serial:
         sets += ["model.iacn_worker=false"]
     if keep:
-        sets += ["iacn.keep_width=true", f"iacn.aux_dim={KEEP_WIDTH_AUX_DIM}"]
+        sets += ["iacn.keep_width=true", f"iacn.aux_dim={SMALL_AUX_DIM}"]
+    if small:
+        sets += [f"iacn.aux_dim={SMALL_AUX_DIM}"]
     if compiled:
         sets += ["model.compile=true"]
     if fused:
@@ -96,7 +102,7 @@ def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False,
 
 
 def arm_name(model: str, iacn: bool | str, batch: int, fused: bool = False, compiled: bool = False) -> str:
-    tags = {"w": "+aux", "s": "+iacn/serial", "k": "+iacn/keep"}
+    tags = {"w": "+aux", "s": "+iacn/serial", "k": "+iacn/keep", "a": f"+iacn/aux{SMALL_AUX_DIM}"}
     tag = tags.get(iacn, "+iacn" if iacn in (True, "1") else "")
     return f"{model}{tag}{'/fused' if fused else ''}{'/compiled' if compiled else ''}@{batch}"
 
@@ -415,6 +421,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     specs = [f"{m}:{i}:{b}:0" for b in batches for m in models for i in ("0", "w", "1")]
     specs += [f"{m}:s:128:0" for m in models]  # IaCN serially in the main thread: the worker's effect
     specs += [f"{m}:k:128:0" for m in models]  # IaCN at the plain model's width (iacn.keep_width)
+    specs += [f"{m}:a:128:0" for m in models]  # IaCN with a narrower aux table (iacn.aux_dim=6)
     specs += ["din:0:128:c", "din:1:128:c"]  # main model torch.compile-d (IaCN then runs serially)
     if not a.quick:
         specs += [f"din:{i}:128:1" for i in (0, 1)]  # fused sparse table optimizer arms
@@ -431,7 +438,8 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     n_test = tp["samples_per_step"]["din/eval@2048"]
     res["eval_over_train"] = n_test / 128 * _paired(tp["step_s"]["din@128"], tp["step_s"]["din/eval@2048"])
     overhead, vs_capacity, width = {}, {}, {}
-    serial, spread, keep = {}, {}, {}
+    serial, spread, keep, small = {}, {}, {}, {}
+    small_tag = arm_name("", "a", 0)[:-2]  # "+iacn/aux6"
     for name in step:
         if "+iacn/serial" in name:
             base = name.replace("+iacn/serial", "")
@@ -439,6 +447,9 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
         elif "+iacn/keep" in name:
             base = name.replace("+iacn/keep", "")
             keep[base] = _paired(step[name], step[base])  # IaCN without widening the main model
+        elif small_tag in name:
+            base = name.replace(small_tag, "")
+            small[base] = _paired(step[name], step[base])  # IaCN widening the main model by 6, not 18
         elif "+iacn" in name:
             base = name.replace("+iacn", "")
             overhead[base] = _paired(step[name], step[base])
@@ -454,15 +465,20 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     res["width_overhead_by_arm"] = width
     res["iacn_overhead_serial_by_arm"] = serial
     res["iacn_overhead_keep_width_by_arm"] = keep
+    res["iacn_overhead_small_aux_by_arm"] = small
     res["iacn_overhead"] = overhead["din@128"]
     res["iacn_overhead_vs_capacity_matched"] = vs_capacity["din@128"]
     if "din@128" in keep:
         res["iacn_overhead_keep_width"] = keep["din@128"]
+    if "din@128" in small:
+        res["iacn_overhead_small_aux"] = small["din@128"]
     if "dien@128" in overhead:
         res["iacn_overhead_dien"] = overhead["dien@128"]
         res["iacn_overhead_vs_capacity_matched_dien"] = vs_capacity["dien@128"]
         if "dien@128" in keep:
             res["iacn_overhead_keep_width_dien"] = keep["dien@128"]
+        if "dien@128" in small:
+            res["iacn_overhead_small_aux_dien"] = small["dien@128"]
 
     if not a.no_peer:
         _log("[2/4] DeepCTR-Torch peer (DIN), one epoch; ours, one epoch of `iacn train` right before and "
@@ -585,13 +601,17 @@ def render(res: dict[str, Any]) -> str:
     if "eval_over_train" in res:
         lines.append("evaluation / training throughput (DIN, test-split passes vs batch-128 steps, "
                      f"paired per round): {res['eval_over_train']:.1f}x")
-    if res.get("iacn_overhead_keep_width_by_arm"):
-        from iacn_torchrec.train.config import ModelConfig
+    from iacn_torchrec.train.config import ModelConfig
 
-        d = ModelConfig().emb_dim
-        lines.append(f"iacn_overhead at the plain width (iacn.keep_width: E_orig {d - KEEP_WIDTH_AUX_DIM} ⊕ "
-                     f"E_aux {KEEP_WIDTH_AUX_DIM} per table): " + ", ".join(
+    d = ModelConfig().emb_dim
+    if res.get("iacn_overhead_keep_width_by_arm"):
+        lines.append(f"iacn_overhead at the plain width (iacn.keep_width: E_orig {d - SMALL_AUX_DIM} ⊕ "
+                     f"E_aux {SMALL_AUX_DIM} per table): " + ", ".join(
                          f"{k} {v:.3f}" for k, v in res["iacn_overhead_keep_width_by_arm"].items()))
+    if res.get("iacn_overhead_small_aux_by_arm"):
+        lines.append(f"iacn_overhead with a narrower aux table (iacn.aux_dim={SMALL_AUX_DIM}: E_orig {d} ⊕ "
+                     f"E_aux {SMALL_AUX_DIM} per table): " + ", ".join(
+                         f"{k} {v:.3f}" for k, v in res["iacn_overhead_small_aux_by_arm"].items()))
     if res.get("iacn_overhead_serial_by_arm"):
         lines.append("iacn_overhead with IaCN serial in the main thread (no worker): " + ", ".join(
             f"{k} {v:.3f}" for k, v in res["iacn_overhead_serial_by_arm"].items()))
