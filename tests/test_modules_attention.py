@@ -89,20 +89,25 @@ def test_zero_scores_give_finite_gradients_for_small_p() -> None:
     assert torch.isfinite(capsules.grad).all() and torch.isfinite(target.grad).all()
 
 
-def test_large_p_saturates_instead_of_nan_and_fp16_small_p_is_finite() -> None:
-    """|s|^p past the dtype's range is capped, so the softmax stays finite: the largest scores share
-    the weight; fp16's smallest normal number guards p < 1 at zero scores (1e-12 is 0 there)."""
-    capsules = torch.tensor([[[10.0, 0.0], [9.0, 0.0], [-20.0, 0.0]]], requires_grad=True)
+def test_large_p_overflow_gives_the_exact_one_hot_and_fp16_small_p_is_finite() -> None:
+    """Where the leading live score's |s|^p overflows float32, the weights are what float64 computes
+    exactly (one-hot at the leader), not a tie among capped scores; a non-leading score's overflow
+    changes nothing. fp16's smallest normal number guards p < 1 at zero scores (1e-12 is 0 there)."""
     mask = torch.ones(1, 3, dtype=torch.bool)
     target = torch.tensor([[1.0, 0.0]])
-    for p in (38.0, 40.0, 200.0):
-        v, w = label_aware_attention(capsules, mask, target, p)
-        assert torch.isfinite(w).all() and torch.isfinite(v).all(), p
-        assert w[0, 2] == 0 and w[0, 0] >= w[0, 1]  # the negative score never wins
-    v.sum().backward()
-    assert torch.isfinite(capsules.grad).all()
-    torch.testing.assert_close(label_aware_attention_weights(capsules, mask, target, 38.0),
-                               torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-2, rtol=0)  # unsaturated: sharp
+    cases = [([10.0, 9.0, -20.0], [1.0, 0.0, 0.0]),  # 10^40 against 9^40: far past exp's range
+             ([-100.0, -99.0, -120.0], [0.0, 1.0, 0.0]),  # every power overflows, the least negative leads
+             ([-100.0, 0.5, 0.4], [0.0, 0.5, 0.5])]  # only a trailing score overflows: still soft
+    for scores, want in cases:
+        capsules = torch.tensor([[[x, 0.0] for x in scores]], requires_grad=True)
+        for p in (38.0, 40.0, 200.0):
+            v, w = label_aware_attention(capsules, mask, target, p)
+            exact = label_aware_attention_weights(capsules.detach().double(), mask, target.double(), p)
+            assert torch.isfinite(exact).all(), (scores, p)  # float64's range holds these powers
+            torch.testing.assert_close(w, exact.float(), atol=1e-6, rtol=0)
+            torch.testing.assert_close(w, torch.tensor([want]), atol=1e-6, rtol=0)
+            v.sum().backward()
+            assert torch.isfinite(capsules.grad).all()
     half = torch.tensor([[[0.5, 0.2], [0.0, 0.0]]], dtype=torch.float16, requires_grad=True)
     v, _ = label_aware_attention(half, torch.tensor([[True, False]]), torch.tensor([[1.0, 1.0]],
                                  dtype=torch.float16), 0.5)

@@ -43,7 +43,8 @@ inline int64_t num_interests(int64_t n, int64_t k_max) {
 }
 
 // sign(s)|s|^p with |s| clamped as the reference's signed_pow, and its derivative (0 where the
-// clamp is active or s = 0, as autograd gives through abs / clamp).
+// clamp is active or s = 0, as autograd gives through abs / clamp). A row whose leading score is
+// clamped takes one-hot weights instead (label_aware_attention_weights' hard rows).
 template <typename T>
 inline void signed_pow(T s, double p, double cap, double eps, T& g, T& dg) {
   if (p == 1.0) {
@@ -220,18 +221,32 @@ std::vector<Tensor> forward(const Tensor& values, const Tensor& offsets, const T
       T* Vb = Vp + b * K * h;
       for (int64_t j = ku; j < K; ++j) std::fill(Vb + j * h, Vb + (j + 1) * h, T(0));  // dead: 0
       const T* t = tp + row * h;
-      T m = ninf;
+      T m = ninf, lead = ninf;
+      int64_t best = 0;
       for (int64_t j = 0; j < ku; ++j) {  // label-aware attention over the live capsules
-        signed_pow(dot(Vb + j * h, t, h), p, cap, eps, g[j], dgp[b * K + j]);
+        const T score = dot(Vb + j * h, t, h);
+        signed_pow(score, p, cap, eps, g[j], dgp[b * K + j]);
         m = std::max(m, g[j]);
+        if (score > lead) {
+          lead = score;
+          best = j;
+        }
       }
-      T sum = 0;
-      for (int64_t j = 0; j < ku; ++j) sum += (ap[b * K + j] = std::exp(g[j] - m));
+      T* ab = ap + b * K;
+      if (p > 1.0 && std::abs(lead) > T(cap)) {
+        // the leader's power overflows: the exact weights are one-hot (as the reference's hard row),
+        // with no gradient through the choice
+        for (int64_t j = 0; j < ku; ++j) {
+          ab[j] = T(j == best);
+          dgp[b * K + j] = T(0);
+        }
+      } else {
+        T sum = 0;
+        for (int64_t j = 0; j < ku; ++j) sum += (ab[j] = std::exp(g[j] - m));
+        for (int64_t j = 0; j < ku; ++j) ab[j] /= sum;
+      }
       T* vb = vp + b * h;
-      for (int64_t j = 0; j < ku; ++j) {
-        ap[b * K + j] /= sum;
-        axpy(ap[b * K + j], Vb + j * h, vb, h);
-      }
+      for (int64_t j = 0; j < ku; ++j) axpy(ab[j], Vb + j * h, vb, h);
       o[0] = dot(vb, t, h) - (tlq ? tlq[row] : T(0));  // sampled softmax with logQ correction
       m = o[0];
       for (int64_t s = 0; s < S; ++s) {

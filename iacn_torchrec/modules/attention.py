@@ -8,8 +8,10 @@ training (squash keeps short capsules short), |s|^p shrinks towards 0 and the we
 towards uniform. ``p = inf`` is hard attention (the best-matching live capsule); it is the limit
 of finite p only for scores above 1 in magnitude. This project's default is p = 2
 (``IaCNConfig.pow_p``, MIND's choice), which keeps a gradient for every live capsule; the paper
-leaves p open. Scores whose power would overflow the dtype are capped first (an infinite score
-would make the softmax NaN).
+leaves p open. Where the largest live score's power would overflow the dtype (p = 40: |s| > 8.2 in
+float32), the row's exact weights are one-hot at that capsule to the dtype's precision, and the row
+takes the hard-attention branch; the other scores' powers are capped (an infinite score would make
+the softmax NaN, and a capped score that does not lead keeps a weight of 0 either way).
 """
 
 from __future__ import annotations
@@ -24,19 +26,22 @@ import torch.nn.functional as F
 _POW_EPS = 1e-12
 
 
+def pow_cap(dtype: torch.dtype, p: float) -> float:
+    """The largest |s| whose ``|s|^p`` and derivative ``p·|s|^(p-1)`` are finite in ``dtype`` (p > 1)."""
+    return (torch.finfo(dtype).max / (2.0 * p)) ** (1.0 / p)
+
+
 def signed_pow(s: torch.Tensor, p: float) -> torch.Tensor:
-    """``sign(s) · |s|^p`` elementwise (|s| capped where the power would overflow); p a positive
-    Python float."""
+    """``sign(s) · |s|^p`` elementwise (|s| capped at :func:`pow_cap` where the power would
+    overflow); p a positive Python float."""
     if p == 1.0:
         return s
     mag = s.abs()
-    info = torch.finfo(s.dtype)
     if p < 1.0:
-        mag = mag.clamp_min(max(_POW_EPS, info.tiny))
+        mag = mag.clamp_min(max(_POW_EPS, torch.finfo(s.dtype).tiny))
     elif p > 1.0:
-        # |s|^p overflows for large p (p = 40: |s| > 9.2 in float32), and an inf score makes the
-        # softmax NaN: cap |s| where |s|^p and its derivative p·|s|^(p-1) are still finite
-        mag = mag.clamp_max((info.max / (2.0 * p)) ** (1.0 / p))
+        # an inf score would make the softmax NaN
+        mag = mag.clamp_max(pow_cap(s.dtype, p))
     return torch.sign(s) * mag.pow(p)
 
 
@@ -70,14 +75,22 @@ def label_aware_attention_weights(
 
     Returns:
         ``[B, K]`` weights: zero on dead capsules, summing to 1 over the live ones (one-hot at the
-        argmax of ``V_j · e_t`` when p = inf).
+        argmax of ``V_j · e_t`` when p = inf, and in rows whose largest live |score|^p overflows).
     """
     _check(capsules, capsule_mask, target, p)
     scores = (capsules * target.unsqueeze(1)).sum(-1)  # V_j · e_t (elementwise: cheaper than a K=1 bmm)
+    live = scores.masked_fill(~capsule_mask, float("-inf"))
+    hard = F.one_hot(live.argmax(dim=1), capsules.size(1)).to(capsules.dtype)
     if p == math.inf:  # a comparison, not math.isinf: torch.compile traces it without a graph break
-        best = scores.masked_fill(~capsule_mask, float("-inf")).argmax(dim=1)
-        return F.one_hot(best, capsules.size(1)).to(capsules.dtype)
-    return torch.softmax(signed_pow(scores, float(p)).masked_fill(~capsule_mask, float("-inf")), dim=1)
+        return hard
+    soft = torch.softmax(signed_pow(scores, float(p)).masked_fill(~capsule_mask, float("-inf")), dim=1)
+    if p <= 1.0:
+        return soft
+    # signed_pow is increasing, so the leader's power exceeding the dtype's range means a gap to every
+    # other live capsule far beyond exp's range (bar an exact tie): the exact weights are one-hot. The
+    # capped powers would instead tie, spreading the weight evenly over every capped capsule.
+    lead = live.amax(dim=1, keepdim=True).abs()
+    return torch.where(lead > pow_cap(scores.dtype, float(p)), hard, soft)
 
 
 def label_aware_attention(
