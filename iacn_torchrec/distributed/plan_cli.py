@@ -334,7 +334,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="batch size per rank (default 512)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS))
     p.add_argument("--offload", choices=["never", "auto", "always"], help="fused_uvm_caching (default auto)")
-    p.add_argument("--out", default="plan_out", help="output directory (plan.json, plan.md)")
+    p.add_argument("--out", default="plan_out",
+                   help="output directory (plan.json, plan.md; default: ./plan_out)")
     p.add_argument("--plot", action="store_true", help="also draw plan_memory.png and plan_step.png")
 
 
