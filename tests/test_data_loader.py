@@ -314,6 +314,68 @@ def test_half_written_and_damaged_dirs(small, tmp_path, monkeypatch):
         prepare_dataset("tsv", interactions=inter, items=items, out=tmp_path / "afile" / "o", progress=False)
 
 
+def _set(row: int, value: int):
+    def f(a):
+        a[row] = value
+        return a
+    return f
+
+
+def _swap(a):  # offsets 3 and 4 in the wrong order
+    a[3], a[4] = a[4], a[3]
+    return a
+
+
+def _last_minus_one(a):  # the last history one item shorter: the history arrays hold one too many
+    a[-1] -= 1
+    return a
+
+
+def _zero_first_eight(a):  # still non-decreasing, but sample 7 owns every history up to offset 8
+    a[1:8] = 0
+    return a
+
+
+OUT = "is outside the valid range"
+
+
+@pytest.mark.parametrize(
+    "rel, damage, message",
+    [
+        ("train/item.npy", _set(3, 999999), rf"train/item\.npy: row 3: item id 999999 {OUT} \[0, 30\]"),
+        ("test/uid.npy", _set(1, 41), rf"test/uid\.npy: row 1: uid 41 {OUT} \[0, 40\]"),
+        ("train/hist_item.npy", _set(2, -1),
+         rf"train/hist_item\.npy: row 2 \(history of sample 2\): item id -1 {OUT} \[0, 30\]"),
+        ("test/neg_hist_cate.npy", _set(0, 5),
+         rf"neg_hist_cate\.npy: row 0 \(history of sample 0\): cate id 5 {OUT} \[0, 4\]"),
+        ("train/label.npy", lambda a: a * 7, rf"train/label\.npy: row 0: label 7 {OUT} \[0, 1\]"),
+        ("train/hist_offsets.npy", _swap, r"hist_offsets\.npy: row 4: \d+ is below the previous offset \d+"),
+        ("train/hist_offsets.npy", _zero_first_eight,
+         r"hist_offsets\.npy: rows 7-8: sample 7's history has \d+ items, more than max_len=5"),
+        ("train/hist_offsets.npy", _set(0, 1),
+         r"hist_offsets\.npy: expected \d+ offsets starting at 0, got \d+ starting at 1"),
+        ("test/hist_offsets.npy", _last_minus_one,
+         r"test/hist_item\.npy: (\d+) rows, but hist_offsets\.npy ends at (?!\1)\d+"),
+        ("test/hist_offsets.npy", _set(-1, 0), r"test/hist_offsets\.npy: row 72: 0 is below"),
+        ("item2cate.npy", _set(2, 9), rf"item2cate\.npy: row 2: category id 9 {OUT} \[0, 4\]"),
+    ],
+)
+def test_damaged_array_values_are_refused(small, tmp_path, capsys, rel, damage, message):
+    """A value out of range in a prepared array is refused when the dataset is opened (naming the
+    file, the first bad row and the valid range), not met as an IndexError deep in training or as
+    silently wrong metrics; ``iacn train`` prints it in one line."""
+    d = tmp_path / "copy"
+    shutil.copytree(small, d)
+    a = np.load(d / rel)
+    np.save(d / rel, damage(a.copy()).astype(a.dtype))  # same dtype and shape: meta.json still agrees
+    with pytest.raises(DataError, match=message + r".*prepare it again with --force"):
+        PreparedDataset.open(d)
+    if rel == "train/item.npy":
+        assert iacn_main(["train", "--data", str(d), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("iacn train: ") and err.count("\n") == 1 and "item id 999999" in err
+
+
 def test_overwrite_rules(tmp_path, monkeypatch):
     inter, items = synthetic_tsv(tmp_path / "raw")
     kw = dict(interactions=inter, items=items, progress=False)

@@ -101,6 +101,42 @@ def test_bad_malformed_line(tmp_path):
         prep(tmp_path, INTER.replace("1\t12\t300", "1\t12"))
 
 
+@pytest.mark.parametrize("ids", ["int", "str"])  # all-integer: np.loadtxt's fast path; else the slow one
+def test_bad_extra_fields(tmp_path, ids):
+    inter = INTER if ids == "int" else INTER.replace("\n1\t", "\nu1\t").replace("\n2\t", "\nu2\t")
+    bad = "malformed line: {} tab-separated field\\(s\\), expected {}$"
+    with pytest.raises(DataError, match=r"i\.tsv: line 4: " + bad.format(4, 3)):
+        prep(tmp_path, inter.replace("\t300\n", "\t300\textra\n"))
+    with pytest.raises(DataError, match=r"m\.tsv: line 3: " + bad.format(3, 2)):
+        prep(tmp_path, items=ITEMS.replace("11\t5\n", "11\t5\t9\n"))
+    # a line lacking only an unread trailing column is still fine (the column is not needed)
+    prep(tmp_path, items="item_id\tcate_leaf\tbrand\n10\t5\t1\n11\t5\n12\t6\t2\n13\t7\t2\n", overwrite=True)
+
+
+@pytest.mark.parametrize(
+    "inter, shown",
+    [
+        (INTER.replace("1\t11\t200", "1\t11\x00\t200"), r"field 'item_id': '11\\x00'"),  # would merge into 11
+        (INTER.replace("1\t11\t200", "1\t11\x0099\t200"), r"field 'item_id': '11\\x0099'"),  # a new item
+        (INTER.replace("1\t11\t200", "1\x1c\t11\t200"), r"field 'user_id': '1\\x1c'"),
+        (INTER.replace("1\t11\t200", "1\tx11\x7f\t200"), r"field 'item_id': 'x11\\x7f'"),  # slow path
+        (INTER.replace("1\t11\t200", "1\t11\t2\x0000"), r"field 'timestamp': '2\\x0000'"),
+    ],
+    ids=["trailing-nul", "inner-nul", "unit-separator", "del-slow-path", "timestamp"],
+)
+def test_bad_control_character_in_a_field(tmp_path, inter, shown):
+    with pytest.raises(DataError, match=rf"i\.tsv: line 3: {shown} contains the control character"):
+        prep(tmp_path, inter)
+
+
+def test_control_character_in_an_unread_column_is_harmless(tmp_path):
+    out = prep(tmp_path, items="item_id\tcate_leaf\ttitle\n10\t5\ta\x01b\n11\t5\tx\n12\t6\t\x00\n13\t7\ty\n")
+    assert PreparedDataset.open(out).item2cate.tolist() == [0, 1, 1, 2, 3]
+    with pytest.raises(DataError, match=r"m\.tsv: line 3: field 'cate_leaf': '5\\x00'"):
+        prep(tmp_path, items="item_id\tcate_leaf\ttitle\n10\t5\ta\x01b\n11\t5\x00\tx\n12\t6\t\n13\t7\ty\n",
+             overwrite=True)
+
+
 def test_bad_missing_column(tmp_path):
     with pytest.raises(DataError, match=r"i\.tsv: line 1: missing column\(s\) \['timestamp'\]"):
         prep(tmp_path, INTER.replace("timestamp", "time"))
@@ -439,7 +475,9 @@ def test_bad_seed_and_empty_splits(tmp_path):
 
 
 def test_vocab_ids_with_unusual_characters_round_trip(tmp_path):
-    ids = ["a\x1cb", "c\u2028d", "g"]
+    # characters str.splitlines splits on (an ASCII control character such as "\x1c" is refused
+    # in a TSV id: test_bad_control_character_in_a_field)
+    ids = ["a\x85b", "c\u2028d", "g"]
     inter = "user_id\titem_id\ttimestamp\n" + "".join(f"1\t{t}\t{k}\n" for k, t in enumerate(ids))
     (tmp_path / "i.tsv").write_bytes(inter.encode())
     (tmp_path / "m.tsv").write_bytes(("item_id\tcate_leaf\n" + "".join(f"{t}\tc\n" for t in ids)).encode())

@@ -105,6 +105,24 @@ def _load(path: Path, spec: dict[str, Any] | None) -> np.ndarray:
     return np.asarray(a)
 
 
+_AGAIN = "the dataset is damaged: prepare it again with --force"
+
+
+def _check_range(
+    path: Path, a: np.ndarray, lo: int, hi: int, what: str, offsets: np.ndarray | None = None
+) -> None:
+    """Every value of ``a`` in ``[lo, hi]``, else a :class:`DataError` naming ``path``, the first bad
+    row and the range. ``min``/``max`` read the (memory-mapped) array in place: no copy; the row is
+    only searched for once the range is known to be broken. With ``offsets`` (a valid
+    ``hist_offsets``), ``a`` is a flat history and the sample owning the bad row is named too."""
+    if a.size == 0 or (lo <= a.min() and a.max() <= hi):
+        return
+    row = int(np.flatnonzero((a < lo) | (a > hi))[0])
+    owner = "" if offsets is None else f" (history of sample {np.searchsorted(offsets, row, 'right') - 1})"
+    raise DataError(f"{path}: row {row}{owner}: {what} {a[row]} is outside the valid range [{lo}, {hi}]; "
+                    + _AGAIN)
+
+
 class PreparedDataset:
     """A prepared dataset directory, memory-mapped. ``meta``, ``num_users``/``num_items``/
     ``num_cates``, ``max_len``, ``item2cate`` (int64 ``[num_items + 1]``), ``item_count``."""
@@ -120,6 +138,13 @@ class PreparedDataset:
         self.protocol = meta["protocol"]
         self.item2cate = np.array(self._array("item2cate.npy"))  # small: keep in RAM
         self.item_count = np.array(self._array("item_count.npy"))
+        for rel, a in (("item2cate.npy", self.item2cate), ("item_count.npy", self.item_count)):
+            if a.shape != (self.num_items + 1,):
+                raise DataError(f"{path / rel}: shape {list(a.shape)}, expected [{self.num_items + 1}] "
+                                f"(counts.items + 1 in {META}); {_AGAIN}")
+        # the samplers gather categories through item2cate and rank items by item_count
+        _check_range(path / "item2cate.npy", self.item2cate, 0, self.num_cates, "category id")
+        _check_range(path / "item_count.npy", self.item_count, 0, np.iinfo(np.int64).max, "count")
         self._splits: dict[str, SplitArrays] = {}
 
     def _array(self, rel: str) -> np.ndarray:
@@ -127,8 +152,9 @@ class PreparedDataset:
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> PreparedDataset:
-        """Open ``path`` after checking ``meta.json`` and that every listed array is present with
-        the listed dtype/shape; ``verify=True`` also recomputes the content hash (reads it all)."""
+        """Open ``path`` after checking ``meta.json``, that every listed array is present with the
+        listed dtype/shape and that each split's values are in range (:meth:`_check_split`);
+        ``verify=True`` also recomputes the content hash (reads it all)."""
         d = Path(path)
         meta = read_meta(d)
         missing = [n for n in meta["arrays"] if not (d / n).is_file()]
@@ -149,8 +175,48 @@ class PreparedDataset:
             if f"{name}/label.npy" not in self.meta["arrays"]:
                 splits = sorted({n.split("/")[0] for n in self.meta["arrays"] if "/" in n})
                 raise DataError(f"{self.path}: no split {name!r} (has {splits})")
-            self._splits[name] = SplitArrays(**{a: self._array(f"{name}/{a}.npy") for a in SPLIT_ARRAYS})
+            sa = SplitArrays(**{a: self._array(f"{name}/{a}.npy") for a in SPLIT_ARRAYS})
+            self._check_split(name, sa)
+            self._splits[name] = sa
         return self._splits[name]
+
+    def _check_split(self, name: str, sa: SplitArrays) -> None:
+        """What a damaged array would otherwise turn into a traceback deep in training (an id past
+        its embedding table, a history longer than ``max_len``) or into silently wrong metrics
+        (labels outside {0, 1}): ids within their vocabulary (0 = padding/unknown), labels 0 or 1,
+        ``hist_offsets`` ``[N + 1]`` from 0, non-decreasing, ending at the histories' length, each
+        history at most ``max_len`` long. Vectorised ``min``/``max``/``diff`` over the memory-mapped
+        arrays (Beauty, both splits: a few tens of ms)."""
+        d = self.path / name
+        n = len(sa.label)
+        for a in ("uid", "item", "cate"):
+            if len(getattr(sa, a)) != n:
+                raise DataError(f"{d / a}.npy: {len(getattr(sa, a))} rows, label.npy has {n}; {_AGAIN}")
+        _check_range(d / "label.npy", sa.label, 0, 1, "label")
+        o = sa.hist_offsets
+        if len(o) != n + 1 or o[0] != 0:
+            raise DataError(f"{d / 'hist_offsets.npy'}: expected {n + 1} offsets starting at 0, got {len(o)} "
+                            f"starting at {o[0] if len(o) else 'none'}; {_AGAIN}")
+        lens = np.diff(o)  # [N]: the only allocation here
+        if n and lens.min() < 0:
+            row = int(np.flatnonzero(lens < 0)[0]) + 1
+            raise DataError(f"{d / 'hist_offsets.npy'}: row {row}: {o[row]} is below the previous offset "
+                            f"{o[row - 1]} (offsets must not decrease); {_AGAIN}")
+        if self.max_len and n and lens.max() > self.max_len:
+            s = int(np.flatnonzero(lens > self.max_len)[0])
+            raise DataError(f"{d / 'hist_offsets.npy'}: rows {s}-{s + 1}: sample {s}'s history has "
+                            f"{lens[s]} items, more than max_len={self.max_len} ({META}); {_AGAIN}")
+        for a in ("hist_item", "hist_cate", "neg_hist_item", "neg_hist_cate"):
+            if len(getattr(sa, a)) != o[-1]:
+                raise DataError(f"{d / a}.npy: {len(getattr(sa, a))} rows, but hist_offsets.npy ends at "
+                                f"{o[-1]}; {_AGAIN}")
+        vocab = {"uid": self.num_users, "item": self.num_items, "cate": self.num_cates}
+        for a in SPLIT_ARRAYS:
+            kind = a.rsplit("_", 1)[-1]  # hist_item, neg_hist_item -> item
+            if kind in vocab:
+                what = "uid" if kind == "uid" else f"{kind} id"
+                hist = o if a.startswith(("hist", "neg")) else None
+                _check_range(d / f"{a}.npy", getattr(sa, a), 0, vocab[kind], what, hist)
 
     def verify(self) -> None:
         """Recompute the content hash and compare it with ``meta.json``."""

@@ -186,6 +186,44 @@ def _int_field(tok: str, path: Path | str, line: int, name: str) -> int:
 _NOT_PLAIN_INT = re.compile(r"(?:^|\t)[^\S\n]*(?:\+|-?0\d|-0)", re.M)
 
 
+def _check_lines(body: str, names: list[str], idx: list[int], path: str | Path, first_line: int) -> None:
+    """Refuse a line with more tab-separated fields than ``names`` (np.loadtxt's ``usecols`` would
+    ignore the extra ones) and an ASCII control character other than tab in a field that is read
+    (numpy's str arrays drop trailing NULs: ``"5\\x00"`` would silently become item ``5``); one in an
+    unused column is harmless. ``idx``: the indices of the columns read; ``first_line``: the line
+    number of ``body``'s first line. Vectorised over the UTF-8 bytes (a few ms per 100k lines): only
+    the bytes < 32 or 127, which never occur inside a multi-byte character, are looked at one by one.
+    """
+    b = np.frombuffer(body.encode("utf-8"), np.uint8)
+    low = np.flatnonzero((b < 32) | (b == 127))  # byte positions of tabs, newlines, control characters
+    v = b[low]
+    tab = v == 9
+    nl = np.flatnonzero(v == 10)  # indices into ``low`` of the line ends: line k ends at low[nl[k]]
+    ctab = np.concatenate(([0], np.cumsum(tab)))  # ctab[j]: tabs among low[:j]
+    starts = np.concatenate(([0], nl))  # line k's entries of ``low``: [starts[k], ends[k])
+    ends = np.concatenate((nl, [len(low)]))
+    tabs = ctab[ends] - ctab[starts]
+    bad: list[tuple[int, str]] = []  # (line index, message): the first bad line is reported
+    over = np.flatnonzero(tabs >= len(names))
+    if over.size:
+        k = int(over[0])
+        bad.append((k, f"malformed line: {tabs[k] + 1} tab-separated field(s), expected {len(names)}"))
+    ctrl = np.flatnonzero(~tab & (v != 10))  # indices into ``low``
+    if ctrl.size:
+        line = np.searchsorted(nl, ctrl)
+        field = ctab[ctrl] - ctab[starts[line]]  # tabs before it on its line
+        read = np.flatnonzero(np.isin(field, idx))
+        if read.size:
+            j, k, f = int(ctrl[read[0]]), int(line[read[0]]), int(field[read[0]])
+            lo = int(low[nl[k - 1]]) + 1 if k else 0
+            hi = int(low[nl[k]]) if k < len(nl) else len(b)
+            tok = b[lo:hi].tobytes().decode("utf-8").split("\t")[f]
+            bad.append((k, f"field '{names[f]}': {tok!r} contains the control character {chr(b[low[j]])!r}"))
+    if bad:
+        k, msg = min(bad)
+        raise DataError(f"{path}: line {first_line + k}: {msg}")
+
+
 def read_table(
     path: str | Path,
     columns: list[str],
@@ -202,6 +240,9 @@ def read_table(
     fields. ``int_columns`` must hold integers (a float-formatted integer such as ``"5.0"`` is
     accepted); other columns are ids (int64 when all integral, else str). An empty field is an
     error except in ``allow_empty`` columns (an item row without a category).
+    A line with more fields than the header (or ``names``) is an error, and so is an ASCII control
+    character other than tab in a column that is read (:func:`_check_lines`, before either path);
+    a line lacking only unread trailing columns is accepted.
 
     Fast path: one ``np.loadtxt`` call in C when every requested column is an integer. Any
     irregularity falls back to a line-by-line reader that raises :class:`DataError` with the
@@ -225,6 +266,7 @@ def read_table(
     body = body.rstrip("\n")
     if not body.strip():
         raise DataError(f"{path}: no data lines")
+    _check_lines(body, names, idx, path, first_line)
 
     if "\n\n" not in body and not body.startswith("\n") and not _NOT_PLAIN_INT.search(body):
         try:
