@@ -15,10 +15,9 @@ The loader calls :meth:`NegativeSampler.sample` with its own generator seeded by
 loader seed, epoch, batch index, rank)``, so negatives are reproducible batch by batch, even when
 resuming mid-epoch.
 
-In-batch negatives (the other rows' targets, sampler ``in_batch`` in the IaCN config) need no
-features: pass ``iacn_negatives=None`` to the loader and let the loss use the batch's ``item``/
-``cate`` features; their ``log_q`` is the item's popularity share, ``log(item_count / sum)``, when
-a logQ correction is wanted (see :func:`popularity_log_q`).
+In-batch negatives (the other positive rows' targets, sampler ``in_batch`` in the IaCN config) need
+no features: pass ``iacn_negatives=None`` to the loader and let the loss use the batch's ``item``/
+``cate`` features. They get no logQ correction (the design's choice: only ``log_uniform`` has one).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["NegativeSampler", "UniformNegatives", "LogUniformNegatives", "popularity_log_q"]
+__all__ = ["NegativeSampler", "UniformNegatives", "LogUniformNegatives"]
 
 
 class NegativeSampler(abc.ABC):
@@ -99,14 +98,3 @@ class LogUniformNegatives(NegativeSampler):
         k = np.floor(np.exp(u * self._log_range)).astype(np.int64) - 1
         np.clip(k, 0, self.num_items - 1, out=k)
         return self.rank_to_item[k]
-
-
-def popularity_log_q(item_count: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``float32 [num_items + 1]``: ``log(item_count / item_count.sum())`` (``-inf`` -> a floor of
-    ``log(0.5 / total)`` for unseen items, 0 for padding): the logQ of in-batch negatives."""
-    count = np.asarray(item_count, dtype=np.float64).copy()
-    count[0] = 0.0
-    total = count.sum()
-    out = np.log(np.maximum(count, 0.5) / total)
-    out[0] = 0.0
-    return torch.from_numpy(out.astype(np.float32))
