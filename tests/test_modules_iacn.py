@@ -76,25 +76,28 @@ def test_forward_composes_routing_attention_softmax() -> None:
 
 
 @pytest.mark.parametrize("sampler", ["uniform", "in_batch"])
-def test_forward_routes_only_positive_rows(sampler: str) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, F64])  # float64: padded without fbgemm's kernel
+def test_forward_routes_only_positive_rows(sampler: str, dtype: torch.dtype) -> None:
     """forward() routes the label-1 rows alone: the loss and every gradient (inputs, parameters) equal
     those of routing the whole batch and masking label-0 rows in the loss, in training mode with
     a jagged history and ids / log Q for the collision masking and the correction."""
     from torchrec.sparse.jagged_tensor import JaggedTensor
 
     torch.manual_seed(0)
-    task = IaCNTask(IaCNConfig(sampler=sampler), item_dim=4, max_len=5, user_dim=3).train()
-    b = _batch(dtype=torch.float32)  # fbgemm's jagged kernels are float32
+    task = IaCNTask(IaCNConfig(sampler=sampler), item_dim=4, max_len=5, user_dim=3).to(dtype).train()
+    b = _batch(dtype=dtype)
     if sampler == "in_batch":
         b.pop("aux_negatives")
     lengths = b.pop("hist_lengths")
     real = torch.arange(5).unsqueeze(0) < lengths.unsqueeze(1)
     values = b.pop("aux_hist")[real].requires_grad_(True)
     leaves = {k: b[k].requires_grad_(True) for k in ("aux_target", "user", "aux_negatives") if k in b}
-    ids = dict(target_ids=torch.tensor([3, 4, 3, 5, 6, 7]), target_log_q=torch.linspace(-3, -1, 6))
+    ids = dict(target_ids=torch.tensor([3, 4, 3, 5, 6, 7]),
+               target_log_q=torch.linspace(-3, -1, 6, dtype=dtype))
     if sampler == "uniform":
-        ids.update(negative_ids=torch.tensor([[3, 1, 2]] * 6), neg_log_q=torch.full((6, 3), -2.0))
-    logits = task.routing.training_logits(torch.zeros(6, 5, 4))  # [B, K, L]: what the framework passes
+        ids.update(negative_ids=torch.tensor([[3, 1, 2]] * 6),
+                   neg_log_q=torch.full((6, 3), -2.0, dtype=dtype))
+    logits = task.routing.training_logits(torch.zeros(6, 5, 4, dtype=dtype))  # [B, K, L]: as the framework
 
     def grads(loss):
         return torch.autograd.grad(loss, [values, *leaves.values(), *task.parameters()])
@@ -107,6 +110,10 @@ def test_forward_routes_only_positive_rows(sampler: str) -> None:
     torch.testing.assert_close(loss, ref)
     for g, r in zip(grads(loss), grads(ref), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    task.eval()  # no label-1 row: the loss is 0 (the jagged float64 history once failed in fbgemm here)
+    none = task(hist, None, labels=torch.zeros(6, dtype=dtype), **ids, **{k: b[k] for k in leaves})
+    assert float(none) == 0
+    task.train()
     # without init_logits the draw still covers every row (the RNG stream does not depend on labels)
     torch.manual_seed(7)
     a = task(hist, None, labels=b["labels"], **ids, **{k: b[k] for k in leaves})

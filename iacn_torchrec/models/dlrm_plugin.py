@@ -42,7 +42,7 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from iacn_torchrec.models.layers import effective_length, masked_sum, segment_ids, segment_sum, sequence_mask
-from iacn_torchrec.modules.embeddings import EmbeddedBatch, fixed_length_ids
+from iacn_torchrec.modules.embeddings import EmbeddedBatch, fixed_length_ids, pad_jagged
 from iacn_torchrec.modules.gradient_split import scale_grad
 from iacn_torchrec.modules.iacn import IaCNTask
 
@@ -271,8 +271,7 @@ class IaCNEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         for f in spec.target_features:
             if aux[f].values().shape[0] != B:
                 raise ValueError(f"{__file__}: target feature {f!r} must have one id per sample")
-        aux_hist = torch.ops.fbgemm.jagged_to_padded_dense(
-            cat(spec.history_features), [hist.offsets()], [spec.max_len], 0.0)
+        aux_hist = pad_jagged(cat(spec.history_features), hist.offsets(), spec.max_len)
         views = IaCNViews(aux_hist=aux_hist, hist_lengths=lengths, aux_target=cat(spec.target_features),
                           target_ids=features[spec.target_features[0]].values())
         first = features[spec.negative_features[0]] if spec.negative_features else None

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from iacn_torchrec.modules.embeddings import pad_jagged
+
 
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Capsule non-linearity ``squash(s) = |s|² / (1 + |s|²) · s / |s|``; ``squash(0) = 0`` with a
@@ -177,9 +179,7 @@ class InterestCapsuleRouting(nn.Module):
                 f"InterestCapsuleRouting: a history of length {int(lengths.max())} exceeds "
                 f"max_len={self.max_len}; truncate it first"
             )
-        mapped = torch.ops.fbgemm.jagged_to_padded_dense(
-            values @ self.bilinear.t(), [hist.offsets()], [self.max_len], 0.0
-        )
+        mapped = pad_jagged(values @ self.bilinear.t(), hist.offsets(), self.max_len)
         return mapped, lengths
 
     def training_logits(

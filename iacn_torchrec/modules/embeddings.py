@@ -53,7 +53,8 @@ class _PaddedView:
         if batch is None:
             return self  # type: ignore[return-value]  # class access: the descriptor itself
         if getattr(batch, self.cached) is None and getattr(batch, self.values) is not None:
-            setattr(batch, self.cached, _pad(getattr(batch, self.values), batch.hist_offsets, batch._max_len))
+            padded = pad_jagged(getattr(batch, self.values), batch.hist_offsets, batch._max_len)
+            setattr(batch, self.cached, padded)
         return getattr(batch, self.cached)
 
     def __set__(self, batch: EmbeddedBatch, value: torch.Tensor | None) -> None:
@@ -520,9 +521,18 @@ def _check_features(kjt: KeyedJaggedTensor, names: list[str]) -> None:
                        f"(keys: {kjt.keys()})")
 
 
-def _pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
-    """``[N, d]`` jagged values → ``[B, L, d]`` zero-padded (one fbgemm kernel)."""
-    return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], 0.0)
+def pad_jagged(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``[N, d]`` jagged values (row b: ``values[offsets[b]:offsets[b + 1]]``) → ``[B, max_len, d]``,
+    zero-padded and truncated to ``max_len``: one fbgemm kernel; float64, which that kernel lacks
+    (gradient checks use it), by a gather."""
+    if values.dtype != torch.float64:
+        return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], 0.0)
+    pos = torch.arange(max_len, device=values.device)
+    live = pos < (offsets[1:] - offsets[:-1]).unsqueeze(1)  # [B, L]
+    if values.shape[0] == 0:
+        return values.new_zeros(live.shape[0], max_len, values.shape[1])
+    idx = (offsets[:-1].unsqueeze(1) + pos).masked_fill(~live, 0)
+    return values[idx] * live.unsqueeze(-1)
 
 
 def fixed_length_ids(
