@@ -374,6 +374,12 @@ def test_dien_bad_rows_and_pickles(tmp_path):
     write_dien(d, ["yes\tu1\tm2\tc1\tm1\tc1"], ["1\tu2\tm3\tc2\tm1\tc1"])
     with pytest.raises(DataError, match=r"line 1: field 'label': 'yes' is not 0 or 1"):
         read_dien(d)
+    write_dien(d, ["1\tu1\tm2\x00\tc1\tm1\tc1"], ["1\tu2\tm3\tc2\tm1\tc1"])
+    with pytest.raises(DataError, match=r"line 1: field 'mid': 'm2\\x00' contains the control character"):
+        read_dien(d)
+    write_dien(d, ["1\tu1\tm2\tc1\tm1\x02m0\x00\tc1\x02c1"], ["1\tu2\tm3\tc2\tm1\tc1"])
+    with pytest.raises(DataError, match=r"line 1: field 'hist_mids': 'm0\\x00' contains the control"):
+        read_dien(d)
     write_dien(d, ["1\tu1\tm2\tc1\tm1\tc1"], ["1\tu2\tm3\tc2\tm1\tc1"])
     (d / "uid_voc.pkl").write_bytes(pickle.dumps(Path("x")))  # a class, not a plain dict
     with pytest.raises(DataError, match=r"uid_voc\.pkl: cannot read the vocabulary \(refusing to load"):
@@ -497,11 +503,16 @@ def test_amazon_json_null_and_empty_ids(tmp_path):
         read_amazon_json(rp, mp)
     line = '{"reviewerID": "U\\t3", "asin": "B01", "unixReviewTime": 1}'  # JSON's \t: a real tab
     rp, mp = write_amazon(tmp_path, REVIEWS[:2] + [line], META)
-    with pytest.raises(DataError, match=r"_5\.json\.gz: line 3: field 'reviewerID': 'U\\t3' contains a tab"):
+    with pytest.raises(DataError, match=r"_5\.json\.gz: line 3: field 'reviewerID': 'U\\t3' contains the "
+                       r"control character '\\t'"):
         read_amazon_json(rp, mp)
     meta = META + ['{"asin": "B09", "categories": [["Beauty", "Skin\\nCare"]]}']
     rp, mp = write_amazon(tmp_path, REVIEWS, meta)
-    with pytest.raises(DataError, match=r"meta_Beauty\.json\.gz: line 5: field 'categories': .* newline"):
+    with pytest.raises(DataError, match=r"meta_Beauty\.json\.gz: line 5: field 'categories': .*'\\n'"):
+        read_amazon_json(rp, mp)
+    line = '{"reviewerID": "U1", "asin": "B01\\u0000", "unixReviewTime": 1}'  # a NUL numpy would drop
+    rp, mp = write_amazon(tmp_path, REVIEWS[:2] + [line], META)
+    with pytest.raises(DataError, match=r"line 3: field 'asin': 'B01\\x00' contains the control character"):
         read_amazon_json(rp, mp)
     rp, mp = write_amazon(tmp_path, [r.replace('"U2"', "7") for r in REVIEWS], META)  # integer ids are ids
     assert read_amazon_json(rp, mp).user.tolist() == ["U1"] * 3 + ["7"] * 3

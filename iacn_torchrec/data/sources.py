@@ -399,14 +399,22 @@ def _json_id(v: Any, path: str | Path, n: int, field: str) -> str:
     s = str(v).strip()
     if not s:
         raise DataError(f"{path}: line {n}: field '{field}' is empty")
-    return _no_tab_or_newline(s, path, n, field)
+    return _no_control_character(s, path, n, field)
 
 
-def _no_tab_or_newline(s: str, path: str | Path, n: int, field: str) -> str:
-    """Ids are stored one per line in ``vocab/*.tsv``: refuse one the format cannot hold, here where
-    the file and line are known (not when the dataset is written)."""
-    if "\t" in s or "\n" in s:
-        raise DataError(f"{path}: line {n}: field '{field}': {s!r} contains a tab or newline")
+# ASCII control characters: a tab or newline cannot be stored one id per line in ``vocab/*.tsv``, and
+# numpy's str arrays drop trailing NULs ("5\x00" would silently become id "5"); DIEN's history
+# separator \x02 is allowed where _read_dien_samples has split on it already
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control_character(s: str, path: str | Path, n: int, field: str) -> str:
+    """Refuse an id holding an ASCII control character, here where the file and line are known (not
+    when the dataset is written)."""
+    m = _CONTROL.search(s)
+    if m:
+        raise DataError(f"{path}: line {n}: field '{field}': {s!r} contains the control character "
+                        f"{m.group()!r}")
     return s
 
 
@@ -438,7 +446,7 @@ def read_amazon_json(reviews: str | Path, meta: str | Path) -> Interactions:
         cats = rec.get("categories")
         cat = ""
         if isinstance(cats, (list, tuple)) and cats and isinstance(cats[0], (list, tuple)) and cats[0]:
-            cat = _no_tab_or_newline(str(cats[0][-1]), meta, n, "categories")
+            cat = _no_control_character(str(cats[0][-1]), meta, n, "categories")
         elif cats not in (None, [], [[]]) and not isinstance(cats, (list, tuple)):
             raise DataError(f"{meta}: line {n}: field 'categories': expected a list of category paths")
         m_ids.append(_json_id(rec["asin"], meta, n, "asin"))
@@ -557,6 +565,7 @@ def _read_dien_samples(path: Path, max_len: int, report: Report) -> dict[str, np
         for k in (1, 2, 3):
             if not f[k]:
                 raise DataError(f"{path}: line {n}: field '{names[k]}' is empty")
+            _no_control_character(f[k], path, n, names[k])
         if not f[4]:
             empty += 1  # a target without any behaviour before it: nothing to learn a sequence from
             continue
@@ -568,6 +577,9 @@ def _read_dien_samples(path: Path, max_len: int, report: Report) -> dict[str, np
         for name, toks in (("hist_mids", hm), ("hist_cats", hc)):
             if "" in toks:
                 raise DataError(f"{path}: line {n}: field '{name}': entry {toks.index('') + 1} is empty")
+            if _CONTROL.search(f[names.index(name)].replace("\x02", "")):
+                bad = next(t for t in toks if _CONTROL.search(t))
+                _no_control_character(bad, path, n, name)
         if len(hm) > max_len:
             truncated += 1
             hm, hc = hm[-max_len:], hc[-max_len:]
