@@ -4,6 +4,7 @@ Every file a run or a tool publishes (metrics, tables, plots, manifests, scores)
 :func:`write_atomic`, :func:`open_atomic` (streamed) or :func:`save_figure`; a finished folder,
 built in a :func:`temp_sibling`, replaces an earlier one through :func:`replace_dir`. Each writes
 next to the target first and renames: a reader sees the old content or the new, never a mix.
+:func:`check_output_path` refuses an output path that cannot be written before any work is done.
 """
 
 from __future__ import annotations
@@ -16,7 +17,32 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["write_atomic", "open_atomic", "save_figure", "replace_dir", "temp_sibling"]
+from iacn_torchrec.errors import UserError
+
+__all__ = ["write_atomic", "open_atomic", "save_figure", "replace_dir", "temp_sibling", "check_output_path"]
+
+
+def check_output_path(
+    path: str | Path, option: str, *, directory: bool = False, parents: bool = False
+) -> None:
+    """Raise `UserError` (``"OPTION PATH: what is wrong"``) when ``path`` cannot be written: an output
+    folder (``directory``) that exists as something else, an output file that is a folder, a folder
+    above it that is a file, or (unless ``parents``: the writer creates missing folders) a missing
+    folder to write it in. Called before the work, so a bad path does not waste (or lose) it."""
+    path = Path(path)
+    shown = f"{option} {path}"
+    if directory and path.exists() and not path.is_dir():
+        raise UserError(f"{shown}: exists and is not a directory")
+    if not directory and path.is_dir():
+        raise UserError(f"{shown}: is a directory")
+    # the nearest folder above it that exists must be a folder (Path.exists is False under a file)
+    for above in (path.parent, *path.parent.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise UserError(f"{shown}: {above} is not a directory")
+            return
+        if not parents:
+            raise UserError(f"{shown}: directory {above} does not exist")
 
 
 def temp_sibling(path: str | Path, tag: str = "tmp") -> Path:

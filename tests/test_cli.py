@@ -1,8 +1,15 @@
 """The `iacn` entry point: dispatch, help, and a clear error for a missing dataset."""
 
+import hashlib
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import yaml
 
 SCENARIO = Path(__file__).resolve().parents[1] / "apps" / "scenarios" / "amazon_books.yaml"
 
@@ -76,3 +83,118 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         err = r.stderr
         assert "Traceback" not in err and prefix in err and detail in err, (args, err[-2000:])
     assert (tmp_path / "notes.txt").read_text() == "keep me"  # the demo never replaces a foreign folder
+
+
+# ------------------------------------------------------- a tiny run, driven through `iacn` in-process
+def _main(*args: str) -> int:
+    from iacn_torchrec.cli import main
+
+    return main(list(args))
+
+
+def _train(max_steps: int, out: str = "run") -> int:
+    """``iacn train`` on ``data`` (4 steps an epoch), a checkpoint every 3 steps."""
+    return _main("train", "--data", "data", "--batch-size", "16", "--epochs", "3", "--max-steps",
+                 str(max_steps), "--checkpoint-every", "3", "--threads", "2", "--no-progress", "--out", out)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """``ROOT/run``: 6 steps on ``ROOT/data``, trained from ROOT with the relative ``--data data``
+    (checkpoints at steps 3 and 6)."""
+    from iacn_torchrec.distributed.testing import write_tiny_dataset
+
+    root = tmp_path_factory.mktemp("tiny-cli")
+    write_tiny_dataset(root / "data")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert _train(6) == 0
+    finally:
+        os.chdir(cwd)
+    return root / "run"
+
+
+def _copy_run(tiny_run: Path, to: Path) -> Path:
+    shutil.copytree(tiny_run.parent / "data", to / "data")
+    return Path(shutil.copytree(tiny_run, to / "run"))
+
+
+def test_train_records_the_absolute_data_path_so_export_works_from_anywhere(tiny_run, tmp_path, monkeypatch):
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert config["data"]["path"] == str((tiny_run.parent / "data").resolve())
+    monkeypatch.chdir(tmp_path)  # not where the run was trained
+    assert _main("export", "--run", str(tiny_run), "--out", "m", "--check-samples", "0") == 0
+    assert (tmp_path / "m" / "model.pt").is_file()
+
+
+def test_a_run_recorded_with_a_relative_data_path_still_resumes(tiny_run, tmp_path, monkeypatch, capsys):
+    """Runs trained before data.path was recorded absolute hold the path as typed: resuming them
+    from their directory works (resume compares the dataset's content hash, not its path)."""
+    run = _copy_run(tiny_run, tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["path"] = "data"
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert _train(8) == 0
+    assert "resuming run from its checkpoint at step 6" in capsys.readouterr().err
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["path"] == str(tmp_path / "data")
+
+
+def test_an_incomplete_newest_checkpoint_is_announced(tiny_run, tmp_path, monkeypatch, capsys):
+    run = _copy_run(tiny_run, tmp_path)
+    (run / "checkpoints" / "step_00000006" / "manifest.json").unlink()  # as if its save was cut short
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert _main("export", "--run", "run", "--out", "m", "--check-samples", "0") == 0
+    captured = capsys.readouterr()
+    assert ("note: run/checkpoints/step_00000006 is incomplete (no manifest.json); exporting step 3\n"
+            in captured.err) and "step 3)" in captured.out
+    assert _train(6) == 0
+    assert ("note: run/checkpoints/step_00000006 is incomplete (no manifest.json); resuming from step 3\n"
+            in capsys.readouterr().err)
+
+
+def test_a_checkpoint_that_is_no_torch_file_is_a_one_line_error(tiny_run, tmp_path, monkeypatch, capsys):
+    """A rank file that passes the manifest's size and sha256 checks but is not a torch file."""
+    run = _copy_run(tiny_run, tmp_path)
+    f = run / "checkpoints" / "step_00000006" / "rank0.pt"
+    f.write_bytes(b"hello")
+    manifest = json.loads((f.parent / "manifest.json").read_text())
+    manifest["files"][0].update(bytes=5, sha256=hashlib.sha256(b"hello").hexdigest())
+    (f.parent / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    wanted = "run/checkpoints/step_00000006/rank0.pt: not a readable checkpoint (UnpicklingError: "
+    for command, call in [("export", lambda: _main("export", "--run", "run", "--out", "m")),
+                          ("train", lambda: _train(8))]:
+        assert call() == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1].startswith(f"iacn {command}: {wanted}") and err[-1].endswith(")"), err
+    assert not (tmp_path / "m").exists()
+
+
+def test_output_paths_that_cannot_be_written_name_the_option(tiny_run, tmp_path, monkeypatch, capsys):
+    """Refused before the work (training, export, scoring), in one line naming option and path."""
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("keep me")
+    data = str(tiny_run.parent / "data")
+    cases = [
+        (("train", "--data", data, "--out", "afile"),
+         "iacn train: --out afile: exists and is not a directory"),
+        (("train", "--data", data, "--out", "afile/sub"),
+         "iacn train: --out afile/sub: afile is not a directory"),
+        (("export", "--run", str(tiny_run), "--out", "afile"),
+         "iacn export: --out afile: exists and is not a directory"),
+        (("export", "--run", str(tiny_run), "--out", "afile/sub"),
+         "iacn export: --out afile/sub: afile is not a directory"),
+        (("score", "--model", "absent", "--input", "x.tsv", "--out", "afile/x.tsv"),
+         "iacn score: --out afile/x.tsv: afile is not a directory"),
+    ]
+    capsys.readouterr()
+    for args, message in cases:
+        assert _main(*args) == 2, args
+        captured = capsys.readouterr()
+        assert captured.err == message + "\n" and captured.out == "", (args, captured)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and Path("afile").read_text() == "keep me"

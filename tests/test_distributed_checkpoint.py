@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from iacn_torchrec.train.checkpoint import CheckpointError, latest_step, load_checkpoint, save_checkpoint
+from iacn_torchrec.train.checkpoint import (
+    CheckpointError,
+    incomplete_note,
+    latest_step,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def _state(seed: int) -> dict:
@@ -62,6 +70,48 @@ def test_incomplete_checkpoint_is_never_picked(root):
     assert latest_step(root) == 3
     with pytest.raises(CheckpointError, match="incomplete"):
         load_checkpoint(root, 5)
+
+
+def _replace_matching_manifest(f: Path, data: bytes) -> None:
+    """Write ``data`` as ``f`` and update its manifest entry to match (size and sha256 pass)."""
+    import hashlib
+
+    f.write_bytes(data)
+    mpath = f.parent / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    mpath.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("data, shown", [
+    (b"hello", r"UnpicklingError: "),
+    (b"", r"EOFError: Ran out of input"),
+    (b"PK\x03\x04 not a zip", r"RuntimeError: PytorchStreamReader failed"),
+])
+def test_a_file_that_is_no_torch_checkpoint_is_a_checkpoint_error(root, data, shown):
+    """A file whose size and sha256 match the manifest but that torch cannot read: the error names
+    the file, in one line (no unpickler traceback)."""
+    f = Path(root) / "step_00000005" / "rank0.pt"
+    _replace_matching_manifest(f, data)
+    wanted = rf"^{re.escape(str(f))}: not a readable checkpoint \({shown}[^\n]*\)$"
+    with pytest.raises(CheckpointError, match=wanted):
+        load_checkpoint(root)
+    buf = io.BytesIO()
+    torch.save([1, 2], buf)  # a torch file, but not a state dict
+    _replace_matching_manifest(f, buf.getvalue())
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(f))}: not a checkpoint \(a list"):
+        load_checkpoint(root)
+
+
+def test_incomplete_newer_checkpoints_are_named(root):
+    assert incomplete_note(root, 5, "resuming from step 5") is None
+    (Path(root) / "step_00000005" / "manifest.json").unlink()
+    (Path(root) / "step_00000007.tmp").mkdir()
+    (Path(root) / "step_00000001").mkdir()  # older than the one used: not announced
+    assert incomplete_note(root, latest_step(root), "exporting step 3") == (
+        f"note: {root}/step_00000005 is incomplete (no manifest.json); {root}/step_00000007.tmp is "
+        "incomplete (a save in progress or interrupted); exporting step 3")
+    assert incomplete_note(str(Path(root) / "absent"), None, "x") is None
 
 
 def test_corrupted_manifest_is_detected(root):

@@ -4,6 +4,7 @@ trained DIN+IaCN's capsules separate the groups (and the untrained model's do mu
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from helpers import prepare_planted
 
 from iacn_torchrec.data.synthetic import item_group_of, make_planted_interests
 from iacn_torchrec.distributed.setup import build_model_from_config
+from iacn_torchrec.errors import UserError
 from iacn_torchrec.serving import explain
 from iacn_torchrec.serving.explain import capsule_entropy, explain_samples, explain_user, interest_summary
 from iacn_torchrec.serving.export import load_run
@@ -139,6 +141,26 @@ def test_explain_user_text_and_figure(planted, tmp_path, capsys):
     args.user, args.plot = "nobody", None
     assert explain.run(args) == 2
     assert "unknown user id 'nobody'" in capsys.readouterr().err
+
+
+def test_an_unwritable_plot_path_is_refused_before_the_work(planted, tmp_path, capsys):
+    """--plot into a missing folder (or under a file) fails at once, naming the option, not with a
+    temporary file's name after the whole explanation was computed and printed."""
+    p, run = planted
+    (tmp_path / "afile").write_text("")
+    args = argparse.Namespace(run=str(run.path), data=None, user=sorted(p.user_groups)[0], target="heldout",
+                              plot=str(tmp_path / "absent" / "u.png"), summary=False, md=None,
+                              example_user=None, limit_users=None, seed=0, threads=2)
+    for plot, wanted in [(tmp_path / "absent" / "u.png", f"directory {tmp_path / 'absent'} does not exist"),
+                         (tmp_path / "afile" / "u.png", f"{tmp_path / 'afile'} is not a directory")]:
+        args.plot = str(plot)
+        with pytest.raises(UserError, match=rf"^--plot {re.escape(str(plot))}: {re.escape(wanted)}$"):
+            explain.run(args)
+        assert capsys.readouterr().out == ""  # nothing explained, nothing printed
+    args.summary, args.user, args.plot, args.md = True, None, None, str(tmp_path / "afile" / "r.md")
+    with pytest.raises(UserError, match=r"^--md .*r\.md: .*afile is not a directory$"):
+        explain.run(args)
+    assert capsys.readouterr().out == ""
 
 
 def test_capsule_entropy_matches_hand_computation():

@@ -1,4 +1,5 @@
-"""Atomic writes: a failure leaves the previous file or folder, never a mix or nothing."""
+"""Atomic writes: a failure leaves the previous file or folder, never a mix or nothing; an output
+path that cannot be written is refused up front, naming the option."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from iacn_torchrec.fileio import replace_dir, save_figure, write_atomic
+from iacn_torchrec.errors import UserError
+from iacn_torchrec.fileio import check_output_path, replace_dir, save_figure, write_atomic
 
 
 def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -60,3 +62,28 @@ def test_replace_dir_puts_the_old_folder_back_when_the_move_fails(tmp_path, monk
     assert (target / "a").read_text() == "old"
     replace_dir(new, target)
     assert (target / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_check_output_path_names_the_option_the_path_and_what_is_wrong(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("keep me")
+    Path("folder").mkdir()
+    refused = [  # (path, option, keywords) -> the message
+        ("afile", "--out", {"directory": True}, "--out afile: exists and is not a directory"),
+        ("afile/sub", "--out", {"directory": True, "parents": True},
+         "--out afile/sub: afile is not a directory"),
+        ("afile/x.tsv", "--out", {}, "--out afile/x.tsv: afile is not a directory"),
+        ("afile/a/b/x.md", "--md", {"parents": True}, "--md afile/a/b/x.md: afile is not a directory"),
+        ("folder", "--out", {}, "--out folder: is a directory"),
+        ("missing/x.png", "--plot", {}, "--plot missing/x.png: directory missing does not exist"),
+    ]
+    for path, option, kw, message in refused:
+        with pytest.raises(UserError) as e:
+            check_output_path(path, option, **kw)
+        assert str(e.value) == message
+    writable = [("folder", {"directory": True}), ("new", {"directory": True}), ("a/b/c", {"parents": True}),
+                ("x.tsv", {}), ("folder/x.tsv", {}), ("afile", {})]  # (an existing file is replaced)
+    for path, kw in writable:
+        check_output_path(path, "--out", **kw)
+    assert Path("afile").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "afile", "folder"]  # checking creates nothing

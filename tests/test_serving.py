@@ -346,6 +346,7 @@ def test_bad_score_input_names_file_line_and_field(tmp_path):
         "user_id\titem_id\thistory\tlabel\nu1\ti\n": r"line 2: malformed line: 2 tab-separated fields, the "
                                                    r"header has 4",
         "user_id\titem_id\thistory\nu1\n": r"line 2: malformed line: 1 tab-separated fields",
+        "user_id\titem_id\thistory\tlabel\n\n": r"no data lines",  # a header alone: nothing to score
     }
     for k, (text, error) in enumerate(cases.items()):
         (tmp_path / f"{k}.tsv").write_text(text)
@@ -355,6 +356,30 @@ def test_bad_score_input_names_file_line_and_field(tmp_path):
     (tmp_path / "f.tsv").write_text("user_id\titem_id\thistory\n u1 \t i \tx\n\nu2\tj\t\nu3\tk\n")
     s = read_samples(tmp_path / "f.tsv")  # u3: a trailing empty history without its tab
     assert (s.user, s.item, s.hist_len.tolist()) == (["u1", "u2", "u3"], ["i", "j", "k"], [1, 0, 0])
+
+
+def test_score_refuses_to_write_over_its_own_input(exported, tmp_path, monkeypatch, capsys):
+    """--out naming the --input file (as typed, through a symlink or a hard link) is refused before
+    anything is read; the input is left as it was."""
+    from iacn_torchrec.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    text = "user_id\titem_id\thistory\nu1\ti1\t\n"
+    Path("in.tsv").write_text(text)
+    Path("sub").mkdir()
+    os.symlink("in.tsv", "link.tsv")
+    os.link("in.tsv", "hard.tsv")
+    for given, out in [("in.tsv", "in.tsv"), ("in.tsv", "sub/../in.tsv"), ("link.tsv", "in.tsv"),
+                       ("in.tsv", "link.tsv"), ("hard.tsv", "in.tsv")]:
+        assert main(["score", "--model", str(exported["din"]), "--input", given, "--out", out]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"iacn score: --out {out} is the --input file; choose another path\n"
+        assert captured.out == "" and Path("in.tsv").read_text() == text
+    # a header alone is an error, not an empty result
+    Path("header.tsv").write_text("user_id\titem_id\thistory\n")
+    assert main(["score", "--model", str(exported["din"]), "--input", "header.tsv"]) == 2
+    assert capsys.readouterr().err == "iacn score: header.tsv: no data lines\n"
+    assert not Path("header.tsv.scores.tsv").exists()
 
 
 def test_bench_serve_reports_every_variant_and_batch_size(runs, exported):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from iacn_torchrec import versions
-from iacn_torchrec.fileio import save_figure, write_atomic
+from iacn_torchrec.fileio import check_output_path, save_figure, write_atomic
 
 __all__ = [
     "UserExplanation",
@@ -651,6 +651,11 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"iacn explain: {problem}", file=sys.stderr)
         return 2
+    # before the work: a figure or report that cannot be written would fail after it
+    if args.plot:
+        check_output_path(args.plot, "--plot")
+    if args.md:
+        check_output_path(args.md, "--md", parents=True)
     try:
         r = load_run(args.run, data=args.data)
         if r.model.iacn is None:

@@ -41,7 +41,7 @@ from torch import nn
 
 from iacn_torchrec import versions
 from iacn_torchrec.errors import UserError
-from iacn_torchrec.fileio import replace_dir, temp_sibling
+from iacn_torchrec.fileio import check_output_path, replace_dir, temp_sibling
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
 from iacn_torchrec.serving.artifact import FORMAT, FORMAT_VERSION, INPUT_NAMES, auc, file_sha256
 
@@ -231,13 +231,17 @@ def _resolve_data(run_dir: Path, data: str | None, config_path: str) -> Path:
     )
 
 
-def load_run(run_dir: str | Path, data: str | None = None, step: int | None = None) -> LoadedRun:
-    """Rebuild ``run_dir``'s model from its config.yaml and newest (or ``step``'s) checkpoint."""
+def load_run(
+    run_dir: str | Path, data: str | None = None, step: int | None = None, doing: str = "using"
+) -> LoadedRun:
+    """Rebuild ``run_dir``'s model from its config.yaml and newest (or ``step``'s) checkpoint. Newer
+    checkpoints left incomplete are announced on stderr (``note: ...; DOING step N``)."""
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.distributed.setup import build_model_from_config
     from iacn_torchrec.train.checkpoint import (
         CheckpointError,
         complete_steps,
+        incomplete_note,
         latest_step,
         load_full_model_state,
     )
@@ -264,7 +268,12 @@ def load_run(run_dir: str | Path, data: str | None = None, step: int | None = No
     if step is not None and step not in complete_steps(root):
         raise ExportError(f"{root}: no complete checkpoint of step {step}; the run has "
                           f"{complete_steps(root) or 'none'} (only the newest are kept)")
-    step = latest_step(root) if step is None else step
+    if step is None:
+        step = latest_step(root)
+        note = incomplete_note(root, step, f"{doing} step {step}" if step is not None
+                               else "no complete checkpoint before it")
+        if note:
+            print(note, file=sys.stderr, flush=True)
     if step is None:
         raise ExportError(f"{run_dir}: no complete checkpoint under {root} yet (the run was stopped before "
                           "its first checkpoint, or is still training)")
@@ -353,7 +362,7 @@ def export_run(
             raise FileExistsError(f"{out}: exists, is not empty and is not an exported model: not "
                                   "replaced, even with --force")
     t0 = time.perf_counter()
-    run = load_run(run_dir, data=data, step=step)
+    run = load_run(run_dir, data=data, step=step, doing="exporting")
     if run.step == 0:
         raise ExportError(f"{run_dir}: its checkpoint is at step 0: the run trained no step (too few "
                           "training samples for a batch?), so there is no trained model to export")
@@ -499,6 +508,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"iacn export: --check-samples must be >= 0 (0: the whole test split), "
               f"got {args.check_samples}", file=sys.stderr)
         return 2
+    check_output_path(args.out, "--out", directory=True, parents=True)  # before loading and tracing
     try:
         m = export_run(
             args.run,

@@ -11,11 +11,11 @@ Input formats (plain or ``.gz``, UTF-8, CRLF accepted):
 * ``dien``: DIEN's ``local_train`` / ``local_test`` rows ``label, uid, mid, cat, hist_mids,
   hist_cats`` (no header, histories ``\\x02``-joined); categories are the file's.
 
-Every row is scored (an empty history is allowed); ids the vocabularies do not know map to the
-unknown row 0 and are counted per field (an unknown history id keeps its place and its length
-count: the model reads row 0 there, trained only where the training data had unknown ids);
-histories longer than L keep their last L items (counted). Output: TSV
-``user_id, item_id, score[, label]`` in input order.
+Every row is scored (an empty history is allowed; a file without rows is an error); ids the
+vocabularies do not know map to the unknown row 0 and are counted per field (an unknown history
+id keeps its place and its length count: the model reads row 0 there, trained only where the
+training data had unknown ids); histories longer than L keep their last L items (counted). Output: TSV
+``user_id, item_id, score[, label]`` in input order, written whole (never over the input file).
 
 This module imports torch, numpy and :mod:`iacn_torchrec.serving.artifact` only (plus the
 torch-free file reader of :mod:`iacn_torchrec.data.sources`).
@@ -24,6 +24,7 @@ torch-free file reader of :mod:`iacn_torchrec.data.sources`).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from iacn_torchrec.data.sources import DataError, read_text
-from iacn_torchrec.fileio import open_atomic
+from iacn_torchrec.fileio import check_output_path, open_atomic
 from iacn_torchrec.serving.artifact import EncodedSamples, ServingArtifact, auc
 
 __all__ = ["RawSamples", "read_samples", "score_file", "add_arguments", "run"]
@@ -156,6 +157,8 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
             if f[cl] not in ("0", "1"):
                 raise DataError(f"{path}: line {n}: field 'label': {f[cl]!r} is not 0 or 1")
             label.append(int(f[cl]))
+    if not user:  # a header alone: nothing to score is an error, not an empty result
+        raise DataError(f"{path}: no data lines")
     return RawSamples(
         user,
         item,
@@ -247,15 +250,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add a column 'unknown' naming each row's ids the vocabularies did not know")
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: the same resolved path (through symlinks, whether
+    or not it exists), or, both existing, the same file (hard links too)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): not the same file
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = args.out or f"{args.input}.scores.tsv"
     if args.batch_size < 1:
         print(f"iacn score: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
-    if not Path(out).resolve().parent.is_dir():
-        print(f"iacn score: --out {out}: directory {Path(out).parent} does not exist", file=sys.stderr)
+    # before reading anything: scores written over their own input would lose it
+    if _same_file(out, args.input):
+        print(f"iacn score: --out {out} is the --input file; choose another path", file=sys.stderr)
         return 2
+    if args.out or Path(args.input).exists():  # a missing input is reported as such, not its default --out
+        check_output_path(out, "--out")
     try:
         s = score_file(
             args.model,

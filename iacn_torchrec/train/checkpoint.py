@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 from pathlib import PurePosixPath
 from typing import Any
@@ -38,6 +39,7 @@ from iacn_torchrec.errors import UserError
 
 path_manager = PathManager()
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_UNFINISHED_DIR = re.compile(r"^step_(\d+)(\.tmp)?$")
 MANIFEST = "manifest.json"
 
 
@@ -172,6 +174,25 @@ def latest_step(root: str) -> int | None:
     return steps[-1] if steps else None
 
 
+def incomplete_note(root: str, newer_than: int | None, then: str) -> str | None:
+    """``"note: ROOT/step_N is incomplete (no manifest.json); THEN"`` for the checkpoint folders newer
+    than step ``newer_than`` (None: all) that a save or a removal left unfinished, or None when
+    there are none: resuming, exporting or explaining passes over them, and says so."""
+    if not path_manager.exists(root):
+        return None
+    found = []
+    for name in path_manager.ls(root):
+        m = _UNFINISHED_DIR.match(name)
+        if not m or (newer_than is not None and int(m.group(1)) <= newer_than):
+            continue
+        if m.group(2):
+            found.append((int(m.group(1)), f"{_join(root, name)} is incomplete (a save in progress or "
+                                           "interrupted)"))
+        elif not path_manager.exists(_join(root, name, MANIFEST)):
+            found.append((int(m.group(1)), f"{_join(root, name)} is incomplete (no {MANIFEST})"))
+    return "note: " + "; ".join(text for _, text in sorted(found)) + f"; {then}" if found else None
+
+
 def _manifest(root: str, step: int | None) -> tuple[int, str, dict[str, Any]]:
     """``(step, directory, manifest)`` of checkpoint ``step`` (default: the newest complete one)."""
     if step is None:
@@ -238,7 +259,17 @@ def load_checkpoint(
         sharded and dist.is_available() and dist.is_initialized()
         and dist.get_world_size() == world_size and dist.get_rank() == rank
     )
-    state = torch.load(io.BytesIO(payload), weights_only=False, map_location=None if in_run else "cpu")
+    try:
+        state = torch.load(io.BytesIO(payload), weights_only=False, map_location=None if in_run else "cpu")
+    except torch.OutOfMemoryError:
+        raise
+    # the manifest matches, but the file is no torch checkpoint (written by something else, or with
+    # its manifest edited to match)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, ImportError, AttributeError) as e:
+        detail = re.split(r"(?<=\.)\s", str(e).strip() or "empty", maxsplit=1)[0].splitlines()[0]
+        raise CheckpointError(f"{fpath}: not a readable checkpoint ({type(e).__name__}: {detail})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{fpath}: not a checkpoint (a {type(state).__name__}, not a state dict)")
     return from_portable(state) if in_run else state
 
 

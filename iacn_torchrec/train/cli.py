@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 
+from iacn_torchrec.fileio import check_output_path
 from iacn_torchrec.train.config import EMBEDDING_OPTIMIZERS, MODELS, ConfigError, TrainConfig
 
 # flag -> (config path, type)
@@ -134,6 +135,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)  # a ConfigError reaches the user as one line (cli.main)
+    # before the data and the model are built: an --out that cannot be a run directory fails now
+    check_output_path(config.out, "--out" if args.out else "out", directory=True, parents=True)
     from iacn_torchrec.train.loop import train
 
     rank = int(os.environ.get("RANK", "0"))

@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from iacn_torchrec.errors import TrainingInterrupted
 from iacn_torchrec.fileio import write_atomic
 from iacn_torchrec.train.checkpoint import (
     CheckpointError,
+    incomplete_note,
     latest_step,
     load_checkpoint,
     rng_state,
@@ -168,6 +169,9 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     out = Path(config.out)
+    if config.data.path:  # recorded absolute (config.yaml, metrics.json): export and explain find it
+        # from any directory. Resume does not compare it (the dataset's content hash stands for it).
+        config = replace(config, data=replace(config.data, path=str(Path(config.data.path).resolve())))
     ds = PreparedDataset.open(config.data.path)
     train_loader, test_loader, item_log_q = make_loaders(config, ds, rank, world_size)
     setup = build_training(config, ds, item_log_q=item_log_q, rank=rank, world_size=world_size)
@@ -181,6 +185,12 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     ckpt_root = str(out / "checkpoints")
     fingerprint = _fingerprint(config, ds.meta.get("content_hash"))
     plan = plan_summary(setup.plan)  # what the per-rank shards depend on: checked on resume, saved
+    if config.resume and rank == 0:  # unfinished newer steps are passed over: say so
+        step = latest_step(ckpt_root)
+        note = incomplete_note(ckpt_root, step, f"resuming from step {step}" if step is not None
+                               else "no complete checkpoint: starting from step 0")
+        if note:
+            print(note, file=sys.stderr, flush=True)
     if config.resume and latest_step(ckpt_root) is not None:
         ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
         differ = _fingerprint_differences(ck.get("config_fingerprint"), fingerprint)
