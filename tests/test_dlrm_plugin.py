@@ -88,8 +88,8 @@ def dlrm_with_iacn(delta: float = 0.3, lam: float = 1.0, seed: int = 0, sampler:
                  over_arch_layer_sizes=[16, 1])
     attach_iacn(model, EBCIaCNSpec(max_len=L), aux_dim=A, delta=delta)
     ebc = model.sparse_arch.embedding_bag_collection
-    task = IaCNTask(IaCNConfig(enabled=True, aux_dim=A, num_negatives=S, sampler=sampler),
-                    item_dim=ebc.aux_item_dim, max_len=L, user_dim=ebc.user_dim)
+    cfg = IaCNConfig(enabled=True, aux_dim=A, num_negatives=S, sampler=sampler, delta=delta, lam=lam)
+    task = IaCNTask(cfg, item_dim=ebc.aux_item_dim, max_len=L, user_dim=ebc.user_dim)
     return EBCModelWithIaCN(model, task, lam=lam, item_log_q=item_log_q)
 
 
@@ -299,6 +299,16 @@ def test_plugin_errors_name_the_field():
                                                 kjt.lengths()[:20])
     with pytest.raises(KeyError, match="iacn_neg_item"):
         model.sparse_arch.embedding_bag_collection(short)
+    # λ and δ live in the task's config: a different λ, or the EBC's δ from attach_iacn, is refused
+    ebc = model.sparse_arch.embedding_bag_collection
+    task = IaCNTask(IaCNConfig(enabled=True, aux_dim=A, num_negatives=S, lam=0.5, delta=0.7),
+                    item_dim=ebc.aux_item_dim, max_len=L, user_dim=ebc.user_dim)
+    with pytest.raises(ValueError, match=r"attach_iacn\(delta=...\) .* is 0.3, .* delta=0.7"):
+        EBCModelWithIaCN(model, task)
+    ebc.delta = 0.7
+    with pytest.raises(ValueError, match=r"lam is 1.0, the IaCN task's config has lam=0.5"):
+        EBCModelWithIaCN(model, task, lam=1.0)
+    assert EBCModelWithIaCN(model, task).lam == 0.5
 
 
 @pytest.mark.parametrize("emb_dim,aux_dim", [(12, 6), (18, 18)])

@@ -337,7 +337,9 @@ class EBCModelWithIaCN(nn.Module):
             :class:`IaCNEmbeddingBagCollection`); called as ``model(dense_features, sparse_features)``
             → logits ``[B, 1]`` or ``[B]`` (DLRM's signature).
         iacn: the IaCN task on ``h = aux_item_dim`` (None: the plain model with the wider tables).
-        lam: λ (0 ⇒ IaCN is not run).
+        lam: λ (0 ⇒ IaCN is not run); default ``iacn.config.lam`` (1 without a task). Given with a
+            task, it must equal the task's, and so must the IaCN EBC's δ (:func:`attach_iacn`): the
+            task's config stays the one record of both, as in :class:`CTRWithIaCN`.
         ebc_path: where the IaCN EBC sits in ``model``; None finds it.
         dense_fn: ``kjt → [B, n]`` dense features when a batch has no ``dense_features``.
         item_log_q: ``[num_items + 1]`` log sampling probability of every item id, for the
@@ -351,7 +353,7 @@ class EBCModelWithIaCN(nn.Module):
         self,
         model: nn.Module,
         iacn: IaCNTask | None,
-        lam: float = 1.0,
+        lam: float | None = None,
         ebc_path: str | None = None,
         dense_fn: Callable[[KeyedJaggedTensor], torch.Tensor] = log_history_length,
         item_log_q: torch.Tensor | None = None,
@@ -363,6 +365,15 @@ class EBCModelWithIaCN(nn.Module):
                 raise ValueError(f"EBCModelWithIaCN: need exactly one IaCNEmbeddingBagCollection in the "
                                  f"model, found {found}; call attach_iacn first")
             ebc_path = found[0]
+        if iacn is not None:
+            delta = model.get_submodule(ebc_path).delta
+            for name, given in (("lam", lam), ("delta", delta)):
+                if given is not None and float(given) != float(getattr(iacn.config, name)):
+                    where = "lam" if name == "lam" else f"attach_iacn(delta=...) ({ebc_path})"
+                    raise ValueError(f"EBCModelWithIaCN: {where} is {given}, the IaCN task's config has "
+                                     f"{name}={getattr(iacn.config, name)}; set it in IaCNConfig")
+            lam = iacn.config.lam
+        lam = 1.0 if lam is None else lam
         if float(lam) < 0:
             raise ValueError(f"EBCModelWithIaCN: lam must be >= 0, got {lam}")
         if iacn is not None and iacn.config.sampler == "log_uniform" and item_log_q is None:
