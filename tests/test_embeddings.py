@@ -276,3 +276,21 @@ def test_empty_history_rows_are_zero():
     assert empty.any()  # the seed gives at least one empty history
     assert out.hist[empty].abs().sum() == 0 and out.aux_hist[empty].abs().sum() == 0
 
+
+
+@pytest.mark.parametrize("lengths", [[0, 3, 1, 7], [0, 0]])
+def test_pad_jagged_float64_equals_fbgemm_and_stays_in_the_graph(lengths):
+    """float64, which fbgemm's jagged_to_padded_dense lacks, pads by a gather: the same values (a row
+    past max_len truncated), and a graph even with no values at all (a zero gradient, not None)."""
+    from iacn_torchrec.modules.embeddings import pad_jagged
+
+    lengths = torch.tensor(lengths)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    values = torch.randn(int(lengths.sum()), 3, dtype=torch.float64, requires_grad=True)
+    padded = pad_jagged(values, offsets, 5)
+    want = torch.ops.fbgemm.jagged_to_padded_dense(values.detach().float(), [offsets], [5], 0.0)
+    assert padded.dtype == torch.float64 and torch.equal(padded.float(), want)
+    (padded * torch.arange(1.0, 6.0, dtype=torch.float64).view(1, 5, 1)).sum().backward()
+    position = torch.cat([torch.arange(1.0, n + 1) for n in lengths.tolist()] + [torch.zeros(0)])
+    weight = torch.where(position <= 5, position, 0.0).double()  # a truncated row gets no gradient
+    assert torch.equal(values.grad, weight.unsqueeze(1).expand(-1, 3))

@@ -529,10 +529,9 @@ def pad_jagged(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> tor
         return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], 0.0)
     pos = torch.arange(max_len, device=values.device)
     live = pos < (offsets[1:] - offsets[:-1]).unsqueeze(1)  # [B, L]
-    if values.shape[0] == 0:
-        return values.new_zeros(live.shape[0], max_len, values.shape[1])
-    idx = (offsets[:-1].unsqueeze(1) + pos).masked_fill(~live, 0)
-    return values[idx] * live.unsqueeze(-1)
+    # padding gathers an appended zero row: the result stays in values' graph even when N = 0
+    idx = (offsets[:-1].unsqueeze(1) + pos).masked_fill(~live, values.shape[0])
+    return torch.cat([values, values.new_zeros(1, values.shape[1])])[idx]
 
 
 def fixed_length_ids(
