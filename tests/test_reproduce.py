@@ -91,6 +91,11 @@ def test_pipeline_writes_tables_and_plots_and_resumes(tiny, tmp_path, capsys):
     t1 = (res / "table1.md").read_text()
     assert "iacn reproduce --data" in t1 and "| DIN |" in t1 and "| Wide&Deep |" in t1
     assert '"torchrec"' in t1 and "Wall time" in t1 and "(n=2)" in t1
+    assert "aux dim 18 per table, the paper's setting)" in t1
+    other = tmp_path / "aux6"  # the header names the aux dim the runs have (--set), not the paper's
+    assert rp.run(_args([*argv[:-2], "--results", str(other), "--only", "table1", "--no-train",
+                         "--set", "iacn.aux_dim=6"])) == 0
+    assert "aux dim 6 per table)" in (other / "table1.md").read_text()
 
     # the table's numbers are the runs' own AUCs, paired by seed
     def strict(text: str):  # JSON without NaN/Infinity tokens, as any parser reads it
@@ -133,6 +138,12 @@ def test_resume_retrains_only_missing_or_changed_runs(tiny, tmp_path, capsys):
     assert rp.run(_args(argv)) == 0
     printed = capsys.readouterr().out
     assert "4 already finished, 2 to train" in printed
+    # the same dataset elsewhere (a moved checkout, a copy): its finished runs still count
+    import shutil
+
+    moved = shutil.copytree(tiny, tmp_path / "moved" / tiny.name)
+    config = rp.make_config(_args(argv), rp.Run("din-L8-base-s1", "din", 8, rp.BASE, 1, moved), out).to_dict()
+    assert config["data"]["path"] != str(tiny) and rp.finished(out / "din-L8-base-s1", config) is not None
     assert (out / "din-L8-base-s0" / "metrics.json").stat().st_mtime_ns == kept
     assert json.loads(stale.read_text())["config"]["iacn"]["delta"] == 0.3
     # the other configuration's run is kept aside, not deleted
@@ -164,6 +175,25 @@ def test_resume_retrains_only_missing_or_changed_runs(tiny, tmp_path, capsys):
                          for i, a in enumerate(argv)])) == 0
     assert "0 already finished, 6 to train" in capsys.readouterr().out
     assert len(list((out / "_stale").iterdir())) == 7
+
+
+def test_a_failing_run_is_named_and_the_others_still_train(tiny, tmp_path, capsys):
+    """A variant whose loss overflows fails its two runs; the other six train, the table is written
+    without it, the call exits 1 naming both, and the next call tries only the failed ones again."""
+    out, res = tmp_path / "runs", tmp_path / "results"
+    argv = ["--data", str(tiny), "--seeds", "2", "--max-steps", "2", "--batch-size", "16", "--only",
+            "variants", "--variant-models", "din", "--variant", "inf:iacn.lam=1e39", "--threads", "1",
+            "--out", str(out), "--results", str(res)]
+    assert rp.run(_args(argv)) == 1
+    captured = capsys.readouterr()
+    assert "din-L8-var-inf-s0 failed: FloatingPointError" in captured.out
+    assert "2 run(s) failed and are left out: din-L8-var-inf-s0 (FloatingPointError" in captured.err
+    assert sorted(p.name for p in out.iterdir() if (p / "metrics.json").exists()) == [
+        f"din-L8-{arm}-s{seed}" for arm in ("base", "iacn-d0.3-l1", "iacn-d1-l0") for seed in (0, 1)]
+    table = (res / "variants.md").read_text()
+    assert "Runs: 6 of 8 finished" in table and "| DIN IaCN inf (iacn.lam=1e39) | – |" in table
+    assert rp.run(_args(argv)) == 1
+    assert "6 already finished, 2 to train" in capsys.readouterr().out
 
 
 _HOLD_LOCK = """

@@ -9,10 +9,12 @@ Examples::
     iacn reproduce --data DIR --max-steps 20 --seeds 2 --out runs/smoke --results /tmp/smoke
 
 Every training run is one directory ``OUT/<model>-L<len>-<arm>-s<seed>/`` whose ``metrics.json`` is
-the unit of work: a run whose metrics.json exists with the same configuration is skipped, so an
-interrupted reproduction resumes where it stopped (an unfinished run restarts from its last
-checkpoint, see ``--checkpoint-every``). Runs shared by several tables (DIEN+IaCN at δ = 0.3 and
-length 20 is in all three) are trained once.
+the unit of work: a run whose metrics.json exists with the same configuration and dataset (its
+content hash, wherever the dataset now sits) is skipped, so an interrupted reproduction resumes where
+it stopped (an unfinished run restarts from its last checkpoint, see ``--checkpoint-every``). A run
+that fails (a non-finite loss, say) is named and left out of the tables; the others still train, the
+tables are written, the command exits 1, and the next call tries the failed run again. Runs shared by
+several tables (DIEN+IaCN at δ = 0.3 and length 20 is in all three) are trained once.
 
 Arms are paired by seed: the same seed gives every arm the same data order and the same
 initialisation of the E_orig and user tables (drawn first); IaCN's arms then draw their aux tables,
@@ -267,6 +269,7 @@ def comparable(config: dict[str, Any]) -> str:
     for k in _RUN_CONTROL:
         d.pop(k, None)
     d.get("data", {}).pop("eval_batch_size", None)
+    d.get("data", {}).pop("path", None)  # where the dataset sits: finished() compares its content hash
     return json.dumps(d, sort_keys=True)
 
 
@@ -378,15 +381,20 @@ def _wait(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def execute(args: argparse.Namespace, plan: list[Run], out: Path) -> dict[str, dict[str, Any]]:
-    """Trains every run of ``plan`` not finished yet; returns run id → metrics (finished runs only).
+def execute(
+    args: argparse.Namespace, plan: list[Run], out: Path
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Trains every run of ``plan`` not finished yet; returns (run id → metrics of the finished runs,
+    run id → error of the runs that failed here).
 
     Runs another process is training (live lock) are deferred, then awaited (or trained here if
-    that process dies)."""
+    that process dies). A configuration error (`UserError`) stops everything: every run would
+    repeat it."""
     from iacn_torchrec.train.checkpoint import CheckpointError
     from iacn_torchrec.train.loop import train
 
     results: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
     todo = []
     for run in plan:
         cfg = make_config(args, run, out)
@@ -434,11 +442,20 @@ def execute(args: argparse.Namespace, plan: list[Run], out: Path) -> dict[str, d
                       f"({', '.join(sorted(run.parts))}){eta}", flush=True)
                 t0 = time.perf_counter()
                 try:
-                    result = train(cfg)
-                except CheckpointError as e:  # another configuration's (or a damaged) checkpoint
-                    print(f"  {run.run_id}: {e}; retraining from scratch", flush=True)
-                    shutil.rmtree(run_dir)
-                    result = train(cfg)
+                    try:
+                        result = train(cfg)
+                    except CheckpointError as e:  # another configuration's (or a damaged) checkpoint
+                        print(f"  {run.run_id}: {e}; retraining from scratch", flush=True)
+                        shutil.rmtree(run_dir)
+                        result = train(cfg)
+                except UserError:
+                    raise
+                except Exception as e:  # this run's own failure (a non-finite loss): not the others'
+                    failures[run.run_id] = f"{type(e).__name__}: {e}"
+                    print(f"  {run.run_id} failed: {failures[run.run_id]}; left out of the tables "
+                          "(the next call tries it again)", flush=True)
+                    done += 1
+                    continue
                 wall = time.perf_counter() - t0
                 write_atomic(run_dir / "reproduce_run.json", json.dumps({"wall_s": wall}))
                 if not args.keep_checkpoints:
@@ -456,7 +473,7 @@ def execute(args: argparse.Namespace, plan: list[Run], out: Path) -> dict[str, d
                   flush=True)
             _wait(POLL_S)
         todo = deferred
-    return results
+    return results, failures
 
 
 # ======================================================================================= statistics
@@ -631,9 +648,13 @@ def write_table1(args, plan, results, out: Path, res_dir: Path, base_len: int) -
         rows.append(f"| {MODEL_LABELS.get(model, model)} | {' | '.join(cells)} | {fmt_lift(lift)} | "
                     f"{lift.verdict()} | {fmt_lift(vs_ctrl)} | {vs_ctrl.verdict()} |")
         summary[model] = {"auc": dict(a), "lift": vars(lift), "lift_vs_control": vars(vs_ctrl)}
+    from iacn_torchrec.modules.iacn import IaCNConfig
+
+    aux = make_config(args, next(r for r in runs if r.arm.key == IACN.key), out).iacn.aux_dim  # after --set
+    paper = ", the paper's setting" if aux == IaCNConfig().aux_dim else ""
     lines = _header(f"Table 1 analogue: IaCN on each main model ({args.name})", args, runs, results, out, [
-        f"- Arms: alone (no aux table); + IaCN (δ = {PAPER_DELTA:g}, λ = {PAPER_LAM:g}, aux dim 18 per "
-        "table, the paper's setting); control = the same aux table with δ = 1 and λ = 0 (extra "
+        f"- Arms: alone (no aux table); + IaCN (δ = {PAPER_DELTA:g}, λ = {PAPER_LAM:g}, aux dim {aux} per "
+        f"table{paper}); control = the same aux table with δ = 1 and λ = 0 (extra "
         "embedding width trained by the main loss only: capacity-matched, no interest signal)."])
     lines += ["| model | alone | + IaCN | control | lift IaCN − alone | beyond seed noise? | "
               "lift IaCN − control | beyond seed noise? |", "|---|---|---|---|---|---|---|---|", *rows, "",
@@ -910,6 +931,7 @@ def run(args: argparse.Namespace) -> int:
     res_dir = (args.results or REPO / "docs" / "results" / args.name).resolve()
     plan = build_plan(args, datasets, base_len)
     t0 = time.perf_counter()
+    failures: dict[str, str] = {}
     if args.no_train:
         results = {}
         for r in plan:
@@ -917,7 +939,7 @@ def run(args: argparse.Namespace) -> int:
             if m is not None:
                 results[r.run_id] = m
     else:
-        results = execute(args, plan, out)
+        results, failures = execute(args, plan, out)
     res_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
     if "table1" in parts:
@@ -942,4 +964,8 @@ def run(args: argparse.Namespace) -> int:
     minutes = (time.perf_counter() - t0) / 60
     print(f"reproduce: {len(results)}/{len(plan)} runs finished ({minutes:.1f} min this call); tables and "
           f"plots in {res_dir}", flush=True)
+    if failures:
+        print(f"reproduce: {len(failures)} run(s) failed and are left out: " + "; ".join(
+            f"{rid} ({err})" for rid, err in failures.items()), file=sys.stderr, flush=True)
+        return 1
     return 0
