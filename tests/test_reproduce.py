@@ -177,6 +177,17 @@ def test_resume_retrains_only_missing_or_changed_runs(tiny, tmp_path, capsys):
     assert len(list((out / "_stale").iterdir())) == 7
 
 
+def test_aux_table_pins_reach_the_iacn_arms_only(tiny, tmp_path):
+    """``--set distributed.sharding_types=...`` naming an aux table is kept for IaCN's arms and dropped
+    for the model alone, which has no aux table (planning would refuse an unknown table)."""
+    pins = "distributed.sharding_types={item_aux: row_wise, item_orig: table_wise}"
+    args = _args(["--data", str(tiny), "--set", pins, "--out", str(tmp_path)])
+    alone = rp.make_config(args, rp.Run("din-L8-base-s0", "din", 8, rp.BASE, 0, tiny), tmp_path)
+    iacn = rp.make_config(args, rp.Run("din-L8-iacn-d0.3-l1-s0", "din", 8, rp.IACN, 0, tiny), tmp_path)
+    assert alone.distributed.sharding_types == {"item_orig": "table_wise"}
+    assert iacn.distributed.sharding_types == {"item_aux": "row_wise", "item_orig": "table_wise"}
+
+
 def test_a_failing_run_is_named_and_the_others_still_train(tiny, tmp_path, capsys):
     """A variant whose loss overflows fails its two runs; the other six train, the table is written
     without it, the call exits 1 naming both, and the next call tries only the failed ones again."""

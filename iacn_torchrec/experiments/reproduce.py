@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -294,7 +294,13 @@ def make_config(args: argparse.Namespace, run: Run, out: Path):
         resume=True,
     )
     sets = list(args.set) + list(run.arm.sets)
-    return cfg.override(sets) if sets else cfg
+    cfg = cfg.override(sets) if sets else cfg
+    pins = cfg.distributed.sharding_types
+    if not cfg.iacn.enabled and any(t.endswith("_aux") for t in pins):
+        # a --set pin of an aux table is for the IaCN arms: the model alone has no such table
+        kept = {t: st for t, st in pins.items() if not t.endswith("_aux")}
+        cfg = replace(cfg, distributed=replace(cfg.distributed, sharding_types=kept))
+    return cfg
 
 
 def finished(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
