@@ -62,6 +62,16 @@ def test_user_then_score_order_is_lexsorts(case):
     np.testing.assert_array_equal(scores[got], scores[ref])  # NaN == NaN here
 
 
+def test_a_nan_score_gives_nan_aucs_not_a_plausible_one():
+    """A NaN probability (a damaged checkpoint, say) has no rank: AUC and GAUC are NaN, as the
+    log-loss is, instead of the 0.5 that sorting NaN highest would give here."""
+    m = CTRMetrics()
+    m.update(torch.tensor([0.9, float("nan"), 0.2, 0.1]), torch.tensor([1.0, 0, 1, 0]),
+             torch.tensor([1, 1, 2, 2]))
+    out = m.compute()
+    assert np.isnan(out["auc"]) and np.isnan(out["gauc"]) and np.isnan(out["logloss"])
+
+
 def test_group_auc_skips_single_class_users_and_hand_value():
     # user 1: pos 0.9 > neg 0.1 -> 1.0 (2 samples); user 2: pos 0.2 < neg 0.8 -> 0.0 (2 samples);
     # user 3 only positives: skipped

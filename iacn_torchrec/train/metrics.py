@@ -17,12 +17,13 @@ def group_auc(uids: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple
     """User-grouped AUC (DIN paper): Σ_u n_u·AUC_u / Σ_u n_u over users with both labels.
 
     Per-user AUC via the Mann-Whitney rank sum with tie-averaged ranks, fully vectorised.
-    Returns ``(gauc, number of users counted)``; ``nan`` when no user has both labels.
+    Returns ``(gauc, number of users counted)``; ``nan`` when no user has both labels, or when a
+    score is NaN (it has no rank: sorting would place it highest and give a plausible AUC).
     """
     uids = np.asarray(uids)
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(bool)
-    if len(uids) == 0:
+    if len(uids) == 0 or np.isnan(scores).any():
         return float("nan"), 0
     order = _by_user_then_score(uids, scores)
     u, s, y = uids[order], scores[order], labels[order]
