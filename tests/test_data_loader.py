@@ -171,10 +171,13 @@ def test_resume_mid_epoch(small):
     with pytest.raises(ValueError, match="batch_size"):
         BatchLoader(ds, "train", 9, seed=5, world_size=2).load_state_dict(state)
     for other, key in ((dict(shuffle=False), "shuffle"), (dict(drop_last=True), "drop_last"),
+                       (dict(min_last_batch=2), "min_last_batch"),
                        (dict(iacn_negatives=UniformNegatives(ds.num_items, 4, seed=8)), "negatives_seed")):
         kw = dict(shuffle=True, seed=5, rank=1, world_size=2, with_neg_hist=True, iacn_negatives=neg)
         with pytest.raises(ValueError, match=rf"cannot resume: state has {key}="):
             BatchLoader(ds, "train", 8, **{**kw, **other}).load_state_dict(state)
+    with pytest.raises(ValueError, match="drew IaCN negatives, this one has no sampler"):
+        BatchLoader(ds, "train", 8, shuffle=True, seed=5, rank=1, world_size=2).load_state_dict(state)
 
 
 def test_iacn_negatives_features(small):

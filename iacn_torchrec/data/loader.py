@@ -349,6 +349,7 @@ class BatchLoader:
             "num_samples": self.num_samples,
             "shuffle": int(self.shuffle),
             "drop_last": int(self.drop_last),
+            "min_last_batch": self.min_last_batch,  # it changes len(self), as drop_last does
         }
         if self.iacn_negatives is not None:
             state["negatives_seed"] = self.iacn_negatives.seed
@@ -360,6 +361,8 @@ class BatchLoader:
             # a key the state lacks (older checkpoints) is not checked
             if key not in ("epoch", "batch") and key in state and int(state[key]) != value:
                 raise ValueError(f"cannot resume: state has {key}={state[key]}, this loader {value}")
+        if "negatives_seed" in state and "negatives_seed" not in mine:
+            raise ValueError("cannot resume: the state's loader drew IaCN negatives, this one has no sampler")
         self.epoch = int(state["epoch"])
         self._next = int(state["batch"])
 
