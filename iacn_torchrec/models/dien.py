@@ -37,7 +37,8 @@ class DIENConfig:
             :func:`~iacn_torchrec.models.framework.build_model` passes the *plain* model's item width
             ``2·emb_dim`` (the reference code's ``HIDDEN_SIZE = 18·2``, a constant), so IaCN's wider
             items (``E_orig ⊕ E_aux``) widen the GRU's input but leave its state as it is.
-        att_hidden / att_activation: attention unit over the GRU outputs (80 → 40, sigmoid).
+        att_hidden / att_activation: attention unit over the GRU outputs (80 → 40, sigmoid; ``dice``
+            in the padded path: see :class:`~iacn_torchrec.models.layers.AttentionUnit`).
         aux_hidden / aux_activation: auxiliary-loss MLP on ``[h_t, e]`` (100 → 50 → 1, sigmoid). The
             reference's ``auxiliary_net`` starts with a BatchNorm on ``[h_t, e]``; this one has none.
         aux_loss_weight: weight of the next-behaviour auxiliary loss (reference: 1).

@@ -19,7 +19,8 @@ class DINConfig:
 
     Attributes:
         att_hidden: attention-unit hidden widths on ``[q, k, q-k, q·k]``.
-        att_activation: attention-unit activation (DIEN's code: sigmoid).
+        att_activation: attention-unit activation (DIEN's code: sigmoid; ``dice`` in the padded path:
+            see :class:`~iacn_torchrec.models.layers.AttentionUnit`).
         att_softmax: softmax-normalise the masked attention scores (DIEN's code: yes).
         tower_hidden: tower widths after the input BatchNorm.
         tower_activation: ``dice`` (DIN/DIEN) or ``prelu``.

@@ -246,6 +246,10 @@ class AttentionUnit(nn.Module):
 
     Shapes: query ``[B, Dq]``, keys ``[B, T, Dk]``, mask ``[B, T]`` → (output ``[B, Dk]``,
     weights ``[B, T]``, zero at padded positions; a row without real positions gets all-zero weights).
+
+    With ``activation="dice"`` (not the default) the padded :meth:`forward` in training feeds Dice's
+    batch statistics every position, padded ones included; :meth:`forward_jagged` (eager training's
+    path) only real ones. Evaluation uses the running statistics, the same in both.
     """
 
     def __init__(
