@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -234,6 +235,77 @@ def test_corrupted_artefact_is_refused(exported, tmp_path):
         ServingArtifact.load(bad)
 
 
+def _edit_manifest(d: Path, edit) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    edit(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def _rehash(d: Path, rel: str) -> None:
+    """Record ``rel``'s current sha256 in the manifest (a consistent but wrong artefact)."""
+    from iacn_torchrec.serving.artifact import file_sha256
+
+    _edit_manifest(d, lambda m: m["files"].__setitem__(rel, file_sha256(d / rel)))
+
+
+def test_every_file_the_artefact_reads_must_be_listed_in_the_manifest(exported, tmp_path):
+    """A file dropped from the manifest's list could be swapped unnoticed: refused, naming it."""
+    for rel in ("item2cate.npy", "vocab/item.tsv", "vocab/cate.tsv", "model.pt"):
+        bad = tmp_path / rel.replace("/", "-")
+        shutil.copytree(exported["wide_deep"], bad)
+        _edit_manifest(bad, lambda m, rel=rel: m["files"].pop(rel))
+        if rel == "item2cate.npy":  # the reviewer's case: wrong categories, scored with rc 0
+            np.save(bad / rel, np.zeros_like(np.load(bad / rel)))
+        with pytest.raises(ValueError, match=rf"{rel}: not listed in manifest.json's files"):
+            ServingArtifact.load(bad)
+    bad = tmp_path / "int8"  # the int8 model too, when it is the one loaded
+    shutil.copytree(exported["din"], bad)
+    _edit_manifest(bad, lambda m: m["files"].pop("model_int8.pt"))
+    ServingArtifact.load(bad)  # not read: the float model loads
+    with pytest.raises(FileNotFoundError, match="no model_int8.pt"):
+        ServingArtifact.load(bad, int8=True)
+
+
+def test_a_malformed_artefact_is_a_one_line_score_error(exported, runs, tmp_path, capsys):
+    """A manifest of the wrong shape, or one whose figures disagree with the model's own shapes
+    (even with every sha256 right), is reported in one line, exit status 2 — no traceback."""
+    from iacn_torchrec.cli import main
+
+    items = load_run(runs["wide_deep"]).ds.vocab("item")
+    (tmp_path / "in.tsv").write_text(f"user_id\titem_id\thistory\nu\t{items[2]}\t{items[0]}|{items[1]}\n")
+
+    def short_item2cate(d):
+        np.save(d / "item2cate.npy", np.zeros(5, dtype=np.int64))
+        _rehash(d, "item2cate.npy")
+
+    def big_vocab_index(d):
+        with open(d / "vocab" / "item.tsv", "a") as f:
+            f.write("NEW-ITEM\t99999\n")
+        _rehash(d, "vocab/item.tsv")
+
+    cases = {
+        "nofiles": (lambda d: _edit_manifest(d, lambda m: m.pop("files")),
+                    r"manifest.json: field 'files' is"),
+        "list": (lambda d: (d / "manifest.json").write_text("[]"), r"manifest.json: expected a JSON object"),
+        "maxlen": (lambda d: _edit_manifest(d, lambda m: m["dims"].__setitem__("max_len", 10)),
+                   r"manifest.json: dims.max_len is 10 but model.pt was traced for L = 16"),
+        "nodims": (lambda d: _edit_manifest(d, lambda m: m.pop("dims")),
+                   r"manifest.json: field 'dims.max_len'"),
+        "short": (short_item2cate, r"item2cate.npy: int64 \[5\], but model.pt's item table has \d+ rows"),
+        "vocab": (big_vocab_index, r"vocab/item.tsv: index 99999 past the model's item table"),
+    }
+    for name, (edit, error) in cases.items():
+        bad = tmp_path / name
+        shutil.copytree(exported["wide_deep"], bad)
+        edit(bad)
+        rc = main(["score", "--model", str(bad), "--input", str(tmp_path / "in.tsv"),
+                   "--out", str(tmp_path / f"{name}.out"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"iacn score: {bad}/") and err.count("\n") == 1, (name, err)
+        assert re.search(error, err), (name, err)
+        assert not (tmp_path / f"{name}.out").exists()
+
+
 # ------------------------------------------------------------------------------------------- score
 def test_artefact_scores_in_a_fresh_process_without_training_code(runs, exported, tmp_path):
     ds = load_run(runs["din"]).ds
@@ -309,6 +381,43 @@ def test_unknown_ids_map_to_the_unknown_row_and_are_counted(runs, exported, tmp_
         "user", "item,history:1", "", ""]
     np.testing.assert_array_equal(np.loadtxt(tmp_path / "marked.tsv", skiprows=1, usecols=2, delimiter="\t"),
                                   got)
+
+
+def test_unknown_history_ids_cut_by_the_truncation_are_not_counted(runs, exported, tmp_path):
+    """Only the last L history ids are scored: an unknown id before them is neither counted nor
+    marked; one among them is."""
+    items = load_run(runs["din"]).ds.vocab("item")
+    L = ServingArtifact.load(exported["din"]).max_len
+    kept = items[:L]
+    (tmp_path / "in.tsv").write_text(
+        "user_id\titem_id\thistory\n"
+        f"NO-SUCH-USER\t{items[3]}\t{'|'.join(['CUT-UNKNOWN', *kept])}\n"  # L + 1 ids: the unknown is cut
+        f"NO-SUCH-USER\t{items[3]}\t{'|'.join(['CUT-UNKNOWN', *kept[1:], 'KEPT-UNKNOWN'])}\n"
+    )
+    s = score_file(exported["din"], tmp_path / "in.tsv", tmp_path / "out.tsv", progress=False,
+                   mark_unknown=True)
+    assert s["unknown_ids"] == {"uid": 2, "item": 0, "hist_item": 1}
+    assert s["histories_truncated"] == 2 and s["history_ids"] == 2 * L
+    marks = [ln.split("\t")[3] for ln in (tmp_path / "out.tsv").read_text().splitlines()[1:]]
+    assert marks == ["user", "user,history:1"]
+
+
+def test_dien_rows_mark_their_unknown_categories(runs, exported, tmp_path):
+    """DIEN files carry their categories: --mark-unknown names unknown ones per row (as ``cate``,
+    ``hist_cate:K``), and the marks add up to the summary's counts."""
+    ds = load_run(runs["din"]).ds
+    U, Id, C = ds.vocab("uid"), ds.vocab("item"), ds.vocab("cate")
+    x = chr(2)
+    (tmp_path / "local_test").write_text(
+        f"1\t{U[0]}\t{Id[0]}\tNO-CAT\t{Id[1]}{x}{Id[2]}\t{C[0]}{x}NO-CAT2\n"
+        f"0\t{U[1]}\t{Id[3]}\t{C[1]}\t{Id[4]}{x}NO-ITEM\t{C[1]}{x}{C[2]}\n"
+        f"0\t{U[1]}\t{Id[3]}\t{C[1]}\t{Id[4]}\t{C[1]}\n"
+    )
+    s = score_file(exported["din"], tmp_path / "local_test", tmp_path / "out.tsv", progress=False,
+                   mark_unknown=True)
+    assert s["unknown_ids"] == {"uid": 0, "item": 0, "hist_item": 1, "cate": 1, "hist_cate": 1}
+    marks = [ln.split("\t")[4] for ln in (tmp_path / "out.tsv").read_text().splitlines()[1:]]
+    assert marks == ["cate,hist_cate:1", "history:1", ""]
 
 
 def test_dien_local_test_format_is_read(runs, exported, tmp_path):
@@ -391,6 +500,28 @@ def test_bench_serve_reports_every_variant_and_batch_size(runs, exported):
     got = {(r["variant"], r["batch_size"]) for r in res["rows"]}
     assert got == {(v, b) for v in ("eager", "exported", "exported_int8") for b in (1, 8)}
     assert all(r["samples_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in res["rows"])
+
+
+def test_bench_serve_counts_the_rows_really_scored(runs, exported):
+    """A batch size beyond the test split times the whole split: samples/s counts its rows, not the
+    size asked for."""
+    from iacn_torchrec.serving.bench import bench_serve
+
+    n = len(load_run(runs["din"]).ds.split("test"))
+    res = bench_serve(str(runs["din"]), str(exported["din"]), batch_sizes=(10 * n,), min_seconds=0.01,
+                      max_batches=1)
+    for r in res["rows"]:
+        assert r["samples_per_s"] == pytest.approx(n / (r["mean_ms"] / 1e3), rel=1e-9)
+        assert (r["batch_size"], r["rows_per_batch"]) == (10 * n, n)
+
+
+def test_bench_serve_refuses_batch_sizes_below_one(runs, capsys):
+    from iacn_torchrec.cli import main
+
+    for sizes in ("0", "-4", "1,0", ""):
+        assert main(["bench", "serve", "--run", str(runs["din"]), f"--batch-sizes={sizes}"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"iacn bench serve: --batch-sizes {sizes!r}: expected sizes >= 1, e.g. 1,64,1024\n"
 
 
 def test_export_refuses_a_run_without_a_checkpoint_or_without_a_step(data_dir, tmp_path):

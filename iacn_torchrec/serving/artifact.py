@@ -43,6 +43,11 @@ FORMAT = "iacn-serving"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INPUT_NAMES = ("uid", "item", "cate", "hist_item", "hist_cate", "hist_lengths")
+# read by every load besides the model itself: each must be listed in the manifest with its sha256
+# (a file the manifest does not list could be swapped unnoticed)
+DATA_FILES = ("item2cate.npy", "vocab/uid.tsv", "vocab/item.tsv", "vocab/cate.tsv")
+# vocabulary -> the model's table its indices address
+VOCAB_TABLES = {"uid": "user", "item": "item", "cate": "cate"}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -110,6 +115,19 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def _model_shapes(model: torch.jit.ScriptModule) -> tuple[dict[str, int], int]:
+    """The exported model's own shapes: rows of its ``user``/``item``/``cate`` tables (float or int8)
+    and its L (the ``positions`` buffer)."""
+    sd = model.state_dict()
+    rows = {}
+    for t in ("user", "item", "cate"):
+        w = sd.get(f"{t}_table.weight", sd.get(f"{t}_table.weight_q"))
+        if w is None or "positions" not in sd:
+            raise ValueError(f"not an exported model: no {t}_table / positions in its state dict")
+        rows[t] = int(w.shape[0])
+    return rows, int(sd["positions"].numel())
+
+
 @dataclass
 class EncodedSamples:
     """Samples as the artefact's inputs (numpy int64): ``uid/item/cate [N]``, ``hist_item/hist_cate
@@ -156,11 +174,16 @@ class ServingArtifact:
         self.model = model
         self.item2cate = item2cate
         self.max_len = int(manifest["dims"]["max_len"])
+        self.table_rows, self.model_max_len = _model_shapes(model)
         self._vocab: dict[str, dict[str, int]] = {}
 
     @classmethod
     def load(cls, path: str | Path, int8: bool = False, verify: bool = True) -> ServingArtifact:
-        """Load ``path`` (``int8``: the quantised-table model); ``verify`` checks the files' sha256."""
+        """Load ``path`` (``int8``: the quantised-table model); ``verify`` checks the files' sha256.
+
+        Every file read (the model, ``item2cate.npy``, the vocabularies) must be listed in the
+        manifest; the manifest's ``dims.max_len`` and ``item2cate`` must fit the model's own shapes.
+        A bad artefact raises ``ValueError`` / ``FileNotFoundError`` naming the file."""
         d = Path(path)
         mpath = d / MANIFEST
         if not mpath.is_file():
@@ -169,28 +192,78 @@ class ServingArtifact:
             manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{mpath}: not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{mpath}: expected a JSON object, got a {type(manifest).__name__}")
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{mpath}: format {manifest.get('format')!r} v{manifest.get('format_version')}, "
                 f"this code reads {FORMAT!r} v{FORMAT_VERSION}"
             )
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+        ):
+            raise ValueError(f"{mpath}: field 'files' is missing or not an object of path: sha256")
+        dims = manifest.get("dims")
+        max_len = dims.get("max_len") if isinstance(dims, dict) else None
+        if type(max_len) is not int or max_len < 1:  # type(): a JSON true is no length
+            raise ValueError(
+                f"{mpath}: field 'dims.max_len' is missing or not a positive integer ({max_len!r})"
+            )
         name = "model_int8.pt" if int8 else "model.pt"
-        if name not in manifest["files"]:
+        if int8 and name not in files:
             raise FileNotFoundError(f"{d}: no {name} (export with --int8 for quantised tables)")
+        for rel in (name, *DATA_FILES):
+            if rel not in files:
+                raise ValueError(f"{d / rel}: not listed in {MANIFEST}'s files, so it cannot be verified")
         if verify:
-            for rel, digest in manifest["files"].items():
+            for rel, digest in files.items():
                 if not (d / rel).is_file():
                     raise FileNotFoundError(f"{d / rel}: missing (listed in {MANIFEST})")
                 if file_sha256(d / rel) != digest:
                     raise ValueError(f"{d / rel}: corrupted (sha256 differs from {MANIFEST})")
-        model = torch.jit.load(str(d / name), map_location="cpu").eval()
-        item2cate = np.load(d / "item2cate.npy", allow_pickle=False)
-        return cls(d, manifest, model, item2cate)
+        try:
+            model = torch.jit.load(str(d / name), map_location="cpu").eval()
+        except RuntimeError as e:  # TorchScript's messages span many lines: keep the first
+            first = next(iter(str(e).strip().splitlines()), type(e).__name__)
+            raise ValueError(f"{d / name}: not a TorchScript model ({first})") from None
+        ipath = d / "item2cate.npy"
+        try:
+            item2cate = np.load(ipath, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{ipath}: not a .npy array ({e})") from None
+        try:
+            art = cls(d, manifest, model, item2cate)
+        except ValueError as e:  # a TorchScript model, but not one `iacn export` wrote
+            raise ValueError(f"{d / name}: {e}") from None
+        if art.max_len != art.model_max_len:  # the inputs are padded to max_len: the model's L must match
+            raise ValueError(
+                f"{mpath}: dims.max_len is {art.max_len} but {name} was traced for L = {art.model_max_len}"
+            )
+        rows = art.table_rows
+        if item2cate.ndim != 1 or item2cate.dtype != np.int64 or item2cate.size != rows["item"]:
+            raise ValueError(
+                f"{ipath}: {item2cate.dtype} {list(item2cate.shape)}, but {name}'s item table has "
+                f"{rows['item']} rows: expected int64 [{rows['item']}] (num_items + 1)"
+            )
+        if item2cate.size and not (0 <= item2cate.min() and item2cate.max() < rows["cate"]):
+            raise ValueError(
+                f"{ipath}: categories {int(item2cate.min())}..{int(item2cate.max())} outside {name}'s "
+                f"category table (rows 0..{rows['cate'] - 1})"
+            )
+        return art
 
     def vocab(self, kind: str) -> dict[str, int]:
-        """``{raw id: index}`` of ``uid`` / ``item`` / ``cate`` (read once)."""
+        """``{raw id: index}`` of ``uid`` / ``item`` / ``cate`` (read once; an index past the model's
+        table raises naming the file)."""
         if kind not in self._vocab:
-            self._vocab[kind] = read_vocab(self.path / "vocab" / f"{kind}.tsv")
+            vpath = self.path / "vocab" / f"{kind}.tsv"
+            voc = read_vocab(vpath)
+            rows = self.table_rows[VOCAB_TABLES[kind]]
+            top = max(voc.values(), default=0)
+            if top >= rows:
+                raise ValueError(f"{vpath}: index {top} past the model's {kind} table ({rows} rows)")
+            self._vocab[kind] = voc
         return self._vocab[kind]
 
     def lookup(self, kind: str, raw: list[str] | np.ndarray) -> tuple[np.ndarray, int]:
@@ -236,6 +309,11 @@ class ServingArtifact:
             hist_cate_ids, unknown["hist_cate"] = self.lookup("cate", hist_cate)
         hi, kept = pad_last(hist_ids, hist_len, self.max_len)
         hc, _ = pad_last(hist_cate_ids, hist_len, self.max_len)
+        # history ids cut by the last-L truncation are not scored: count only the kept ones
+        real = np.arange(self.max_len)[None, :] < kept[:, None]
+        unknown["hist_item"] = int(((hi == 0) & real).sum())
+        if hist_cate is not None:
+            unknown["hist_cate"] = int(((hc == 0) & real).sum())
         return EncodedSamples(
             uid, item_ids, cate_ids, hi, hc, kept, unknown, truncated=int((hist_len > self.max_len).sum())
         )

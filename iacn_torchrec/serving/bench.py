@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from iacn_torchrec import versions
+from iacn_torchrec.errors import UserError
 
 __all__ = ["time_interleaved", "bench_serve", "add_arguments", "run"]
 
@@ -31,15 +32,16 @@ __all__ = ["time_interleaved", "bench_serve", "add_arguments", "run"]
 def time_interleaved(
     fns: dict[str, Any],
     inputs: dict[str, list[Any]],
-    batch_size: int,
+    rows: int,
     min_seconds: float,
     min_rounds: int = 20,
     warmup: int = 10,
 ) -> dict[str, dict[str, float]]:
     """Time every ``fns[name](x)`` over its ``inputs[name]``, interleaved: each round calls every
     variant once, so load from other processes hits all variants alike (these boxes are shared).
+    ``rows``: samples per call (each input's real batch, not the size asked for).
 
-    Returns per variant: samples/s (``batch_size · calls / Σ latency``), p50 / p99 / mean latency (ms).
+    Returns per variant: samples/s (``rows · calls / Σ latency``), p50 / p99 / mean latency (ms).
     """
     lat: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
@@ -59,7 +61,7 @@ def time_interleaved(
     for k, v in lat.items():
         a = np.array(v) * 1e3
         out[k] = {
-            "samples_per_s": batch_size * len(a) / (a.sum() / 1e3),
+            "samples_per_s": rows * len(a) / (a.sum() / 1e3),
             "p50_ms": float(np.percentile(a, 50)),
             "p99_ms": float(np.percentile(a, 99)),
             "mean_ms": float(a.mean()),
@@ -76,7 +78,12 @@ def bench_serve(
     max_batches: int = 32,
     data: str | None = None,
 ) -> dict:
-    """Benchmark rows ``{variant, batch_size, samples_per_s, p50_ms, p99_ms, ...}`` plus the setup."""
+    """Benchmark rows ``{variant, batch_size, rows_per_batch, samples_per_s, p50_ms, p99_ms, ...}`` plus
+    the setup. A batch size larger than the test split is timed on the whole split: ``rows_per_batch``
+    (the samples each call really scores, what samples/s counts) is then smaller than ``batch_size``."""
+    bad = [b for b in batch_sizes if b < 1]
+    if not batch_sizes or bad:
+        raise UserError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     from iacn_torchrec.data.loader import BatchLoader
     from iacn_torchrec.serving.artifact import ServingArtifact
     from iacn_torchrec.serving.export import export_run, load_run, split_inputs
@@ -94,6 +101,8 @@ def bench_serve(
     need = max(batch_sizes) * max_batches
     inputs, _ = split_inputs(run.ds, limit=need)
     n = inputs[0].shape[0]
+    if n == 0:
+        raise UserError(f"{run.ds.path}: the test split is empty: nothing to time")
     rows = []
     for B in batch_sizes:
         nb = max(1, min(max_batches, n // B))
@@ -109,8 +118,9 @@ def bench_serve(
         padded = [tuple(t[i * B : (i + 1) * B] for t in inputs) for i in range(nb)]
         fns = {"eager": run.model.predict} | {name: (lambda x, m=m: m(*x)) for name, m in variants.items()}
         ins = {"eager": eager_batches} | {name: padded for name in variants}
-        for name, r in time_interleaved(fns, ins, B, min_seconds).items():
-            rows.append({"variant": name, "batch_size": B, **r})
+        real = min(B, n)  # B > n: one batch of the whole split, so samples/s counts n per call
+        for name, r in time_interleaved(fns, ins, real, min_seconds).items():
+            rows.append({"variant": name, "batch_size": B, "rows_per_batch": real, **r})
     if tmp is not None:
         tmp.cleanup()
     for row in rows:
@@ -142,8 +152,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         sizes = tuple(int(x) for x in args.batch_sizes.split(","))
     except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:  # before loading anything (0 would divide by zero)
         print(
-            f"iacn bench serve: --batch-sizes {args.batch_sizes!r}: expected e.g. 1,64,1024", file=sys.stderr
+            f"iacn bench serve: --batch-sizes {args.batch_sizes!r}: expected sizes >= 1, e.g. 1,64,1024",
+            file=sys.stderr,
         )
         return 2
     res = bench_serve(args.run, args.model, sizes, args.min_seconds, data=args.data)
@@ -157,7 +170,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'variant':<15}{'batch':>7}{'samples/s':>13}{'p50 ms':>10}{'p99 ms':>10}{'vs eager':>10}")
     for r in res["rows"]:
         print(
-            f"{r['variant']:<15}{r['batch_size']:>7}{r['samples_per_s']:>13,.0f}{r['p50_ms']:>10.3f}"
+            f"{r['variant']:<15}{r['rows_per_batch']:>7}{r['samples_per_s']:>13,.0f}{r['p50_ms']:>10.3f}"
             f"{r['p99_ms']:>10.3f}{r['speedup_vs_eager']:>9.2f}x"
         )
+    for b in sorted({r["batch_size"] for r in res["rows"] if r["rows_per_batch"] < r["batch_size"]}):
+        n = next(r["rows_per_batch"] for r in res["rows"] if r["batch_size"] == b)
+        print(f"note: batch size {b:,} exceeds the test split: timed on its {n:,} rows")
     return 0

@@ -14,7 +14,8 @@ Input formats (plain or ``.gz``, UTF-8, CRLF accepted):
 Every row is scored (an empty history is allowed; a file without rows is an error); ids the
 vocabularies do not know map to the unknown row 0 and are counted per field (an unknown history
 id keeps its place and its length count: the model reads row 0 there, trained only where the
-training data had unknown ids); histories longer than L keep their last L items (counted). Output: TSV
+training data had unknown ids); histories longer than L keep their last L items (counted; the ids cut
+off are not scored, nor counted as unknown). Output: TSV
 ``user_id, item_id, score[, label]`` in input order, written whole (never over the input file).
 
 This module imports torch, numpy and :mod:`iacn_torchrec.serving.artifact` only (plus the
@@ -170,14 +171,24 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
 
 
 def unknown_fields(enc: EncodedSamples) -> list[str]:
-    """Per row, the inputs mapped to the unknown row 0: ``"user"``, ``"item"``, ``"history:K"``,
-    comma-joined (``""`` when every id was known). History positions past the row's length are
-    padding, not unknown."""
+    """Per row, the inputs mapped to the unknown row 0: ``"user"``, ``"item"``, ``"history:K"``, and
+    for inputs that carry their categories (DIEN files) ``"cate"``, ``"hist_cate:K"``; comma-joined
+    (``""`` when every id was known). History positions past the row's length are padding, not
+    unknown; so are ids cut by the truncation to the last L (they are not scored)."""
     real = np.arange(enc.hist_item.shape[1])[None, :] < enc.hist_lengths[:, None]
-    hist_unknown = ((enc.hist_item == 0) & real).sum(1)
+    hist_unknown = ((enc.hist_item == 0) & real).sum(1).tolist()
+    n = len(enc)
+    # categories are inputs only when the file gave them; from item2cate an unknown item's 0 is
+    # already told by "item" / "history:K"
+    own_cates = "cate" in enc.unknown
+    cate_unknown = (enc.cate == 0).tolist() if own_cates else [False] * n
+    hcate_unknown = ((enc.hist_cate == 0) & real).sum(1).tolist() if own_cates else [0] * n
     out = []
-    for u, i, h in zip(enc.uid.tolist(), enc.item.tolist(), hist_unknown.tolist(), strict=True):
+    for u, i, h, c, hc in zip(
+        enc.uid.tolist(), enc.item.tolist(), hist_unknown, cate_unknown, hcate_unknown, strict=True
+    ):
         parts = (["user"] if u == 0 else []) + (["item"] if i == 0 else []) + ([f"history:{h}"] if h else [])
+        parts += (["cate"] if c else []) + ([f"hist_cate:{hc}"] if hc else [])
         out.append(",".join(parts))
     return out
 
@@ -196,7 +207,8 @@ def score_file(
     (rows, unknown counts, truncated histories, samples/s, AUC when labels are given).
 
     ``mark_unknown``: add a last column ``unknown`` naming, per row, what the vocabularies did not
-    know (``user``, ``item``, ``history:K`` for K unknown history ids; empty when all were known),
+    know (``user``, ``item``, ``history:K`` for K unknown history ids; DIEN files also ``cate``,
+    ``hist_cate:K``; empty when all were known),
     so rows scored with the untrained unknown row can be told apart."""
     art = ServingArtifact.load(model_dir, int8=int8)
     t0 = time.perf_counter()
@@ -221,7 +233,7 @@ def score_file(
         "rows": len(enc),
         "format": raw.format,
         "unknown_ids": enc.unknown,
-        "history_ids": int(raw.hist_len.sum()),
+        "history_ids": int(enc.hist_lengths.sum()),  # those scored: after the cut to the last L
         "histories_truncated": enc.truncated,
         "read_encode_s": t1 - t0,
         "score_s": t2 - t1,
@@ -294,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"  unknown ids mapped to the unknown row 0: {unk} (of {s['rows']:,} rows and "
-        f"{s['history_ids']:,} history ids); histories cut to the last L: {s['histories_truncated']}"
+        f"{s['history_ids']:,} history ids kept); histories cut to the last L: {s['histories_truncated']}"
     )
     if "auc" in s:
         auc_text = f"{s['auc']:.4f}" if s["auc"] == s["auc"] else "n/a (the labels are all one class)"
