@@ -27,6 +27,13 @@ def test_yaml_round_trip_and_override(tmp_path):
         ("epochs=0", "epochs"),
         ("model.dien_hidden=-4", "model.dien_hidden"),
         ("distributed.sharding_types={item_aux: diagonal}", "item_aux"),
+        ("distributed.sharding_types={1: row_wise}", "table names are strings"),
+        ("seed=4294967296", "seed must be in"),  # numpy's np.random.seed refuses it mid-training
+        ("out=''", "out must name a run directory"),
+        ("optim.lr=.inf", "optim.lr must be finite"),
+        ("optim.embedding_lr=.inf", "optim.embedding_lr must be finite"),
+        ("optim.weight_decay=.inf", "optim.weight_decay must be finite"),
+        ("model.dien_aux_loss_weight=.inf", "model.dien_aux_loss_weight must be finite"),
     ],
 )
 def test_bad_values_name_the_field(assignment, needle):
@@ -53,6 +60,20 @@ def test_unknown_yaml_field_names_file_and_field(tmp_path):
         TrainConfig().override(["model.emb_dm=4"])
     with pytest.raises(ConfigError, match=r"unknown field 'model\.zzz'$"):  # nothing close: no guess
         TrainConfig().override(["model.zzz=4"])
+
+
+def test_yaml_sections_and_keys(tmp_path):
+    """A section whose lines are all commented out is empty; a key YAML reads as a bool or int (on,
+    yes, 1) is an error naming the section, not a traceback."""
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  # path: /x\nseed: 3\n")
+    assert TrainConfig.from_yaml(p).seed == 3
+    for text, where in (("data: {path: /x}\non: true\n", "config"), ("model:\n  1: 2\n", "model")):
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=rf"c\.yaml: {where}: field names must be strings"):
+            TrainConfig.from_yaml(p)
+    with pytest.raises(ConfigError, match=r"^distributed: expected a mapping, got str$"):
+        TrainConfig().override(["distributed=foo"])
 
 
 @pytest.mark.parametrize("value", ["@runs", "[din", "*x"])
@@ -93,3 +114,7 @@ def test_cli_flags_comma_separated_sharding_and_joined_sets():
     assert not config_from_args(p.parse_args(["--data", "/x", "--iacn"])).iacn.keep_width
     with pytest.raises(ConfigError, match="no dataset"):
         config_from_args(p.parse_args(["--model", "din"]))
+    # --sharding is a flag: --set overrides it; a flag value past U+FFFF survives the YAML round trip
+    both = config_from_args(p.parse_args(["--data", "/x😀", "--sharding", "item_orig=column_wise",
+                                          "--set", "distributed.sharding_types.item_orig=row_wise"]))
+    assert both.distributed.sharding_types == {"item_orig": "row_wise"} and both.data.path == "/x😀"

@@ -107,26 +107,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for flag, (path, _) in _FLAGS.items():
         v = getattr(args, flag, None)
         if v is not None:
-            sets.append(f"{path}={json.dumps(v)}")
+            sets.append(f"{path}={json.dumps(v, ensure_ascii=False)}")  # YAML reads JSON's \u escapes
+            # as UTF-16 halves: a character past U+FFFF would come back as two lone surrogates
     if args.iacn is not None:
         sets.append(f"iacn.enabled={json.dumps(args.iacn)}")
     if not args.resume:
         sets.append("resume=false")
     if not args.progress:
         sets.append("progress=false")
-    config = config.override(sets + [part for arg in args.set for part in arg.split(";") if part.strip()])
-    iacn_flags = [f"--{f.replace('_', '-')}" for f, (path, _) in _FLAGS.items()
-                  if path.startswith("iacn.") and getattr(args, f, None) is not None]
-    if iacn_flags and not config.iacn.enabled:
-        raise ConfigError(f"{', '.join(iacn_flags)} set IaCN's options, but IaCN is off: add --iacn")
-    if args.sharding:
+    if args.sharding:  # a flag like the others: before --set, which wins
         st = dict(config.distributed.sharding_types)
         for a in (part for arg in args.sharding for part in arg.split(",") if part):
             if "=" not in a:
                 raise ConfigError(f"--sharding {a!r}: expected TABLE=TYPE")
             t, v = a.split("=", 1)
             st[t] = v
-        config = config.override([f"distributed.sharding_types={json.dumps(st)}"])
+        sets.append(f"distributed.sharding_types={json.dumps(st, ensure_ascii=False)}")
+    config = config.override(sets + [part for arg in args.set for part in arg.split(";") if part.strip()])
+    iacn_flags = [f"--{f.replace('_', '-')}" for f, (path, _) in _FLAGS.items()
+                  if path.startswith("iacn.") and getattr(args, f, None) is not None]
+    if iacn_flags and not config.iacn.enabled:
+        raise ConfigError(f"{', '.join(iacn_flags)} set IaCN's options, but IaCN is off: add --iacn")
     if not config.data.path:
         raise ConfigError("no dataset: pass --data DIR (a directory made by `iacn prepare`)")
     return config

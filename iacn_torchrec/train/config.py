@@ -64,8 +64,9 @@ class ModelConfig:
             raise ConfigError(f"model.name={self.name!r}: choose one of {', '.join(MODELS)}")
         if self.emb_dim <= 0 or self.user_dim <= 0:
             raise ConfigError("model.emb_dim and model.user_dim must be positive")
-        if self.dien_aux_loss_weight < 0:
-            raise ConfigError(f"model.dien_aux_loss_weight must be >= 0, got {self.dien_aux_loss_weight}")
+        if not (math.isfinite(self.dien_aux_loss_weight) and self.dien_aux_loss_weight >= 0):
+            raise ConfigError(
+                f"model.dien_aux_loss_weight must be finite and >= 0, got {self.dien_aux_loss_weight}")
         if self.dien_hidden is not None and self.dien_hidden <= 0:
             raise ConfigError(f"model.dien_hidden must be positive (or null), got {self.dien_hidden}")
 
@@ -83,12 +84,13 @@ class OptimConfig:
             v = getattr(self, name)
             if v is not None and v not in EMBEDDING_OPTIMIZERS:
                 raise ConfigError(f"optim.{name}={v!r}: choose one of {', '.join(EMBEDDING_OPTIMIZERS)}")
-        if self.lr <= 0:
-            raise ConfigError("optim.lr must be positive")
-        if self.embedding_lr is not None and self.embedding_lr <= 0:
-            raise ConfigError(f"optim.embedding_lr must be positive (or null), got {self.embedding_lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr must be finite and positive, got {self.lr}")
+        if self.embedding_lr is not None and not (math.isfinite(self.embedding_lr) and self.embedding_lr > 0):
+            raise ConfigError(
+                f"optim.embedding_lr must be finite and positive (or null), got {self.embedding_lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"optim.weight_decay must be finite and >= 0, got {self.weight_decay}")
 
     @property
     def fused(self) -> bool:
@@ -113,6 +115,8 @@ class DistributedConfig:
         if self.backend not in (None, "gloo", "nccl"):
             raise ConfigError(f"distributed.backend={self.backend!r}: choose gloo, nccl or null")
         for table, st in self.sharding_types.items():
+            if not isinstance(table, str):
+                raise ConfigError(f"distributed.sharding_types: table names are strings, got {table!r}")
             if st not in SHARDING_TYPES:
                 raise ConfigError(
                     f"distributed.sharding_types[{table!r}]={st!r}: choose one of {', '.join(SHARDING_TYPES)}"
@@ -147,8 +151,10 @@ class TrainConfig:
             raise ConfigError("epochs must be positive")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError("max_steps must be positive")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0 (numpy refuses negative seeds), got {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32) (numpy's seed range), got {self.seed}")
+        if not str(self.out).strip():  # '' would write the run into the current directory
+            raise ConfigError("out must name a run directory, got ''")
         if self.log_every < 1:
             raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
         for name in ("eval_every", "checkpoint_every"):
@@ -224,8 +230,14 @@ def _did_you_mean(name: str, known: Any, prefix: str = "") -> str:
 
 
 def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if d is None and prefix:  # a section whose lines are all commented out
+        d = {}
     if not isinstance(d, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    not_names = [k for k in d if not isinstance(k, str)]
+    if not_names:  # YAML 1.1 reads on/off/yes/no as booleans, 1 as an int
+        raise ConfigError(f"{where}: field names must be strings, got {not_names!r} (quote them)")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
