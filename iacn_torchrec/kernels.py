@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +97,26 @@ def build_name(name: str) -> str:
     return f"{name}_{_simd_level()}_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
+#: a build lock older than this is left over from a killed build (one takes ~30 s): torch's FileBaton
+#: would wait for it forever, silently
+STALE_LOCK_S = 600.0
+
+
+def clear_stale_lock(build_dir: str | Path, now: float | None = None) -> bool:
+    """Remove ``build_dir/lock`` when it is older than :data:`STALE_LOCK_S` (warned); True if removed."""
+    lock = Path(build_dir) / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_S:
+        return False  # another process may be building it now: wait for it as torch does
+    warnings.warn(f"iacn_torchrec: removing {lock}, {age / 60:.0f} min old: a kernel build that was killed "
+                  "left it, and every later build would wait for it", RuntimeWarning, stacklevel=2)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def load_kernel(name: str) -> ModuleType | None:
     """The compiled kernel ``name`` (one of :data:`KERNELS`), or None when kernels are turned off
     or it cannot be built (warned once, with the reason; not retried in this process)."""
@@ -106,10 +127,11 @@ def load_kernel(name: str) -> ModuleType | None:
         if "module" not in state:
             state["module"] = None
             try:
-                from torch.utils.cpp_extension import load
+                from torch.utils.cpp_extension import _get_build_directory, load
 
                 logging.getLogger("iacn").info(
                     "loading the fused %s kernel (compiled once per machine, ~30 s)", name)
+                clear_stale_lock(_get_build_directory(build_name(name), verbose=False))
                 with _environment_ninja():
                     state["module"] = load(name=build_name(name), sources=[str(_CSRC / f"{name}.cpp")],
                                            extra_cflags=_cflags(), verbose=False)

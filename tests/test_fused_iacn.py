@@ -291,6 +291,22 @@ def test_each_environment_and_source_gets_its_own_build(monkeypatch, tmp_path):
     assert kernels.build_name("iacn_fused") != name
 
 
+def test_a_build_lock_left_by_a_killed_build_is_removed_a_live_one_kept(tmp_path):
+    """torch waits on a build directory's ``lock`` forever: one older than STALE_LOCK_S (a killed
+    build's) is removed with a warning; a younger one (a build in progress) is left to wait for."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not kernels.clear_stale_lock(tmp_path) and lock.exists()
+    old = time.time() - kernels.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match=r"removing .*lock, 11 min old: a kernel build that was killed"):
+        assert kernels.clear_stale_lock(tmp_path)
+    assert not lock.exists() and not kernels.clear_stale_lock(tmp_path)
+
+
 def test_a_kernel_that_cannot_be_built_warns_once_and_the_aten_path_runs(monkeypatch, tmp_path, kernel_calls):
     (tmp_path / "csrc").mkdir()
     (tmp_path / "csrc" / "iacn_fused.cpp").write_text("this is not C++\n")
