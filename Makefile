@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-# bump the stamp's version when the install recipe changes
+# the stamp is older than pyproject.toml or this Makefile (its pins) when either changed: reinstall
 STAMP := $(VENV)/.installed-v2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OMP_NUM_THREADS ?= 2
@@ -14,14 +14,15 @@ install: $(STAMP)
 
 # The pinned CPU stack (README, "Quick start"). torchrec's metadata requires the CUDA fbgemm-gpu, so it and
 # our own package go in with --no-deps after their real dependencies.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q fbgemm-gpu-cpu==1.8.0
 	$(VPY) -m pip install -q --no-deps torchrec==1.8.0
-	$(VPY) -m pip install -q tensordict torchmetrics==1.0.3 tqdm pyre-extensions iopath torchx==0.7.0 \
-		numpy pyyaml matplotlib pytest pytest-timeout ruff ninja
+	# torch named again: pip must not move it to satisfy a newer package (tensordict requires torch)
+	$(VPY) -m pip install -q torch==2.13.0 tensordict==0.15.3 torchmetrics==1.0.3 tqdm pyre-extensions iopath \
+		torchx==0.7.0 numpy==2.4.6 pyyaml matplotlib pytest pytest-timeout ruff==0.17.6 ninja
 	$(VPY) -m pip install -q --no-deps -e .
 	# builds the C++ kernels now (~30 s each, cached in ~/.cache/torch_extensions), not at the first step
 	$(VPY) -c "from iacn_torchrec.kernels import KERNELS, load_kernel; [print(f'fused {k} kernel:', 'built' if load_kernel(k) else 'NOT built (its ATen ops will run)') for k in KERNELS]"
