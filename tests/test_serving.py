@@ -129,14 +129,17 @@ def test_int8_table_error_is_within_half_a_step():
 
 
 # ------------------------------------------------------------------------------------------ export
-def test_merged_tables_are_orig_concat_aux(runs):
-    r = load_run(runs["din"])
+@pytest.mark.parametrize("name", ["din", "dien", "wide_deep"])
+def test_merged_tables_are_orig_concat_aux(runs, name):
+    """Every item-side table is exactly ``E_orig ⊕ E_aux`` row by row; the user table is the trained one."""
+    r = load_run(runs[name])
     s = ServingModel.from_model(r.model)
     orig = dict(r.model.embeddings.orig.embeddings.items())
     aux = dict(r.model.embeddings.aux.embeddings.items())
-    for name, table in (("item", s.item_table), ("cate", s.cate_table)):
-        want = torch.cat([orig[f"{name}_orig"].weight, aux[f"{name}_aux"].weight], 1)
+    for kind, table in (("item", s.item_table), ("cate", s.cate_table)):
+        want = torch.cat([orig[f"{kind}_orig"].weight, aux[f"{kind}_aux"].weight], 1)
         torch.testing.assert_close(table.weight, want, rtol=0, atol=0)
+    assert torch.equal(s.user_table.weight, orig["uid"].weight)
     assert not any("iacn" in n for n, _ in s.named_modules())
 
 
