@@ -91,6 +91,33 @@ def _separation(model, run) -> dict[str, float]:
     }
 
 
+def test_explanation_numbers_follow_the_model(planted):
+    """For test users: each history item's routing weights sum to 1 over K_u = clamp(ceil(log2 n),
+    1, K_max) capsules, the attention over them to 1, and the score is the model's own prediction on
+    the user's held-out test row."""
+    import math
+
+    from iacn_torchrec.data.loader import BatchLoader
+
+    _, run = planted
+    ds, s = run.ds, run.ds.split("test")
+    tl = run.test_loader
+    loader = BatchLoader(ds, "test", batch_size=len(s.label), with_neg_hist=tl.with_neg_hist,
+                         iacn_negatives=tl.iacn_negatives)
+    with torch.no_grad():
+        probs = torch.cat([run.model.predict(b) for b in loader]).numpy()
+    k_max = run.model.iacn.routing.k_max
+    users = ds.vocab("uid")
+    rows = [r for r in range(len(s.label)) if s.label[r] == 1][:12]
+    for r in rows:
+        ex = explain_user(run, users[int(s.uid[r]) - 1], target="heldout")
+        n = int(s.hist_offsets[r + 1] - s.hist_offsets[r])
+        assert ex.num_interests == min(max(math.ceil(math.log2(n)) if n > 0 else 1, 1), k_max), (r, n)
+        np.testing.assert_allclose(ex.routing.sum(0), np.ones(n), atol=1e-5)
+        assert ex.attention is not None and abs(float(ex.attention.sum()) - 1) < 1e-5
+        assert ex.score == pytest.approx(float(probs[r]), abs=1e-5)
+
+
 def test_explanation_separates_planted_interests(planted):
     _, run = planted
     trained = _separation(run.model, run)
