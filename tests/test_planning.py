@@ -238,3 +238,131 @@ def test_pooled_specs_count_the_history_ids():
         spec = ModelSpec("p", num_users=100, num_items=1000, num_cates=10, hist_len=20, pooled=pooled)
         c = build_constraints(spec, True, topo, PlanOptions(batch_size=32), offload=False)
         assert c["item_orig"].pooling_factors == [1.0, 20.0] and c["cate_aux"].pooling_factors == [1.0, 20.0]
+
+
+TINY_MODEL = "model: {num_users: 100, num_items: 500, num_cates: 10, orig_dim: 8, user_dim: 8, hist_len: 3}\n"
+
+
+def _spec(tmp_path, body: str, model: str = TINY_MODEL):
+    p = tmp_path / "s.yaml"
+    p.write_text(f"name: t\n{model}{body}")
+    return p
+
+
+def test_plan_section_must_be_a_mapping(tmp_path):
+    p = _spec(tmp_path, "world_sizes: [2]\nplan: 5\n")
+    with pytest.raises(SpecError, match=r"s\.yaml: 'plan' must be a mapping of plan options, got 5"):
+        load_scenario(p)
+
+
+@pytest.mark.parametrize("types,device,bad", [("[grid_shard]", "cuda", "grid_shard"),
+                                              ("[row_wise, table_column_wise]", "cuda", "table_column_wise"),
+                                              ("[table_row_wise]", "cuda", "table_row_wise"),
+                                              ("[data_parallel]", "cpu", "data_parallel")])
+def test_sharding_types_the_sequence_collection_cannot_use_are_refused(tmp_path, types, device, bad):
+    p = _spec(tmp_path, f"world_sizes: [2]\ntopology: {{compute_device: {device}}}\n"
+                        f"plan: {{sharding_types: {types}}}\n")
+    with pytest.raises(SpecError, match=rf"s\.yaml: plan options: sharding_types \['{bad}'\] not supported "
+                                        rf"by sequence EmbeddingCollection tables on {device}; allowed: "):
+        load_scenario(p)
+    # the planner API refuses them too (instead of TorchRec's multi-line RuntimeError)
+    topo = TopologySpec(world_size=2, local_world_size=2, compute_device=device)
+    with pytest.raises(SpecError, match="not supported"):
+        plan_tables(SMALL, topo, PlanOptions(batch_size=8, sharding_types=(bad,)), with_iacn=True)
+
+
+def test_supported_sharding_types_match_torchrec_sharders():
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+    from iacn_torchrec.distributed.plan_specs import SUPPORTED_SHARDING_TYPES
+
+    for device in ("cuda", "cpu"):
+        assert set(SUPPORTED_SHARDING_TYPES[(True, device)]) == set(
+            EmbeddingBagCollectionSharder().sharding_types(device))
+        ec = set(EmbeddingCollectionSharder().sharding_types(device))
+        # a sequence collection's data-parallel lookup fails in fbgemm on CPU: not offered there
+        ec -= {"data_parallel"} if device == "cpu" else set()
+        assert set(SUPPORTED_SHARDING_TYPES[(False, device)]) == ec
+
+
+def test_booleans_are_not_integers(tmp_path):
+    for body, shown in (("world_sizes: [2]\naux_dims: [true]\n", r"'aux_dims' must be a list of positive"),
+                        ("world_sizes: [2, true]\n", r"'world_sizes' must be a non-empty list of positive"),
+                        ("world_sizes: [true]\n", r"'world_sizes' must be a non-empty list of positive")):
+        with pytest.raises(SpecError, match=rf"s\.yaml: {shown}"):
+            load_scenario(_spec(tmp_path, body))
+    for field in ("num_users", "orig_dim", "aux_dim", "hist_len", "iacn_negatives"):
+        model = f"model: {{num_users: 100, num_items: 500, num_cates: 10, {field}: true}}\n"
+        if field == "num_users":
+            model = "model: {num_users: true, num_items: 500, num_cates: 10}\n"
+        with pytest.raises(SpecError, match=rf"s\.yaml: model: model field '{field}' has a bad value True"):
+            load_scenario(_spec(tmp_path, "world_sizes: [2]\n", model))
+    with pytest.raises(SpecError, match="'num_users' must be an integer, got True"):
+        ModelSpec("m", num_users=True, num_items=5, num_cates=2)
+
+
+@pytest.mark.parametrize("argv,shown", [
+    (["--aux-dim", "0"], r"--aux-dim: IaCN aux dims must be >= 1, got \[0\]"),
+    (["--aux-dim", "8", "-4"], r"--aux-dim: .* got \[8, -4\]"),
+    (["--orig-dim", "0"], r"--orig-dim: must be a number >= 1"),
+    (["--world-size", "2", "0"], r"--world-size: must be >= 1"),
+    (["--iacn-negatives", "-1"], r"--iacn-negatives: must be a number >= 0"),
+])
+def test_cli_dims_are_checked_before_planning(tmp_path, monkeypatch, capsys, argv, shown):
+    import re
+
+    from iacn_torchrec.cli import main
+    from iacn_torchrec.distributed import planning
+
+    def no_planning(*a, **k):
+        raise AssertionError("planned before the arguments were checked")
+
+    monkeypatch.setattr(planning, "plan_with_fallback", no_planning)
+    monkeypatch.setattr(planning, "compare_iacn", no_planning)
+    (tmp_path / "meta.json").write_text(json.dumps({"counts": {"users": 10, "items": 20, "categories": 3},
+                                                    "max_len": 5}))
+    assert main(["plan", "--meta", str(tmp_path), "--out", str(tmp_path / "o"), *argv]) == 2
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and re.search(shown, out), out
+
+
+def test_cpu_does_not_fit_message_says_what_is_reserved():
+    spec = ModelSpec("big", 1000, 2_000_000, 100, orig_dim=64, aux_dim=64, user_dim=64, hist_len=2)
+    topo = TopologySpec(world_size=2, local_world_size=2, compute_device="cpu", ddr_gib=0.2)
+    with pytest.raises(PlanDoesNotFitError) as e:
+        plan_tables(spec, topo, PlanOptions(batch_size=8), with_iacn=False)
+    head = str(e.value).splitlines()[0]
+    assert "nothing reserved: the reservation applies to HBM only" in head and "15%" not in head
+    topo = TopologySpec(world_size=2, local_world_size=2, compute_device="cuda", hbm_gib=0.2)
+    with pytest.raises(PlanDoesNotFitError, match="after reserving 15% of HBM"):
+        plan_tables(spec, topo, PlanOptions(batch_size=8), with_iacn=False)
+
+
+def test_fractional_iacn_negatives_are_planned(tmp_path):
+    # 2.5 negatives per sample on average (S_neg = 5, half the samples positive): the aux tables' id
+    # and output I/O is sized from the fractional pooling factor
+    p = _spec(tmp_path, "world_sizes: [2]\n",
+              "model: {num_users: 1000, num_items: 5000, num_cates: 50, orig_dim: 16, aux_dim: 8, "
+              "user_dim: 16, hist_len: 4, iacn_negatives: 2.5}\n")
+    spec = load_scenario(p).model
+    assert spec.iacn_negatives == 2.5
+    aux = [t for t in spec.tables(True) if t.module == "aux"]
+    assert all(t.pooling_factors == (1.0, 4.0, 2.5) for t in aux)
+    W, B = 2, 16
+    topo = TopologySpec(world_size=W, local_world_size=W, compute_device="cpu", ddr_gib=4)
+    delta = compare_iacn(spec, topo, PlanOptions(batch_size=B, optimizer="sgd",
+                                                 sharding_types=("table_wise",)))["delta"]
+    state = sum(t.num_embeddings * t.embedding_dim * 4 for t in aux)
+    io = sum(math.ceil(7.5 * B * W * 8) + math.ceil(7.5 * B * W * t.embedding_dim * 4) for t in aux)
+    assert delta["total_ddr"] == state + io
+    from iacn_torchrec.cli import main
+
+    meta = tmp_path / "m"
+    meta.mkdir()
+    (meta / "meta.json").write_text(json.dumps({"counts": {"users": 10, "items": 20, "categories": 3},
+                                                "max_len": 5}))
+    out = tmp_path / "o"
+    assert main(["plan", "--meta", str(meta), "--iacn-negatives", "2.5", "--compute-device", "cpu",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "plan.json").read_text())["model"]["iacn_negatives"] == 2.5

@@ -38,7 +38,9 @@ from iacn_torchrec.distributed.plan_specs import (
     PlanOptions,
     SpecError,
     TopologySpec,
+    check_sharding_types,
     fmt_bytes,
+    is_int,
 )
 from iacn_torchrec.fileio import save_figure, write_atomic
 
@@ -90,20 +92,19 @@ def scenario_from_dict(d: Any, where: str = "<scenario>") -> Scenario:
         model_d.setdefault("name", str(d["name"]))
     model = ModelSpec.from_dict(model_d, f"{where}: model")
     ws = d["world_sizes"]
-    if not isinstance(ws, list) or not ws or not all(isinstance(w, int) and w >= 1 for w in ws):
+    if not isinstance(ws, list) or not ws or not all(is_int(w) and w >= 1 for w in ws):
         raise SpecError(f"{where}: 'world_sizes' must be a non-empty list of positive integers, got {ws!r}")
     aux = d.get("aux_dims", [model.aux_dim])
-    if not isinstance(aux, list) or not all(isinstance(a, int) and a > 0 for a in aux):
+    if not isinstance(aux, list) or not all(is_int(a) and a > 0 for a in aux):
         raise SpecError(f"{where}: 'aux_dims' must be a list of positive integers, got {aux!r}")
     topo = d.get("topology", {}) or {}
     if not isinstance(topo, dict) or "world_size" in topo:
         raise SpecError(f"{where}: 'topology' must be a mapping without 'world_size' (the scenario's "
                         f"'world_sizes' list gives it), got {topo!r}")
-    try:
-        TopologySpec.from_dict({**topo, "world_size": ws[0]}, f"{where}: topology")
-    except TypeError as e:
-        raise SpecError(f"{where}: topology: {e}") from None
+    _check_topologies(topo, ws, f"{where}: topology")
     plan = d.get("plan", {}) or {}
+    if not isinstance(plan, dict):
+        raise SpecError(f"{where}: 'plan' must be a mapping of plan options, got {plan!r}")
     known = {f.name for f in dataclasses.fields(PlanOptions)}
     bad = sorted(set(plan) - known)
     if bad:
@@ -114,7 +115,24 @@ def scenario_from_dict(d: Any, where: str = "<scenario>") -> Scenario:
         options = PlanOptions(**plan)
     except SpecError as e:
         raise SpecError(f"{where}: {e}") from None
+    _check_sharding_types(model, topo, options, where)
     return Scenario(str(d["name"]), model, aux, ws, topo, options, str(d.get("description", "")))
+
+
+def _check_topologies(topo: dict[str, Any], world_sizes: list[int], where: str) -> None:
+    """Build the topology of every world size now, so that a bad one fails before any planning."""
+    for w in world_sizes:
+        try:
+            TopologySpec.from_dict({**topo, "world_size": w}, where)
+        except TypeError as e:
+            raise SpecError(f"{where}: {e}") from None
+
+
+def _check_sharding_types(model: ModelSpec, topo: dict[str, Any], options: PlanOptions, where: str) -> None:
+    try:
+        check_sharding_types(options.sharding_types, model.pooled, topo.get("compute_device", "cuda"))
+    except SpecError as e:
+        raise SpecError(f"{where}: {e}") from None
 
 
 def quiet_torchrec() -> None:
@@ -320,8 +338,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--aux-dim", type=int, nargs="+", help="IaCN aux dim(s) to compare (default: orig dim)")
     m.add_argument("--hist-len", type=float, help="mean history length (default with --meta: max_len)")
     m.add_argument("--neg-hist", action="store_true", help="DIEN negative behaviours (features neg_hist_*)")
-    m.add_argument("--iacn-negatives", type=int, help="IaCN sampled-softmax negatives per sample, on average "
-                   "(S_neg x the positive share: the loader samples them for label-1 samples only)")
+    m.add_argument("--iacn-negatives", type=float, help="IaCN sampled-softmax negatives per sample, on "
+                   "average, e.g. 2.5 (S_neg x the positive share: the loader samples them for label-1 "
+                   "samples only)")
     t = parser.add_argument_group("topology")
     t.add_argument("--world-size", type=int, nargs="+", help="simulated ranks (default: 8, or the spec's)")
     t.add_argument("--local-world-size", type=int)
@@ -345,6 +364,10 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     else:
         model = ModelSpec.from_meta(args.meta)
         scn = Scenario(model.name, model, [model.aux_dim], [8], {}, PlanOptions())
+    for flag, v, lo in (("--orig-dim", args.orig_dim, 1), ("--hist-len", args.hist_len, 0),
+                        ("--iacn-negatives", args.iacn_negatives, 0)):
+        if v is not None and not (math.isfinite(v) and v >= lo):
+            raise SpecError(f"{flag}: must be a number >= {lo}, got {v}")
     over: dict[str, Any] = {}
     if args.orig_dim is not None:
         over.update(orig_dim=args.orig_dim, user_dim=args.orig_dim)
@@ -372,7 +395,16 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         if getattr(args, k) is not None:
             opt[k] = getattr(args, k)
     options = dataclasses.replace(scn.options, **opt) if opt else scn.options
-    return Scenario(scn.name, model, list(aux), list(args.world_size or scn.world_sizes), topo, options)
+    world_sizes = list(args.world_size or scn.world_sizes)
+    # check everything before the first plan (a bad value must not surface after minutes of planning)
+    if args.aux_dim is not None and not all(a >= 1 for a in args.aux_dim):
+        raise SpecError(f"--aux-dim: IaCN aux dims must be >= 1, got {args.aux_dim}")
+    if args.world_size is not None and not all(w >= 1 for w in args.world_size):
+        raise SpecError(f"--world-size: must be >= 1, got {args.world_size}")
+    where = args.spec or args.meta
+    _check_topologies(topo, world_sizes, f"{where}: topology")
+    _check_sharding_types(model, topo, options, where)
+    return Scenario(scn.name, model, list(aux), world_sizes, topo, options)
 
 
 def run(args: argparse.Namespace) -> int:

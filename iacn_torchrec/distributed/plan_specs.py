@@ -42,8 +42,41 @@ ST_ABBR = {
     "grid_shard": "GS",
 }
 
+#: sharding types TorchRec's sharders accept, per collection kind and compute device (as
+#: ``EmbeddingCollectionSharder.sharding_types`` / ``EmbeddingBagCollectionSharder.sharding_types``
+#: list them; a sequence EmbeddingCollection's data-parallel lookup fails in fbgemm on CPU)
+SUPPORTED_SHARDING_TYPES: dict[tuple[bool, str], tuple[str, ...]] = {
+    (False, "cuda"): ("table_wise", "row_wise", "column_wise", "data_parallel"),
+    (False, "cpu"): ("table_wise", "row_wise", "column_wise"),
+    (True, "cuda"): tuple(ST_ABBR),
+    (True, "cpu"): ("table_wise", "column_wise", "table_column_wise", "data_parallel"),
+}
+
+
 class SpecError(UserError, ValueError):
     """A model spec, topology or meta.json that cannot be used; the message names where and what."""
+
+
+def is_int(v: Any) -> bool:
+    """An integer, not a bool (YAML's ``true`` is an ``int`` to Python)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_num(v: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_sharding_types(types: tuple[str, ...] | None, pooled: bool, compute_device: str) -> None:
+    """Refuse sharding types the model's collections cannot use on ``compute_device``."""
+    if types is None:
+        return
+    allowed = SUPPORTED_SHARDING_TYPES[(pooled, compute_device)]
+    bad = [t for t in types if t not in allowed]
+    if bad:
+        kind = "pooled EmbeddingBagCollection" if pooled else "sequence EmbeddingCollection"
+        raise SpecError(f"plan options: sharding_types {bad} not supported by {kind} tables on "
+                        f"{compute_device}; allowed: {list(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -92,13 +125,21 @@ class ModelSpec:
     user_dim: int = 18
     hist_len: float = 10.0
     neg_hist: bool = False
-    iacn_negatives: int = 0
+    iacn_negatives: float = 0.0
     pooled: bool = False
 
     def __post_init__(self) -> None:
+        for f in ("num_users", "num_items", "num_cates", "orig_dim", "user_dim", "aux_dim"):
+            if not is_int(getattr(self, f)):
+                raise SpecError(f"model spec {self.name!r}: field {f!r} must be an integer, "
+                                f"got {getattr(self, f)!r}")
         for f in ("num_users", "num_items", "num_cates", "orig_dim", "user_dim"):
-            if int(getattr(self, f)) <= 0:
+            if getattr(self, f) <= 0:
                 raise SpecError(f"model spec {self.name!r}: field {f!r} must be > 0, got {getattr(self, f)}")
+        for f in ("hist_len", "iacn_negatives"):
+            if not is_num(getattr(self, f)):
+                raise SpecError(f"model spec {self.name!r}: field {f!r} must be a finite number, "
+                                f"got {getattr(self, f)!r}")
         if self.aux_dim < 0 or self.iacn_negatives < 0 or self.hist_len < 0:
             raise SpecError(f"model spec {self.name!r}: aux_dim, iacn_negatives and hist_len must be >= 0")
 
@@ -157,7 +198,9 @@ class ModelSpec:
                     if not isinstance(v, bool):
                         raise TypeError
                     kw[f.name] = v
-                elif f.name == "hist_len":
+                elif isinstance(v, bool):  # YAML true/false is no number
+                    raise TypeError
+                elif f.name in ("hist_len", "iacn_negatives"):  # means: fractions allowed
                     kw[f.name] = float(v)
                 else:
                     fv = float(v)  # allows 1e9 in YAML
@@ -299,12 +342,6 @@ class PlanOptions:
             )
         if self.offload not in ("never", "auto", "always"):
             raise SpecError(f"plan options: offload must be never|auto|always, got {self.offload!r}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
 
         for name in ("batch_size", "small_table_bytes", "column_wise_max_world", "table_wise_max_world"):
             v, lo = getattr(self, name), 1 if name == "batch_size" else 0

@@ -46,6 +46,7 @@ from iacn_torchrec.distributed.plan_specs import (
     SpecError,
     TableSpec,
     TopologySpec,
+    check_sharding_types,
     fmt_bytes,
 )
 from iacn_torchrec.errors import UserError
@@ -166,6 +167,7 @@ def sharding_types_for(t: TableSpec, topo: TopologySpec, options: PlanOptions, p
 def build_constraints(
     spec: ModelSpec, with_iacn: bool, topo: TopologySpec, options: PlanOptions, offload: bool
 ) -> dict[str, ParameterConstraints]:
+    check_sharding_types(options.sharding_types, spec.pooled, topo.compute_device)
     cons: dict[str, ParameterConstraints] = {}
     for t in spec.tables(with_iacn):
         types = sharding_types_for(t, topo, options, spec.pooled)
@@ -474,10 +476,18 @@ def _diagnose(
     )
     avail_s = " + ".join(f"{fmt_bytes(caps[t] * W)} {t.upper()}" for t in tiers)
     need_s = " + ".join(f"{fmt_bytes(need[t])} {t.upper()}" for t in tiers)
+    # TorchRec's FixedPercentageStorageReservation shrinks HBM only: a CPU topology keeps all its DDR
+    if topo.compute_device == "cpu":
+        reserved = "nothing reserved: the reservation applies to HBM only"
+    elif options.reserve_fraction > 0:
+        reserved = f"after reserving {options.reserve_fraction:.0%} of HBM"
+        reserved += ", none of DDR" if "ddr" in tiers else ""
+    else:
+        reserved = "nothing reserved"
     head = (
         f"sharding plan does not fit on {W} ranks: available {avail_s} "
-        f"(per rank {', '.join(f'{fmt_bytes(caps[t])} {t.upper()}' for t in tiers)}, after reserving "
-        f"{options.reserve_fraction:.0%} of HBM); the tables need at least {need_s} [{parts}]"
+        f"(per rank {', '.join(f'{fmt_bytes(caps[t])} {t.upper()}' for t in tiers)}, {reserved}); "
+        f"the tables need at least {need_s} [{parts}]"
     )
     if over_total:
         head += ": short by " + ", ".join(f"{fmt_bytes(v)} {t.upper()}" for t, v in over_total.items())
