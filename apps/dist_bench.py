@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -53,16 +54,26 @@ def _config(data: str, batch: int, optimizer: str, sharding: str | None, threads
 
 def worker(rank: int, world_size: int, arm: str, args: dict, result_path: str) -> None:
     import torch
+
+    _, optimizer, sharding = ARMS[arm]
+    threads = max(1, args["threads"] // world_size)
+    torch.set_num_threads(threads)
+    out = tempfile.mkdtemp(prefix="dist_bench-")  # the run's own folder; nothing in it is kept
+    try:
+        _measure(rank, world_size, arm, args, result_path, optimizer, sharding, threads, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _measure(rank: int, world_size: int, arm: str, args: dict, result_path: str, optimizer: str,
+             sharding: str | None, threads: int, out: str) -> None:
     import torch.distributed as dist
 
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.distributed.setup import build_training
     from iacn_torchrec.train.loop import make_loaders, seed_everything
 
-    _, optimizer, sharding = ARMS[arm]
-    threads = max(1, args["threads"] // world_size)
-    torch.set_num_threads(threads)
-    config = _config(args["data"], args["batch_size"], optimizer, sharding, threads, tempfile.mkdtemp())
+    config = _config(args["data"], args["batch_size"], optimizer, sharding, threads, out)
     seed_everything(config.seed)
     ds = PreparedDataset.open(config.data.path)
     train_loader, _, item_log_q = make_loaders(config, ds, rank, world_size)
@@ -95,6 +106,35 @@ def worker(rank: int, world_size: int, arm: str, args: dict, result_path: str) -
         Path(result_path).write_text(json.dumps(res))
 
 
+def check_args(a: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments (one line naming the option), checked in this process
+    before any worker is spawned; ``None`` when they are fine."""
+    for opt, v, least in (("--batch-size", a.batch_size, 1), ("--steps", a.steps, 1),
+                          ("--warmup", a.warmup, 0), ("--threads", a.threads, 1),
+                          ("--repeats", a.repeats, 1)):
+        if v < least:
+            return f"{opt} must be >= {least}, got {v}"
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.errors import UserError
+    from iacn_torchrec.fileio import check_output_path
+
+    try:
+        if a.out:
+            check_output_path(a.out, "--out")
+    except UserError as e:
+        return str(e)
+    try:
+        n = len(PreparedDataset.open(a.data).split("train").label)
+    except UserError as e:
+        return f"--data {e}"
+    world = max(ARMS[arm][0] for arm in a.arms)
+    per_epoch = n // (a.batch_size * world)
+    if per_epoch < a.warmup + a.steps:
+        return (f"--batch-size {a.batch_size}: the train split ({n} samples) holds {per_epoch} steps of "
+                f"{world} × {a.batch_size}, fewer than --warmup + --steps = {a.warmup + a.steps}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--data", required=True, help="prepared dataset directory")
@@ -106,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
+    err = check_args(a)
+    if err:
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
+        return 2
 
     import logging
     import warnings
@@ -148,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         from iacn_torchrec import versions
 
         doc = {"command": " ".join(sys.argv), "versions": versions(), "rows": rows}
-        Path(a.out).write_text(json.dumps(doc, indent=1))
+        from iacn_torchrec.fileio import write_atomic
+
+        write_atomic(a.out, json.dumps(doc, indent=1))
     return 0
 
 

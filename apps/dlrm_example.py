@@ -27,6 +27,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
 from iacn_torchrec.data.negatives import UniformNegatives
+from iacn_torchrec.errors import UserError
 from iacn_torchrec.experiments.reproduce import DEFAULT_DATA, ensure_default_data
 from iacn_torchrec.models.dlrm_plugin import EBCIaCNSpec, EBCModelWithIaCN, attach_iacn, log_history_length
 from iacn_torchrec.modules.iacn import IaCNConfig, IaCNTask
@@ -78,7 +79,7 @@ def train_and_eval(step_module, train_loader, test_loader, lr: float, max_steps:
         if steps % 200 == 0:
             print(f"  step {steps}: main loss {float(main_loss):.4f}  IaCN loss {float(iacn_loss):.3f}",
                   flush=True)
-        if max_steps and steps >= max_steps:
+        if max_steps is not None and steps >= max_steps:
             break
     train_s = time.perf_counter() - t0
     step_module.eval()
@@ -102,9 +103,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-plain", action="store_true", help="skip the plain DLRM arm")
     args = p.parse_args(argv)
+
+    def fail(msg: str) -> int:
+        print(f"{p.prog}: error: {msg}", file=sys.stderr)
+        return 2
+
+    # everything checked before the first arm trains (a bad --aux-dim used to surface only after it)
+    for opt, v in (("--dim", args.dim), ("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if v < 1:
+            return fail(f"{opt} must be >= 1, got {v}")
+    if args.max_steps is not None and args.max_steps < 1:
+        return fail(f"--max-steps must be >= 1 (leave it out for one epoch), got {args.max_steps}")
+    if not 0 < args.aux_dim < args.dim:
+        return fail(f"--aux-dim must be in [1, --dim - 1] = [1, {args.dim - 1}], got {args.aux_dim}")
+    if args.lr <= 0:
+        return fail(f"--lr must be > 0, got {args.lr}")
     torch.set_num_threads(args.threads)
-    data = ensure_default_data(DEFAULT_DATA) if args.data is None else args.data
-    ds = PreparedDataset.open(data)
+    try:
+        if args.data is None:
+            ds = PreparedDataset.open(ensure_default_data(DEFAULT_DATA))
+        else:
+            ds = PreparedDataset.open(args.data)
+    except UserError as e:
+        return fail(f"--data {e}" if args.data is not None else str(e))
     max_len = int(ds.meta["max_len"])
     sampler = UniformNegatives(ds.num_items, num_negatives=10, seed=args.seed)
 

@@ -31,7 +31,7 @@ import torch
 from iacn_torchrec import versions
 from iacn_torchrec.data.loader import PreparedDataset
 from iacn_torchrec.errors import UserError
-from iacn_torchrec.fileio import write_atomic
+from iacn_torchrec.fileio import check_output_path, write_atomic
 from iacn_torchrec.models.dien import DIENConfig
 from iacn_torchrec.models.din import DINConfig
 from iacn_torchrec.modules.iacn import IaCNConfig
@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.batch_size <= 0 or args.calls <= 0 or args.repeats <= 0 or args.threads <= 0:
         p.error("--batch-size, --calls, --repeats and --threads must be positive")
+    if args.out:
+        try:  # before the measuring, which a bad path would otherwise waste
+            check_output_path(args.out, "--out")
+        except UserError as e:
+            p.error(str(e))
     torch.set_num_threads(args.threads)
     try:
         res = measure(args)
