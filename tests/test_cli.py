@@ -72,7 +72,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         (("explain", "--run", str(tmp_path), "--user", "1", "--summary"), "iacn explain: ", "either"),
         (("demo", "--prepared", str(tmp_path), "--max-steps", "1"), "iacn demo: ", "not a prepared dataset"),
         (("plan", "--spec", str(SCENARIO), "--world-size", "0", "--out", str(tmp_path / "p")), "iacn plan: ",
-         "world_size"),
+         "--world-size: must be >= 1"),
         (("bench", "serve", "--run", str(tmp_path / "absent")), "iacn bench serve: ", "no config.yaml"),
         (("reproduce", "--set", "iacn.lam=2", "--data", str(tmp_path)), "iacn reproduce: ",
          "the arms define"),
