@@ -323,7 +323,7 @@ def test_cli_dims_are_checked_before_planning(tmp_path, monkeypatch, capsys, arg
     (tmp_path / "meta.json").write_text(json.dumps({"counts": {"users": 10, "items": 20, "categories": 3},
                                                     "max_len": 5}))
     assert main(["plan", "--meta", str(tmp_path), "--out", str(tmp_path / "o"), *argv]) == 2
-    out = capsys.readouterr().out.strip()
+    out = capsys.readouterr().err.strip()  # errors go to stderr
     assert len(out.splitlines()) == 1 and re.search(shown, out), out
 
 

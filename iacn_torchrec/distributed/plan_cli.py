@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -412,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         scn = scenario_from_args(args)
     except SpecError as e:
-        print(f"iacn plan: {e}")
+        print(f"iacn plan: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
