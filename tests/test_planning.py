@@ -366,3 +366,14 @@ def test_fractional_iacn_negatives_are_planned(tmp_path):
     assert main(["plan", "--meta", str(meta), "--iacn-negatives", "2.5", "--compute-device", "cpu",
                  "--out", str(out)]) == 0
     assert json.loads((out / "plan.json").read_text())["model"]["iacn_negatives"] == 2.5
+
+
+def test_a_broken_yaml_spec_is_one_line(tmp_path, capsys):
+    """YAML's parser reports the error over several lines; `iacn plan` prints one."""
+    from iacn_torchrec.cli import main
+
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("name: x\nmodel: {num_items: 10\n  emb_dim: [\n")
+    assert main(["plan", "--spec", str(spec), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.yaml: not valid YAML: " in err and "line" in err, err

@@ -74,8 +74,9 @@ def load_scenario(path: str | Path) -> Scenario:
             d = yaml.safe_load(text)
     except json.JSONDecodeError as e:
         raise SpecError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    except Exception as e:  # yaml.YAMLError carries the line in its message
-        raise SpecError(f"{p}: not valid YAML: {e}") from None
+    except Exception as e:  # yaml.YAMLError carries the line in its message, over several lines
+        flat = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise SpecError(f"{p}: not valid YAML: {flat}") from None
     return scenario_from_dict(d, str(p))
 
 
