@@ -64,6 +64,10 @@ FUSED_DIM = 16
 #: width) and ``+iacn/aux6`` (E_orig 18 ⊕ E_aux 6: a third of the paper's widening); both have their
 #: AUC lift measured in docs/results/amazon-beauty/variants.md
 SMALL_AUX_DIM = 6
+#: arm-name tags of the variants of ``arm_overrides``' ``iacn`` codes (plain "+iacn" for "1")
+ARM_TAGS = {"w": "+aux", "s": "+iacn/serial", "k": "+iacn/keep", "a": f"+iacn/aux{SMALL_AUX_DIM}"}
+#: IaCN variants read against the plain arm alone: result-key part → the arm code
+IACN_VARIANTS = {"serial": "s", "keep_width": "k", "small_aux": "a"}
 TABLE_WISE = {"uid": "table_wise", "item_orig": "table_wise", "cate_orig": "table_wise",
               "item_aux": "table_wise", "cate_aux": "table_wise"}
 
@@ -102,8 +106,7 @@ def arm_overrides(model: str, iacn: bool | str, batch: int, fused: bool = False,
 
 
 def arm_name(model: str, iacn: bool | str, batch: int, fused: bool = False, compiled: bool = False) -> str:
-    tags = {"w": "+aux", "s": "+iacn/serial", "k": "+iacn/keep", "a": f"+iacn/aux{SMALL_AUX_DIM}"}
-    tag = tags.get(iacn, "+iacn" if iacn in (True, "1") else "")
+    tag = ARM_TAGS.get(iacn, "+iacn" if iacn in (True, "1") else "")
     return f"{model}{tag}{'/fused' if fused else ''}{'/compiled' if compiled else ''}@{batch}"
 
 
@@ -437,19 +440,15 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     # evaluation vs training throughput, paired per round (DIN: a test-split pass vs a batch-128 step)
     n_test = tp["samples_per_step"]["din/eval@2048"]
     res["eval_over_train"] = n_test / 128 * _paired(tp["step_s"]["din@128"], tp["step_s"]["din/eval@2048"])
-    overhead, vs_capacity, width = {}, {}, {}
-    serial, spread, keep, small = {}, {}, {}, {}
-    small_tag = arm_name("", "a", 0)[:-2]  # "+iacn/aux6"
+    overhead, vs_capacity, width, spread = {}, {}, {}, {}
+    # serial: IaCN without the worker thread; keep_width: without widening the main model; small_aux:
+    # widening it by SMALL_AUX_DIM, not emb_dim
+    variants: dict[str, dict[str, float]] = {kind: {} for kind in IACN_VARIANTS}
     for name in step:
-        if "+iacn/serial" in name:
-            base = name.replace("+iacn/serial", "")
-            serial[base] = _paired(step[name], step[base])  # IaCN's cost without the worker thread
-        elif "+iacn/keep" in name:
-            base = name.replace("+iacn/keep", "")
-            keep[base] = _paired(step[name], step[base])  # IaCN without widening the main model
-        elif small_tag in name:
-            base = name.replace(small_tag, "")
-            small[base] = _paired(step[name], step[base])  # IaCN widening the main model by 6, not 18
+        kind = next((k for k, code in IACN_VARIANTS.items() if ARM_TAGS[code] in name), None)
+        if kind is not None:
+            base = name.replace(ARM_TAGS[IACN_VARIANTS[kind]], "")
+            variants[kind][base] = _paired(step[name], step[base])
         elif "+iacn" in name:
             base = name.replace("+iacn", "")
             overhead[base] = _paired(step[name], step[base])
@@ -463,22 +462,17 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     res["iacn_overhead_spread_by_arm"] = spread
     res["iacn_overhead_vs_capacity_matched_by_arm"] = vs_capacity
     res["width_overhead_by_arm"] = width
-    res["iacn_overhead_serial_by_arm"] = serial
-    res["iacn_overhead_keep_width_by_arm"] = keep
-    res["iacn_overhead_small_aux_by_arm"] = small
+    for kind, ratios in variants.items():
+        res[f"iacn_overhead_{kind}_by_arm"] = ratios
     res["iacn_overhead"] = overhead["din@128"]
     res["iacn_overhead_vs_capacity_matched"] = vs_capacity["din@128"]
-    if "din@128" in keep:
-        res["iacn_overhead_keep_width"] = keep["din@128"]
-    if "din@128" in small:
-        res["iacn_overhead_small_aux"] = small["din@128"]
     if "dien@128" in overhead:
         res["iacn_overhead_dien"] = overhead["dien@128"]
         res["iacn_overhead_vs_capacity_matched_dien"] = vs_capacity["dien@128"]
-        if "dien@128" in keep:
-            res["iacn_overhead_keep_width_dien"] = keep["dien@128"]
-        if "dien@128" in small:
-            res["iacn_overhead_small_aux_dien"] = small["dien@128"]
+    for kind in ("keep_width", "small_aux"):  # headline figures (serial has none)
+        for arm, suffix in (("din@128", ""), ("dien@128", "_dien")):
+            if arm in variants[kind]:
+                res[f"iacn_overhead_{kind}{suffix}"] = variants[kind][arm]
 
     if not a.no_peer:
         _log("[2/4] DeepCTR-Torch peer (DIN), one epoch; ours, one epoch of `iacn train` right before and "
