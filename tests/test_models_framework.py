@@ -75,6 +75,52 @@ def test_iacn_off_is_the_plain_model(name):
         torch.testing.assert_close(p.grad, q.grad)
 
 
+@pytest.mark.parametrize("keep_width", [False, True])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_seed_paired_arms_share_the_main_model_init(name, keep_width):
+    """DESIGN.md, "Measuring": the same seed gives the plain and the IaCN arm the same main-model
+    initialisation wherever a parameter's shape allows, and the RNG runs on as it would without
+    that (the IaCN module, and so the λ = 0 / δ = 1 control, draw what they drew before)."""
+    on = IaCNConfig(enabled=True, aux_dim=2, keep_width=keep_width)
+    torch.manual_seed(5)
+    plain = build_model(name, NU, NI, NC, L, None, emb_dim=4)
+    torch.manual_seed(5)
+    arm = build_model(name, NU, NI, NC, L, on, emb_dim=4)
+    after = torch.get_rng_state()
+    ours = dict(arm.main_model.named_parameters())
+    theirs = dict(plain.main_model.named_parameters())
+    shared = [n for n in theirs if ours[n].shape == theirs[n].shape]
+    for n in shared:
+        assert torch.equal(ours[n], theirs[n]), n
+    if keep_width:  # the main model is exactly the plain model's
+        assert len(shared) == len(theirs)
+    else:  # the layers reading E_orig ⊕ E_aux are wider; everything after them is shared
+        assert 0 < len(shared) < len(theirs)
+        assert torch.equal(table(arm, "item_orig"), table(plain, "item_orig"))
+    assert torch.equal(table(arm, "uid"), table(plain, "uid"))
+
+    # built by hand in the same order without the sharing: the RNG ends where build_model's does
+    torch.manual_seed(5)
+    orig = 4 - 2 if keep_width else 4
+    emb = InterestAwareEmbeddings(NU, NI, NC, L, orig_dim=orig, aux_dim=2, user_dim=4,
+                                  with_neg_hist=name == "dien", with_iacn_negatives=True)
+    main = type(plain.main_model)(4, emb.item_dim, L, plain.main_model.config)
+    task = type(arm.iacn)(on, item_dim=emb.aux_item_dim, max_len=L, user_dim=4)
+    assert torch.equal(torch.get_rng_state(), after)
+    for p, q in zip(arm.iacn.parameters(), task.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # the wider layers keep the draws they had before (the plain twin leaves them alone)
+    for n, q in main.named_parameters():
+        if n not in shared:
+            assert torch.equal(ours[n], q), n
+    # a λ = 0 / δ = 1 control shares every draw with its IaCN arm
+    torch.manual_seed(5)
+    control = build_model(name, NU, NI, NC, L, IaCNConfig(enabled=True, aux_dim=2, keep_width=keep_width,
+                                                          lam=0.0, delta=1.0), emb_dim=4)
+    for p, q in zip(control.parameters(), arm.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("delta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("lam", [0.0, 1.0, 2.0])
 @pytest.mark.parametrize("name", MODEL_NAMES)

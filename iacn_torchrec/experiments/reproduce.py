@@ -16,10 +16,12 @@ that fails (a non-finite loss, say) is named and left out of the tables; the oth
 tables are written, the command exits 1, and the next call tries the failed run again. Runs shared by
 several tables (DIEN+IaCN at δ = 0.3 and length 20 is in all three) are trained once.
 
-Arms are paired by seed: the same seed gives every arm the same data order and the same
-initialisation of the E_orig and user tables (drawn first); IaCN's arms then draw their aux tables,
-so the main model's layers start from other draws (and those reading E_orig ⊕ E_aux have other
-shapes) than the plain arm's, while IaCN arms and their λ = 0 / δ = 1 controls share every draw.
+Arms are paired by seed (DESIGN.md, "Measuring"): the same seed gives every arm the same data
+order, the same user and E_orig tables (a keep-width arm's E_orig is narrower: there the user table)
+and the same initial value of every main-model parameter whose shape does not depend on the aux
+width (see ``build_model``): all of them at the plain width; at the paper's width the layers that
+read E_orig ⊕ E_aux are wider and drawn apart. IaCN arms and their λ = 0 / δ = 1 controls share
+every draw.
 Lifts are reported as mean ± SD of per-seed differences (and the unpaired difference of means),
 with a two-sided paired t-test at 95 % against the seed noise.
 """
@@ -580,9 +582,11 @@ def _header(title: str, args: argparse.Namespace, part_runs: list[Run], results:
         f"- Wall time of these runs (training + evaluation, summed): {wall / 60:.1f} min; "
         f"training throughput median {statistics.median(sps) if sps else math.nan:,.0f} samples/s",
         f"- Versions: {json.dumps(first.get('versions', {}))}",
-        "- Paired by seed: same seed ⇒ same data order and the same E_orig and user tables at the start "
-        "in every arm (IaCN's arms then draw their aux tables, so their main-model layers start from "
-        "other draws; IaCN and its λ = 0 / δ = 1 control share every draw). Lift = "
+        "- Paired by seed: same seed ⇒ same data order, the same user and E_orig tables (keep-width "
+        "arms: the user table) and the same initial value of every main-model parameter whose shape "
+        "does not depend on the aux width in every arm (all of them at the plain width; at the "
+        "paper's width the layers that read E_orig ⊕ E_aux are wider and drawn apart); IaCN and its "
+        "λ = 0 / δ = 1 control share every draw. Lift = "
         "mean ± SD of per-seed differences (unpaired difference of means in brackets); \"beyond seed "
         "noise?\" is a two-sided paired t-test at 95 %.",
         *notes,

@@ -397,6 +397,11 @@ def build_model(
     cate_orig[, item_aux, cate_aux]``, then the main model, then IaCN), so ``torch.manual_seed``
     before the call fixes the model. With ``iacn`` None or disabled: no aux tables, no IaCN module.
 
+    With IaCN on, every main-model parameter whose shape does not depend on the aux width is then
+    overwritten with the plain model's draw from the same seed (see :func:`_share_plain_init`), so
+    arms paired by seed start from the same main model as far as shapes allow (DESIGN.md,
+    "Measuring"); the global RNG continues exactly as if that had not happened.
+
     Args:
         emb_dim: per-table dimension of ``E_orig`` (the aux tables get ``iacn.aux_dim``); with
             ``iacn.keep_width`` the width of ``E_orig ⊕ E_aux``, so ``E_orig`` gets ``emb_dim - aux_dim``.
@@ -432,20 +437,62 @@ def build_model(
                              f"aux_dim={iacn.aux_dim} must be smaller")
         orig_dim = emb_dim - iacn.aux_dim
 
-    embeddings = InterestAwareEmbeddings(
-        num_users, num_items, num_cates, max_len,
-        orig_dim=orig_dim,
-        aux_dim=iacn.aux_dim if on else 0,
-        user_dim=user_dim,
-        with_neg_hist=model_name == "dien",
-        with_iacn_negatives=on and iacn.sampler != "in_batch",
-        device=device,
-        init_bound=init_bound,
-    )
+    def tables(orig: int, aux: int) -> InterestAwareEmbeddings:
+        return InterestAwareEmbeddings(
+            num_users, num_items, num_cates, max_len,
+            orig_dim=orig,
+            aux_dim=aux,
+            user_dim=user_dim,
+            with_neg_hist=model_name == "dien",
+            with_iacn_negatives=aux > 0 and iacn.sampler != "in_batch",
+            device=device,
+            init_bound=init_bound,
+        )
+
+    start = torch.get_rng_state() if on else None
+    embeddings = tables(orig_dim, iacn.aux_dim if on else 0)
     main_model = cls(user_dim, embeddings.item_dim, max_len, cfg)
+    if on:
+        _share_plain_init(main_model, start, lambda: tables(emb_dim, 0),
+                          lambda item_dim: cls(user_dim, item_dim, max_len, cfg))
     task = None
     if on:
         task = IaCNTask(iacn, item_dim=embeddings.aux_item_dim, max_len=max_len, user_dim=user_dim)
     model = CTRWithIaCN(embeddings, main_model, task, item_log_q=item_log_q if on else None)
     return model.to(device) if device is not None else model
 
+
+def _share_plain_init(
+    main_model: nn.Module,
+    start: torch.Tensor,
+    plain_tables: Callable[[], InterestAwareEmbeddings],
+    plain_main: Callable[[int], nn.Module],
+) -> int:
+    """Gives ``main_model`` the plain arm's initial values wherever a parameter's shape allows.
+
+    The plain model (IaCN off, the same seed) draws its tables and then its main model from torch's
+    global RNG, starting at ``start``. An IaCN arm draws aux tables in between and its layers that
+    read ``E_orig ⊕ E_aux`` are wider, so every later layer would start from other draws and a
+    seed-paired lift would compare two initialisations. This replays the plain model's draws from
+    ``start`` (``plain_tables()`` then ``plain_main(item_dim)``), copies every parameter and buffer
+    of the same name and shape into ``main_model``, and restores the RNGs to where they were, so
+    the draws after this (IaCN's module, training) are unchanged. The wider layers keep their own
+    draws.
+
+    Returns:
+        the number of tensors copied.
+    """
+    # tables on a GPU draw from its generator (restored too); the main model from the CPU's
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.set_rng_state(start)
+        twin = plain_main(plain_tables().item_dim)
+    theirs = dict(twin.named_parameters()) | dict(twin.named_buffers())
+    copied = 0
+    with torch.no_grad():
+        for name, t in list(main_model.named_parameters()) + list(main_model.named_buffers()):
+            src = theirs.get(name)
+            if src is not None and src.shape == t.shape and src.dtype == t.dtype:
+                t.copy_(src)
+                copied += 1
+    return copied
