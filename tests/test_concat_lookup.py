@@ -68,6 +68,35 @@ def test_kernel_equals_the_aten_path(monkeypatch, dtype, aux_dim, delta, neg_his
         torch.testing.assert_close(grads[name], g, **tol)
 
 
+def test_a_non_contiguous_table_takes_the_aten_path_with_the_same_values(monkeypatch):
+    """A table whose weight is strided (same values, column-major storage: a tied or assigned
+    parameter) is not read by the kernel's row copies, which assume [rows, d] storage: the ATen path
+    runs and gives the values and gradients of the contiguous table."""
+    emb = _embeddings(3, torch.float64)
+    kjt, _ = make_kjt(9, seed=3)
+    views, grads, weights = _run(emb, kjt, 0.5)
+    table = emb.orig.embeddings["item_orig"]
+    table.weight = torch.nn.Parameter(table.weight.detach().t().contiguous().t())
+    assert not table.weight.is_contiguous()
+    calls = count_calls(monkeypatch, _ConcatLookup)
+    strided_views, strided_grads, _ = _run(emb, kjt, 0.5, weights)
+    assert len(calls) == 0
+    for v, r in zip(strided_views, views, strict=True):
+        torch.testing.assert_close(v, r, rtol=0, atol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(strided_grads[name], g, rtol=1e-12, atol=1e-12)
+
+
+def test_the_kernel_refuses_strided_tables_and_ids():
+    ext = load_kernel("concat_lookup")
+    table = torch.randn(6, 3, dtype=torch.float64)
+    ids = [torch.tensor([1, 2]), torch.tensor([0, 3])]
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _ConcatLookup.apply(ext, [table.t().contiguous().t()], ids, [1.0], [0])
+    with pytest.raises(RuntimeError, match="int64"):
+        _ConcatLookup.apply(ext, [table], [torch.tensor([1, 2, 3, 4])[::2], ids[1]], [1.0], [0])
+
+
 def test_kernel_gradcheck_with_repeated_ids():
     ext = load_kernel("concat_lookup")
     g = torch.Generator().manual_seed(0)

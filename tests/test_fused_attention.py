@@ -104,6 +104,24 @@ def test_uncovered_configurations_take_the_aten_path(case, monkeypatch, kernel_c
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bad", [[0, 2, 9], [0, 2, 4], [1, 3, 5], [0, 4, 3]],
+                         ids=["past-the-end", "short", "not-from-0", "decreasing"])
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "eval"])
+def test_offsets_that_do_not_cover_the_values_are_refused(bad, grad, kernel_calls):
+    """5 behaviours for 2 rows: offsets must run 0 .. 5 without decreasing. Before the check, offsets
+    past the end read and wrote out of bounds (a segfault) and short ones left rows of the
+    gradient uninitialised."""
+    torch.manual_seed(0)
+    unit = AttentionUnit(4, 4, (8,)).double()
+    q = torch.randn(2, 4, dtype=torch.float64)
+    v = torch.randn(5, 4, dtype=torch.float64, requires_grad=grad)
+    seg = segment_ids(torch.tensor([2, 3]), 5)
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="din_attention: offsets"):
+        unit.forward_jagged(q, v, seg, 2, offsets=torch.tensor(bad))
+    out, _ = unit.forward_jagged(q, v, seg, 2, offsets=torch.tensor([0, 2, 5]))  # the right ones still work
+    assert out.shape == (2, 4)
+
+
 def test_double_backward_is_refused():
     unit, q, v, lengths, offsets, *_ = _case(torch.float64)
     q = q.clone().requires_grad_()

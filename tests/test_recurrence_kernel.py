@@ -71,6 +71,21 @@ def test_only_inputs_that_need_a_gradient_get_one(frozen, kernel_calls):
         torch.testing.assert_close(g, ref[list(named).index(k)], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.parametrize("bad", ["att", "b_hh", "w_hh"])
+def test_inputs_of_the_wrong_length_are_refused(bad, kernel_calls):
+    """The kernel reads att per packed row and b_hh / w_hh per gate: a wrong length used to be read
+    out of bounds without an error (the Python recurrence raises on it too)."""
+    gi, att, w, b, _ = _inputs(torch.float64, with_att=True)
+    N = gi.shape[0]
+    args = {"att": att.detach(), "w_hh": w.detach(), "b_hh": b.detach()}
+    wrong = {"att": torch.rand(N - 2), "b_hh": torch.randn(2 * H), "w_hh": torch.randn(2 * H, H)}
+    args[bad] = wrong[bad].double()
+    for grad in (False, True):
+        x = gi.detach().requires_grad_(grad)
+        with pytest.raises(RuntimeError, match="packed_recurrence"):
+            packed_recurrence(x, args["att"], args["w_hh"], args["b_hh"], SIZES)
+
+
 def test_double_backward_is_refused():
     gi, att, w, b, _ = _inputs(torch.float64, True)
     out = packed_recurrence(gi, att, w, b, SIZES)

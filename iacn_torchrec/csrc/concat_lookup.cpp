@@ -39,7 +39,15 @@ class ConcatLookup : public torch::autograd::Function<ConcatLookup> {
     TORCH_CHECK(J > 0 && int64_t(scales.size()) == J && int64_t(kinds.size()) == J && ids.size() % 2 == 0,
                 "concat_lookup: one scale and one kind per table, an (item, cate) id pair per view");
     int64_t D = 0;
-    for (const Tensor& t : tables) D += t.size(1);
+    for (const Tensor& t : tables) {
+      // the row copies read the table's storage as [rows, d]: a strided or expanded one would be misread
+      TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.scalar_type() == tables[0].scalar_type(),
+                  "concat_lookup: tables must be contiguous [rows, d] of one dtype");
+      D += t.size(1);
+    }
+    for (const Tensor& i : ids)
+      TORCH_CHECK(i.dim() == 1 && i.scalar_type() == at::kLong && i.is_contiguous(),
+                  "concat_lookup: ids must be contiguous int64 [n]");
     for (int64_t v = 0; v < V; ++v)
       TORCH_CHECK(ids[2 * v].numel() == ids[2 * v + 1].numel(),
                   "concat_lookup: view ", v, " has ", ids[2 * v].numel(), " item ids and ",

@@ -38,14 +38,27 @@ FirstLayer split_first_layer(const Tensor& w1, int64_t D) {
   return {w1.narrow(1, 0, D) + wd, w1.narrow(1, D, D) - wd, w1.narrow(1, 3 * D, D)};
 }
 
+// The offsets must cover values exactly: [0, ..., N], non-decreasing (the loops below index values
+// and write every row's result through them, so a bad one reads out of bounds or leaves rows unset).
+const int64_t* checked_offsets(const Tensor& offsets, int64_t B, int64_t N) {
+  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() == B + 1 && offsets.scalar_type() == at::kLong &&
+                  offsets.is_contiguous(),
+              "din_attention: offsets must be a contiguous int64 [B + 1]");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[B] == N, "din_attention: offsets must run from 0 to the ", N,
+              " behaviours, got ", off[0], " to ", off[B]);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(off[b] <= off[b + 1], "din_attention: offsets must not decrease (row ", b, ")");
+  return off;
+}
+
 // Forward. Returns [out [B, D], weights [N], then what the backward needs: 2 qv [N, D] (q · k of
 //   each behaviour), 3..: the activations a_1 .. a_m [N, H_l] of the hidden layers (after the
 //   sigmoid)].
 std::vector<Tensor> attention_forward(const Tensor& query, const Tensor& values, const Tensor& offsets,
                                       const std::vector<Tensor>& weights, const std::vector<Tensor>& biases) {
   const int64_t B = query.size(0), D = query.size(1), N = values.size(0);
-  TORCH_CHECK(offsets.numel() == B + 1, "din_attention: offsets must be [B + 1]");
-  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* off = checked_offsets(offsets, B, N);
   const FirstLayer first = split_first_layer(weights[0], D);
   const Tensor h_q = at::addmm(biases[0], query, first.wq_d.t());  // [B, H1]
   Tensor qv = at::empty({N, D}, values.options());
@@ -165,8 +178,7 @@ inline void row_times_matrix<float>(const float* x, const float* M, const float*
 std::vector<Tensor> attention_inference(const Tensor& query, const Tensor& values, const Tensor& offsets,
                                         const std::vector<Tensor>& weights, const std::vector<Tensor>& biases) {
   const int64_t B = query.size(0), D = query.size(1), N = values.size(0);
-  TORCH_CHECK(offsets.numel() == B + 1, "din_attention: offsets must be [B + 1]");
-  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* off = checked_offsets(offsets, B, N);
   const int64_t H1 = weights[0].size(0);
   const FirstLayer first = split_first_layer(weights[0], D);
   const Tensor h_q = at::addmm(biases[0], query, first.wq_d.t());  // [B, H1]

@@ -48,7 +48,14 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& sizes, int64_t N) {
 Tensor recurrence_forward(const Tensor& gi, const std::optional<Tensor>& att, const Tensor& w_hh,
                           const Tensor& b_hh, const std::vector<int64_t>& sizes, Saved& s) {
   const int64_t H = w_hh.size(1), N = gi.size(0), H3 = 3 * H;
-  TORCH_CHECK(gi.dim() == 2 && gi.size(1) == H3, "packed_recurrence: gi must be [N, 3H]");
+  TORCH_CHECK(gi.dim() == 2 && gi.size(1) == H3 && gi.is_contiguous(),
+              "packed_recurrence: gi must be a contiguous [N, 3H]");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == H3, "packed_recurrence: w_hh must be [3H, H]");
+  TORCH_CHECK(b_hh.dim() == 1 && b_hh.size(0) == H3 && b_hh.is_contiguous(),
+              "packed_recurrence: b_hh must be a contiguous [3H]");
+  TORCH_CHECK(!att.has_value() || (att->numel() == N && att->is_contiguous()),
+              "packed_recurrence: att must be a contiguous [N] (one weight per packed row), got ",
+              att.has_value() ? att->numel() : 0, " values for ", N, " rows");
   const std::vector<int64_t> off = offsets_of(sizes, N);
   const auto opts = gi.options();
   Tensor out = at::empty({N, H}, opts);

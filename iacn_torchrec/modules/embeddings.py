@@ -383,7 +383,8 @@ class InterestAwareEmbeddings(nn.Module):
         weights = [t.weight for t in tables]
         if (any(type(t) is not nn.Embedding or t.padding_idx is not None or t.max_norm is not None
                 or t.sparse or t.scale_grad_by_freq for t in tables)
-                or any(w.device.type != "cpu" or w.dtype != weights[0].dtype for w in weights)
+                or any(w.device.type != "cpu" or w.dtype != weights[0].dtype or not w.is_contiguous()
+                       for w in weights)
                 or weights[0].dtype not in (torch.float32, torch.float64)):
             return None
         ext = load_kernel("concat_lookup")
