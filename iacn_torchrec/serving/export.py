@@ -496,7 +496,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--check-samples",
         type=int,
         default=4096,
-        help="test samples compared exported vs eager (0: the whole test split)",
+        help="test samples compared exported vs eager (0: the whole test split; default 4096)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     parser.add_argument("--threads", type=int, default=2)
