@@ -121,6 +121,27 @@ def test_seed_paired_arms_share_the_main_model_init(name, keep_width):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("keep_width, built", [(False, 1), (True, 2)])
+def test_pairing_draws_no_second_set_of_tables_at_the_paper_width(monkeypatch, keep_width, built):
+    """At the paper's width the plain arm's RNG state after its tables is recorded while the IaCN
+    arm's own (identical) E_orig and user tables are drawn, so no twin table is allocated: tables
+    can be most of a model's memory. Keep-width tables are narrower, so there they are replayed."""
+    import iacn_torchrec.models.framework as framework
+
+    sizes = []
+
+    class Counting(InterestAwareEmbeddings):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sizes.append(self.orig_dim)
+
+    monkeypatch.setattr(framework, "InterestAwareEmbeddings", Counting)
+    torch.manual_seed(0)
+    build_model("din", NU, NI, NC, L, IaCNConfig(enabled=True, aux_dim=2, keep_width=keep_width), emb_dim=4)
+    assert len(sizes) == built
+    assert sizes[1:] == [4] * (built - 1)  # the replay draws the plain arm's 4-wide tables
+
+
 @pytest.mark.parametrize("delta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("lam", [0.0, 1.0, 2.0])
 @pytest.mark.parametrize("name", MODEL_NAMES)

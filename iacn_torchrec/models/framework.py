@@ -437,7 +437,7 @@ def build_model(
                              f"aux_dim={iacn.aux_dim} must be smaller")
         orig_dim = emb_dim - iacn.aux_dim
 
-    def tables(orig: int, aux: int) -> InterestAwareEmbeddings:
+    def tables(orig: int, aux: int, after_orig_tables: Callable[[], None] | None = None):
         return InterestAwareEmbeddings(
             num_users, num_items, num_cates, max_len,
             orig_dim=orig,
@@ -447,14 +447,27 @@ def build_model(
             with_iacn_negatives=aux > 0 and iacn.sampler != "in_batch",
             device=device,
             init_bound=init_bound,
+            after_orig_tables=after_orig_tables,
         )
 
     start = torch.get_rng_state() if on else None
-    embeddings = tables(orig_dim, iacn.aux_dim if on else 0)
+    after_plain_tables: list[torch.Tensor] = []
+    # at the paper's width the user and E_orig tables are the plain model's, drawn alike: the RNG
+    # state after them is the plain arm's before its main model (keep-width tables are narrower)
+    def record() -> None:
+        after_plain_tables.append(torch.get_rng_state())
+
+    embeddings = tables(orig_dim, iacn.aux_dim if on else 0, record if on and orig_dim == emb_dim else None)
     main_model = cls(user_dim, embeddings.item_dim, max_len, cfg)
     if on:
-        _share_plain_init(main_model, start, lambda: tables(emb_dim, 0),
-                          lambda item_dim: cls(user_dim, item_dim, max_len, cfg))
+        def plain_tables_drawn() -> torch.Tensor:  # the RNG state after the plain arm's tables
+            if after_plain_tables:
+                return after_plain_tables[0]
+            torch.set_rng_state(start)  # keep-width: replay the plain tables (a transient copy)
+            tables(emb_dim, 0)
+            return torch.get_rng_state()
+
+        _share_plain_init(main_model, plain_tables_drawn, lambda: cls(user_dim, 2 * emb_dim, max_len, cfg))
     task = None
     if on:
         task = IaCNTask(iacn, item_dim=embeddings.aux_item_dim, max_len=max_len, user_dim=user_dim)
@@ -464,17 +477,17 @@ def build_model(
 
 def _share_plain_init(
     main_model: nn.Module,
-    start: torch.Tensor,
-    plain_tables: Callable[[], InterestAwareEmbeddings],
-    plain_main: Callable[[int], nn.Module],
+    plain_tables_drawn: Callable[[], torch.Tensor],
+    plain_main: Callable[[], nn.Module],
 ) -> int:
     """Gives ``main_model`` the plain arm's initial values wherever a parameter's shape allows.
 
     The plain model (IaCN off, the same seed) draws its tables and then its main model from torch's
-    global RNG, starting at ``start``. An IaCN arm draws aux tables in between and its layers that
-    read ``E_orig ⊕ E_aux`` are wider, so every later layer would start from other draws and a
-    seed-paired lift would compare two initialisations. This replays the plain model's draws from
-    ``start`` (``plain_tables()`` then ``plain_main(item_dim)``), copies every parameter and buffer
+    global RNG. An IaCN arm draws aux tables in between and its layers that read ``E_orig ⊕ E_aux``
+    are wider, so every later layer would start from other draws and a seed-paired lift would
+    compare two initialisations. This sets the RNG to the plain arm's state after its tables
+    (``plain_tables_drawn()``: recorded while the tables were drawn at the paper's width, replayed
+    at keep width), draws the plain main model (``plain_main()``), copies every parameter and buffer
     of the same name and shape into ``main_model``, and restores the RNGs to where they were, so
     the draws after this (IaCN's module, training) are unchanged. The wider layers keep their own
     draws.
@@ -485,8 +498,8 @@ def _share_plain_init(
     # tables on a GPU draw from its generator (restored too); the main model from the CPU's
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda):
-        torch.set_rng_state(start)
-        twin = plain_main(plain_tables().item_dim)
+        torch.set_rng_state(plain_tables_drawn())
+        twin = plain_main()
     theirs = dict(twin.named_parameters()) | dict(twin.named_buffers())
     copied = 0
     with torch.no_grad():

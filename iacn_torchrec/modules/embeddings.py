@@ -227,6 +227,8 @@ class InterestAwareEmbeddings(nn.Module):
         with_iacn_negatives: also embed ``iacn_neg_item`` / ``iacn_neg_cate`` into the aux tables.
         init_bound: None ⇒ TorchRec's default init; ``a`` ⇒ ``U(-a, a)`` for every table.
         device: where the tables are allocated.
+        after_orig_tables: called once the user and ``E_orig`` tables are drawn, before the aux
+            tables (``build_model`` records the RNG state there to pair seeds).
 
     Example::
 
@@ -247,6 +249,8 @@ class InterestAwareEmbeddings(nn.Module):
         with_iacn_negatives: bool = False,
         device: torch.device | None = None,
         init_bound: float | None = None,
+        *,
+        after_orig_tables: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         for field_name, value in (("num_users", num_users), ("num_items", num_items),
@@ -278,6 +282,8 @@ class InterestAwareEmbeddings(nn.Module):
         else:
             self.user = EmbeddingCollection(tables=[uid_table], device=device)
             self.orig = EmbeddingCollection(tables=orig_tables, device=device)
+        if after_orig_tables is not None:
+            after_orig_tables()
         self.aux: EmbeddingCollection | None = None
         if aux_dim > 0:
             extra_i = ["iacn_neg_item"] if with_iacn_negatives else []
