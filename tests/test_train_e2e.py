@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from iacn_torchrec.modules.iacn import IaCNConfig
 from iacn_torchrec.train.checkpoint import CheckpointError, load_checkpoint
@@ -162,8 +163,14 @@ def test_resume_keeps_the_evaluation_history_and_counts_epochs(tmp_path):
     resumed = train(cfg(tmp_path / "resumed", per_epoch))
     assert resumed["resumed_from_step"] == 5
     steps = [h["step"] for h in full["history"]]
-    assert steps == list(range(4, per_epoch, 4)) and steps
+    assert steps == list(range(4, per_epoch + 1, 4)) and steps  # the stop's step too, if it is one
     assert [h["step"] for h in resumed["history"]] == steps
+    # a --max-steps stop on an evaluation step evaluates there too (it was skipped, and the resumed
+    # run's history lacked that step); the final evaluation is that one, not a second pass
+    at_eval = train(cfg(tmp_path / "at_eval", 8))
+    assert [h["step"] for h in at_eval["history"]] == [4, 8]
+    assert {k: at_eval["history"][-1][k] for k in at_eval["test"]} == at_eval["test"]
+    assert [h["step"] for h in train(cfg(tmp_path / "at_eval", per_epoch))["history"]] == steps
     assert full["epochs_completed"] == resumed["epochs_completed"] == 1
     assert train(cfg(tmp_path / "short", per_epoch - 1))["epochs_completed"] == 0
     # a checkpoint at an evaluation step holds that evaluation: resuming from it repeats nothing
@@ -292,6 +299,10 @@ def test_resume_identity_no_resume_and_checkpoint_replacement(tmp_path, monkeypa
     copy = tmp_path / "elsewhere"
     shutil.copytree(data, copy)
     assert train(cfg(copy, out, 6))["resumed_from_step"] == 4  # same content, another path
+    # settings the one-process dense path does not use (it says so) do not block its resume
+    unused = cfg(copy, out, 6)
+    unused.distributed.sharding_types, unused.distributed.backend = {"item_orig": "row_wise"}, "gloo"
+    assert train(unused)["resumed_from_step"] == 6
     other = cfg(data, out, 8)
     other.seed, other.iacn.delta = 9, 0.5
     with pytest.raises(CheckpointError, match=r"iacn\.delta: 0\.3 → 0\.5; seed: 3 → 9"):
@@ -312,6 +323,9 @@ def test_resume_identity_no_resume_and_checkpoint_replacement(tmp_path, monkeypa
     # the old run's metrics went with its checkpoints: this run's metrics.json is its own
     assert json.loads((out / "checkpoints.previous" / "metrics.json").read_text())["steps"] == 6
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    # and its config.yaml (which this run's replaced before)
+    assert yaml.safe_load((out / "checkpoints.previous" / "config.yaml").read_text())["max_steps"] == 6
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
 
     # an interrupted removal never leaves a folder that looks complete (the manifest goes first)
@@ -473,3 +487,26 @@ def test_epoch_checkpoints_and_a_signal_stop_after_the_step(tmp_path):
     c = cfg(tmp_path / "sig", 10_000)
     c.max_steps = stopped + 3
     assert train(c)["resumed_from_step"] == stopped
+
+
+def test_a_damaged_newest_checkpoint_names_the_way_back_to_the_one_before(tmp_path):
+    """Resume refuses a damaged newest checkpoint (naming the file) and says how to resume from the
+    intact one before it; removing the damaged one does that."""
+    import shutil
+
+    from helpers import prepare_planted
+
+    _, data = prepare_planted(tmp_path, num_users=60, seed=0)
+    out = tmp_path / "run"
+    c = _config(data, out, 4, checkpoint_every=2)
+    c.data = DataConfig(path=str(data), batch_size=64)
+    train(c)
+    newest = out / "checkpoints" / "step_00000004"
+    (newest / "rank0.pt").write_bytes((newest / "rank0.pt").read_bytes()[:1000])
+    c.max_steps = 6
+    with pytest.raises(CheckpointError, match=r"rank0\.pt: truncated .*step 2\) may be intact: remove "
+                                              r".*step_00000004 to resume from there"):
+        train(c)
+    shutil.rmtree(newest)
+    assert train(c)["resumed_from_step"] == 2
+

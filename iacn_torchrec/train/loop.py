@@ -32,6 +32,7 @@ from iacn_torchrec.errors import TrainingInterrupted
 from iacn_torchrec.fileio import write_atomic
 from iacn_torchrec.train.checkpoint import (
     CheckpointError,
+    complete_steps,
     incomplete_note,
     latest_step,
     load_checkpoint,
@@ -192,14 +193,24 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         if note:
             print(note, file=sys.stderr, flush=True)
     if config.resume and latest_step(ckpt_root) is not None:
-        ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
-        differ = _fingerprint_differences(ck.get("config_fingerprint"), fingerprint)
+        try:
+            ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
+        except CheckpointError as e:  # a damaged newest checkpoint: say how to reach an older one
+            older = complete_steps(ckpt_root)[:-1]
+            if not older:
+                raise
+            newest = Path(ckpt_root) / f"step_{latest_step(ckpt_root):08d}"
+            raise CheckpointError(f"{e}; the checkpoint before it (step {older[-1]}) may be intact: remove "
+                                  f"{newest} to resume from there, or start over with --no-resume") from e
+        # one process on the dense path is not sharded: distributed.* plays no part there
+        differ = _fingerprint_differences(ck.get("config_fingerprint"), fingerprint,
+                                          ignore=() if setup.sharded else ("distributed.",))
         if differ:
             raise CheckpointError(
                 f"{ckpt_root}: the checkpoint was written by a different configuration ("
                 + "; ".join(differ[:8]) + (f"; {len(differ) - 8} more" if len(differ) > 8 else "")
                 + "); use another --out, or --no-resume to start over (the old checkpoints are moved to "
-                "checkpoints.previous)"
+                "checkpoints.previous, replacing an older set there)"
             )
         saved_plan = ck.get("plan")
         # (checkpoints written before the plan was saved are not checked)
@@ -254,10 +265,11 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
             if aside.exists():
                 shutil.rmtree(aside)
             os.replace(ckpt_root, aside)
-            if (out / "metrics.json").exists():
-                os.replace(out / "metrics.json", aside / "metrics.json")
-            print(f"note: --no-resume: the previous checkpoints (and metrics.json) of {out} were moved "
-                  f"to {aside}", file=sys.stderr, flush=True)
+            for name in ("metrics.json", "config.yaml"):  # the set-aside run keeps its record
+                if (out / name).exists():
+                    os.replace(out / name, aside / name)
+            print(f"note: --no-resume: the previous checkpoints (with metrics.json and config.yaml) of "
+                  f"{out} were moved to {aside}", file=sys.stderr, flush=True)
         write_atomic(out / "config.yaml", config.to_yaml())
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.barrier()  # no rank writes a checkpoint before the old ones are out of the way
@@ -298,6 +310,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
               "steps for its --epochs / --max-steps): nothing to train; evaluating that model",
               file=sys.stderr, flush=True)
     shows_iacn = config.iacn.enabled and config.iacn.lam > 0
+    last_eval: tuple[int, dict[str, Any], float] | None = None  # (step, metrics, seconds) of the newest
     last_log = time.perf_counter()
     # one process: Ctrl-C / SIGTERM end the step in progress, checkpoint and stop (with several
     # ranks each would stop at another step; there the launcher's signal ends the job as before)
@@ -338,9 +351,14 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                 periodic_ckpt = config.checkpoint_every and state.step % config.checkpoint_every == 0
                 if periodic_eval or periodic_ckpt or stop:
                     state.train_time_s += time.perf_counter() - t0
-                    if periodic_eval and not stop:  # before the checkpoint, which saves the history
+                    # before the checkpoint, which saves the history; also at a --max-steps stop,
+                    # so a resumed run's history is the straight run's (a signal ends the step
+                    # without it: stopping fast comes first)
+                    if periodic_eval and not interrupted:
                         setup.pause()
+                        t_eval = time.perf_counter()
                         m = evaluate(_unwrap_for_eval(model), test_loader, device, **eval_kw)
+                        last_eval = (state.step, m, time.perf_counter() - t_eval)
                         history.append({"step": state.step, "epoch": state.epoch, **m})
                         if rank == 0:
                             bar.write(f"step {state.step}: test auc {m['auc']:.4f} gauc {m['gauc']:.4f} "
@@ -372,9 +390,12 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         print("warning: no training step ran (too few training samples for one batch?): the model "
               "evaluated and checkpointed is the untrained one", file=sys.stderr, flush=True)
     setup.pause()
-    t_eval = time.perf_counter()
-    test = evaluate(_unwrap_for_eval(model), test_loader, device, **eval_kw)
-    eval_s = time.perf_counter() - t_eval
+    if last_eval is not None and last_eval[0] == state.step:  # evaluated at this very step already
+        test, eval_s = last_eval[1], last_eval[2]
+    else:
+        t_eval = time.perf_counter()
+        test = evaluate(_unwrap_for_eval(model), test_loader, device, **eval_kw)
+        eval_s = time.perf_counter() - t_eval
     result = {
         "test": test,
         "history": history,
@@ -461,7 +482,8 @@ def _unwrap_for_eval(model: torch.nn.Module) -> torch.nn.Module:
 # hash stands for it)
 _NOT_FINGERPRINTED = ("out", "epochs", "max_steps", "eval_every", "checkpoint_every", "log_every", "progress",
                       "resume", "threads", "eval_threads", "data.num_test_samples", "data.eval_batch_size",
-                      "data.path", "model.iacn_worker", "model.compile")
+                      "data.path", "model.iacn_worker", "model.compile",
+                      "distributed.backend")  # gloo or nccl: the same numbers
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -483,11 +505,12 @@ def _fingerprint(config: TrainConfig, content_hash: str | None) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
-def _fingerprint_differences(stored: str | None, current: str) -> list[str]:
+def _fingerprint_differences(stored: str | None, current: str, ignore: tuple[str, ...] = ()) -> list[str]:
     """``field: checkpoint → this run`` for every fingerprinted field that differs. A field the
     checkpoint's fingerprint lacks (added to the config since) counts at its default, the
     behaviour that run had; checkpoints of earlier versions (a nested fingerprint with the
-    dataset's path and no hash) are compared without the hash."""
+    dataset's path and no hash) are compared without the hash. Fields starting with a prefix in
+    ``ignore`` are not compared."""
     try:
         old = json.loads(stored) if stored else None
     except json.JSONDecodeError:
@@ -503,4 +526,4 @@ def _fingerprint_differences(stored: str | None, current: str) -> list[str]:
         if k not in old and k in defaults:
             old[k] = json.loads(json.dumps(defaults[k], default=str))
     return [f"{k}: {old.get(k, '(absent)')!r} → {new.get(k, '(absent)')!r}"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(ignore)]
