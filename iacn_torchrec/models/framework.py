@@ -479,7 +479,7 @@ def _share_plain_init(
     main_model: nn.Module,
     plain_tables_drawn: Callable[[], torch.Tensor],
     plain_main: Callable[[], nn.Module],
-) -> int:
+) -> None:
     """Gives ``main_model`` the plain arm's initial values wherever a parameter's shape allows.
 
     The plain model (IaCN off, the same seed) draws its tables and then its main model from torch's
@@ -491,9 +491,6 @@ def _share_plain_init(
     of the same name and shape into ``main_model``, and restores the RNGs to where they were, so
     the draws after this (IaCN's module, training) are unchanged. The wider layers keep their own
     draws.
-
-    Returns:
-        the number of tensors copied.
     """
     # tables on a GPU draw from its generator (restored too); the main model from the CPU's
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -501,11 +498,8 @@ def _share_plain_init(
         torch.set_rng_state(plain_tables_drawn())
         twin = plain_main()
     theirs = dict(twin.named_parameters()) | dict(twin.named_buffers())
-    copied = 0
     with torch.no_grad():
         for name, t in list(main_model.named_parameters()) + list(main_model.named_buffers()):
             src = theirs.get(name)
             if src is not None and src.shape == t.shape and src.dtype == t.dtype:
                 t.copy_(src)
-                copied += 1
-    return copied

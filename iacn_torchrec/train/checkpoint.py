@@ -71,7 +71,7 @@ def save_checkpoint(
 
     Returns the final checkpoint directory. Keeps the newest ``keep`` checkpoints.
     """
-    final = _join(root, f"step_{step:08d}")
+    final = step_dir(root, step)
     tmp = final + ".tmp"
     if rank == 0:
         if path_manager.exists(tmp):
@@ -109,7 +109,7 @@ def save_checkpoint(
         if replaced is not None:
             _rmtree(replaced)
         for old in sorted(complete_steps(root))[:-keep] if keep > 0 else []:
-            _rmtree(_join(root, f"step_{old:08d}"))
+            _rmtree(step_dir(root, old))
         _remove_leftovers(root)
     _barrier()
     return final
@@ -157,6 +157,11 @@ def _rmtree(path: str) -> None:
     os.rmdir(path_manager.get_local_path(path))
 
 
+def step_dir(root: str, step: int) -> str:
+    """The folder of checkpoint ``step`` under ``root``."""
+    return _join(root, f"step_{step:08d}")
+
+
 def complete_steps(root: str) -> list[int]:
     """The steps of ``root``'s complete checkpoints (those with a manifest), oldest first."""
     if not path_manager.exists(root):
@@ -199,7 +204,7 @@ def _manifest(root: str, step: int | None) -> tuple[int, str, dict[str, Any]]:
         step = latest_step(root)
         if step is None:
             raise CheckpointError(f"no complete checkpoint under {root}")
-    d = _join(root, f"step_{step:08d}")
+    d = step_dir(root, step)
     mpath = _join(d, MANIFEST)
     if not path_manager.exists(mpath):
         raise CheckpointError(f"{d}: no {MANIFEST}; the checkpoint is incomplete")

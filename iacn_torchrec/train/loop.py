@@ -39,6 +39,7 @@ from iacn_torchrec.train.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    step_dir,
 )
 from iacn_torchrec.train.config import TrainConfig
 from iacn_torchrec.train.metrics import CTRMetrics
@@ -196,12 +197,12 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         try:
             ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
         except CheckpointError as e:  # a damaged newest checkpoint: say how to reach an older one
-            older = complete_steps(ckpt_root)[:-1]
-            if not older:
+            steps = complete_steps(ckpt_root)
+            if len(steps) < 2:
                 raise
-            newest = Path(ckpt_root) / f"step_{latest_step(ckpt_root):08d}"
-            raise CheckpointError(f"{e}; the checkpoint before it (step {older[-1]}) may be intact: remove "
-                                  f"{newest} to resume from there, or start over with --no-resume") from e
+            raise CheckpointError(f"{e}; the checkpoint before it (step {steps[-2]}) may be intact: remove "
+                                  f"{step_dir(ckpt_root, steps[-1])} to resume from there, or start over "
+                                  "with --no-resume") from e
         # one process on the dense path is not sharded: distributed.* plays no part there
         differ = _fingerprint_differences(ck.get("config_fingerprint"), fingerprint,
                                           ignore=() if setup.sharded else ("distributed.",))
