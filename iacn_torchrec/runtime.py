@@ -1,6 +1,6 @@
 """Process settings for CPU training and evaluation, applied by the ``iacn`` command.
 
-Both are about the 2-core CPU box this project is measured on (docs/results/performance.md):
+Both are about the 2-core CPU box this project is measured on (docs/results/performance-log.md):
 
 * ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads spin by default; on a shared or oversubscribed
   box that made a 2-thread step 10-100x slower. It must be set before torch is imported.

@@ -120,7 +120,7 @@ def plain_steps(
             loss, out = model(batch)
             # With IaCN on its worker thread the graph is freed after the step, not inside backward:
             # each freed tensor that Python saw takes the GIL, which the worker's Python holds, and
-            # the main backward waited for it (measured: docs/results/performance.md, round 12).
+            # the main backward waited for it (measured: docs/results/performance-log.md, round 12).
             loss.backward(retain_graph=getattr(model, "iacn_on_worker", False))
             optimizer.step()
             detached = loss.detach()
@@ -174,7 +174,7 @@ def build_training(
         model = model.to(device)
         # not with a compiled main model, whose kernels hold the GIL: there the worker gains little
         # (round 7: DIN+IaCN 7.89 ms a step on the worker, 8.38 serial) and eager DIN+IaCN on the
-        # worker is faster than either (7.25 ms), docs/results/performance.md
+        # worker is faster than either (7.25 ms), docs/results/performance-log.md
         if config.model.iacn_worker and not config.model.compile:
             model.run_iacn_on_worker()
         # the tables at optim.table_lr("adam") without weight decay, as on the sharded path; one

@@ -146,7 +146,7 @@ class _PackedRecurrence(torch.autograd.Function):
     ``PackedSequence``, whose per-step cell ops run in C++ but are recorded the same way) keeps a
     node per op and runs each in backward. Here the forward records nothing and saves seven
     packed tensors; the backward walks the steps once and forms the recurrent weight's gradient as
-    one matmul over all N entries. A DIEN step: ×0.87 (docs/results/performance.md, round 9).
+    one matmul over all N entries. A DIEN step: ×0.87 (docs/results/performance-log.md, round 9).
 
     ``gi [N, 3H]`` the input projections ``x W_ihᵀ + b_ih`` (gates r, z, n), ``att [N]`` or None
     (None: a plain GRU, i.e. a = 1), ``w_hh [3H, H]``, ``b_hh [3H]``, ``sizes`` the rows live

@@ -5,7 +5,7 @@ label-aware attention → sampled softmax) for the common case: a jagged history
 (not in-batch) negatives, CPU float tensors and a user embedding that takes no gradient. At IaCN's
 sizes (h = 36, n_u ≤ 20, K ≤ 5) the ATen path's cost is the ~300 small ops it dispatches per
 training step; the kernel runs the per-row maths as loops and hands only the matrix products to
-ATen (see docs/results/performance.md, round 11).
+ATen (see docs/results/performance-log.md, round 11).
 
 The kernel is built by :mod:`iacn_torchrec.kernels` (when it cannot be, a warning says why once and
 IaCN runs on the ATen path; ``IACN_FUSED_KERNEL=0`` turns it off).

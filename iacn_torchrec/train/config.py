@@ -36,7 +36,7 @@ class ConfigError(UserError, ValueError):
 class DataConfig:
     path: str = ""  # prepared dataset directory (`iacn prepare --out`)
     batch_size: int = 128  # per rank
-    eval_batch_size: int = 2048  # with two batches scored at once: the fastest here (performance.md)
+    eval_batch_size: int = 2048  # with two batches scored at once: the fastest here (performance-log.md)
     drop_last: bool = False
     num_test_samples: int | None = None  # evaluate on the first N test samples only (smoke runs)
 
@@ -135,7 +135,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     seed: int = 0
     # torch.set_num_threads; None leaves torch's default. 1 by default: at batch 128 the step is many
-    # small ops, and on a busy 2-core box a second thread measured slower (docs/results/performance.md)
+    # small ops, and on a busy 2-core box a second thread measured slower (docs/results/performance-log.md)
     threads: int | None = 1
     # cores for evaluation (concurrent batches, one torch thread each, on an unsharded CPU model;
     # intra-op threads otherwise); None = this process's share of the cores (cpu_count // world_size)

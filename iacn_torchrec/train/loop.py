@@ -101,7 +101,7 @@ def evaluate(
             torch thread (unsharded models only: a sharded model's lookups are collectives, which
             must run in the same order on every rank). On the 2-core box two workers scored
             ~150k samples/s where one thread did ~90k and two intra-op threads ~75k
-            (docs/results/performance.md). Metrics are updated in loader order either way.
+            (docs/results/performance-log.md). Metrics are updated in loader order either way.
     """
     was_training = model.training
     model.eval()
