@@ -118,3 +118,26 @@ def test_cli_flags_comma_separated_sharding_and_joined_sets():
     both = config_from_args(p.parse_args(["--data", "/x😀", "--sharding", "item_orig=column_wise",
                                           "--set", "distributed.sharding_types.item_orig=row_wise"]))
     assert both.distributed.sharding_types == {"item_orig": "row_wise"} and both.data.path == "/x😀"
+
+
+def test_iacn_options_on_the_command_line_need_iacn_on(tmp_path):
+    """An IaCN option given while IaCN is off would change nothing: refused, naming the option; a
+    YAML config may still hold IaCN's options for the arms that turn it on."""
+    import argparse
+
+    from iacn_torchrec.train.cli import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(ConfigError, match=r"--set iacn\.lam set IaCN's options, but IaCN is off"):
+        config_from_args(p.parse_args(["--data", "/x", "--set", "iacn.lam=2"]))
+    with pytest.raises(ConfigError, match=r"--delta, --set iacn\.aux_dim .*add --iacn"):
+        config_from_args(p.parse_args(["--data", "/x", "--delta", "0.5",
+                                       "--set", "model.emb_dim=16;iacn.aux_dim=6"]))
+    on = config_from_args(p.parse_args(["--data", "/x", "--set", "iacn.enabled=true;iacn.lam=2"]))
+    assert on.iacn.enabled and on.iacn.lam == 2
+    assert not config_from_args(p.parse_args(["--data", "/x", "--set", "iacn.enabled=false"])).iacn.enabled
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("iacn:\n  enabled: false\n  lam: 0.5\n")
+    off = config_from_args(p.parse_args(["--data", "/x", "--config", str(cfg)]))
+    assert not off.iacn.enabled and off.iacn.lam == 0.5

@@ -123,9 +123,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             t, v = a.split("=", 1)
             st[t] = v
         sets.append(f"distributed.sharding_types={json.dumps(st, ensure_ascii=False)}")
-    config = config.override(sets + [part for arg in args.set for part in arg.split(";") if part.strip()])
+    user_sets = [part for arg in args.set for part in arg.split(";") if part.strip()]
+    config = config.override(sets + user_sets)
     iacn_flags = [f"--{f.replace('_', '-')}" for f, (path, _) in _FLAGS.items()
                   if path.startswith("iacn.") and getattr(args, f, None) is not None]
+    # an option of IaCN's given on the command line while IaCN is off would change nothing (a YAML
+    # config may hold them for its IaCN arms: only what this command says is checked)
+    iacn_flags += [f"--set {s.split('=', 1)[0].strip()}" for s in user_sets
+                   if s.strip().startswith("iacn.") and s.split("=", 1)[0].strip() != "iacn.enabled"]
     if iacn_flags and not config.iacn.enabled:
         raise ConfigError(f"{', '.join(iacn_flags)} set IaCN's options, but IaCN is off: add --iacn")
     if not config.data.path:
