@@ -104,15 +104,41 @@ def test_pipeline_writes_tables_and_plots_and_resumes(tiny, tmp_path, capsys):
     for part in ("table1", "table2", "delta", "variants"):
         doc = strict((res / f"{part}.json").read_text())
         assert "torchrec" in doc["versions"] and all("config" in r for r in doc["runs"].values())
-    s = json.loads((res / "table1.json").read_text())["summary"]["din"]
-    base = {int(k): v for k, v in s["auc"]["base"].items()}
-    iacn = {int(k): v for k, v in s["auc"][rp.IACN.key].items()}
-    for seed in (0, 1):
-        auc = json.loads((out / f"din-L8-base-s{seed}" / "metrics.json").read_text())["test"]["auc"]
-        assert base[seed] == auc
-    diffs = [iacn[k] - base[k] for k in (0, 1)]
-    assert s["lift"]["mean"] == pytest.approx(np.mean(diffs))
-    assert s["lift"]["sd"] == pytest.approx(np.std(diffs, ddof=1))
+    def run_aucs(model: str, length: int, arm: str) -> dict[int, float]:
+        return {seed: json.loads((out / f"{model}-L{length}-{arm}-s{seed}" / "metrics.json").read_text())
+                ["test"]["auc"] for seed in (0, 1)}
+
+    def check(cell: dict, model: str, length: int, arm: str) -> dict[int, float]:
+        aucs = {int(k): v for k, v in cell.items()}
+        assert aucs == run_aucs(model, length, arm), (model, length, arm)
+        return aucs
+
+    def check_lift(lift: dict, a: dict[int, float], b: dict[int, float]) -> None:
+        diffs = [a[k] - b[k] for k in (0, 1)]  # paired by seed: a's seed 0 against b's seed 0
+        assert any(diffs)  # the arms differ, so a lift taken the wrong way round would show
+        assert lift["n"] == 2 and lift["mean"] == pytest.approx(np.mean(diffs))
+        assert lift["sd"] == pytest.approx(np.std(diffs, ddof=1))
+
+    summary = {part: json.loads((res / f"{part}.json").read_text())["summary"]
+               for part in ("table1", "table2", "delta", "variants")}
+    for model in ("din", "wide_deep"):
+        s = summary["table1"][model]
+        base, iacn, control = (check(s["auc"][arm.key], model, 8, arm.key)
+                               for arm in (rp.BASE, rp.IACN, rp.CONTROL))
+        check_lift(s["lift"], iacn, base)
+        check_lift(s["lift_vs_control"], iacn, control)
+    for length in (4, 8):  # table 2: DIEN by history length
+        s = summary["table2"][str(length)]
+        check_lift(s["lift"], check(s["iacn"], "dien", length, rp.IACN.key),
+                   check(s["base"], "dien", length, rp.BASE.key))
+    dien_alone = run_aucs("dien", 8, rp.BASE.key)
+    assert sorted(float(d) for d in summary["delta"]) == [0.3, 0.6, 1.0]
+    for d, s in summary["delta"].items():  # δ = 1 is the λ = 0 control run
+        check_lift(s["lift"], check(s["iacn"], "dien", 8, rp.delta_arm(float(d)).key), dien_alone)
+    assert set(summary["variants"]) == {f"dien/{k}" for k in (rp.IACN.key, rp.CONTROL.key, "var-lam0.5")}
+    for key, s in summary["variants"].items():
+        model, arm = key.split("/")
+        check_lift(s["lift"], check(s["iacn"], model, 8, arm), check(s["base"], model, 8, rp.BASE.key))
 
     # second call: everything is skipped and the tables are rewritten identically (no training)
     before = {d: (out / d / "metrics.json").stat().st_mtime_ns for d in run_dirs}
