@@ -141,3 +141,59 @@ def test_iacn_options_on_the_command_line_need_iacn_on(tmp_path):
     cfg.write_text("iacn:\n  enabled: false\n  lam: 0.5\n")
     off = config_from_args(p.parse_args(["--data", "/x", "--config", str(cfg)]))
     assert not off.iacn.enabled and off.iacn.lam == 0.5
+
+
+def test_every_train_flag_sets_its_own_field():
+    """Each ``iacn train`` flag lands in the config field it names, with a value unlike the default
+    (so a flag wired to the wrong field, or to none, shows)."""
+    import argparse
+    import functools
+
+    from iacn_torchrec.train.cli import _FLAGS, add_arguments, config_from_args
+
+    expected = {  # config path -> (command-line words, value)
+        "data.path": (["--data", "/d"], "/d"),
+        "data.batch_size": (["--batch-size", "64"], 64),
+        "data.eval_batch_size": (["--eval-batch-size", "512"], 512),
+        "model.name": (["--model", "dien"], "dien"),
+        "model.emb_dim": (["--emb-dim", "16"], 16),
+        "model.compile": (["--compile"], True),
+        "iacn.delta": (["--delta", "0.4"], 0.4),
+        "iacn.lam": (["--lam", "0.7"], 0.7),
+        "iacn.pow_p": (["--pow-p", "3"], 3.0),
+        "iacn.k_max": (["--k-max", "4"], 4),
+        "iacn.routing_iters": (["--routing-iters", "2"], 2),
+        "iacn.aux_dim": (["--aux-dim", "8"], 8),
+        "iacn.keep_width": (["--keep-width"], True),
+        "iacn.sampler": (["--sampler", "log_uniform"], "log_uniform"),
+        "iacn.num_negatives": (["--num-negatives", "7"], 7),
+        "optim.lr": (["--lr", "0.002"], 0.002),
+        "optim.embedding_optimizer": (["--embedding-optimizer", "sgd"], "sgd"),
+        "optim.aux_embedding_optimizer": (["--aux-embedding-optimizer", "rowwise_adagrad"],
+                                          "rowwise_adagrad"),
+        "optim.embedding_lr": (["--embedding-lr", "0.03"], 0.03),
+        "epochs": (["--epochs", "3"], 3),
+        "max_steps": (["--max-steps", "11"], 11),
+        "seed": (["--seed", "5"], 5),
+        "threads": (["--threads", "2"], 2),
+        "eval_threads": (["--eval-threads", "1"], 1),
+        "eval_every": (["--eval-every", "13"], 13),
+        "checkpoint_every": (["--checkpoint-every", "17"], 17),
+        "out": (["--out", "/tmp/r"], "/tmp/r"),
+        "iacn.enabled": (["--iacn"], True),
+        "resume": (["--no-resume"], False),
+        "progress": (["--no-progress"], False),
+    }
+    assert {path for path, _ in _FLAGS.values()} <= set(expected)  # a new flag needs a line here
+
+    def field(cfg, path):
+        return functools.reduce(getattr, path.split("."), cfg)
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args([w for words, _ in expected.values() for w in words]))
+    default = TrainConfig()
+    for path, (words, value) in expected.items():
+        assert field(default, path) != value, path  # the test would not see this flag's wiring
+        assert field(cfg, path) == value, (words, path, field(cfg, path))
+    assert not config_from_args(p.parse_args(["--data", "/d", "--iacn", "--no-iacn"])).iacn.enabled
