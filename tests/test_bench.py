@@ -77,9 +77,18 @@ def test_throughput_worker_runs_every_arm(tiny_prepared):
 
 def test_scaling_worker_dense_and_fused_vocab(tiny_prepared):
     # the fused arm goes through TorchRec's DMP with a fused row-wise Adagrad table optimizer
-    a = _args(threads=1, rounds=1, block_steps=2, warmup=1, arms=["din:0:8:0:6:500", "din:1:8:1:6:500"])
+    dense, fused = "din:0:8:0:6:500", "din:1:8:1:6:500"
+    a = _args(threads=1, rounds=2, block_steps=2, warmup=1, arms=[dense, fused])
     res = bench.worker_scaling(a)
-    assert set(res["step_s"]) == {"din:0:8:0:6:500", "din:1:8:1:6:500"}
+    assert set(res["step_s"]) == {dense, fused}
+    assert all(len(ts) == 2 and min(ts) > 0 for ts in res["step_s"].values())  # a time per round
+    assert res["tables"][dense] == {"sharded": False, "embedding_optimizer": "adam", "kernels": {}}
+    f = res["tables"][fused]
+    assert f["sharded"] and f["embedding_optimizer"] == "rowwise_adagrad"
+    # every table, aux ones included (IaCN is on), on TorchRec's fused kernel
+    assert {k.rsplit(".", 1)[1] for k in f["kernels"]} == {"uid", "item_orig", "cate_orig", "item_aux",
+                                                           "cate_aux"}
+    assert set(f["kernels"].values()) == {"table_wise/fused"}
 
 
 def test_synthetic_batches_layout():

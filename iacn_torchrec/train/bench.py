@@ -222,6 +222,7 @@ def synthetic_batches(batch: int, max_len: int, num_users: int, num_items: int, 
 
 
 def _steps_on_synthetic(sets: list[str], threads: int, num_items: int, max_len: int, batch: int):
+    """(step iterator, how the arm trains its tables) on seeded synthetic batches."""
     import itertools
 
     from iacn_torchrec.distributed.setup import build_training
@@ -235,7 +236,12 @@ def _steps_on_synthetic(sets: list[str], threads: int, num_items: int, max_len: 
     S = cfg.iacn.num_negatives if cfg.iacn.enabled and cfg.iacn.sampler != "in_batch" else 0
     batches = synthetic_batches(batch, max_len, ds.num_users, num_items, ds.num_cates,
                                 neg_hist=cfg.model.name == "dien", num_negatives=S, seed=cfg.seed)
-    return setup.train_steps(itertools.cycle(batches))
+    kernels = {f"{module}.{name}": f"{ps.sharding_type}/{ps.compute_kernel}"
+               for module, shardings in (setup.plan.plan.items() if setup.plan else ())
+               for name, ps in shardings.items()}
+    tables = {"sharded": setup.sharded, "embedding_optimizer": cfg.optim.embedding_optimizer,
+              "kernels": kernels}
+    return setup.train_steps(itertools.cycle(batches)), tables
 
 
 # ---------------------------------------------------------------------------------------- workers
@@ -280,12 +286,13 @@ def worker_scaling(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(a.threads)
-    arms = {}
+    arms, tables = {}, {}
     for spec in a.arms:
         model, iacn, batch, fused, L, items = spec.split(":")
         sets = arm_overrides(model, iacn == "1", int(batch), fused == "1")
-        arms[spec] = (_steps_on_synthetic(sets, a.threads, int(items), int(L), int(batch)), a.block_steps)
-    return {"step_s": _interleaved(arms, a.rounds, warmup=a.warmup)}
+        steps, tables[spec] = _steps_on_synthetic(sets, a.threads, int(items), int(L), int(batch))
+        arms[spec] = (steps, a.block_steps)
+    return {"step_s": _interleaved(arms, a.rounds, warmup=a.warmup), "tables": tables}
 
 
 def worker_rss(a: argparse.Namespace) -> dict[str, Any]:
