@@ -197,3 +197,29 @@ def test_every_train_flag_sets_its_own_field():
         assert field(default, path) != value, path  # the test would not see this flag's wiring
         assert field(cfg, path) == value, (words, path, field(cfg, path))
     assert not config_from_args(p.parse_args(["--data", "/d", "--iacn", "--no-iacn"])).iacn.enabled
+
+
+def test_model_section_reaches_the_model():
+    """``model.*`` settings arrive in the built model: the widths, DIEN's hidden size, and DIEN's
+    auxiliary-loss weight w, which scales the model's part of ``main_loss`` (``BCE + w·L_aux``)."""
+    import torch
+    import torch.nn.functional as F
+    from helpers import planted_batch
+
+    from iacn_torchrec.distributed.setup import build_model_from_config
+    from iacn_torchrec.train.bench import _SynthDataset
+
+    ds = _SynthDataset(num_users=20, num_items=60, num_cates=6, max_len=8)
+    batch = planted_batch(16, seed=3, num_users=20, num_items=60, num_cates=6, max_len=8, neg_hist=True)
+    aux_part = {}
+    for w in (1.0, 0.25):
+        cfg = TrainConfig().override(["model.name=dien", "model.emb_dim=6", "model.user_dim=5",
+                                      "model.dien_hidden=10", f"model.dien_aux_loss_weight={w}"])
+        torch.manual_seed(0)
+        model = build_model_from_config(cfg, ds).train()
+        assert model.main_model.config.aux_loss_weight == w and model.main_model.config.hidden_size == 10
+        assert (model.embeddings.user_dim, model.embeddings.orig_dim) == (5, 6)
+        _, (logits, main_loss, _) = model(batch)
+        aux_part[w] = float(main_loss - F.binary_cross_entropy_with_logits(logits, batch.labels))
+    assert aux_part[1.0] > 0
+    assert aux_part[0.25] == pytest.approx(0.25 * aux_part[1.0], rel=1e-5)
