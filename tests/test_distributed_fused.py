@@ -90,3 +90,33 @@ def test_sharding_refuses_table_dims_fbgemm_cannot_run():
         _check_fused_dims(kept)
     _check_fused_dims(build_model("din", 9, 30, 4, 5, IaCNConfig(enabled=True, aux_dim=8, keep_width=True),
                                   emb_dim=16))
+
+
+def test_cpu_sharded_tables_refuse_adam_and_get_their_fused_optimizer():
+    """On CPU a sharded run cannot give a table Adam (FBGEMM's fused Adam needs CUDA): the error
+    names exactly the Adam tables. Otherwise each table's weight carries its own in-backward
+    optimizer (orig and aux chosen independently) with the table learning rate."""
+    import pytest
+
+    from iacn_torchrec.distributed.sharding import FUSED_OPTIMIZERS, apply_table_optimizers
+    from iacn_torchrec.models.framework import build_model
+    from iacn_torchrec.train.config import ConfigError
+
+    def model_for(config):
+        torch.manual_seed(0)
+        return build_model("din", 9, 30, 4, 5, iacn=config.iacn, emb_dim=8, user_dim=8)
+
+    mixed = make_config("/x", "din", orig_opt="sgd", aux_opt="adam")
+    with pytest.raises(ConfigError, match=r"table\(s\) \['cate_aux', 'item_aux'\] use optimizer 'adam'"):
+        apply_table_optimizers(model_for(mixed), mixed, torch.device("cpu"))
+    config = make_config("/x", "din", orig_opt="sgd", aux_opt="rowwise_adagrad")
+    model = model_for(config)
+    chosen = apply_table_optimizers(model, config, torch.device("cpu"))
+    assert chosen == {"uid": "sgd", "item_orig": "sgd", "cate_orig": "sgd",
+                      "item_aux": "rowwise_adagrad", "cate_aux": "rowwise_adagrad"}
+    weights = {name.split(".")[-2]: p for name, p in model.named_parameters() if ".embeddings." in name}
+    assert set(weights) == set(chosen)
+    for table, w in weights.items():
+        (opt,) = w._optimizer_classes  # what TorchRec's sharder turns into the fused kernel
+        assert opt is FUSED_OPTIMIZERS[chosen[table]]
+        assert w._optimizer_kwargs[0]["lr"] == config.optim.table_lr(chosen[table])
