@@ -400,21 +400,28 @@ def test_main_model_error_with_the_worker_on():
 def test_the_worker_starts_when_the_backward_begins():
     """IaCN is submitted to the worker by the backward's first node, not by the forward (whose end
     met the step loop's Python, both threads then waiting for the GIL): after the forward nothing has
-    run; the backward runs it once, and a second backward (retain_graph) reuses its result."""
-    import time
+    run; the backward runs it once, on another thread, and a second backward (retain_graph) reuses its
+    result."""
+    import threading
+
+    from iacn_torchrec.models.framework import _iacn_worker
 
     torch.manual_seed(0)
     cfg = IaCNConfig(enabled=True, aux_dim=4, num_negatives=S)
     model = build_model("din", NU, NI, NC, L, cfg, emb_dim=4).run_iacn_on_worker()
+    calls: list[str] = []  # the thread of every IaCN forward
+    model.iacn.register_forward_pre_hook(lambda *_: calls.append(threading.current_thread().name))
     loss, (_, main_loss, iacn_loss) = model(make_batch(16, seed=1, S=S))
-    time.sleep(0.05)
-    assert iacn_loss == 0 and model.iacn.routing.bilinear.grad is None
+    _iacn_worker().submit(lambda: None).result()  # one FIFO thread: work submitted so far has run
+    assert calls == [] and iacn_loss == 0 and model.iacn.routing.bilinear.grad is None
     torch.testing.assert_close(loss.detach(), main_loss)  # λ·L_IaCN not added yet
     loss.backward(retain_graph=True)
     assert iacn_loss > 0
+    assert len(calls) == 1 and calls[0] != threading.current_thread().name
     first = model.iacn.routing.bilinear.grad.clone()
     torch.testing.assert_close(loss.detach(), main_loss + iacn_loss)
     loss.backward()
+    assert len(calls) == 1  # the retained graph reuses the worker's result
     torch.testing.assert_close(model.iacn.routing.bilinear.grad, 2 * first)
     torch.testing.assert_close(loss.detach(), main_loss + iacn_loss)  # added once
 
