@@ -370,8 +370,8 @@ def test_compile_submodules_in_place_matches_eager():
         torch.testing.assert_close(logit_c, logit_e, rtol=1e-4, atol=1e-5)
         ge = torch.autograd.grad(loss_e, list(eager.main_model.parameters()))
         gc = torch.autograd.grad(loss_c, list(comp.main_model.parameters()))
-        for x, y in zip(gc, ge, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
+        for x, y in zip(gc, ge, strict=True):  # inductor reorders float32 sums: ≤ 2e-8 measured here
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=2e-7)
 
 
 def test_width_floor_times_the_layers_the_models_have(tiny_prepared, capsys):
