@@ -70,14 +70,30 @@ def test_evaluation_threads_are_scoped_and_change_no_metric(beauty_prepared):
     """``evaluate(threads=N)`` runs with N torch threads, ``batch_workers=N`` scores N batches at
     once on worker threads; both restore the training setting, and the metrics depend on neither
     (beyond float summation order)."""
+    import os
+    from types import SimpleNamespace
+
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.distributed.setup import build_training
-    from iacn_torchrec.train.loop import eval_threads, evaluate, make_loaders, seed_everything
+    from iacn_torchrec.train.loop import (
+        eval_threads,
+        evaluate,
+        evaluation_cores,
+        make_loaders,
+        seed_everything,
+    )
 
     cfg = _config(beauty_prepared, "unused", 1)
-    assert eval_threads(cfg, world_size=1) >= 1
-    cfg.eval_threads = 3
+    cores = os.cpu_count()
+    # by default each process takes its share of the cores, at least one
+    assert [eval_threads(cfg, world_size=w) for w in (1, 2, 2 * cores)] == [cores, max(1, cores // 2), 1]
+    unsharded = SimpleNamespace(sharded=False, device=torch.device("cpu"))
+    assert evaluation_cores(cfg, unsharded, 1) == {"batch_workers": cores}  # concurrent batches
+    assert evaluation_cores(cfg, SimpleNamespace(sharded=True, device=torch.device("cpu")), 2) == {
+        "threads": max(1, cores // 2)}  # a sharded model's lookups are collectives: one batch at a time
+    cfg.eval_threads = 3  # --eval-threads wins
     assert eval_threads(cfg, world_size=2) == 3
+    assert evaluation_cores(cfg, unsharded, 2) == {"batch_workers": 3}
     seed_everything(0)
     ds = PreparedDataset.open(beauty_prepared)
     _, test_loader, log_q = make_loaders(cfg, ds, 0, 1)
