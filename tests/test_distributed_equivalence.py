@@ -106,11 +106,14 @@ def worker(rank: int, world_size: int, data: str, model_name: str, out: str) -> 
         model = make_model(config, ds)
         setup = shard_model(model, config, torch.device("cpu"), 0)
         train, test = make_loaders(config, ds, rank, world_size)
-        losses = []
+        losses, first_grads = [], None
         for loss, _ in itertools.islice(setup.train_steps(train), STEPS):
             g = loss.detach().clone()
             dist.all_reduce(g)
             losses.append(float(g) / world_size)
+            if first_grads is None:  # the first step's dense gradients, DDP-averaged over the ranks
+                first_grads = {n: p.grad.detach().clone() for n, p in setup.model.module.named_parameters()
+                               if not n.startswith("embeddings.") and p.grad is not None}
         setup.pause()
         tables = sharded_table_weights(setup.model)
         dense = {k: v.detach().clone() for k, v in setup.model.module.state_dict().items()
@@ -118,7 +121,7 @@ def worker(rank: int, world_size: int, data: str, model_name: str, out: str) -> 
         metrics = evaluate(setup.model.module, test)
         kinds = {t: ps.sharding_type for m in setup.plan.plan.values() for t, ps in m.items()}
         results[name] = {"losses": losses, "tables": tables, "dense": dense, "metrics": metrics,
-                         "kinds": kinds}
+                         "kinds": kinds, "first_grads": first_grads}
     if rank == 0:
         torch.save(results, out)
 
@@ -143,7 +146,8 @@ def reference_run(data: str, model_name: str, orig_opt: str, aux_opt: str):
 
     orig = [p for n, p in model.named_parameters() if n.startswith("embeddings.orig.")]
     aux = [p for n, p in model.named_parameters() if n.startswith("embeddings.aux.")]
-    dense = [p for n, p in model.named_parameters() if not n.startswith("embeddings.")]
+    dense_named = [(n, p) for n, p in model.named_parameters() if not n.startswith("embeddings.")]
+    dense = [p for _, p in dense_named]
     opts = [table_opt(orig_opt, orig), table_opt(aux_opt, aux), torch.optim.Adam(dense, lr=config.optim.lr)]
     loaders = [make_loaders(config, ds, r, WORLD)[0] for r in range(WORLD)]
     losses = []
@@ -159,10 +163,12 @@ def reference_run(data: str, model_name: str, orig_opt: str, aux_opt: str):
         loss.backward()
         for n, p in model.named_parameters():
             grad_max[n] = max(grad_max[n], float(p.grad.abs().max()))
+        if step == 0:
+            first_grads = {n: p.grad.detach().clone() for n, p in dense_named}
         for o in opts:
             o.step()
         losses.append(float(loss))
-    return model, losses, grad_max
+    return model, losses, grad_max, first_grads
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +187,7 @@ def test_two_ranks_equal_one_process(tiny, tmp_path, model_name):
     ds = PreparedDataset.open(tiny)
 
     for name, (plan, orig_opt, aux_opt) in PLANS.items():
-        ref_model, ref_losses, grad_max = reference_run(tiny, model_name, orig_opt, aux_opt)
+        ref_model, ref_losses, grad_max, ref_first_grads = reference_run(tiny, model_name, orig_opt, aux_opt)
         ref_state = ref_model.state_dict()
         r = got[name]
         # the planner honoured the requested sharding types
@@ -194,6 +200,12 @@ def test_two_ranks_equal_one_process(tiny, tmp_path, model_name):
             ref = ref_state[key]
             torch.testing.assert_close(table, ref, rtol=1e-4, atol=1e-6,
                                        msg=lambda m, key=key, name=name: f"{name}: {key}: {m}")
+        # the first step's dense gradients, before any optimizer can amplify float error, agree for
+        # every dense parameter, the near-zero ones below included
+        assert r["first_grads"].keys() == ref_first_grads.keys(), name
+        for key, g in r["first_grads"].items():
+            torch.testing.assert_close(g, ref_first_grads[key], rtol=1e-4, atol=1e-8,
+                                       msg=lambda m, key=key, name=name: f"{name}: grad {key}: {m}")
         # Adam divides each gradient by its own running magnitude: where the true gradient is zero
         # (the attention MLP's output bias, under the softmax's shift invariance) it turns float
         # noise into steps of size lr, so those parameters are only bounded; elsewhere its
