@@ -289,3 +289,80 @@ def test_heldout_target_needs_a_heldout_sample(planted, tmp_path):
     user = ds.vocab("uid")[uid - 1]
     with pytest.raises(KeyError, match=rf"user {user!r} has no held-out \(label-1 test\) sample"):
         explain_user(types.SimpleNamespace(ds=ds, model=run.model), user, "heldout")
+
+
+def test_target_item_is_explained_for_that_item(planted, capsys):
+    """``iacn explain --target ITEM`` with a raw item id explains that item: its attention over the
+    user's capsules and its click probability are what the model computes for a row with that
+    target, rebuilt here from the tables (``c = E_aux(item) ⊕ E_aux(cate)``, routed capsules,
+    ``softmax(sign(s)·|s|^p)`` with ``s = V_j · c_t``, the main model on the merged tables), and
+    another item gets its own, different numbers."""
+    from iacn_torchrec.serving.export import ServingModel
+
+    p, run = planted
+    ds, model = run.ds, run.model.eval()
+    s = ds.split("test")
+    off = np.asarray(s.hist_offsets)
+    L = ds.max_len
+    # a user with at least 2 live capsules (K_u = ceil(log2 n) >= 2: n >= 3), so attention can differ
+    r = next(r for r in range(len(s.label)) if s.label[r] == 1 and off[r + 1] - off[r] >= 5)
+    uid = int(s.uid[r])
+    user = ds.vocab("uid")[uid - 1]
+    hist, hist_c = np.asarray(s.hist_item[off[r] : off[r + 1]]), np.asarray(s.hist_cate[off[r] : off[r + 1]])
+    n = len(hist)
+    assert n <= L
+    items = ds.vocab("item")
+    g_in, _ = p.user_groups[user]
+    # raw ids: one of the user's groups, one of neither; never index 1, nor the held-out item
+    idx_a = next(i + 1 for i, x in enumerate(items)
+                 if item_group_of(x) == g_in and i + 1 not in (1, int(s.item[r])))
+    idx_b = next(i + 1 for i, x in enumerate(items) if item_group_of(x) not in p.user_groups[user] and i > 0)
+
+    tables = {name: t.weight.detach() for ec in model.embeddings.collections().values()
+              for name, t in ec.embeddings.items()}
+    aux_hist = torch.zeros(1, L, tables["item_aux"].shape[1] + tables["cate_aux"].shape[1])
+    aux_hist[0, :n] = torch.cat([tables["item_aux"][hist], tables["cate_aux"][hist_c]], 1)
+    with torch.no_grad():
+        routed = model.iacn.routing.route(aux_hist, torch.tensor([n]), user=tables["uid"][[uid]])
+    caps = routed.capsules[0, routed.capsule_mask[0]].double().numpy()  # [K_u, h] live capsules
+    assert caps.shape[0] >= 2
+    serving = ServingModel.from_model(model)
+    pow_p = model.iacn.config.pow_p
+
+    def reference(t: int) -> tuple[np.ndarray, float]:
+        c = int(ds.item2cate[t])
+        e = torch.cat([tables["item_aux"][t], tables["cate_aux"][c]]).double().numpy()
+        sc = caps @ e
+        z = np.sign(sc) * np.abs(sc) ** pow_p
+        att = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        h = np.zeros((1, L), np.int64)
+        hc = np.zeros((1, L), np.int64)
+        h[0, :n], hc[0, :n] = hist, hist_c
+        cols = [[uid], [t], [c], h, hc, [n]]
+        with torch.no_grad():
+            prob = serving(*(torch.tensor(np.asarray(x), dtype=torch.long) for x in cols))
+        return att, float(prob[0])
+
+    want_a, want_b = reference(idx_a), reference(idx_b)
+    assert np.abs(want_a[0] - want_b[0]).max() > 1e-3 or abs(want_a[1] - want_b[1]) > 1e-3  # items differ
+    for idx, (att, prob) in ((idx_a, want_a), (idx_b, want_b)):
+        ex = explain_user(run, user, target=items[idx - 1])
+        np.testing.assert_array_equal(ex.hist_item, hist)
+        np.testing.assert_allclose(ex.attention, att, rtol=0, atol=1e-5)
+        assert ex.score == pytest.approx(prob, abs=1e-5)
+        assert (ex.target, ex.target_cate) == (idx, int(ds.item2cate[idx]))
+        assert ex.matched == int(att.argmax())
+
+    # the command line: the report names the item and prints its numbers
+    args = argparse.Namespace(run=str(run.path), data=None, user=user, target=items[idx_a - 1], plot=None,
+                              summary=False, md=None, example_user=None, limit_users=None, seed=0, threads=2)
+    capsys.readouterr()
+    assert explain.run(args) == 0
+    out = capsys.readouterr().out
+    m = re.search(rf"^target {re.escape(items[idx_a - 1])} \(.*\): label-aware attention \[(.*)\] -> matched "
+                  r"interest (\d+); main-model click probability (\d\.\d+)$", out, re.M)
+    assert m, out
+    printed = [float(x) for x in m.group(1).split(",")]  # 2 decimals
+    np.testing.assert_allclose(printed, want_a[0], rtol=0, atol=0.005 + 1e-6)
+    assert int(m.group(2)) == int(want_a[0].argmax()) + 1
+    assert float(m.group(3)) == pytest.approx(want_a[1], abs=0.0005 + 1e-6)

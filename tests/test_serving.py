@@ -540,3 +540,120 @@ def test_export_refuses_a_run_without_a_checkpoint_or_without_a_step(data_dir, t
     shutil.rmtree(untrained / "checkpoints")  # as if stopped before its first checkpoint
     with pytest.raises(ExportError, match=r"no complete checkpoint under .* yet"):
         export_run(untrained, tmp_path / "m1")
+
+
+def test_export_step_exports_that_older_checkpoint(data_dir, tmp_path, capsys):
+    """``iacn export --step N`` of an older, intact checkpoint writes *that* step's weights: every
+    table of the artefact is the step-N checkpoint file's ``E_orig ⊕ E_aux`` (and its main model is
+    the checkpoint's), not the newest step's, which the default export holds; the two artefacts
+    score the test split differently."""
+    from iacn_torchrec.cli import main
+
+    cfg = TrainConfig.from_dict({
+        "data": {"path": str(data_dir), "batch_size": 32},
+        "model": {"name": "din", "emb_dim": 8, "user_dim": 8},
+        "iacn": {"enabled": True},
+        "max_steps": 6, "checkpoint_every": 3, "out": str(tmp_path / "run"), "progress": False,
+        "resume": False, "threads": 2, "seed": 3,
+    })
+    train(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000003", "step_00000006"]
+
+    def checkpoint_model(step: int) -> dict[str, torch.Tensor]:
+        # read straight from the checkpoint file, not through the export's loader
+        return torch.load(ckpts / f"step_{step:08d}" / "rank0.pt", weights_only=False)["model"]
+
+    def want_served(step: int) -> dict[str, torch.Tensor]:
+        m = checkpoint_model(step)
+
+        def table(collection: str, name: str) -> torch.Tensor:
+            return m[f"embeddings.{collection}.embeddings.{name}.weight"]
+
+        want = {
+            "user_table.weight": table("orig", "uid"),
+            "item_table.weight": torch.cat([table("orig", "item_orig"), table("aux", "item_aux")], 1),
+            "cate_table.weight": torch.cat([table("orig", "cate_orig"), table("aux", "cate_aux")], 1),
+        }
+        return want | {k: v for k, v in m.items() if k.startswith("main_model.")}
+
+    old, new = want_served(3), want_served(6)
+    assert not torch.equal(old["item_table.weight"], new["item_table.weight"])  # the steps do differ
+
+    capsys.readouterr()
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m3"), "--step", "3",
+                 "--check-samples", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m6"),
+                 "--check-samples", "0"]) == 0
+    art3, art6 = ServingArtifact.load(tmp_path / "m3"), ServingArtifact.load(tmp_path / "m6")
+    for art, want in ((art3, old), (art6, new)):
+        got = art.model.state_dict()
+        assert set(want) <= set(got), sorted(set(want) - set(got))
+        for k, w in want.items():
+            torch.testing.assert_close(got[k], w, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    m3 = json.loads((tmp_path / "m3" / "manifest.json").read_text())
+    assert m3["run"]["step"] == 3 and m3["run"]["test"] is None  # the final metrics are step 6's
+    assert "step 3)" in printed
+    from iacn_torchrec.serving.export import split_inputs
+
+    inputs, _ = split_inputs(PreparedDataset.open(data_dir))
+    with torch.no_grad():
+        p3, p6 = art3.model(*inputs).numpy(), art6.model(*inputs).numpy()
+    assert float(np.abs(p3 - p6).max()) > 1e-4
+
+
+def test_score_int8_uses_the_int8_tables_and_reports_the_auc_of_its_scores(runs, exported, tmp_path, capsys):
+    """``iacn score --int8`` scores with the row-wise int8 tables: the written scores are those of
+    the float model with its tables quantised and dequantised by hand (``q = round((w - min) /
+    scale) - 128``, ``scale = (max - min) / 255``), close to but not the float artefact's; and the
+    AUC it prints (and returns) on a labelled input is the rank AUC of the scores it wrote."""
+    from iacn_torchrec.cli import main
+
+    _write_tsv(load_run(runs["din"]).ds, tmp_path / "in.tsv")
+    capsys.readouterr()
+    assert main(["score", "--model", str(exported["din"]), "--input", str(tmp_path / "in.tsv"),
+                 "--out", str(tmp_path / "q.tsv"), "--int8", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert main(["score", "--model", str(exported["din"]), "--input", str(tmp_path / "in.tsv"),
+                 "--out", str(tmp_path / "f.tsv"), "--no-progress"]) == 0
+    got_q = np.loadtxt(tmp_path / "q.tsv", skiprows=1, usecols=2, delimiter="\t")
+    got_f = np.loadtxt(tmp_path / "f.tsv", skiprows=1, usecols=2, delimiter="\t")
+    labels = np.loadtxt(tmp_path / "q.tsv", skiprows=1, usecols=3, delimiter="\t").astype(int)
+
+    # reference: the float artefact with each table replaced by its int8 round trip
+    float_model = ServingArtifact.load(exported["din"]).model
+    int8_state = ServingArtifact.load(exported["din"], int8=True).model.state_dict()
+    state = float_model.state_dict()
+    for t in ("user", "item", "cate"):
+        w = state[f"{t}_table.weight"]
+        lo, hi = w.min(1).values, w.max(1).values
+        scale = (hi - lo).clamp_min(1e-12) / 255
+        q = (torch.round((w - lo[:, None]) / scale[:, None]) - 128).clamp(-128, 127)
+        assert torch.equal(int8_state[f"{t}_table.weight_q"], q.to(torch.int8)), t  # the int8 tables held
+        deq = q * scale[:, None] + (lo + 128 * scale)[:, None]
+        assert bool(((deq - w).abs() <= scale[:, None] / 2 + 1e-6).all())  # within half a step
+        state[f"{t}_table.weight"] = deq
+    float_model.load_state_dict(state)
+    ds = PreparedDataset.open(load_run(runs["din"]).ds.path)
+    from iacn_torchrec.serving.export import split_inputs
+
+    inputs, want_labels = split_inputs(ds)
+    with torch.no_grad():
+        want_q = float_model(*inputs).numpy()
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_allclose(got_q, want_q, rtol=0, atol=1e-6)  # written with 6 decimals
+    diff = float(np.abs(got_q - got_f).max())
+    assert 1e-5 < diff < 0.05, diff  # int8, not the float tables; only the quantisation error apart
+
+    # the AUC: P(score of a positive > score of a negative), ties counted half, over all pairs
+    pos, neg = got_q[labels == 1], got_q[labels == 0]
+    d = pos[:, None] - neg[None, :]
+    want_auc = float(((d > 0) + 0.5 * (d == 0)).mean())
+    # pairs closer than the written 6 decimals may be ordered otherwise in the unrounded scores
+    tol = 0.5 * float((np.abs(d) <= 1.5e-6).mean()) + 1e-12
+    s = score_file(exported["din"], tmp_path / "in.tsv", tmp_path / "again.tsv", int8=True, progress=False)
+    assert s["auc"] == pytest.approx(want_auc, abs=tol)
+    m = re.search(r"AUC (\d\.\d{4})", printed)
+    assert m and abs(float(m.group(1)) - want_auc) <= 5e-5 + tol, printed
+    assert abs(want_auc - 0.5) > 0.1, want_auc  # so the AUC of reversed scores (1 - AUC) could not pass
