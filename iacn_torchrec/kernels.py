@@ -19,11 +19,9 @@ are part of every kernel's build key.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,24 +95,35 @@ def build_name(name: str) -> str:
     return f"{name}_{_simd_level()}_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
-#: a build lock older than this is left over from a killed build (one takes ~30 s): torch's FileBaton
-#: would wait for it forever, silently
-STALE_LOCK_S = 600.0
+@contextlib.contextmanager
+def build_lock(build_dir: str | Path, name: str) -> Iterator[None]:
+    """Held while this process loads (and if need be builds) the kernel in ``build_dir``.
 
+    torch's own build lock (``build_dir/lock``, a file that exists while a build runs) outlives a
+    build that was killed, and every later load then waits for it forever, silently. This one is an
+    ``flock``, which dies with its process: a process waiting for it says so, and a torch lock found
+    while holding it is a dead build's (every build of these kernels holds this lock), so it is
+    removed (warned)."""
+    import fcntl
 
-def clear_stale_lock(build_dir: str | Path, now: float | None = None) -> bool:
-    """Remove ``build_dir/lock`` when it is older than :data:`STALE_LOCK_S` (warned); True if removed."""
-    lock = Path(build_dir) / "lock"
-    try:
-        age = (time.time() if now is None else now) - lock.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age < STALE_LOCK_S:
-        return False  # another process may be building it now: wait for it as torch does
-    warnings.warn(f"iacn_torchrec: removing {lock}, {age / 60:.0f} min old: a kernel build that was killed "
-                  "left it, and every later build would wait for it", RuntimeWarning, stacklevel=2)
-    lock.unlink(missing_ok=True)
-    return True
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "iacn.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"iacn_torchrec: waiting for another process to finish building the {name} kernel "
+                  f"({build_dir})", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        baton = build_dir / "lock"
+        if baton.exists():
+            warnings.warn(f"iacn_torchrec: removing {baton}: a kernel build that was killed left it, and "
+                          "every later load would wait for it", RuntimeWarning, stacklevel=3)
+            baton.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_kernel(name: str) -> ModuleType | None:
@@ -129,11 +138,13 @@ def load_kernel(name: str) -> ModuleType | None:
             try:
                 from torch.utils.cpp_extension import _get_build_directory, load
 
-                logging.getLogger("iacn").info(
-                    "loading the fused %s kernel (compiled once per machine, ~30 s)", name)
-                clear_stale_lock(_get_build_directory(build_name(name), verbose=False))
-                with _environment_ninja():
-                    state["module"] = load(name=build_name(name), sources=[str(_CSRC / f"{name}.cpp")],
+                ext = build_name(name)
+                build_dir = Path(_get_build_directory(ext, verbose=False))
+                with build_lock(build_dir, name), _environment_ninja():
+                    if not (build_dir / f"{ext}.so").exists():  # a first use: say why it takes a while
+                        print(f"iacn_torchrec: building the fused {name} kernel (once per machine and "
+                              "environment, ~30 s)", file=sys.stderr, flush=True)
+                    state["module"] = load(name=ext, sources=[str(_CSRC / f"{name}.cpp")],
                                            extra_cflags=_cflags(), verbose=False)
             except Exception as e:  # no compiler / ninja / headers: the ATen path still works
                 state["error"] = f"{type(e).__name__}: {e}"

@@ -291,20 +291,52 @@ def test_each_environment_and_source_gets_its_own_build(monkeypatch, tmp_path):
     assert kernels.build_name("iacn_fused") != name
 
 
-def test_a_build_lock_left_by_a_killed_build_is_removed_a_live_one_kept(tmp_path):
-    """torch waits on a build directory's ``lock`` forever: one older than STALE_LOCK_S (a killed
-    build's) is removed with a warning; a younger one (a build in progress) is left to wait for."""
-    import os
+def test_a_build_lock_left_by_a_killed_build_is_removed_a_live_one_waited_for(tmp_path, monkeypatch):
+    """torch waits on a build directory's ``lock`` file forever, even one a killed build left: with
+    the kernels' own build lock (an flock, which dies with its process) held, such a file is a dead
+    build's and is removed (warned); while another process holds the build lock, a load says it is
+    waiting and goes on only once that process let go."""
+    import io
+    import subprocess
+    import sys
+    import threading
     import time
 
-    lock = tmp_path / "lock"
-    lock.write_text("")
-    assert not kernels.clear_stale_lock(tmp_path) and lock.exists()
-    old = time.time() - kernels.STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
-    with pytest.warns(RuntimeWarning, match=r"removing .*lock, 11 min old: a kernel build that was killed"):
-        assert kernels.clear_stale_lock(tmp_path)
-    assert not lock.exists() and not kernels.clear_stale_lock(tmp_path)
+    baton = tmp_path / "lock"
+    baton.write_text("")  # as a killed build leaves it
+    with pytest.warns(RuntimeWarning, match=r"removing .*lock: a kernel build that was killed left it"):
+        with kernels.build_lock(tmp_path, "dice"):
+            assert not baton.exists()
+    # a live build in another process: it holds the flock until told to go, writes `done`, exits
+    done = tmp_path / "done"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys\n"
+        f"f = open({str(tmp_path / 'iacn.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); sys.stdin.readline()\n"
+        f"open({str(done)!r}, 'w').close()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    err, seen = io.StringIO(), []
+    monkeypatch.setattr(sys, "stderr", err)
+
+    def load() -> None:
+        with kernels.build_lock(tmp_path, "dice"):
+            seen.append(done.exists())
+
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = threading.Thread(target=load)
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "waiting for another process" not in err.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "waiting for another process to finish building the dice kernel" in err.getvalue()
+        assert seen == []  # still waiting
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        waiter.join(timeout=30)
+        assert seen == [True]  # it went on only after the holder had finished
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def test_a_kernel_that_cannot_be_built_warns_once_and_the_aten_path_runs(monkeypatch, tmp_path, kernel_calls):
