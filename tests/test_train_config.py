@@ -25,6 +25,7 @@ def test_yaml_round_trip_and_override(tmp_path):
         ("optim.embedding_optimizer=adamw", "optim.embedding_optimizer"),
         ("model.nope=1", "model.nope"),
         ("epochs=0", "epochs"),
+        ("data.batch_size=1", "data.batch_size must be at least 2 per rank"),  # BatchNorm: a traceback before
         ("model.dien_hidden=-4", "model.dien_hidden"),
         ("distributed.sharding_types={item_aux: diagonal}", "item_aux"),
         ("distributed.sharding_types={1: row_wise}", "table names are strings"),

@@ -43,6 +43,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
+        if self.batch_size < 2:  # as the loader's rule for an epoch's last batch
+            raise ConfigError(f"data.batch_size must be at least 2 per rank, got {self.batch_size}: the "
+                              "towers' BatchNorm cannot train on one sample")
         if self.num_test_samples is not None and self.num_test_samples <= 0:
             raise ConfigError(f"data.num_test_samples must be positive or null, got {self.num_test_samples}")
 
