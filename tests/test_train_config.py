@@ -75,6 +75,13 @@ def test_yaml_sections_and_keys(tmp_path):
             TrainConfig.from_yaml(p)
     with pytest.raises(ConfigError, match=r"^distributed: expected a mapping, got str$"):
         TrainConfig().override(["distributed=foo"])
+    # a key given twice (YAML would keep the later one) names the key and its line
+    p.write_text("data:\n  batch_size: 128\n  batch_size: 64\nseed: 1\n")
+    twice = r"c\.yaml: line 3: not valid YAML: the key 'batch_size' is given twice in one section$"
+    with pytest.raises(ConfigError, match=twice):
+        TrainConfig.from_yaml(p)
+    p.write_text("data: {batch_size: 64}\nmodel: {name: din}\nseed: 1\n")  # the same key in two sections
+    assert TrainConfig.from_yaml(p).data.batch_size == 64
 
 
 @pytest.mark.parametrize("value", ["@runs", "[din", "*x"])

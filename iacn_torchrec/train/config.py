@@ -185,11 +185,14 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            d = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, a binary file
             raise ConfigError(f"{path}: cannot read the config file ({e})") from None
+        except yaml.MarkedYAMLError as e:  # the line, not PyYAML's '"<unicode string>", line N'
+            line = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
+            raise ConfigError(f"{path}: {line}not valid YAML: {e.problem or e.context}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(d, dict):
@@ -224,6 +227,21 @@ class TrainConfig:
             except yaml.YAMLError as e:
                 raise ConfigError(f"--set {a!r}: the value is not valid YAML ({e})") from None
         return TrainConfig.from_dict(d)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last one,
+    so a config with a forgotten earlier line would silently train with the later value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one section", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _did_you_mean(name: str, known: Any, prefix: str = "") -> str:
