@@ -430,3 +430,35 @@ def test_a_lock_file_replaced_before_our_flock_is_retried(tmp_path, monkeypatch)
     assert os.fstat(rp._HELD[lock]).st_ino == lock.stat().st_ino
     rp._unlock(tmp_path, "r")
     assert not lock.exists()
+
+
+def test_lengths_are_not_re_prepared_from_other_raw_files(tmp_path, monkeypatch):
+    """A dataset prepared with relative raw paths, re-prepared for Table 2 from another directory
+    that holds other files under those names, is refused (and its partial copy removed) instead of
+    comparing lengths on other data; a copy of those other data found beside it is not reused."""
+    from iacn_torchrec.data.prepare import prepare_dataset
+
+    for d, seed in (("a", 0), ("b", 1)):  # the same names, other interactions
+        (tmp_path / d / "raw").mkdir(parents=True)
+        _write_tiny_tsv(tmp_path / d / "raw", seed=seed)
+    raw = {"interactions": Path("raw/interactions.tsv.gz"), "items": Path("raw/items.tsv.gz")}  # relative
+    monkeypatch.chdir(tmp_path / "a")
+    base = prepare_dataset("tsv", **raw, protocol="din", max_len=8, seed=0, out=tmp_path / "ds-L8-s0",
+                           progress=False)
+    assert rp.dataset_at_length(base, 4) == tmp_path / "ds-L4-s0"  # the same files: fine
+    (tmp_path / "ds-L4-s0").rename(tmp_path / "kept-L4")
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(rp.ReproduceError, match=r"gave other data .* prepare it yourself into .*ds-L4-s0"):
+        rp.dataset_at_length(base, 4)
+    assert not (tmp_path / "ds-L4-s0").exists()
+    # a length dataset beside it with the same recorded source but other data: rebuilt, not reused
+    monkeypatch.chdir(tmp_path / "a")
+    prepare_dataset("tsv", **raw, protocol="din", max_len=4, seed=0, out=tmp_path / "ds-L4-s0",
+                    progress=False)
+    monkeypatch.chdir(tmp_path / "b")
+    bad = prepare_dataset("tsv", **raw, protocol="din", max_len=4, seed=0, out=tmp_path / "ds-L4-s0",
+                          progress=False, overwrite=True)
+    monkeypatch.chdir(tmp_path / "a")
+    assert rp.dataset_at_length(base, 4) == bad
+    assert json.loads((bad / "meta.json").read_text())["counts"] == json.loads(
+        (tmp_path / "kept-L4" / "meta.json").read_text())["counts"]  # rebuilt from a's files

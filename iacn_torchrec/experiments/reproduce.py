@@ -206,6 +206,10 @@ def dataset_at_length(base: Path, max_len: int) -> Path:
     meta = read_meta(base)
     if int(meta["max_len"]) == max_len:
         return base
+
+    def same_data(m: dict[str, Any]) -> bool:  # the length changes histories, never these counts
+        return m.get("counts") == meta.get("counts")
+
     name = re.sub(r"-L\d+", f"-L{max_len}", base.name) if re.search(r"-L\d+", base.name) \
         else f"{base.name}-L{max_len}"
     target = base.parent / name
@@ -213,7 +217,7 @@ def dataset_at_length(base: Path, max_len: int) -> Path:
         try:
             m = read_meta(target)
             if (m["source"], m["protocol"], int(m["max_len"]), m["seed"]) == (
-                    meta["source"], meta["protocol"], max_len, meta["seed"]):
+                    meta["source"], meta["protocol"], max_len, meta["seed"]) and same_data(m):
                 return target
         except Exception:  # noqa: BLE001 - unreadable: rebuild below
             pass
@@ -232,14 +236,28 @@ def dataset_at_length(base: Path, max_len: int) -> Path:
             # datasets prepared before the column was checked recorded tsv's default here
             col = src.get("category_column")
             kwargs["category_column"] = None if col == "cate_leaf" else col
+    yourself = (f"prepare it yourself into {target} (`iacn prepare` with the same source, --protocol "
+                f"{meta.get('protocol_requested', meta['protocol'])}, --seed {meta['seed']} and --max-len "
+                f"{max_len}), or run from the directory {base} was prepared in")
     missing = [str(p) for p in kwargs.values() if isinstance(p, Path) and not p.exists()]
     if not kwargs or missing:
         raise ReproduceError(f"cannot re-prepare {base} at max_len {max_len}: its raw source "
-                         f"{missing or src} is not available; prepare it yourself and pass --length-data")
+                             f"{missing or src} is not available (relative paths are read from the current "
+                             f"directory); {yourself}")
     print(f"preparing {target} (max_len {max_len}) from {kind} source", flush=True)
     protocol = meta.get("protocol_requested", meta["protocol"])
-    return prepare_dataset(kind, protocol=protocol, max_len=max_len, seed=int(meta["seed"]), out=target,
-                           overwrite=True, progress=False, **kwargs)
+    out = prepare_dataset(kind, protocol=protocol, max_len=max_len, seed=int(meta["seed"]), out=target,
+                          overwrite=True, progress=False, **kwargs)
+    got = read_meta(out)
+    if not same_data(got):  # relative paths read from another directory: other raw files
+        import shutil
+
+        shutil.rmtree(out)
+        raise ReproduceError(
+            f"re-preparing {base} at max_len {max_len} from {[str(p) for p in kwargs.values() if p]} gave "
+            f"other data (counts {got.get('counts')} against {meta.get('counts')}): those files are not "
+            f"the ones {base} was prepared from; {yourself}")
+    return out
 
 
 # ========================================================================================= running
