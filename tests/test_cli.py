@@ -201,3 +201,29 @@ def test_output_paths_that_cannot_be_written_name_the_option(tiny_run, tmp_path,
         captured = capsys.readouterr()
         assert captured.err == message + "\n" and captured.out == "", (args, captured)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and Path("afile").read_text() == "keep me"
+
+
+def test_train_keeps_a_users_files(tiny_run, tmp_path, monkeypatch):
+    """``iacn train --out DIR`` refuses a folder holding files that are not a run's (it would write
+    config.yaml and metrics.json over them), and a hand-written ``--config`` that is OUT's own
+    config.yaml; a run's own config.yaml passed back (it reads back unchanged) resumes as usual."""
+    monkeypatch.chdir(_copy_run(tiny_run, tmp_path).parent)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "metrics.json").write_text('{"mine": 1}')
+    r = _iacn("train", "--data", "data", "--max-steps", "1", "--no-progress", "--out", str(mine))
+    assert r.returncode == 2 and "holds files that are not a training run's (notes.txt)" in r.stderr, r.stderr
+    assert (mine / "metrics.json").read_text() == '{"mine": 1}' and not (mine / "config.yaml").exists()
+    hand = tmp_path / "hand"
+    hand.mkdir()
+    (hand / "config.yaml").write_text("# my settings\ndata:\n  batch_size: 16\n")
+    r = _iacn("train", "--config", str(hand / "config.yaml"), "--data", "data", "--max-steps", "1",
+              "--no-progress", "--out", str(hand))
+    assert r.returncode == 2 and "is the config.yaml this run writes into" in r.stderr, r.stderr
+    assert (hand / "config.yaml").read_text().startswith("# my settings")
+    from iacn_torchrec.train.config import TrainConfig
+
+    written = TrainConfig.from_yaml("run/config.yaml")
+    assert written.to_yaml() == Path("run/config.yaml").read_text()  # a run's own file reads back as it is
+    assert _main("train", "--config", "run/config.yaml", "--out", "run", "--no-progress") == 0

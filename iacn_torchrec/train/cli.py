@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from iacn_torchrec.fileio import check_output_path
 from iacn_torchrec.train.config import EMBEDDING_OPTIMIZERS, MODELS, ConfigError, TrainConfig
@@ -143,6 +144,13 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # a ConfigError reaches the user as one line (cli.main)
     # before the data and the model are built: an --out that cannot be a run directory fails now
     check_output_path(config.out, "--out" if args.out else "out", directory=True, parents=True)
+    written = Path(config.out) / "config.yaml"
+    if args.config and written.exists() and Path(args.config).resolve() == written.resolve() \
+            and written.read_text() != TrainConfig.from_yaml(written).to_yaml():
+        # a run rewrites its own config.yaml (the file it wrote reads back unchanged); a hand-written
+        # one, comments and all, would be lost
+        raise ConfigError(f"--config {args.config} is the config.yaml this run writes into {config.out}: "
+                          "copy it elsewhere and pass that copy")
     from iacn_torchrec.train.loop import train
 
     rank = int(os.environ.get("RANK", "0"))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from iacn_torchrec import versions
 from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
-from iacn_torchrec.errors import TrainingInterrupted
+from iacn_torchrec.errors import TrainingInterrupted, UserError
 from iacn_torchrec.fileio import write_atomic
 from iacn_torchrec.train.checkpoint import (
     CheckpointError,
@@ -162,6 +162,25 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+#: what a run directory holds: ``train`` writes the first four, ``iacn reproduce`` the last
+RUN_DIRECTORY_ENTRIES = ("config.yaml", "metrics.json", "checkpoints", "checkpoints.previous",
+                         "reproduce_run.json")
+
+
+def check_run_directory(out: Path) -> None:
+    """Refuse an ``out`` that holds anything but a run's own files (hidden temporary files aside):
+    a run writes ``config.yaml`` and ``metrics.json`` there and would replace a user's files of
+    those names, as ``iacn prepare`` and ``iacn export`` refuse a folder that is not theirs."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in RUN_DIRECTORY_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(f"out {out}: holds files that are not a training run's ({shown}); a run directory "
+                        f"holds only {', '.join(RUN_DIRECTORY_ENTRIES)}: choose another --out")
+
+
 def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Train ``config``; returns (and on rank 0 writes) the metrics dictionary."""
     from iacn_torchrec.distributed.setup import build_training, load_training_state
@@ -171,6 +190,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     out = Path(config.out)
+    check_run_directory(out)
     if config.data.path:  # recorded absolute (config.yaml, metrics.json): export and explain find it
         # from any directory. Resume does not compare it (the dataset's content hash stands for it).
         config = replace(config, data=replace(config.data, path=str(Path(config.data.path).resolve())))
