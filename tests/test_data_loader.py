@@ -379,6 +379,84 @@ def test_damaged_array_values_are_refused(small, tmp_path, capsys, rel, damage, 
         assert err.startswith("iacn train: ") and err.count("\n") == 1 and "item id 999999" in err
 
 
+@pytest.mark.parametrize("kind, count", [("item", "items"), ("uid", "users"), ("cate", "categories")])
+def test_a_truncated_vocabulary_is_refused_on_open(small, tmp_path, kind, count):
+    """A vocabulary whose line count disagrees with meta.json's counts would map ids to the wrong
+    rows or to unknown once exported: refused when the dataset opens, naming the file and both
+    numbers (a line count: cheap)."""
+    d = tmp_path / "copy"
+    shutil.copytree(small, d)
+    n = json.loads((d / "meta.json").read_text())["counts"][count]
+    lines = (d / "vocab" / f"{kind}.tsv").read_text().split("\n")
+    (d / "vocab" / f"{kind}.tsv").write_text("\n".join(lines[: n // 2]) + "\n")
+    with pytest.raises(DataError, match=rf"vocab/{kind}\.tsv: {n // 2} lines, but meta\.json's "
+                                        rf"counts\.{count} is {n}; .*prepare it again with --force"):
+        PreparedDataset.open(d)
+    (d / "vocab" / f"{kind}.tsv").write_text("\n".join(lines)[:-3])  # cut inside its last line
+    with pytest.raises(DataError, match=rf"vocab/{kind}\.tsv: the last line is cut short"):
+        PreparedDataset.open(d)
+
+
+def _drop(*path: str):
+    def f(meta):
+        *head, last = path
+        for k in head:
+            meta = meta[k]
+        del meta[last]
+    return f
+
+
+def _put(value, *path: str):
+    def f(meta):
+        *head, last = path
+        for k in head:
+            meta = meta[k]
+        meta[last] = value
+    return f
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_drop("counts", "users"), r"missing field 'counts\.users'"),
+        (_put("many", "counts", "items"), r"field 'counts\.items': 'many' is not a non-negative integer"),
+        (_put(True, "counts", "categories"), r"field 'counts\.categories': True is not a non-negative"),
+        (_put(-1, "counts", "train_samples"), r"field 'counts\.train_samples': -1 is not a non-negative"),
+        (_put([], "counts"), r"field 'counts': expected an object"),
+        (_drop("max_len"), r"missing field 'max_len'"),
+        (_put(None, "max_len"), r"field 'max_len': None is not an integer in \[1, 10,000\]"),
+        (_put(5.0, "max_len"), r"field 'max_len': 5\.0 is not an integer"),
+        (_put(10**11, "max_len"), r"field 'max_len': 100000000000 is not an integer in \[1, 10,000\]"),
+        (_put([], "arrays"), r"field 'arrays': expected an object"),
+        (_drop("arrays", "train/label.npy"), r"field 'arrays': 'train/label\.npy' is not listed"),
+        (_drop("arrays", "item2cate.npy"), r"field 'arrays': 'item2cate\.npy' is not listed"),
+        (_put({"dtype": "int64"}, "arrays", "train/uid.npy"),
+         r"field 'arrays\.train/uid\.npy': expected \{\"dtype\": str, \"shape\": \[int, \.\.\.\]\}"),
+        (_put({"dtype": "int64", "shape": ["x"]}, "arrays", "test/item.npy"),
+         r"field 'arrays\.test/item\.npy': expected"),
+        (_put(7, "protocol"), r"field 'protocol': 7 is not a string"),
+    ],
+    ids=["no-users", "items-str", "cate-bool", "negative-count", "counts-list", "no-max-len", "max-len-null",
+         "max-len-float", "max-len-huge", "arrays-list", "no-train-label", "no-item2cate", "entry-no-shape",
+         "entry-bad-shape", "protocol-int"],
+)
+def test_an_edited_meta_json_is_refused_naming_the_field(small, tmp_path, capsys, edit, message):
+    """Fields the code reads (counts, max_len, arrays, protocol) are checked for presence and type
+    when the dataset opens: a one-line error naming meta.json and the field, not a KeyError,
+    TypeError or AttributeError traceback in training."""
+    d = tmp_path / "copy"
+    shutil.copytree(small, d)
+    meta = json.loads((d / "meta.json").read_text())
+    edit(meta)
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"copy/meta\.json: " + message):
+        PreparedDataset.open(d)
+    if message.startswith("missing field 'counts"):
+        assert iacn_main(["train", "--data", str(d), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("iacn train: ") and err.count("\n") == 1 and "counts.users" in err
+
+
 def test_overwrite_rules(tmp_path, monkeypatch):
     inter, items = synthetic_tsv(tmp_path / "raw")
     kw = dict(interactions=inter, items=items, progress=False)

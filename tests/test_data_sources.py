@@ -540,3 +540,51 @@ def test_movielens_category_column_is_checked(tmp_path):
         prepare_dataset("movielens", path=MOVIELENS, category_column="genre_typo", out=tmp_path / "m",
                         progress=False)
     assert not (tmp_path / "m").exists()
+
+
+# ---- line ends, duplicate columns, --max-len bound (robustness review)
+
+
+def test_a_lone_cr_is_a_control_character_not_a_line_break(tmp_path):
+    """Only CRLF is a line end: a lone CR inside an unread column is ignored (no phantom row), one
+    that also carries a tab is a malformed line, one in a read column an error, and line numbers
+    count LF-terminated lines only."""
+    items = "item_id\tcate_leaf\tcate_l1\tbrand\n10\t5\t1\tA\r13\n11\t5\t1\tB\n12\t6\t1\tC\n13\t7\t1\tD\n"
+    out = prep(tmp_path, items=items)  # "A\r13" is one brand value, not a row for item 13
+    ds = PreparedDataset.open(out)
+    assert ds.item2cate.tolist() == [0, 1, 1, 2, 3] and "duplicate_item_rows" not in ds.meta["repaired"]
+    # the review's row: the CR hides a second row for item 12 with category 7
+    with pytest.raises(DataError, match=r"m\.tsv: line 2: malformed line: 5 tab-separated field\(s\), "
+                                        r"expected 4"):
+        prep(tmp_path, items=items.replace("A\r13\n", "Brand\r12\t7\n"), overwrite=True)
+    with pytest.raises(DataError, match=r"i\.tsv: line 3: field 'item_id': '11\\r12' contains the control "
+                                        r"character '\\r'"):
+        prep(tmp_path, INTER.replace("1\t11\t200", "1\t11\r12\t200"), overwrite=True)
+    # CRLF still reads as before
+    prep(tmp_path, INTER.replace("\n", "\r\n"), ITEMS.replace("\n", "\r\n"), overwrite=True)
+
+
+@pytest.mark.parametrize("which", ["interactions", "items"])
+def test_duplicate_header_column_is_refused(tmp_path, which):
+    if which == "interactions":
+        rows = INTER.split("\n", 1)[1].replace("\n", "\t99\n")
+        kw = {"inter": "user_id\titem_id\ttimestamp\titem_id\n" + rows}
+        error = r"i\.tsv: line 1: column 'item_id' appears twice in the header"
+    else:
+        kw = {"items": "item_id\tcate_leaf:token\tcate_leaf:float\n10\t5\t1\n11\t5\t1\n12\t6\t1\n13\t7\t1\n"}
+        error = r"m\.tsv: line 1: column 'cate_leaf' appears twice in the header"
+    with pytest.raises(DataError, match=error):
+        prep(tmp_path, **kw)
+    # a repeated column that is not read is no ambiguity: accepted
+    rows = "".join(f"{i}\t{c}\ta\tb\n" for i, c in zip((10, 11, 12, 13), "5567"))
+    items = "item_id\tcate_leaf\tbrand\tbrand\n" + rows
+    prep(tmp_path, items=items, overwrite=True)
+
+
+def test_max_len_has_an_upper_bound(tmp_path):
+    """A --max-len the models cannot allocate (training sizes buffers and padded batches by it) is
+    refused before any work, not met as a 14.8 TB allocation in training."""
+    with pytest.raises(DataError, match=r"max_len must be <= 10,000 .*got 100000000000"):
+        prep(tmp_path, max_len=100_000_000_000)
+    assert not (tmp_path / "out").exists()
+    assert PreparedDataset.open(prep(tmp_path, max_len=10_000)).max_len == 10_000

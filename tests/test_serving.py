@@ -657,3 +657,56 @@ def test_score_int8_uses_the_int8_tables_and_reports_the_auc_of_its_scores(runs,
     m = re.search(r"AUC (\d\.\d{4})", printed)
     assert m and abs(float(m.group(1)) - want_auc) <= 5e-5 + tol, printed
     assert abs(want_auc - 0.5) > 0.1, want_auc  # so the AUC of reversed scores (1 - AUC) could not pass
+
+
+# ------------------------------------------------------------- robustness review: input and artefact
+
+
+def test_score_input_line_ends_headers_and_dien_ids(tmp_path):
+    """Only CRLF ends a line (a lone CR is a control character: an error in a field that is read, as
+    in prepare); a repeated header column is refused, and so is a data line equal to the header
+    (two concatenated files), naming its line; DIEN rows with empty ids are refused as prepare
+    refuses them."""
+    head = "user_id\titem_id\thistory\n"
+    cases = {  # file text -> the error naming file, line and field
+        # the review's line: scored as two rows before
+        head + "1\t5\t1|2\r3\t4\n": r"line 2: field 'history': '1\|2\\r3' contains the control character",
+        head + "u\ti\tx\nu\ti\r\tx\n": r"line 3: field 'item_id': 'i\\r' contains the control character",
+        "user_id\titem_id\thistory\tuser_id\nu\ti\tx\tv\n": r"line 1: column 'user_id' appears twice in the "
+                                                           r"header",
+        head + "u\ti\tx\n" + head + "v\tj\ty\n": r"line 3: the header line again \(concatenated files\?\)",
+        "0\t\t\t\t\t\n": r"line 1: field 'uid' is empty",
+        "0\tu\ti\tc\ta\tb\n1\tu\t\tc\ta\tb\n": r"line 2: field 'mid' is empty",
+        "0\tu\ti\t\ta\tb\n": r"line 1: field 'cat' is empty",
+        "0\tu\ti\tc\ta\x02\x02b\tc\x02d\x02e\n": r"line 1: field 'hist_mids': entry 2 is empty",
+        "0\tu\ti\tc\x1c\ta\tb\n": r"line 1: field 'cat': 'c\\x1c' contains the control character",
+    }
+    for k, (text, error) in enumerate(cases.items()):
+        (tmp_path / f"{k}.tsv").write_bytes(text.encode())
+        with pytest.raises(DataError, match=rf"{k}\.tsv: {error}"):
+            read_samples(tmp_path / f"{k}.tsv")
+    # CRLF files and a control character in a column that is not read are fine
+    (tmp_path / "ok.tsv").write_bytes(b"user_id\titem_id\thistory\tnote\r\nu\ti\ta|b\tx\ry\r\n")
+    s = read_samples(tmp_path / "ok.tsv")
+    assert (s.user, s.item, s.hist_item) == (["u"], ["i"], ["a", "b"])
+
+
+def test_a_truncated_vocabulary_is_refused_by_export_and_by_the_artefact(runs, exported, data_dir, tmp_path):
+    """A damaged vocabulary must not become a published model that maps most ids to unknown: the
+    export refuses the dataset, and an artefact whose vocabulary does not fill its table (even with
+    a matching sha256) is refused on load, naming the file and both numbers."""
+    damaged = tmp_path / "data"
+    shutil.copytree(data_dir, damaged)
+    lines = (damaged / "vocab" / "item.tsv").read_text().splitlines(keepends=True)
+    (damaged / "vocab" / "item.tsv").write_text("".join(lines[:10]))
+    with pytest.raises(DataError, match=rf"vocab/item\.tsv: 10 lines, but meta\.json's counts\.items is "
+                                        rf"{len(lines)}"):
+        export_run(runs["wide_deep"], tmp_path / "m", data=str(damaged))
+    assert not (tmp_path / "m").exists()
+    bad = tmp_path / "bad"
+    shutil.copytree(exported["wide_deep"], bad)
+    (bad / "vocab" / "item.tsv").write_text("".join(lines[:10]))
+    _rehash(bad, "vocab/item.tsv")
+    with pytest.raises(ValueError, match=rf"vocab/item\.tsv: 10 entries, but the model's item table has "
+                                         rf"{len(lines) + 1} rows \(expected {len(lines)} entries"):
+        ServingArtifact.load(bad)

@@ -39,7 +39,7 @@ from torchrec.streamable import Pipelineable
 from iacn_torchrec.data.negatives import NegativeSampler
 from iacn_torchrec.data.protocols import SPLIT_ARRAYS, SplitArrays, jagged_index
 from iacn_torchrec.data.sources import DataError
-from iacn_torchrec.data.store import META, content_hash, read_meta
+from iacn_torchrec.data.store import META, check_vocab_lines, content_hash, read_meta
 
 __all__ = [
     "Batch",
@@ -152,11 +152,13 @@ class PreparedDataset:
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> PreparedDataset:
-        """Open ``path`` after checking ``meta.json``, that every listed array is present with the
-        listed dtype/shape and that each split's values are in range (:meth:`_check_split`);
-        ``verify=True`` also recomputes the content hash (reads it all)."""
+        """Open ``path`` after checking ``meta.json`` (the fields read, :func:`read_meta`), that each
+        vocabulary present has ``counts`` lines (:func:`check_vocab_lines`), that every listed array
+        is present with the listed dtype/shape and that each split's values are in range
+        (:meth:`_check_split`); ``verify=True`` also recomputes the content hash (reads it all)."""
         d = Path(path)
         meta = read_meta(d)
+        check_vocab_lines(d, meta)
         missing = [n for n in meta["arrays"] if not (d / n).is_file()]
         if missing:
             raise DataError(
@@ -231,7 +233,7 @@ class PreparedDataset:
     def vocab(self, kind: str) -> list[str]:
         """Raw ids of ``kind`` (``uid``/``item``/``cate``) in index order (entry ``i - 1`` is index ``i``)."""
         # bytes split on "\n" only: the writer allows any other character in an id (read_text would
-        # turn "\r" into "\n", str.splitlines also splits on "\x1c", "\u2028" ...)
+        # turn a "\r\n" inside one into "\n", str.splitlines also splits on "\r", "\x1c", "\u2028" ...)
         p = self.path / "vocab" / f"{kind}.tsv"
         try:
             lines = self._vocab_bytes(kind).decode("utf-8").split("\n")

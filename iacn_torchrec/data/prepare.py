@@ -47,7 +47,7 @@ def prepare_dataset(
         category_column: the item-table column used as category: ``tsv`` (default ``cate_leaf``)
             and ``movielens`` (default ``class``); the column used is recorded in ``meta.json``.
         protocol: ``din`` or ``dien`` (see :mod:`iacn_torchrec.data.protocols`).
-        max_len: histories keep the last ``max_len`` items.
+        max_len: histories keep the last ``max_len`` items (1 to ``store.MAX_LEN_LIMIT`` = 10,000).
         seed: seeds every random draw (target negatives, DIEN negative behaviours, dien split).
         out: the dataset directory; an existing prepared one is replaced only with ``overwrite``.
         progress: show a tqdm bar over the stages.
@@ -61,6 +61,9 @@ def prepare_dataset(
         raise DataError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     if int(max_len) < 1:
         raise DataError(f"max_len must be >= 1, got {max_len}")
+    if int(max_len) > store.MAX_LEN_LIMIT:  # training would size buffers and every batch by it
+        raise DataError(f"max_len must be <= {store.MAX_LEN_LIMIT:,} (training pads every batch's histories "
+                        f"to it and sizes buffers by it), got {max_len}")
     if int(seed) < 0:
         raise DataError(f"seed must be >= 0 (numpy's generators refuse negative seeds), got {seed}")
     store.check_target(out, overwrite)  # fail before doing any work

@@ -112,7 +112,9 @@ class PrebuiltSamples:
 
 
 def read_text(path: str | Path) -> str:
-    """The whole file as text (``.gz`` decompressed, CRLF turned into LF)."""
+    """The whole file as text (``.gz`` decompressed, CRLF turned into LF). A lone CR stays: it is
+    a control character like any other (refused in a field that is read, see :func:`_check_lines`),
+    not a line end, so it can neither split a row in two nor shift the line numbers of errors."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: file not found")
@@ -132,7 +134,7 @@ def read_text(path: str | Path) -> str:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{p}: line {line}: not valid UTF-8 ({e.reason})") from e
     if "\r" in text:  # DIEN's files (and Windows exports) end lines with CRLF
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = text.replace("\r\n", "\n")
     return text
 
 
@@ -239,7 +241,8 @@ def read_table(
     the ``:type`` part is dropped); otherwise the file has no header and ``names`` names its
     fields. ``int_columns`` must hold integers (a float-formatted integer such as ``"5.0"`` is
     accepted); other columns are ids (int64 when all integral, else str). An empty field is an
-    error except in ``allow_empty`` columns (an item row without a category).
+    error except in ``allow_empty`` columns (an item row without a category); a column that is read
+    appearing twice in the header is an error.
     A line with more fields than the header (or ``names``) is an error, and so is an ASCII control
     character other than tab in a column that is read (:func:`_check_lines`, before either path);
     a line lacking only unread trailing columns is accepted.
@@ -254,6 +257,12 @@ def read_table(
         nl = text.find("\n")
         head, body = (text, "") if nl < 0 else (text[:nl], text[nl + 1 :])
         names = [h.split(":")[0].strip() for h in head.split("\t")]
+        # a column read twice would silently be taken from its first occurrence; an unread one is
+        # no ambiguity (RecBole's "name:type" headers can repeat a name with another type)
+        twice = next((c for c in columns if names.count(c) > 1), None)
+        if twice is not None:
+            raise DataError(f"{path}: line 1: column {twice!r} appears twice in the header {names}: "
+                            "which one to read is ambiguous")
         first_line = 2
         what = f"header {names}"
     else:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iacn_torchrec.data.protocols import BuiltDataset
+from iacn_torchrec.data.protocols import SPLIT_ARRAYS, BuiltDataset
 from iacn_torchrec.data.sources import DataError
 from iacn_torchrec.fileio import replace_dir, temp_sibling
 
@@ -37,12 +37,21 @@ __all__ = [
     "read_meta",
     "is_prepared",
     "content_hash",
+    "MAX_LEN_LIMIT",
+    "check_vocab_lines",
 ]
 
 FORMAT = "iacn-prepared-dataset"
 FORMAT_VERSION = 1
 META = "meta.json"
 VOCABS = ("uid", "item", "cate")
+# meta.json's counts that size each vocabulary (vocab/<kind>.tsv holds one line per index 1..n)
+VOCAB_COUNTS = {"uid": "users", "item": "items", "cate": "categories"}
+# The longest history a dataset may keep. Training sizes fixed buffers by it (IaCN's routing keeps
+# ceil(log2 L) x L logits: 0.5 MB at 10,000, 14.8 TB at 1e11) and pads every batch's histories to it
+# ([B, L, D]: 1.5 GB per tensor at B = 1024, L = 10,000, D = 36); the usual L is 20 to 100.
+MAX_LEN_LIMIT = 10_000
+_AGAIN = "the dataset is damaged: prepare it again with --force"
 
 
 def content_hash(arrays: dict[str, np.ndarray], vocab_bytes: dict[str, bytes]) -> str:
@@ -90,10 +99,75 @@ def read_meta(path: str | Path) -> dict:
             f"{mp}: field 'format_version' is {meta.get('format_version')!r}, this code reads "
             f"{FORMAT_VERSION}; prepare the dataset again"
         )
-    for key in ("content_hash", "arrays", "counts", "protocol"):
+    for key in ("content_hash", "arrays", "counts", "protocol", "max_len"):
         if key not in meta:
-            raise DataError(f"{mp}: missing field '{key}'")
+            raise DataError(f"{mp}: missing field '{key}'; {_AGAIN}")
+    _check_fields(mp, meta)
     return meta
+
+
+def _count(v: object) -> bool:
+    return type(v) is int and v >= 0  # type(): a JSON true is no count
+
+
+def _check_fields(mp: Path, meta: dict) -> None:
+    """The fields the code reads, checked here so that an edited meta.json is one line naming the
+    field, not a KeyError / TypeError / AttributeError deep in training: ``counts`` (every entry a
+    non-negative integer, ``users``/``items``/``categories`` required), ``max_len`` (an integer in
+    ``[1, MAX_LEN_LIMIT]``), ``protocol`` and ``content_hash`` (strings), ``arrays`` (``{path:
+    {"dtype": str, "shape": [int, ...]}}`` listing ``item2cate.npy``, ``item_count.npy`` and every
+    array of the ``train`` and ``test`` splits)."""
+    for key in ("protocol", "content_hash"):
+        if not isinstance(meta[key], str):
+            raise DataError(f"{mp}: field '{key}': {meta[key]!r} is not a string; {_AGAIN}")
+    counts = meta["counts"]
+    if not isinstance(counts, dict):
+        raise DataError(f"{mp}: field 'counts': expected an object, got {type(counts).__name__}; {_AGAIN}")
+    for key in VOCAB_COUNTS.values():
+        if key not in counts:
+            raise DataError(f"{mp}: missing field 'counts.{key}'; {_AGAIN}")
+    for key, v in counts.items():
+        if not _count(v):
+            raise DataError(f"{mp}: field 'counts.{key}': {v!r} is not a non-negative integer; {_AGAIN}")
+    max_len = meta["max_len"]
+    if type(max_len) is not int or not 1 <= max_len <= MAX_LEN_LIMIT:
+        raise DataError(f"{mp}: field 'max_len': {max_len!r} is not an integer in [1, {MAX_LEN_LIMIT:,}]; "
+                        + _AGAIN)
+    arrays = meta["arrays"]
+    if not isinstance(arrays, dict):
+        raise DataError(f"{mp}: field 'arrays': expected an object {{path: {{dtype, shape}}}}, got "
+                        f"{type(arrays).__name__}; {_AGAIN}")
+    for rel, spec in arrays.items():
+        if not (isinstance(spec, dict) and isinstance(spec.get("dtype"), str)
+                and isinstance(spec.get("shape"), list) and all(_count(n) for n in spec["shape"])):
+            raise DataError(f"{mp}: field 'arrays.{rel}': expected {{\"dtype\": str, \"shape\": "
+                            f"[int, ...]}}, got {spec!r}; {_AGAIN}")
+    need = ["item2cate.npy", "item_count.npy"]
+    need += [f"{split}/{a}.npy" for split in ("train", "test") for a in SPLIT_ARRAYS]
+    absent = next((rel for rel in need if rel not in arrays), None)
+    if absent is not None:
+        raise DataError(f"{mp}: field 'arrays': {absent!r} is not listed; {_AGAIN}")
+
+
+def check_vocab_lines(path: str | Path, meta: dict) -> None:
+    """Each present ``vocab/<kind>.tsv`` holds exactly ``counts.<kind>`` lines (``meta``: a
+    :func:`read_meta` result), else a :class:`DataError` naming the file and both numbers: a
+    truncated vocabulary would otherwise be exported and map most ids to unknown. A newline count
+    over the bytes (Beauty's three files: about a millisecond). An absent file is left to whoever
+    reads it (training does not)."""
+    for kind, key in VOCAB_COUNTS.items():
+        p = Path(path) / "vocab" / f"{kind}.tsv"
+        if not p.is_file():
+            continue
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise DataError(f"{p}: cannot read the vocabulary ({e}); prepare it again with --force") from e
+        if data and not data.endswith(b"\n"):  # every line the writer writes ends with one
+            raise DataError(f"{p}: the last line is cut short (no final newline); {_AGAIN}")
+        lines, want = data.count(b"\n"), meta["counts"][key]
+        if lines != want:
+            raise DataError(f"{p}: {lines} lines, but {META}'s counts.{key} is {want}; {_AGAIN}")
 
 
 def _ours(d: Path) -> bool:

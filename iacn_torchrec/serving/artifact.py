@@ -59,18 +59,23 @@ def file_sha256(path: str | Path) -> str:
 
 
 def read_vocab(path: str | Path) -> dict[str, int]:
-    """``raw id <TAB> index`` lines → ``{raw id: index}``; a bad line raises naming file and line."""
+    """``raw id <TAB> index`` lines → ``{raw id: index}``; a bad line or a raw id listed twice (the
+    dict would keep one of them silently) raises naming file and line."""
     out: dict[str, int] = {}
+    first: dict[str, int] = {}
     p = Path(path)
-    # bytes split on "\n" only, as the writer: read_text would turn "\r" into "\n", splitlines
-    # would also split on "\x1c", "\u2028" ...
+    # bytes split on "\n" only, as the writer: splitlines would also split on "\r", "\x1c", "\u2028" ...
     for n, line in enumerate(p.read_bytes().decode("utf-8").split("\n"), start=1):
         if not line:
             continue
         raw, sep, idx = line.rpartition("\t")
         if not sep or not idx.isdigit():
             raise ValueError(f"{p}: line {n}: expected 'raw id<TAB>index', got {line[:80]!r}")
+        if raw in out:
+            raise ValueError(f"{p}: line {n}: raw id {raw[:80]!r} is listed again (first on line "
+                             f"{first[raw]})")
         out[raw] = int(idx)
+        first[raw] = n
     return out
 
 
@@ -183,6 +188,8 @@ class ServingArtifact:
 
         Every file read (the model, ``item2cate.npy``, the vocabularies) must be listed in the
         manifest; the manifest's ``dims.max_len`` and ``item2cate`` must fit the model's own shapes.
+        Each vocabulary must fill its table: one entry per row but the padding/unknown row 0, indices
+        ``1..rows - 1`` each once (a truncated one would map most ids to unknown).
         A bad artefact raises ``ValueError`` / ``FileNotFoundError`` naming the file."""
         d = Path(path)
         mpath = d / MANIFEST
@@ -251,11 +258,13 @@ class ServingArtifact:
                 f"{ipath}: categories {int(item2cate.min())}..{int(item2cate.max())} outside {name}'s "
                 f"category table (rows 0..{rows['cate'] - 1})"
             )
+        for kind in VOCAB_TABLES:  # read now, checked against the tables: a damaged one fails here
+            art.vocab(kind)
         return art
 
     def vocab(self, kind: str) -> dict[str, int]:
-        """``{raw id: index}`` of ``uid`` / ``item`` / ``cate`` (read once; an index past the model's
-        table raises naming the file)."""
+        """``{raw id: index}`` of ``uid`` / ``item`` / ``cate`` (read once, by :meth:`load`; an index past
+        the model's table, or a vocabulary not filling it, raises naming the file)."""
         if kind not in self._vocab:
             vpath = self.path / "vocab" / f"{kind}.tsv"
             voc = read_vocab(vpath)
@@ -263,6 +272,14 @@ class ServingArtifact:
             top = max(voc.values(), default=0)
             if top >= rows:
                 raise ValueError(f"{vpath}: index {top} past the model's {kind} table ({rows} rows)")
+            # the export copies the prepared vocabulary: ids 1..n for table rows 1..n, row 0 unknown
+            if len(voc) != rows - 1:
+                raise ValueError(f"{vpath}: {len(voc)} entries, but the model's {kind} table has {rows} rows "
+                                 f"(expected {rows - 1} entries: one per row but the padding/unknown row 0); "
+                                 "the vocabulary is damaged or belongs to another model")
+            if min(voc.values(), default=1) < 1 or len(set(voc.values())) != len(voc):
+                raise ValueError(f"{vpath}: the indices are not 1..{rows - 1} each once (one is 0 or "
+                                 "repeated); the vocabulary is damaged")
             self._vocab[kind] = voc
         return self._vocab[kind]
 

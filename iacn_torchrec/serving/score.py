@@ -2,14 +2,17 @@
 
 ``iacn score --model MODEL_DIR --input FILE [--out SCORES.tsv] [--format auto|tsv|dien]``
 
-Input formats (plain or ``.gz``, UTF-8, CRLF accepted):
+Input formats (plain or ``.gz``, UTF-8, CRLF accepted; a lone CR is a control character, not a line
+end; a control character in a field that is read is an error, as in ``iacn prepare``):
 
 * ``tsv``: a header line naming at least ``user_id``, ``item_id``, ``history`` (the user's earlier
   item ids, oldest first, separated by ``|``, ``,``, spaces or DIEN's ``\\x02``; may be empty), and
-  optionally ``label`` (0/1: the AUC is then reported). Categories come from the artefact's
+  optionally ``label`` (0/1: the AUC is then reported); a column read named twice, or a data
+  line equal to the header (concatenated files), is an error. Categories come from the artefact's
   item → category table.
 * ``dien``: DIEN's ``local_train`` / ``local_test`` rows ``label, uid, mid, cat, hist_mids,
-  hist_cats`` (no header, histories ``\\x02``-joined); categories are the file's.
+  hist_cats`` (no header, histories ``\\x02``-joined); categories are the file's; empty ids or
+  history entries are errors, as in ``iacn prepare``.
 
 Every row is scored (an empty history is allowed; a file without rows is an error); ids the
 vocabularies do not know map to the unknown row 0 and are counted per field (an unknown history
@@ -35,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iacn_torchrec.data.sources import DataError, read_text
+from iacn_torchrec.data.sources import _CONTROL, DataError, _no_control_character, read_text
 from iacn_torchrec.fileio import check_output_path, open_atomic
 from iacn_torchrec.serving.artifact import EncodedSamples, ServingArtifact, auc
 
@@ -68,6 +71,23 @@ def _looks_dien(first: str) -> bool:
     return len(f) == 6 and f[0] in ("0", "1")
 
 
+def _id_field(tok: str, path: str | Path, n: int, name: str) -> str:
+    """An id as prepare reads it: not empty, no ASCII control character (a lone CR, a NUL ... would
+    make an id the vocabulary cannot hold, scored as unknown)."""
+    if not tok:
+        raise DataError(f"{path}: line {n}: field {name!r} is empty")
+    return _no_control_character(tok, path, n, name)
+
+
+def _history_field(tok: str, path: str | Path, n: int, name: str) -> None:
+    """A history: DIEN's separator ``\\x02`` is allowed, any other control character is refused
+    (``_SPLIT``'s whitespace class would otherwise cut ``"2\\r3"`` into two ids silently)."""
+    m = _CONTROL.search(tok.replace("\x02", ""))
+    if m:
+        raise DataError(f"{path}: line {n}: field {name!r}: {tok!r} contains the control character "
+                        f"{m.group()!r}")
+
+
 def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
     """Parse ``path`` (see the module docstring); bad lines raise :class:`DataError` with file/line/field."""
     if fmt not in FORMATS:
@@ -98,12 +118,18 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
                 )
             if f[0] not in ("0", "1"):
                 raise DataError(f"{path}: line {n}: field 'label': {f[0]!r} is not 0 or 1")
+            for k in (1, 2, 3):  # as prepare's DIEN reader: an empty id is an error, not "unknown"
+                _id_field(f[k], path, n, names[k])
             hm = f[4].split("\x02") if f[4] else []
             hc = f[5].split("\x02") if f[5] else []
             if len(hm) != len(hc):
                 raise DataError(
                     f"{path}: line {n}: field 'hist_cats' has {len(hc)} entries but 'hist_mids' has {len(hm)}"
                 )
+            for name, toks in (("hist_mids", hm), ("hist_cats", hc)):
+                if "" in toks:
+                    raise DataError(f"{path}: line {n}: field '{name}': entry {toks.index('') + 1} is empty")
+                _history_field(f[names.index(name)], path, n, name)
             label.append(int(f[0]))
             user.append(f[1])
             item.append(f[2])
@@ -130,17 +156,35 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
             f"{path}: line 1: missing column(s) {missing} (header {header}); expected a TSV "
             "header with user_id, item_id, history[, label] (or DIEN local_test rows)"
         )
+    # a column read twice would silently be taken from its first occurrence
+    twice = next((c for c in (*need, "label") if header.count(c) > 1), None)
+    if twice is not None:
+        raise DataError(f"{path}: line 1: column {twice!r} appears twice in the header {header}: which one "
+                        "to read is ambiguous")
     cu, ci, ch = (header.index(c) for c in need)
     cl = header.index("label") if "label" in header else None
     width = len(header)
+    stripped_header = [h.strip() for h in header]
     seen_header = False
     for n, line in enumerate(lines, start=1):
-        if not line.strip() and "\t" not in line:  # a blank line; a row of empty fields is an error
+        # a blank line; a row of empty fields is an error, and so is a lone control character
+        if not line.strip() and "\t" not in line and not _CONTROL.search(line):
             continue
         if not seen_header:
             seen_header = True
             continue
-        f = [x.strip() for x in line.split("\t")]  # ids as the training readers read them
+        raw = line.split("\t")
+        # before stripping (str.strip drops "\r", "\x1c" ...), as prepare checks the fields it reads;
+        # a control character in a column that is not read is ignored, as there
+        for c, name in ((cu, "user_id"), (ci, "item_id"), (cl, "label")):
+            if c is not None and c < len(raw):
+                _no_control_character(raw[c], path, n, name)
+        if ch < len(raw):
+            _history_field(raw[ch], path, n, "history")
+        f = [x.strip() for x in raw]  # ids as the training readers read them
+        if f == stripped_header:  # prepare refuses such a line too (its timestamp is not a number)
+            raise DataError(f"{path}: line {n}: the header line again (concatenated files?); a data line "
+                            "equal to the header is not scored: remove it")
         if len(f) == width - 1 and ch == width - 1:
             f.append("")  # the history is the last column: an empty one may lose its tab (editors)
         if len(f) != width:
