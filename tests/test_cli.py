@@ -76,6 +76,8 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         (("bench", "serve", "--run", str(tmp_path / "absent")), "iacn bench serve: ", "no config.yaml"),
         (("reproduce", "--set", "iacn.lam=2", "--data", str(tmp_path)), "iacn reproduce: ",
          "the arms define"),
+        (("export", "--run", str(tmp_path), "--out", str(tmp_path / "m"), "--threads", "0"), "iacn export: ",
+         "--threads must be >= 1, got 0"),
     ]
     for args, prefix, detail in cases:
         r = _iacn(*args)
@@ -201,6 +203,89 @@ def test_output_paths_that_cannot_be_written_name_the_option(tiny_run, tmp_path,
         captured = capsys.readouterr()
         assert captured.err == message + "\n" and captured.out == "", (args, captured)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and Path("afile").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args", [("export", "--run", "run", "--out", "m"),
+                                  ("explain", "--run", "run", "--user", "u1"),
+                                  ("bench", "serve", "--run", "run"),
+                                  ("score", "--model", "m", "--input", "x.tsv")])
+def test_threads_below_one_is_a_one_line_error(args, tmp_path, monkeypatch, capsys):
+    """torch.set_num_threads(0) raises a RuntimeError: the serving commands check --threads first."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    what = " ".join(args[:2]) if args[0] == "bench" else args[0]
+    for threads in ("0", "-2"):
+        assert _main(*args, "--threads", threads) == 2
+        assert capsys.readouterr().err == f"iacn {what}: --threads must be >= 1, got {threads}\n"
+    assert torch.get_num_threads() == before and not Path("m").exists()
+
+
+def test_a_corrupt_metrics_json_names_the_file(tiny_run, tmp_path, monkeypatch, capsys):
+    run = _copy_run(tiny_run, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for text, shown in (('{"test": \n', "not valid JSON (Expecting value: line 2 column 1 (char 10))"),
+                        ("[1, 2]", "expected a JSON object, got a list")):
+        (run / "metrics.json").write_text(text)
+        for args in (("export", "--run", "run", "--out", "m"), ("explain", "--run", "run", "--user", "u1")):
+            capsys.readouterr()
+            assert _main(*args) == 2, args
+            assert capsys.readouterr().err == f"iacn {args[0]}: run/metrics.json: {shown}\n", args
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_torch_file_that_is_no_checkpoint_is_a_one_line_error(tiny_run, tmp_path, monkeypatch, capsys):
+    """A rank file that torch reads (and the manifest vouches for) but that holds no training state."""
+    import io
+
+    import torch
+
+    run = _copy_run(tiny_run, tmp_path)
+    f = run / "checkpoints" / "step_00000006" / "rank0.pt"
+    buf = io.BytesIO()
+    torch.save({"foo": 1}, buf)
+    f.write_bytes(buf.getvalue())
+    manifest = json.loads((f.parent / "manifest.json").read_text())
+    data = buf.getvalue()
+    manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (f.parent / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    wanted = ("run/checkpoints/step_00000006/rank0.pt: not a checkpoint (no 'model', 'optimizer', "
+              "'train_state', 'rng'; it holds 'foo')")
+    for command, call in [("export", lambda: _main("export", "--run", "run", "--out", "m")),
+                          ("explain", lambda: _main("explain", "--run", "run", "--user", "u1")),
+                          ("train", lambda: _train(8))]:
+        assert call() == 2, command
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1].startswith(f"iacn {command}: {wanted}"), err
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_refuses_a_config_yaml_its_checkpoint_was_not_trained_with(tiny_run, tmp_path, monkeypatch,
+                                                                         capsys):
+    """config.yaml rebuilds the model; the checkpoint's configuration fingerprint says what it was
+    trained with: an edited config.yaml is refused (it would be written into the manifest)."""
+    run = _copy_run(tiny_run, tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["iacn"]["delta"] == 0.3
+    config["iacn"]["delta"] = 0.9
+    config["threads"] = 1  # run control, not part of the fingerprint: changing it is fine
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    for args in (("export", "--run", "run", "--out", "m", "--check-samples", "0"),
+                 ("explain", "--run", "run", "--user", "u1")):
+        assert _main(*args) == 2, args
+        assert capsys.readouterr().err == (
+            f"iacn {args[0]}: run/config.yaml: not the configuration run/checkpoints/step_00000006 was "
+            "trained with (checkpoint → config.yaml: iacn.delta: 0.3 → 0.9); restore the config.yaml it was "
+            "trained with\n"), args
+    assert not (tmp_path / "m").exists()
+    config["iacn"]["delta"] = 0.3
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert _main("export", "--run", "run", "--out", "m", "--check-samples", "0") == 0
 
 
 def test_train_keeps_a_users_files(tiny_run, tmp_path, monkeypatch):

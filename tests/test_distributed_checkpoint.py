@@ -22,7 +22,8 @@ from iacn_torchrec.train.checkpoint import (
 
 def _state(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"model": {"w": torch.randn(50, 8, generator=g)}, "train_state": {"step": seed}}
+    return {"model": {"w": torch.randn(50, 8, generator=g)}, "optimizer": {}, "train_state": {"step": seed},
+            "rng": {}}
 
 
 @pytest.fixture()
@@ -100,6 +101,24 @@ def test_a_file_that_is_no_torch_checkpoint_is_a_checkpoint_error(root, data, sh
     torch.save([1, 2], buf)  # a torch file, but not a state dict
     _replace_matching_manifest(f, buf.getvalue())
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(f))}: not a checkpoint \(a list"):
+        load_checkpoint(root)
+
+
+@pytest.mark.parametrize("state, shown", [
+    ({"foo": 1}, "no 'model', 'optimizer', 'train_state', 'rng'; it holds 'foo'"),
+    ({"model": {}, "optimizer": {}, "train_state": {}},
+     "no 'rng'; it holds 'model', 'optimizer', 'train_state'"),
+    ({"model": 3, "optimizer": {}, "train_state": {}, "rng": {}}, "'model' is of type int, not a state dict"),
+])
+def test_a_torch_file_without_the_training_state_is_a_checkpoint_error(root, state, shown):
+    """A torch file whose manifest entry matches but that holds no (or not all of the) training
+    state: named with the missing keys, not a KeyError wherever a key is first read."""
+    f = Path(root) / "step_00000005" / "rank0.pt"
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    _replace_matching_manifest(f, buf.getvalue())
+    wanted = rf"^{re.escape(str(f))}: not a checkpoint \({re.escape(shown)}\)$"
+    with pytest.raises(CheckpointError, match=wanted):
         load_checkpoint(root)
 
 

@@ -184,7 +184,8 @@ def test_an_unwritable_plot_path_is_refused_before_the_work(planted, tmp_path, c
         with pytest.raises(UserError, match=rf"^--plot {re.escape(str(plot))}: {re.escape(wanted)}$"):
             explain.run(args)
         assert capsys.readouterr().out == ""  # nothing explained, nothing printed
-    args.summary, args.user, args.plot, args.md = True, None, None, str(tmp_path / "afile" / "r.md")
+    args.summary, args.user, args.target, args.plot = True, None, None, None  # (--summary takes no --target)
+    args.md = str(tmp_path / "afile" / "r.md")
     with pytest.raises(UserError, match=r"^--md .*r\.md: .*afile is not a directory$"):
         explain.run(args)
     assert capsys.readouterr().out == ""
@@ -366,3 +367,35 @@ def test_target_item_is_explained_for_that_item(planted, capsys):
     np.testing.assert_allclose(printed, want_a[0], rtol=0, atol=0.005 + 1e-6)
     assert int(m.group(2)) == int(want_a[0].argmax()) + 1
     assert float(m.group(3)) == pytest.approx(want_a[1], abs=0.0005 + 1e-6)
+
+
+def test_unexpected_key_errors_are_not_shown_as_a_bare_word(tmp_path, monkeypatch, capsys):
+    """explain's own lookups (unknown user or item id) are one-line errors; any other KeyError is a
+    bug and keeps its traceback, never printed as ``iacn explain: model``."""
+    from iacn_torchrec.serving import export
+
+    def broken_load_run(*a, **k):
+        raise KeyError("model")
+
+    monkeypatch.setattr(export, "load_run", broken_load_run)
+    args = argparse.Namespace(run=str(tmp_path), data=None, user="u1", target=None, plot=None, summary=False,
+                              md=None, example_user=None, limit_users=None, seed=0, threads=2)
+    with pytest.raises(KeyError, match="model"):
+        explain.run(args)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["--summary", "--target", "heldout"],
+     "--target goes with --user (one user's explanation), not --summary"),
+    (["--summary", "--example-user", "u1"], "--example-user goes with --md (the report shows that user)"),
+    (["--summary", "--example-user", "u1", "--target", "i1", "--md", "r.md"],
+     "--target goes with --user (one user's explanation), not --summary"),
+])
+def test_summary_refuses_options_it_would_ignore(tmp_path, monkeypatch, capsys, argv, shown):
+    from iacn_torchrec.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["explain", "--run", "run", *argv]) == 2
+    assert capsys.readouterr().err == f"iacn explain: {shown}\n"
+    assert list(tmp_path.iterdir()) == []

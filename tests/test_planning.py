@@ -377,3 +377,30 @@ def test_a_broken_yaml_spec_is_one_line(tmp_path, capsys):
     assert main(["plan", "--spec", str(spec), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "broken.yaml: not valid YAML: " in err and "line" in err, err
+
+
+def test_a_spec_that_is_not_utf8_text_is_a_spec_error(tmp_path):
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(SpecError, match=r"^.*bin\.yaml: not UTF-8 text \(byte 0xff at offset 0\)$"):
+        load_scenario(p)
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_planning(tmp_path, monkeypatch, capsys):
+    from iacn_torchrec.cli import main
+    from iacn_torchrec.distributed import planning
+
+    def no_planning(*a, **k):
+        raise AssertionError("planned before the output path was checked")
+
+    monkeypatch.setattr(planning, "plan_with_fallback", no_planning)
+    monkeypatch.setattr(planning, "compare_iacn", no_planning)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"counts": {"users": 10, "items": 20, "categories": 3},
+                                                    "max_len": 5}))
+    (tmp_path / "outfile").write_text("keep me")
+    for out, shown in (("outfile", "--out outfile: exists and is not a directory"),
+                       ("outfile/sub", "--out outfile/sub: outfile is not a directory")):
+        assert main(["plan", "--meta", str(tmp_path), "--out", out]) == 2
+        assert capsys.readouterr().err == f"iacn plan: {shown}\n"
+    assert (tmp_path / "outfile").read_text() == "keep me"

@@ -43,7 +43,7 @@ from iacn_torchrec.distributed.plan_specs import (
     fmt_bytes,
     is_int,
 )
-from iacn_torchrec.fileio import save_figure, write_atomic
+from iacn_torchrec.fileio import check_output_path, save_figure, write_atomic
 
 SCENARIO_KEYS = {"name", "description", "model", "aux_dims", "world_sizes", "topology", "plan"}
 
@@ -64,7 +64,10 @@ def load_scenario(path: str | Path) -> Scenario:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{p}: no such scenario file")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # a binary file, or another encoding
+        raise SpecError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     try:
         if p.suffix == ".json":
             d = json.loads(text)
@@ -417,6 +420,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"iacn plan: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    check_output_path(out, "--out", directory=True, parents=True)  # before planning (UserError: one line)
     out.mkdir(parents=True, exist_ok=True)
     rows = run_scenario(scn, log=print)
     payload = {

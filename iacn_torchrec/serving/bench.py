@@ -148,7 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
+    from iacn_torchrec.serving.export import set_threads
+
+    set_threads(args.threads)
     try:
         sizes = tuple(int(x) for x in args.batch_sizes.split(","))
     except ValueError:

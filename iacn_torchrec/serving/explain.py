@@ -32,9 +32,11 @@ import numpy as np
 import torch
 
 from iacn_torchrec import versions
+from iacn_torchrec.errors import UserError
 from iacn_torchrec.fileio import check_output_path, save_figure, write_atomic
 
 __all__ = [
+    "ExplainError",
     "UserExplanation",
     "explain_user",
     "explain_samples",
@@ -45,6 +47,15 @@ __all__ = [
     "add_arguments",
     "run",
 ]
+
+
+class ExplainError(UserError, KeyError):
+    """A user or item the run's dataset cannot explain: an id its vocabularies do not know, a user
+    without a (held-out) sample. A KeyError (a failed lookup) whose text is its message, not the
+    quoted key."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 # ------------------------------------------------------------------------------------------ core
@@ -226,7 +237,7 @@ def _user_row(ds: Any, uid: int) -> tuple[str, int]:
         if rows.size:
             pos = rows[np.asarray(s.label)[rows] == 1]
             return split, int((pos if pos.size else rows)[-1])
-    raise KeyError(f"{ds.path}: user index {uid} has no sample in any split (fewer than 3 interactions?)")
+    raise ExplainError(f"{ds.path}: user index {uid} has no sample in any split (fewer than 3 interactions?)")
 
 
 def explain_user(run: Any, user: str, target: str | None = None) -> UserExplanation:
@@ -237,7 +248,7 @@ def explain_user(run: Any, user: str, target: str | None = None) -> UserExplanat
     names = {k: ds.vocab(k) for k in ("uid", "item", "cate")}
     uid_map = {r: i + 1 for i, r in enumerate(names["uid"])}
     if user not in uid_map:
-        raise KeyError(f"{ds.path}/vocab/uid.tsv: unknown user id {user!r}")
+        raise ExplainError(f"{ds.path}/vocab/uid.tsv: unknown user id {user!r}")
     uid = uid_map[user]
     split, row = _user_row(ds, uid)
     s = ds.split(split)
@@ -247,13 +258,13 @@ def explain_user(run: Any, user: str, target: str | None = None) -> UserExplanat
     if target is not None:
         if target == "heldout":
             if split != "test" or int(s.label[row]) != 1:  # e.g. a dien-protocol user in the train split
-                raise KeyError(f"{ds.path}: user {user!r} has no held-out (label-1 test) sample; "
+                raise ExplainError(f"{ds.path}: user {user!r} has no held-out (label-1 test) sample; "
                                "pass --target ITEM")
             t = int(s.item[row])
         else:
             item_map = {r: i + 1 for i, r in enumerate(names["item"])}
             if target not in item_map:
-                raise KeyError(f"{ds.path}/vocab/item.tsv: unknown item id {target!r}")
+                raise ExplainError(f"{ds.path}/vocab/item.tsv: unknown item id {target!r}")
             t = item_map[target]
         item, cate = np.array([t]), np.array([int(ds.item2cate[t])])
     ex = explain_samples(run.model, np.array([uid]), hist_item, hist_cate, np.array([b - a]), item, cate)[0]
@@ -638,9 +649,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from iacn_torchrec.serving.export import load_run
+    from iacn_torchrec.serving.export import load_run, set_threads
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     problem = None
     if bool(args.summary) == bool(args.user):
         problem = "pass either --user UID (one user) or --summary (the whole test split)"
@@ -648,6 +659,10 @@ def run(args: argparse.Namespace) -> int:
         problem = f"--limit-users must be >= 1, got {args.limit_users}"
     elif not args.summary and (args.md or args.example_user or args.limit_users):
         problem = "--md, --example-user and --limit-users go with --summary"
+    elif args.summary and args.target:
+        problem = "--target goes with --user (one user's explanation), not --summary"
+    elif args.summary and args.example_user and not args.md:
+        problem = "--example-user goes with --md (the report shows that user)"
     if problem:
         print(f"iacn explain: {problem}", file=sys.stderr)
         return 2
@@ -677,8 +692,9 @@ def run(args: argparse.Namespace) -> int:
         if args.plot:
             plot_summary(s, args.plot)
             print(f"figure: {args.plot}")
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        print(f"iacn explain: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+    # explain's own lookups only: another KeyError is a bug, and keeps its traceback
+    except (ExplainError, ValueError, FileNotFoundError) as e:
+        print(f"iacn explain: {e}", file=sys.stderr)
         return 2
     c = s["coherence"]
     print(

@@ -57,6 +57,7 @@ __all__ = [
     "run",
     "ExportError",
     "EXPORT_ATOL",
+    "set_threads",
 ]
 
 #: exported scores must equal the eager model's within this (float32 reassociation only)
@@ -65,6 +66,14 @@ EXPORT_ATOL = 1e-6
 
 class ExportError(UserError, RuntimeError):
     """The run cannot be exported, or its export does not reproduce the eager scores."""
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` for a command's ``--threads``, refusing a count below 1 with
+    a `UserError` (torch's own error is a RuntimeError: a traceback)."""
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------- modules
@@ -231,6 +240,19 @@ def _resolve_data(run_dir: Path, data: str | None, config_path: str) -> Path:
     )
 
 
+def _read_metrics(path: Path) -> dict:
+    """A run's ``metrics.json`` ({} when there is none); an unreadable one names the file."""
+    if not path.is_file():
+        return {}
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(metrics, dict):
+        raise ExportError(f"{path}: expected a JSON object, got a {type(metrics).__name__}")
+    return metrics
+
+
 def load_run(
     run_dir: str | Path, data: str | None = None, step: int | None = None, doing: str = "using"
 ) -> LoadedRun:
@@ -243,27 +265,24 @@ def load_run(
         complete_steps,
         incomplete_note,
         latest_step,
-        load_full_model_state,
+        load_full_state,
+        step_dir,
     )
     from iacn_torchrec.train.config import TrainConfig
-    from iacn_torchrec.train.loop import make_loaders
+    from iacn_torchrec.train.loop import _fingerprint, _fingerprint_differences, make_loaders
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml: not a training run directory (iacn train --out)")
     config = TrainConfig.from_yaml(run_dir / "config.yaml")
     ds = PreparedDataset.open(_resolve_data(run_dir, data, config.data.path))
-    metrics = {}
-    if (run_dir / "metrics.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    trained_on = metrics.get("dataset", {}).get("content_hash")
+    metrics = _read_metrics(run_dir / "metrics.json")
+    dataset = metrics.get("dataset")
+    trained_on = dataset.get("content_hash") if isinstance(dataset, dict) else None
     if trained_on and trained_on != ds.meta.get("content_hash"):
         raise ExportError(f"{ds.path} is not the dataset {run_dir} was trained on (content hash "
                           f"{ds.meta.get('content_hash')}, the run's {trained_on}); "
                           "pass that dataset with --data")
-    _, test_loader, item_log_q = make_loaders(config, ds, 0, 1)
-    torch.manual_seed(config.seed)
-    model = build_model_from_config(config, ds, item_log_q=item_log_q)
     root = str(run_dir / "checkpoints")
     if step is not None and step not in complete_steps(root):
         raise ExportError(f"{root}: no complete checkpoint of step {step}; the run has "
@@ -277,10 +296,30 @@ def load_run(
     if step is None:
         raise ExportError(f"{run_dir}: no complete checkpoint under {root} yet (the run was stopped before "
                           "its first checkpoint, or is still training)")
+    state = load_full_state(root, step=step)  # missing, damaged: CheckpointError naming the file
+    # config.yaml rebuilds the model and is what the manifest reports: it must be the configuration the
+    # checkpoint was trained with (the fingerprint a resume checks; distributed.* only shards it)
+    differ = _fingerprint_differences(state.get("config_fingerprint"),
+                                      _fingerprint(config, ds.meta.get("content_hash")),
+                                      ignore=("distributed.",))
+    where = step_dir(root, step)
+    if differ == ["no configuration fingerprint in the checkpoint"]:
+        raise CheckpointError(f"{where}: no configuration fingerprint in the checkpoint: cannot tell whether "
+                              f"{run_dir / 'config.yaml'} is the configuration it was trained with")
+    hashes = [d for d in differ if d.startswith("data.content_hash:")]
+    if hashes:
+        raise ExportError(f"{ds.path} is not the dataset {where} was trained on ({hashes[0]}); "
+                          "pass that dataset with --data")
+    if differ:
+        raise ExportError(f"{run_dir / 'config.yaml'}: not the configuration {where} was trained with "
+                          "(checkpoint → config.yaml: " + "; ".join(differ[:8])
+                          + (f"; {len(differ) - 8} more" if len(differ) > 8 else "")
+                          + "); restore the config.yaml it was trained with")
+    _, test_loader, item_log_q = make_loaders(config, ds, 0, 1)
+    torch.manual_seed(config.seed)
+    model = build_model_from_config(config, ds, item_log_q=item_log_q)
     try:
-        model.load_state_dict(load_full_model_state(root, step=step))
-    except CheckpointError:  # missing, damaged: its own message names the file
-        raise
+        model.load_state_dict(state["model"])
     except RuntimeError as e:  # shapes: another dataset's vocabulary, or another model's config
         first = str(e).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
@@ -503,7 +542,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.check_samples < 0:
         print(f"iacn export: --check-samples must be >= 0 (0: the whole test split), "
               f"got {args.check_samples}", file=sys.stderr)

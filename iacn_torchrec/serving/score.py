@@ -318,6 +318,9 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads < 1:  # torch's own refusal is a RuntimeError: a traceback
+        print(f"iacn score: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     out = args.out or f"{args.input}.scores.tsv"
     if args.batch_size < 1:

@@ -41,6 +41,8 @@ path_manager = PathManager()
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _UNFINISHED_DIR = re.compile(r"^step_(\d+)(\.tmp)?$")
 MANIFEST = "manifest.json"
+#: what every rank's file of a training checkpoint holds (besides history, loss_ema, config_fingerprint, plan)
+REQUIRED_KEYS = ("model", "optimizer", "train_state", "rng")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -237,7 +239,8 @@ def load_checkpoint(
     metadata).
 
     Raises `CheckpointError` when there is none, when it was written by another world size (the
-    per-rank files hold that run's shards), or when a file's size or sha256 does not match.
+    per-rank files hold that run's shards), when a file's size or sha256 does not match, or when
+    it is no torch file or does not hold the training state (`REQUIRED_KEYS`, ``model`` a dict).
     """
     _, d, manifest = _manifest(root, step)
     if manifest.get("world_size") != world_size:
@@ -275,6 +278,14 @@ def load_checkpoint(
         raise CheckpointError(f"{fpath}: not a readable checkpoint ({type(e).__name__}: {detail})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{fpath}: not a checkpoint (a {type(state).__name__}, not a state dict)")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        held = ", ".join(map(repr, list(state)[:8])) + (", ..." if len(state) > 8 else "") or "nothing"
+        raise CheckpointError(
+            f"{fpath}: not a checkpoint (no {', '.join(map(repr, missing))}; it holds {held})")
+    if not isinstance(state["model"], dict):
+        kind = type(state["model"]).__name__
+        raise CheckpointError(f"{fpath}: not a checkpoint ('model' is of type {kind}, not a state dict)")
     return from_portable(state) if in_run else state
 
 
@@ -283,21 +294,31 @@ def load_full_model_state(root: str, step: int | None = None) -> dict[str, Any]:
     every rank's file is read and each sharded table is assembled from all its shards, so a run
     sharded over any number of processes (or using a fused table optimizer) loads into the
     unsharded model (export, explain, serving benchmarks)."""
+    return load_full_state(root, step)["model"]
+
+
+def load_full_state(root: str, step: int | None = None) -> dict[str, Any]:
+    """Rank 0's state of checkpoint ``step`` (default: the newest) with ``"model"`` the whole model
+    state (:func:`load_full_model_state`), outside the training run; the rest (``config_fingerprint``,
+    ``train_state``, ...) as rank 0 saved it."""
     from iacn_torchrec.distributed.checkpointing import PortableShards, full_tensor
 
     step, d, manifest = _manifest(root, step)
     world_size = manifest.get("world_size")
     if not isinstance(world_size, int) or world_size < 1:
         raise CheckpointError(f"{d}: corrupted manifest (world_size {world_size!r})")
-    states = [load_checkpoint(root, step, rank=r, world_size=world_size, sharded=False)["model"]
-              for r in range(world_size)]
+    first = load_checkpoint(root, step, rank=0, world_size=world_size, sharded=False)
+    states = [first["model"]] + [
+        load_checkpoint(root, step, rank=r, world_size=world_size, sharded=False)["model"]
+        for r in range(1, world_size)
+    ]
     out = {}
     for key, value in states[0].items():
         if isinstance(value, PortableShards):
             out[key] = full_tensor([s[key] for s in states])
         else:
             out[key] = value
-    return out
+    return {**first, "model": out}
 
 
 def rng_state() -> dict[str, Any]:
