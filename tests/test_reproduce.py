@@ -337,6 +337,14 @@ def test_bad_arguments_are_named():
         rp.run(_args(["--variant", "a:iacn.lam=0.1", "--variant", "a:iacn.lam=0.5", "--data", "/none"]))
     with pytest.raises(rp.ReproduceError, match="--delta-seeds must be >= 1"):
         rp.run(_args(["--delta-seeds", "0", "--data", "/nonexistent"]))
+    # every run's settings, before a dataset is re-prepared (the data path does not even exist)
+    for flags, needle in ((["--threads", "0"], "--threads must be >= 1, got 0"),
+                          (["--lengths", "0,20"], r"--lengths must be >= 1, got \[0\]"),
+                          (["--max-steps", "0"], "--max-steps must be >= 1"),
+                          (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+                          (["--batch-size", "1"], "--batch-size: data.batch_size must be at least 2")):
+        with pytest.raises(rp.ReproduceError, match=needle):
+            rp.run(_args([*flags, "--data", "/nonexistent"]))
     # the arms set enabled / delta / lam: a global value would make them one run under four names
     for s in ("iacn.delta=0.5", "iacn.lam=2", " iacn.enabled =true"):
         with pytest.raises(rp.ReproduceError, match="the arms define iacn.enabled, iacn.delta, iacn.lam"):

@@ -935,6 +935,22 @@ def run(args: argparse.Namespace) -> int:
     for name in ("table2_seeds", "delta_seeds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ReproduceError(f"--{name.replace('_', '-')} must be >= 1 (omit it for --seeds)")
+    # every run's settings, checked before any dataset is prepared or any run trained
+    if args.threads < 1:
+        raise ReproduceError(f"--threads must be >= 1, got {args.threads}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ReproduceError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.checkpoint_every < 0:
+        raise ReproduceError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    bad = [L for L in args.lengths if L < 1]
+    if bad:
+        raise ReproduceError(f"--lengths must be >= 1, got {bad}")
+    from iacn_torchrec.train.config import ConfigError, DataConfig
+
+    try:
+        DataConfig(batch_size=args.batch_size)
+    except ConfigError as e:
+        raise ReproduceError(f"--batch-size: {e}") from None
     if args.data is None:
         data = ensure_default_data(DEFAULT_DATA)
         args.name = args.name or "amazon-beauty"
