@@ -83,13 +83,15 @@ def _environment_ninja() -> Iterator[None]:
 
 def build_name(name: str) -> str:
     """The extension's name, which is also its build directory under ``$TORCH_EXTENSIONS_DIR``:
-    one per source text, compiler flags, torch and Python environment. Two checkouts or venvs on
-    one machine (a clone beside a working tree, say) would otherwise share one directory and
-    rebuild it for each other on every first use."""
+    one per source text and location, compiler flags, torch and Python environment. Two checkouts
+    or venvs on one machine (a clone beside a working tree, say) would otherwise share one
+    directory, whose ``build.ninja`` names one checkout's source files, and rebuild it for each
+    other on every first use (~30 s a kernel each time)."""
     import hashlib
 
     headers = [h.read_bytes() for h in sorted(_CSRC.glob("*.h"))]  # what the kernels #include
-    key = b"\0".join([(_CSRC / f"{name}.cpp").read_bytes(), *headers, " ".join(_cflags()).encode(),
+    key = b"\0".join([(_CSRC / f"{name}.cpp").read_bytes(), *headers, str(_CSRC).encode(),
+                      " ".join(_cflags()).encode(),
                       torch.__version__.encode(), str(Path(torch.__file__).resolve().parent).encode(),
                       sys.prefix.encode()])
     return f"{name}_{_simd_level()}_{hashlib.sha256(key).hexdigest()[:12]}"

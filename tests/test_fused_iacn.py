@@ -273,8 +273,9 @@ def test_results_fingerprint_the_kernel_source(tmp_path, monkeypatch):
 
 
 def test_each_environment_and_source_gets_its_own_build(monkeypatch, tmp_path):
-    """Two venvs (or a changed source) must not share one build directory: they would rebuild it
-    for each other on every first use (a ~30 s stall each time)."""
+    """Two venvs, two checkouts of the same source (a clone beside a working tree, sharing one venv)
+    or a changed source must not share one build directory: they would rebuild it for each other
+    on every first use (a ~30 s stall each time)."""
     import shutil
     import sys
 
@@ -285,10 +286,12 @@ def test_each_environment_and_source_gets_its_own_build(monkeypatch, tmp_path):
     assert kernels.build_name("iacn_fused") != name
     monkeypatch.undo()
     shutil.copytree(kernels._CSRC, tmp_path / "csrc")
+    monkeypatch.setattr(kernels, "_CSRC", tmp_path / "csrc")
+    same_text = kernels.build_name("iacn_fused")
+    assert same_text != name  # the same text in another checkout
     src = tmp_path / "csrc" / "iacn_fused.cpp"
     src.write_text(src.read_text() + "\n// changed\n")
-    monkeypatch.setattr(kernels, "_CSRC", tmp_path / "csrc")
-    assert kernels.build_name("iacn_fused") != name
+    assert kernels.build_name("iacn_fused") not in (name, same_text)
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_a_live_one_waited_for(tmp_path, monkeypatch):
