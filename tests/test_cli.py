@@ -312,3 +312,20 @@ def test_train_keeps_a_users_files(tiny_run, tmp_path, monkeypatch):
     written = TrainConfig.from_yaml("run/config.yaml")
     assert written.to_yaml() == Path("run/config.yaml").read_text()  # a run's own file reads back as it is
     assert _main("train", "--config", "run/config.yaml", "--out", "run", "--no-progress") == 0
+
+
+def test_another_world_size_is_not_sent_to_an_older_checkpoint(tiny_run, tmp_path, monkeypatch, capsys):
+    """Checkpoints written by 2 ranks, resumed by 1: the error says to resume with the same world
+    size, and does not suggest removing the newest step for the one before it (written by the same
+    2 ranks, it would be refused alike), as it does for a damaged newest checkpoint."""
+    run = _copy_run(tiny_run, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for step in (3, 6):
+        m = run / "checkpoints" / f"step_{step:08d}" / "manifest.json"
+        manifest = json.loads(m.read_text())
+        m.write_text(json.dumps({**manifest, "world_size": 2, "files": manifest["files"] * 2}))
+    capsys.readouterr()
+    assert _train(9) == 2
+    err = capsys.readouterr().err
+    assert "was written by 2 rank(s) and this run has 1" in err and "resume with the same world size" in err
+    assert "may be intact" not in err, err

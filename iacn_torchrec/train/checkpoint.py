@@ -49,6 +49,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or does not match this run."""
 
 
+class CheckpointWorldSizeError(CheckpointError):
+    """An intact checkpoint written by another number of ranks (every older one was too)."""
+
+
 def _join(*parts: str) -> str:
     return str(PurePosixPath(parts[0]).joinpath(*parts[1:]))
 
@@ -244,7 +248,7 @@ def load_checkpoint(
     """
     _, d, manifest = _manifest(root, step)
     if manifest.get("world_size") != world_size:
-        raise CheckpointError(
+        raise CheckpointWorldSizeError(
             f"{d} was written by {manifest.get('world_size')} rank(s) and this run has {world_size}: "
             "sharded per-rank states cannot be re-sharded by this format; resume with the same world size"
         )

@@ -32,6 +32,7 @@ from iacn_torchrec.errors import TrainingInterrupted, UserError
 from iacn_torchrec.fileio import write_atomic
 from iacn_torchrec.train.checkpoint import (
     CheckpointError,
+    CheckpointWorldSizeError,
     complete_steps,
     incomplete_note,
     latest_step,
@@ -218,7 +219,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
             ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
         except CheckpointError as e:  # a damaged newest checkpoint: say how to reach an older one
             steps = complete_steps(ckpt_root)
-            if len(steps) < 2:
+            if len(steps) < 2 or isinstance(e, CheckpointWorldSizeError):  # older ones: the same ranks
                 raise
             raise CheckpointError(f"{e}; the checkpoint before it (step {steps[-2]}) may be intact: remove "
                                   f"{step_dir(ckpt_root, steps[-1])} to resume from there, or start over "
