@@ -272,6 +272,8 @@ def load_run(
     from iacn_torchrec.train.loop import _fingerprint, _fingerprint_differences, make_loaders
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory (iacn train --out)")
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml: not a training run directory (iacn train --out)")
     config = TrainConfig.from_yaml(run_dir / "config.yaml")

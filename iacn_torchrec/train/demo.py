@@ -13,13 +13,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--raw", default=str(REPO / "data" / "amazon-beauty"), help="folder with the TSV(.gz)s")
-    p.add_argument("--prepared", default=str(REPO / "prepared" / "amazon-beauty-din-L20-s0"))
-    p.add_argument("--out", default=str(REPO / "runs" / "demo"))
-    p.add_argument("--model", default="din")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None)
+    from iacn_torchrec.train.config import MODELS
+
+    # the defaults are this checkout's folders, whatever the current directory
+    p.add_argument("--raw", default=str(REPO / "data" / "amazon-beauty"),
+                   help="folder with the Beauty TSV(.gz)s to prepare from (default: %(default)s)")
+    p.add_argument("--prepared", default=str(REPO / "prepared" / "amazon-beauty-din-L20-s0"),
+                   help="prepared dataset, made from --raw if absent (default: %(default)s)")
+    p.add_argument("--out", default=str(REPO / "runs" / "demo"),
+                   help="folder of the two runs, MODEL-plain-sSEED and MODEL-iacn-sSEED; a rerun starts "
+                        "them over (default: %(default)s)")
+    p.add_argument("--model", default="din", choices=MODELS, help="main model (default: din)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per arm (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of both arms (default: 0)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each arm after N steps (smoke runs)")
 
 
 def run(args: argparse.Namespace) -> int:
