@@ -1,18 +1,20 @@
 """2-rank gloo training equals single-process training on the same global batches.
 
-Each test spawns two ranks that shard the orig and aux tables with three mixed plans (every
-table type once table-, row- and column-wise), train a few steps through
-``TrainPipelineSparseDist`` with fused SGD (orig tables) and fused row-wise Adagrad (aux tables),
-IaCN on, and report their losses, gathered tables and a 2-rank evaluation. The reference is the
-*unsharded* model in this process, stepped on the concatenation of the two ranks' batches with
-plain optimizers (``torch.optim.SGD``, TorchRec's ``RowWiseAdagrad``, ``torch.optim.Adam``).
+One test per main model (DIN, DIEN, Wide&Deep, DLRM). Each spawns two ranks that shard the orig
+and aux tables with three mixed plans (every table type once table-, row- and column-wise), train a
+few steps through ``TrainPipelineSparseDist`` with fused SGD (orig tables) and fused row-wise
+Adagrad (aux tables), IaCN on, and report their losses, gathered tables and a 2-rank evaluation.
+The reference is the *unsharded* model in this process, stepped on the concatenation of the two
+ranks' batches with plain optimizers (``torch.optim.SGD``, TorchRec's ``RowWiseAdagrad``,
+``torch.optim.Adam``).
 
 Why the two must agree: every rank's loss is a mean over its local batch, DDP averages the dense
 gradients and TorchRec's all-to-all backward averages the embedding gradients, so with equal
 local batch sizes an update equals the single-process update on the global batch. Terms that are
 *not* per-sample break this, and the set-up avoids them (stated, not hidden):
 
-* BatchNorm / Dice use per-rank batch statistics: the tower is built without BN, with PReLU;
+* BatchNorm / Dice use per-rank batch statistics: DIN's and DIEN's tower is built without BN, with
+  PReLU; Wide&Deep's deep part without its input BN and dropout; DLRM's arches have neither;
 * IaCN's training-mode routing draws its initial logits from each process's RNG: the routing
   module runs with its fixed (eval-mode) logits in both runs;
 * ``L_IaCN`` is a mean over label-1 rows and DIEN's auxiliary loss a mean over history
@@ -59,19 +61,40 @@ def make_config(data: str, model: str, plan: dict[str, str] | None = None, orig_
     })
 
 
-def make_model(config, ds):
-    """The model under test: no BatchNorm in the tower, routing with its fixed logits."""
+def main_config(name: str):
+    """Per model, a main-model config with only per-sample terms: DIN / DIEN without the tower's
+    BatchNorm and with PReLU for Dice; Wide&Deep without the deep part's input BatchNorm and
+    dropout (its defaults, stated); DLRM's arches are plain MLPs (no BatchNorm, no dropout)."""
     from iacn_torchrec.models.dien import DIENConfig
     from iacn_torchrec.models.din import DINConfig
-    from iacn_torchrec.models.framework import build_model
+    from iacn_torchrec.models.dlrm_plugin import DLRMConfig
+    from iacn_torchrec.models.wide_deep import WideDeepConfig
 
-    cfg_cls = DINConfig if config.model.name == "din" else DIENConfig
+    if name == "din":
+        return DINConfig(tower_input_bn=False, tower_activation="prelu")
+    if name == "dien":
+        return DIENConfig(tower_input_bn=False, tower_activation="prelu")
+    if name == "wide_deep":
+        return WideDeepConfig(deep_input_bn=False, dropout=0.0)
+    if name == "dlrm":
+        return DLRMConfig()
+    raise ValueError(name)
+
+
+def make_model(config, ds):
+    """The model under test: no batch-statistics layer (BatchNorm, Dice) nor dropout in the main
+    model (:func:`main_config`), routing with its fixed logits."""
+    from iacn_torchrec.models.framework import build_model
+    from iacn_torchrec.models.layers import Dice
+
     torch.manual_seed(config.seed)
     model = build_model(
         config.model.name, ds.num_users, ds.num_items, ds.num_cates, ds.max_len, iacn=config.iacn,
         emb_dim=config.model.emb_dim, user_dim=config.model.user_dim,
-        model_config=cfg_cls(tower_input_bn=False, tower_activation="prelu"),
+        model_config=main_config(config.model.name),
     )
+    batch_dependent = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout, Dice)
+    assert not any(isinstance(m, batch_dependent) for m in model.main_model.modules()), config.model.name
     model.train()
     model.iacn.routing.eval()
     return model
@@ -176,7 +199,7 @@ def tiny(tmp_path_factory):
     return str(write_tiny_dataset(tmp_path_factory.mktemp("dist") / "tiny"))
 
 
-@pytest.mark.parametrize("model_name", ["din", "dien"])
+@pytest.mark.parametrize("model_name", ["din", "dien", "wide_deep", "dlrm"])
 def test_two_ranks_equal_one_process(tiny, tmp_path, model_name):
     from iacn_torchrec.data.loader import PreparedDataset
     from iacn_torchrec.train.loop import evaluate

@@ -391,3 +391,100 @@ def test_wrapper_equals_a_plain_ebc_of_concatenated_tables_with_empty_bags():
     for k in keys[:5]:
         torch.testing.assert_close(got[k], ref[k], msg=k)
     assert not got["hist_item"][[1, 3]].any() and not got["hist_cate"][[1, 3]].any()
+
+
+# ============================================ `iacn train --model M` → `iacn export` → `iacn score`
+def cli_train_export_score(model_name: str, tmp_path: Path, capsys, dims: list[str], steps: int = 24) -> dict:
+    """``model_name`` + IaCN through the real CLI on a small planted-interest dataset: train a few
+    steps, export, score the test split written as raw-id TSV. Checked against references computed
+    here, not by the library's export / score code:
+
+    * the written scores are the eager ``CTRWithIaCN.predict`` of a model built with ``build_model``
+      from the flags given and loaded from the run's checkpoint file (rows in file order, labels and
+      ids echoed), to the 6 written decimals;
+    * the AUC that ``iacn score`` prints (4 decimals) and :func:`score_file` returns is the rank AUC
+      (ties count half) of the written scores against the written labels.
+
+    Returns a few figures for the caller's model-specific checks."""
+    import re
+
+    import numpy as np
+    from helpers import prepare_planted
+    from test_serving import _write_tsv
+
+    from iacn_torchrec.cli import main
+    from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
+    from iacn_torchrec.data.negatives import UniformNegatives
+    from iacn_torchrec.serving.score import score_file
+
+    _, data = prepare_planted(tmp_path / "planted", num_users=60, seed=1)
+    run, art = tmp_path / "run", tmp_path / "model"
+    seed, num_negatives = 3, 4
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--model", model_name, "--iacn", *dims,
+                 "--num-negatives", str(num_negatives), "--batch-size", "32", "--lr", "0.01",
+                 "--max-steps", str(steps), "--seed", str(seed), "--threads", "1", "--eval-threads", "1",
+                 "--no-progress", "--no-resume", "--out", str(run)]) == 0
+    assert f"{model_name}+IaCN: test AUC" in capsys.readouterr().out
+    assert main(["export", "--run", str(run), "--out", str(art), "--check-samples", "0",
+                 "--threads", "1"]) == 0
+    assert f"exported {model_name} (IaCN-trained, step {steps})" in capsys.readouterr().out
+    ds = PreparedDataset.open(data)
+    _write_tsv(ds, tmp_path / "in.tsv")
+    assert main(["score", "--model", str(art), "--input", str(tmp_path / "in.tsv"), "--out",
+                 str(tmp_path / "out.tsv"), "--batch-size", "16", "--threads", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rows = [ln.split("\t") for ln in (tmp_path / "out.tsv").read_text().splitlines()]
+    assert rows[0] == ["user_id", "item_id", "score", "label"]
+    written = np.array([float(r[2]) for r in rows[1:]])
+    labels = np.array([int(r[3]) for r in rows[1:]])
+    s = ds.split("test")
+    np.testing.assert_array_equal(labels, np.asarray(s.label))
+    assert [r[:2] for r in rows[1:]] == [[ds.vocab("uid")[u - 1], ds.vocab("item")[i - 1]]
+                                         for u, i in zip(s.uid, s.item)]
+
+    # the reference: the trained model from the checkpoint file, eager, batches of an odd size
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert ckpts[-1].name == f"step_{steps:08d}"
+    state = torch.load(ckpts[-1] / "rank0.pt", weights_only=False)["model"]
+    emb_dim, aux_dim = (int(dims[dims.index(f) + 1]) for f in ("--emb-dim", "--aux-dim"))
+    iacn = IaCNConfig(enabled=True, aux_dim=aux_dim, num_negatives=num_negatives)
+    torch.manual_seed(seed)
+    model = build_model(model_name, ds.num_users, ds.num_items, ds.num_cates, ds.max_len, iacn,
+                        emb_dim=emb_dim, user_dim=18)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)  # strict: the run's model is exactly this one, IaCN included
+    model.eval()
+    # IaCN was on in training: its own parameters (reached by L_IaCN only) and E_aux moved
+    assert model.iacn is not None
+    assert any(not torch.equal(init[k], v) for k, v in state.items() if k.startswith("iacn."))
+    assert not torch.equal(init["embeddings.aux.embeddings.item_aux.weight"],
+                           state["embeddings.aux.embeddings.item_aux.weight"])
+    loader = BatchLoader(ds, "test", batch_size=7, placeholder_features=True,
+                         iacn_negatives=UniformNegatives(ds.num_items, num_negatives))
+    with torch.no_grad():
+        eager = np.concatenate([model.predict(b).numpy() for b in loader])
+    assert eager.shape == written.shape == (len(s),)
+    np.testing.assert_allclose(written, eager, rtol=0, atol=1e-6)  # written with 6 decimals
+    assert float(eager.std()) > 1e-3  # the scores do depend on the row
+
+    # the AUC: P(score of a positive > score of a negative), ties half, over all pairs
+    d = written[labels == 1][:, None] - written[labels == 0][None, :]
+    want_auc = float(((d > 0) + 0.5 * (d == 0)).mean())
+    # pairs closer than the written 6 decimals may be ordered otherwise in the unrounded scores
+    tol = 0.5 * float((np.abs(d) <= 1.5e-6).mean()) + 1e-12
+    m = re.search(r"AUC (\d\.\d{4})", printed)
+    assert m and abs(float(m.group(1)) - want_auc) <= 5e-5 + tol, (printed, want_auc)
+    summary = score_file(art, tmp_path / "in.tsv", tmp_path / "again.tsv", progress=False)
+    assert summary["auc"] == pytest.approx(want_auc, abs=tol)
+    assert abs(want_auc - 0.5) > 0.05, want_auc  # 1 - AUC (reversed scores) could not pass
+    # and the training run's own final evaluation of the same model agrees
+    assert json.loads((run / "metrics.json").read_text())["test"]["auc"] == pytest.approx(want_auc, abs=tol)
+    return {"auc": want_auc, "model": model, "eager": eager}
+
+
+def test_cli_dlrm_trains_exports_and_scores(tmp_path, capsys):
+    """`iacn train --model dlrm --iacn` → `iacn export` → `iacn score` (orig 12 + aux 6 = the user
+    dim 18: DLRM's features need no user projection, the plug-in's setting)."""
+    out = cli_train_export_score("dlrm", tmp_path, capsys, ["--emb-dim", "12", "--aux-dim", "6"])
+    assert isinstance(out["model"].main_model, DLRMMain) and out["model"].main_model.user_proj is None

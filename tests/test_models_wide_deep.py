@@ -1,8 +1,10 @@
-"""Wide & Deep: the wide and deep parts against a hand computation, padding invariance."""
+"""Wide & Deep: the wide and deep parts against a hand computation, padding invariance, and
+`iacn train --model wide_deep` through export and scoring."""
 
 from __future__ import annotations
 
 import torch
+from test_dlrm_plugin import cli_train_export_score
 
 from iacn_torchrec.models.wide_deep import WideDeep, WideDeepConfig
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
@@ -45,3 +47,11 @@ def test_wide_deep_padding_has_no_effect():
     ref, _ = model(rand_emb(2))
     out, _ = model(rand_emb(2, garbage=123.0))
     torch.testing.assert_close(out, ref)
+
+
+def test_cli_wide_deep_trains_exports_and_scores(tmp_path, capsys):
+    """`iacn train --model wide_deep --iacn` → `iacn export` → `iacn score`: the written scores are the
+    checkpoint's eager predictions and the reported AUC their rank AUC (see the helper)."""
+    out = cli_train_export_score("wide_deep", tmp_path, capsys, ["--emb-dim", "8", "--aux-dim", "8"])
+    main = out["model"].main_model
+    assert isinstance(main, WideDeep) and main.item_dim == 2 * (8 + 8)
