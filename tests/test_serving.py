@@ -63,6 +63,7 @@ def runs(data_dir, tmp_path_factory) -> dict[str, Path]:
         "din": _train(data_dir, root / "din", "din", True, steps=40),
         "dien": _train(data_dir, root / "dien", "dien", True, steps=8),
         "wide_deep": _train(data_dir, root / "wd", "wide_deep", True, steps=8),
+        "dlrm": _train(data_dir, root / "dlrm", "dlrm", True, steps=8),
         # plain DIN of the same width as DIN+IaCN (orig 18 + aux 18 = 36)
         "din_plain36": _train(data_dir, root / "plain", "din", False, emb_dim=36, steps=5),
     }
@@ -129,7 +130,7 @@ def test_int8_table_error_is_within_half_a_step():
 
 
 # ------------------------------------------------------------------------------------------ export
-@pytest.mark.parametrize("name", ["din", "dien", "wide_deep"])
+@pytest.mark.parametrize("name", ["din", "dien", "wide_deep", "dlrm"])
 def test_merged_tables_are_orig_concat_aux(runs, name):
     """Every item-side table is exactly ``E_orig ⊕ E_aux`` row by row; the user table is the trained one."""
     r = load_run(runs[name])
@@ -143,7 +144,7 @@ def test_merged_tables_are_orig_concat_aux(runs, name):
     assert not any("iacn" in n for n, _ in s.named_modules())
 
 
-@pytest.mark.parametrize("name", ["din", "dien", "wide_deep"])
+@pytest.mark.parametrize("name", ["din", "dien", "wide_deep", "dlrm"])
 def test_exported_scores_equal_eager_on_test_split(runs, exported, name):
     m = json.loads((exported[name] / "manifest.json").read_text())
     assert m["checks"]["max_abs_diff_vs_eager"] <= ATOL
