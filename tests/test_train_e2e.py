@@ -525,4 +525,15 @@ def test_a_damaged_newest_checkpoint_names_the_way_back_to_the_one_before(tmp_pa
         train(c)
     shutil.rmtree(newest)
     assert train(c)["resumed_from_step"] == 2
+    # a damaged checkpoint that is the run's only one: the way out is starting over
+    *older, only = sorted((out / "checkpoints").glob("step_*"))
+    for d in older:
+        shutil.rmtree(d)
+    (only / "rank0.pt").write_bytes((only / "rank0.pt").read_bytes()[:1000])
+    c.max_steps = 8
+    only_one = r"rank0\.pt: truncated .*it is the run's only checkpoint: start over with --no-resume"
+    with pytest.raises(CheckpointError, match=only_one):
+        train(c)
+    c.resume = False
+    assert train(c)["resumed_from_step"] is None
 

@@ -219,8 +219,11 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
             ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
         except CheckpointError as e:  # a damaged newest checkpoint: say how to reach an older one
             steps = complete_steps(ckpt_root)
-            if len(steps) < 2 or isinstance(e, CheckpointWorldSizeError):  # older ones: the same ranks
+            if isinstance(e, CheckpointWorldSizeError):  # older ones were written by the same ranks
                 raise
+            if len(steps) < 2:
+                raise CheckpointError(f"{e}; it is the run's only checkpoint: start over with --no-resume "
+                                      "(which moves it to checkpoints.previous)") from e
             raise CheckpointError(f"{e}; the checkpoint before it (step {steps[-2]}) may be intact: remove "
                                   f"{step_dir(ckpt_root, steps[-1])} to resume from there, or start over "
                                   "with --no-resume") from e
