@@ -573,7 +573,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  tables: item {m['tables']['item']['rows']}x{m['tables']['item']['dim']}, cate "
         f"{m['tables']['cate']['rows']}x{m['tables']['cate']['dim']}, uid {m['tables']['uid']['rows']}x"
-        f"{m['tables']['uid']['dim']} (orig {d['orig_dim']} + aux {d['aux_dim']}); IaCN dropped"
+        f"{m['tables']['uid']['dim']} (orig {d['orig_dim']} + aux {d['aux_dim']})"
+        + ("; IaCN dropped" if d["aux_dim"] else "; a plain model: no IaCN to drop")
     )
     print(
         f"  state values (parameters and BatchNorm statistics): trained {m['parameters']['trained_model']:,}"
