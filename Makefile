@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VPY) -m iacn_torchrec.cli demo
 
-# The whole suite, the multi-process TorchX kill/resume test included (about 2 minutes on 2 idle cores)
+# The whole suite, the multi-process TorchX kill/resume test included (about 3 minutes on 2 idle cores)
 test: install
 	$(VPY) -m pytest -q tests
 
