@@ -253,6 +253,12 @@ def test_amazon_json_bad_lines(tmp_path):
     )
     with pytest.raises(DataError, match=r"line 3: field 'unixReviewTime': 'x' is not a number"):
         read_amazon_json(rp, mp)
+    # categories must be a list of category paths: a flat list or a string is refused, naming the line
+    for bad in ("['Beauty']", "'Beauty'"):
+        rp, mp = write_amazon(tmp_path, REVIEWS, META[:1] + [f"{{'asin': 'B02', 'categories': {bad}}}"])
+        with pytest.raises(DataError, match=r"meta_Beauty\.json\.gz: line 2: field 'categories': expected a "
+                                            r"list of category paths"):
+            read_amazon_json(rp, mp)
     # code is never evaluated: ast.literal_eval refuses calls
     evil = "{'asin': __import__('os').getcwd(), 'categories': [['x']]}"
     rp, mp = write_amazon(tmp_path, REVIEWS, META[:1] + [evil])

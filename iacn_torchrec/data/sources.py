@@ -456,8 +456,9 @@ def read_amazon_json(reviews: str | Path, meta: str | Path) -> Interactions:
         cat = ""
         if isinstance(cats, (list, tuple)) and cats and isinstance(cats[0], (list, tuple)) and cats[0]:
             cat = _no_control_character(str(cats[0][-1]), meta, n, "categories")
-        elif cats not in (None, [], [[]]) and not isinstance(cats, (list, tuple)):
-            raise DataError(f"{meta}: line {n}: field 'categories': expected a list of category paths")
+        elif cats not in (None, [], [[]]):  # a string, or a flat list ['Beauty'] (not a list of paths)
+            raise DataError(f"{meta}: line {n}: field 'categories': expected a list of category paths "
+                            f"([['Beauty', 'Skin Care']]), got {cats!r:.60}")
         m_ids.append(_json_id(rec["asin"], meta, n, "asin"))
         m_cat.append(cat)
     ids, cates = _item_table(np.array(m_ids, dtype=str), np.array(m_cat, dtype=str), meta, report)
