@@ -231,3 +231,18 @@ def test_model_section_reaches_the_model():
         aux_part[w] = float(main_loss - F.binary_cross_entropy_with_logits(logits, batch.labels))
     assert aux_part[1.0] > 0
     assert aux_part[0.25] == pytest.approx(0.25 * aux_part[1.0], rel=1e-5)
+
+
+def test_the_progress_bar_only_on_a_terminal(monkeypatch):
+    """Without a terminal (TorchX, CI, a log file) every bar refresh would become a log line: the bar
+    is off unless stderr is a terminal; --no-progress turns it off there too."""
+    import argparse
+    import sys
+
+    from iacn_torchrec.train.cli import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for tty, flags, want in ((True, [], True), (True, ["--no-progress"], False), (False, [], False)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        assert config_from_args(p.parse_args(["--data", "/d", *flags])).progress is want, (tty, flags)

@@ -95,7 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false", default=True,
                    help="start afresh even if OUT has checkpoints (they are moved to "
                    "OUT/checkpoints.previous, replacing an older set there)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bar; a log line every 10 s instead (the default when stderr is not a "
+                        "terminal, e.g. under TorchX, where every bar refresh would become a log line)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set iacn.user_profile_layer=false; "
                    "several overrides may be joined with ';' (TorchX rejects repeated flags)")
@@ -114,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sets.append(f"iacn.enabled={json.dumps(args.iacn)}")
     if not args.resume:
         sets.append("resume=false")
-    if not args.progress:
+    if not args.progress or not sys.stderr.isatty():
         sets.append("progress=false")
     if args.sharding:  # a flag like the others: before --set, which wins
         st = dict(config.distributed.sharding_types)
