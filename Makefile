@@ -61,7 +61,7 @@ bench: install prepared/amazon-beauty-din-L20-s0
 
 # 1 process vs 2 gloo processes (table/column/row-wise) on Beauty with DIN+IaCN
 dist-bench: install prepared/amazon-beauty-din-L20-s0
-	$(VPY) apps/dist_bench.py --data prepared/amazon-beauty-din-L20-s0 --repeats 2
+	$(VPY) apps/dist_bench.py --data prepared/amazon-beauty-din-L20-s0 --repeats 3
 
 # The paper's experiments on the embedded Beauty data (5 seeds by default: hours on 2 cores)
 reproduce: install prepared/amazon-beauty-din-L20-s0

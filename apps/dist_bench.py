@@ -13,7 +13,8 @@ sharded). Arms:
 Step time is the median wall time of a step on rank 0 after ``--warmup`` steps; samples/s counts
 the global batch (ranks × batch) over the median step time (robust to other jobs on a shared
 machine; the mean-based figure is in the JSON). ``--repeats R`` runs the arms round-robin R times
-and reports each arm's median over the repeats. Prints a table and, with ``--out``, writes JSON.
+and reports each arm's median over the repeats (use at least 3: the median of 2 is their mean, so
+one repeat disturbed by another job would set it). Prints a table and, with ``--out``, writes JSON.
 
     python apps/dist_bench.py --data prepared/amazon-beauty-din-L20-s0 [--steps 60] [--batch-size 128]
 """
