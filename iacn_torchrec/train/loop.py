@@ -30,6 +30,7 @@ from iacn_torchrec import versions
 from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
 from iacn_torchrec.errors import TrainingInterrupted, UserError
 from iacn_torchrec.fileio import write_atomic
+from iacn_torchrec.kernels import KERNELS, load_kernel
 from iacn_torchrec.train.checkpoint import (
     CheckpointError,
     CheckpointWorldSizeError,
@@ -199,6 +200,8 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     train_loader, test_loader, item_log_q = make_loaders(config, ds, rank, world_size)
     setup = build_training(config, ds, item_log_q=item_log_q, rank=rank, world_size=world_size)
     model, optimizer, device = setup.model, setup.optimizer, setup.device
+    for name in KERNELS:  # loaded now, not at the first step: a first use's build (~30 s each, when
+        load_kernel(name)  # `make install` did not) stays out of the train samples/s
     eval_kw = evaluation_cores(config, setup, world_size)
 
     state = TrainState()
