@@ -82,6 +82,13 @@ def test_yaml_sections_and_keys(tmp_path):
         TrainConfig.from_yaml(p)
     p.write_text("data: {batch_size: 64}\nmodel: {name: din}\nseed: 1\n")  # the same key in two sections
     assert TrainConfig.from_yaml(p).data.batch_size == 64
+    # YAML merge keys still work, a key overriding a merged one included; an unhashable key is one line
+    p.write_text("data:\n  <<: {batch_size: 64, eval_batch_size: 256}\n  eval_batch_size: 512\n")
+    merged = TrainConfig.from_yaml(p).data
+    assert (merged.batch_size, merged.eval_batch_size) == (64, 512)
+    p.write_text("data:\n  [a, b]: 1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: line 2: not valid YAML: found unhashable key"):
+        TrainConfig.from_yaml(p)
 
 
 @pytest.mark.parametrize("value", ["@runs", "[din", "*x"])

@@ -566,5 +566,6 @@ def test_a_kernel_build_is_not_counted_as_training_time(tmp_path, monkeypatch):
     c.threads = 2
     result = train(c)
     assert result["steps"] == 4 and result["train_time_s"] < 1.5, result["train_time_s"]
-    assert set(kernels._STATE) == set(kernels.KERNELS)  # all loaded (and built) before the first step
+    # DIN+IaCN's kernels, loaded (and built) before the first step; DIEN's are not built for it
+    assert set(kernels._STATE) == {"concat_lookup", "din_attention", "dice", "iacn_fused"}
     assert all(s.get("module") is not None for s in kernels._STATE.values())

@@ -183,6 +183,21 @@ def check_run_directory(out: Path) -> None:
                         f"holds only {', '.join(RUN_DIRECTORY_ENTRIES)}: choose another --out")
 
 
+def kernels_used(config: TrainConfig, setup: Any) -> list[str]:
+    """The C++ kernels (:data:`~iacn_torchrec.kernels.KERNELS`) this run's steps call: they are CPU
+    kernels, the lookup kernel serves the unsharded tables, the others their model's layers."""
+    if setup.device.type != "cpu":
+        return []
+    used = [] if setup.sharded else ["concat_lookup"]
+    if config.model.name in ("din", "dien"):  # the attention unit and the towers' Dice
+        used += ["din_attention", "dice"]
+    if config.model.name == "dien":
+        used += ["packed_recurrence", "next_behaviour_loss"]
+    if config.iacn.enabled:
+        used.append("iacn_fused")
+    return [k for k in KERNELS if k in used]
+
+
 def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Train ``config``; returns (and on rank 0 writes) the metrics dictionary."""
     from iacn_torchrec.distributed.setup import build_training, load_training_state
@@ -200,8 +215,8 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     train_loader, test_loader, item_log_q = make_loaders(config, ds, rank, world_size)
     setup = build_training(config, ds, item_log_q=item_log_q, rank=rank, world_size=world_size)
     model, optimizer, device = setup.model, setup.optimizer, setup.device
-    for name in KERNELS:  # loaded now, not at the first step: a first use's build (~30 s each, when
-        load_kernel(name)  # `make install` did not) stays out of the train samples/s
+    for name in kernels_used(config, setup):  # now, not at the first step: a first use's build
+        load_kernel(name)  # (~30 s each, when `make install` did not) stays out of train samples/s
     eval_kw = evaluation_cores(config, setup, world_size)
 
     state = TrainState()
