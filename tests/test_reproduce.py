@@ -339,7 +339,9 @@ def test_bad_arguments_are_named():
         rp.run(_args(["--delta-seeds", "0", "--data", "/nonexistent"]))
     # every run's settings, before a dataset is re-prepared (the data path does not even exist)
     for flags, needle in ((["--threads", "0"], "--threads must be >= 1, got 0"),
-                          (["--lengths", "0,20"], r"--lengths must be >= 1, got \[0\]"),
+                          (["--lengths", "0,20"], r"--lengths must be in \[1, 10,000\], got \[0\]"),
+                          (["--lengths", "20,20000"], r"--lengths must be in \[1, 10,000\], got \[20000\]"),
+                          (["--max-steps", "3"], "--max-steps makes a smoke run; pass --out DIR"),
                           (["--max-steps", "0"], "--max-steps must be >= 1"),
                           (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
                           (["--batch-size", "1"], "--batch-size: data.batch_size must be at least 2")):
@@ -456,7 +458,7 @@ def test_lengths_are_not_re_prepared_from_other_raw_files(tmp_path, monkeypatch)
     assert rp.dataset_at_length(base, 4) == tmp_path / "ds-L4-s0"  # the same files: fine
     (tmp_path / "ds-L4-s0").rename(tmp_path / "kept-L4")
     monkeypatch.chdir(tmp_path / "b")
-    with pytest.raises(rp.ReproduceError, match=r"gave other data .* prepare it yourself into .*ds-L4-s0"):
+    with pytest.raises(rp.ReproduceError, match=r"gave other samples .* prepare it yourself into .*ds-L4-s0"):
         rp.dataset_at_length(base, 4)
     assert not (tmp_path / "ds-L4-s0").exists()
     # a length dataset beside it with the same recorded source but other data: rebuilt, not reused

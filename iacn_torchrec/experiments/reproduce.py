@@ -207,8 +207,12 @@ def dataset_at_length(base: Path, max_len: int) -> Path:
     if int(meta["max_len"]) == max_len:
         return base
 
-    def same_data(m: dict[str, Any]) -> bool:  # the length changes histories, never these counts
-        return m.get("counts") == meta.get("counts")
+    # what the length cannot change (DIEN's prebuilt files without vocabularies take items and
+    # categories from the histories they keep, so those counts may shrink with L)
+    samples = ("users", "train_samples", "train_positives", "test_samples", "test_positives")
+
+    def same_data(m: dict[str, Any]) -> bool:
+        return all((m.get("counts") or {}).get(k) == (meta.get("counts") or {}).get(k) for k in samples)
 
     name = re.sub(r"-L\d+", f"-L{max_len}", base.name) if re.search(r"-L\d+", base.name) \
         else f"{base.name}-L{max_len}"
@@ -255,7 +259,7 @@ def dataset_at_length(base: Path, max_len: int) -> Path:
         shutil.rmtree(out)
         raise ReproduceError(
             f"re-preparing {base} at max_len {max_len} from {[str(p) for p in kwargs.values() if p]} gave "
-            f"other data (counts {got.get('counts')} against {meta.get('counts')}): those files are not "
+            f"other samples (counts {got.get('counts')} against {meta.get('counts')}): those files are not "
             f"the ones {base} was prepared from; {yourself}")
     return out
 
@@ -942,9 +946,17 @@ def run(args: argparse.Namespace) -> int:
         raise ReproduceError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.checkpoint_every < 0:
         raise ReproduceError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    bad = [L for L in args.lengths if L < 1]
+    from iacn_torchrec.data.store import MAX_LEN_LIMIT
+
+    bad = [L for L in args.lengths if not 1 <= L <= MAX_LEN_LIMIT]
     if bad:
-        raise ReproduceError(f"--lengths must be >= 1, got {bad}")
+        raise ReproduceError(f"--lengths must be in [1, {MAX_LEN_LIMIT:,}], got {bad}")
+    if args.max_steps is not None and (args.results is None or args.out is None):
+        # the defaults hold the published runs and tables: a smoke run must not replace them (its
+        # runs would push the published ones to _stale, or resume their checkpoints)
+        raise ReproduceError("--max-steps makes a smoke run; pass --out DIR and --results DIR "
+                             f"for its runs and tables (the defaults, runs/reproduce/{args.name or 'NAME'} "
+                             "and docs/results/NAME, hold the published ones)")
     from iacn_torchrec.train.config import ConfigError, DataConfig
 
     try:
@@ -966,12 +978,6 @@ def run(args: argparse.Namespace) -> int:
     lengths = sorted(set(args.lengths) | {base_len}) if "table2" in parts else [base_len]
     datasets = {L: dataset_at_length(data, L) if L != base_len else data for L in lengths}
     out = (args.out or REPO / "runs" / "reproduce" / args.name).resolve()
-    if args.max_steps is not None and (args.results is None or args.out is None):
-        # the defaults hold the published runs and tables: a smoke run must not replace them (its
-        # runs would push the published ones to _stale, or resume their checkpoints)
-        raise ReproduceError("--max-steps makes a smoke run; pass --out DIR and --results DIR "
-                         f"for its runs and tables (the defaults, runs/reproduce/{args.name} and "
-                         f"docs/results/{args.name}, hold the published ones)")
     res_dir = (args.results or REPO / "docs" / "results" / args.name).resolve()
     plan = build_plan(args, datasets, base_len)
     t0 = time.perf_counter()
