@@ -313,6 +313,7 @@ def test_train_keeps_a_users_files(tiny_run, tmp_path, monkeypatch):
 
     written = TrainConfig.from_yaml("run/config.yaml")
     assert written.to_yaml() == Path("run/config.yaml").read_text()  # a run's own file reads back as it is
+    (Path("run") / "report.md").write_text("an explain report beside the run's checkpoints")
     assert _main("train", "--config", "run/config.yaml", "--out", "run", "--no-progress") == 0
 
 

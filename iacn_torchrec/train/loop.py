@@ -170,10 +170,12 @@ RUN_DIRECTORY_ENTRIES = ("config.yaml", "metrics.json", "checkpoints", "checkpoi
 
 
 def check_run_directory(out: Path) -> None:
-    """Refuse an ``out`` that holds anything but a run's own files (hidden temporary files aside):
-    a run writes ``config.yaml`` and ``metrics.json`` there and would replace a user's files of
-    those names, as ``iacn prepare`` and ``iacn export`` refuse a folder that is not theirs."""
-    if not out.is_dir():
+    """Refuse an ``out`` that is not a run's folder: one that holds anything but a run's own files
+    (hidden temporary files aside) and no ``checkpoints/``. A run writes ``config.yaml`` and
+    ``metrics.json`` there and would replace a user's files of those names, as ``iacn prepare``
+    and ``iacn export`` refuse a folder that is not theirs; a run's own folder may hold more (an
+    export or an explain report beside its checkpoints)."""
+    if not out.is_dir() or (out / "checkpoints").is_dir():
         return
     foreign = sorted(p.name for p in out.iterdir()
                      if p.name not in RUN_DIRECTORY_ENTRIES and not p.name.startswith("."))
