@@ -22,6 +22,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +98,10 @@ def build_name(name: str) -> str:
     return f"{name}_{_simd_level()}_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
+#: how long a load waits for another process's kernel lock before saying it waits for a build
+ANNOUNCE_WAIT_S = 2.0
+
+
 @contextlib.contextmanager
 def build_lock(build_dir: str | Path, name: str) -> Iterator[None]:
     """Held while this process loads (and if need be builds) the kernel in ``build_dir``.
@@ -111,12 +116,20 @@ def build_lock(build_dir: str | Path, name: str) -> Iterator[None]:
     build_dir = Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir / "iacn.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"iacn_torchrec: waiting for another process to finish building the {name} kernel "
-                  f"({build_dir})", file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
+        # another process loading a built kernel holds the lock for a fraction of a second (ranks
+        # start in lockstep): only a longer wait, a build, is announced
+        deadline = time.monotonic() + ANNOUNCE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    print(f"iacn_torchrec: waiting for another process to finish building the {name} "
+                          f"kernel ({build_dir})", file=sys.stderr, flush=True)
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                    break
+                time.sleep(0.05)
         baton = build_dir / "lock"
         if baton.exists():
             warnings.warn(f"iacn_torchrec: removing {baton}: a kernel build that was killed left it, and "

@@ -340,6 +340,20 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_a_live_one_waited_for(tm
     finally:
         holder.kill()
         holder.wait(timeout=30)
+    # a lock held only briefly (another process loading a built kernel) is waited for silently
+    err.seek(0)
+    err.truncate(0)
+    brief = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, time\n"
+        f"f = open({str(tmp_path / 'iacn.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); time.sleep(0.2)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert brief.stdout.readline().strip() == "held"
+        with kernels.build_lock(tmp_path, "dice"):
+            pass
+    finally:
+        brief.wait(timeout=30)
+    assert err.getvalue() == ""
 
 
 def test_a_kernel_that_cannot_be_built_warns_once_and_the_aten_path_runs(monkeypatch, tmp_path, kernel_calls):
