@@ -253,6 +253,10 @@ def test_amazon_json_bad_lines(tmp_path):
     )
     with pytest.raises(DataError, match=r"line 3: field 'unixReviewTime': 'x' is not a number"):
         read_amazon_json(rp, mp)
+    # the first non-empty category path counts
+    rp, mp = write_amazon(tmp_path, REVIEWS, META[:1] + ["{'asin': 'B02', 'categories': [[], ['Bath']]}"])
+    raw = read_amazon_json(rp, mp)
+    assert dict(zip(raw.item_ids.tolist(), raw.item_cate.tolist()))["B02"] == "Bath"
     # categories must be a list of category paths: a flat list or a string is refused, naming the line
     for bad in ("['Beauty']", "'Beauty'"):
         rp, mp = write_amazon(tmp_path, REVIEWS, META[:1] + [f"{{'asin': 'B02', 'categories': {bad}}}"])
@@ -568,6 +572,9 @@ def test_a_lone_cr_is_a_control_character_not_a_line_break(tmp_path):
         prep(tmp_path, INTER.replace("1\t11\t200", "1\t11\r12\t200"), overwrite=True)
     # CRLF still reads as before
     prep(tmp_path, INTER.replace("\n", "\r\n"), ITEMS.replace("\n", "\r\n"), overwrite=True)
+    # a file whose every line ends with a lone CR (old Mac exports) says so, not "missing column"
+    with pytest.raises(DataError, match=r"i\.tsv: lines end with a lone CR .*convert the file"):
+        prep(tmp_path, INTER.replace("\n", "\r"), overwrite=True)
 
 
 @pytest.mark.parametrize("which", ["interactions", "items"])

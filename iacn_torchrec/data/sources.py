@@ -135,6 +135,9 @@ def read_text(path: str | Path) -> str:
         raise DataError(f"{p}: line {line}: not valid UTF-8 ({e.reason})") from e
     if "\r" in text:  # DIEN's files (and Windows exports) end lines with CRLF
         text = text.replace("\r\n", "\n")
+        if "\n" not in text.rstrip("\r"):  # every line ends with a lone CR (classic Mac exports)
+            raise DataError(f"{p}: lines end with a lone CR (carriage return, the old Mac format), not "
+                            "LF or CRLF: convert the file (e.g. `tr '\\r' '\\n'`) and rerun")
     return text
 
 
@@ -454,9 +457,12 @@ def read_amazon_json(reviews: str | Path, meta: str | Path) -> Interactions:
             raise DataError(f"{meta}: line {n}: missing field 'asin'")
         cats = rec.get("categories")
         cat = ""
-        if isinstance(cats, (list, tuple)) and cats and isinstance(cats[0], (list, tuple)) and cats[0]:
-            cat = _no_control_character(str(cats[0][-1]), meta, n, "categories")
-        elif cats not in (None, [], [[]]):  # a string, or a flat list ['Beauty'] (not a list of paths)
+        paths = cats if isinstance(cats, (list, tuple)) else None
+        if paths is not None and all(isinstance(c, (list, tuple)) for c in paths):
+            first = next((c for c in paths if c), None)  # the first non-empty path ([] ones: none)
+            if first is not None:
+                cat = _no_control_character(str(first[-1]), meta, n, "categories")
+        elif cats is not None:  # a string, or a flat list ['Beauty'] (not a list of paths)
             raise DataError(f"{meta}: line {n}: field 'categories': expected a list of category paths "
                             f"([['Beauty', 'Skin Care']]), got {cats!r:.60}")
         m_ids.append(_json_id(rec["asin"], meta, n, "asin"))

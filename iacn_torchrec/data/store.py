@@ -130,9 +130,11 @@ def _check_fields(mp: Path, meta: dict) -> None:
         if not _count(v):
             raise DataError(f"{mp}: field 'counts.{key}': {v!r} is not a non-negative integer; {_AGAIN}")
     max_len = meta["max_len"]
-    if type(max_len) is not int or not 1 <= max_len <= MAX_LEN_LIMIT:
-        raise DataError(f"{mp}: field 'max_len': {max_len!r} is not an integer in [1, {MAX_LEN_LIMIT:,}]; "
-                        + _AGAIN)
+    if type(max_len) is not int or max_len < 1:
+        raise DataError(f"{mp}: field 'max_len': {max_len!r} is not a positive integer; {_AGAIN}")
+    if max_len > MAX_LEN_LIMIT:  # prepared before the limit: intact, but too long to train on
+        raise DataError(f"{mp}: max_len {max_len:,} is above the supported {MAX_LEN_LIMIT:,} (training pads "
+                        "every batch's histories to it): prepare it again with a smaller --max-len")
     arrays = meta["arrays"]
     if not isinstance(arrays, dict):
         raise DataError(f"{mp}: field 'arrays': expected an object {{path: {{dtype, shape}}}}, got "

@@ -301,13 +301,13 @@ def load_run(
     state = load_full_state(root, step=step)  # missing, damaged: CheckpointError naming the file
     # config.yaml rebuilds the model and is what the manifest reports: it must be the configuration the
     # checkpoint was trained with (the fingerprint a resume checks; distributed.* only shards it)
-    differ = _fingerprint_differences(state.get("config_fingerprint"),
-                                      _fingerprint(config, ds.meta.get("content_hash")),
-                                      ignore=("distributed.",))
     where = step_dir(root, step)
-    if differ == ["no configuration fingerprint in the checkpoint"]:
+    if not state.get("config_fingerprint"):
         raise CheckpointError(f"{where}: no configuration fingerprint in the checkpoint: cannot tell whether "
                               f"{run_dir / 'config.yaml'} is the configuration it was trained with")
+    differ = _fingerprint_differences(state["config_fingerprint"],
+                                      _fingerprint(config, ds.meta.get("content_hash")),
+                                      ignore=("distributed.",))
     hashes = [d for d in differ if d.startswith("data.content_hash:")]
     if hashes:
         raise ExportError(f"{ds.path} is not the dataset {where} was trained on ({hashes[0]}); "
