@@ -88,12 +88,18 @@ def _history_field(tok: str, path: str | Path, n: int, name: str) -> None:
                         f"{m.group()!r}")
 
 
+def _blank(line: str) -> bool:
+    """A blank line (skipped); a row of empty fields is not, nor is a lone control character (an
+    error where it is read)."""
+    return not line.strip() and "\t" not in line and not _CONTROL.search(line)
+
+
 def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
     """Parse ``path`` (see the module docstring); bad lines raise :class:`DataError` with file/line/field."""
     if fmt not in FORMATS:
         raise DataError(f"unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
     lines = read_text(path).split("\n")
-    first = next((ln for ln in lines if ln.strip()), "")
+    first = next((ln for ln in lines if not _blank(ln)), "")
     if not first:
         raise DataError(f"{path}: empty input")
     if fmt == "auto":
@@ -168,7 +174,7 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
     seen_header = False
     for n, line in enumerate(lines, start=1):
         # a blank line; a row of empty fields is an error, and so is a lone control character
-        if not line.strip() and "\t" not in line and not _CONTROL.search(line):
+        if _blank(line):
             continue
         if not seen_header:
             seen_header = True
