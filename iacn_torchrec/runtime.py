@@ -53,3 +53,15 @@ def apply_process_defaults() -> None:
     imported."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     keep_freed_memory()
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` for a command's ``--threads``, refusing a count below 1 with
+    a `UserError` (torch's own refusal is a RuntimeError: a traceback)."""
+    import torch
+
+    from iacn_torchrec.errors import UserError
+
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)

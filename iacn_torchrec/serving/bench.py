@@ -148,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from iacn_torchrec.serving.export import set_threads
+    from iacn_torchrec.runtime import set_threads
 
     set_threads(args.threads)
     try:

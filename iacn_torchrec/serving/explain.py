@@ -649,7 +649,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from iacn_torchrec.serving.export import load_run, set_threads
+    from iacn_torchrec.runtime import set_threads
+    from iacn_torchrec.serving.export import load_run
 
     set_threads(args.threads)
     problem = None

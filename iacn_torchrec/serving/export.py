@@ -43,6 +43,7 @@ from iacn_torchrec import versions
 from iacn_torchrec.errors import UserError
 from iacn_torchrec.fileio import check_output_path, replace_dir, temp_sibling
 from iacn_torchrec.modules.embeddings import EmbeddedBatch
+from iacn_torchrec.runtime import set_threads
 from iacn_torchrec.serving.artifact import FORMAT, FORMAT_VERSION, INPUT_NAMES, auc, file_sha256
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
     "run",
     "ExportError",
     "EXPORT_ATOL",
-    "set_threads",
 ]
 
 #: exported scores must equal the eager model's within this (float32 reassociation only)
@@ -66,14 +66,6 @@ EXPORT_ATOL = 1e-6
 
 class ExportError(UserError, RuntimeError):
     """The run cannot be exported, or its export does not reproduce the eager scores."""
-
-
-def set_threads(threads: int) -> None:
-    """``torch.set_num_threads(threads)`` for a command's ``--threads``, refusing a count below 1 with
-    a `UserError` (torch's own error is a RuntimeError: a traceback)."""
-    if threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------- modules

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from iacn_torchrec.data.sources import _CONTROL, DataError, _no_control_character, read_text
 from iacn_torchrec.fileio import check_output_path, open_atomic
+from iacn_torchrec.runtime import set_threads
 from iacn_torchrec.serving.artifact import EncodedSamples, ServingArtifact, auc
 
 __all__ = ["RawSamples", "read_samples", "score_file", "add_arguments", "run"]
@@ -324,10 +324,7 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads < 1:  # torch's own refusal is a RuntimeError: a traceback
-        print(f"iacn score: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     out = args.out or f"{args.input}.scores.tsv"
     if args.batch_size < 1:
         print(f"iacn score: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
