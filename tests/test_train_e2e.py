@@ -301,7 +301,7 @@ def test_resume_identity_no_resume_and_checkpoint_replacement(tmp_path, monkeypa
     from iacn_torchrec.data.prepare import prepare_dataset
     from iacn_torchrec.train import checkpoint as ck_module
     from iacn_torchrec.train.checkpoint import latest_step
-    from iacn_torchrec.train.loop import _fingerprint, _fingerprint_differences
+    from iacn_torchrec.train.loop import config_fingerprint, fingerprint_differences
 
     planted, data = prepare_planted(tmp_path, num_users=60, seed=0)
 
@@ -369,16 +369,16 @@ def test_resume_identity_no_resume_and_checkpoint_replacement(tmp_path, monkeypa
     old["data"].pop("eval_batch_size")
     old["model"].pop("iacn_worker")
     old["data"]["path"] = "/somewhere/else"
-    new = _fingerprint(c, "abc")
-    assert _fingerprint_differences(json.dumps(old, sort_keys=True), new) == []
+    new = config_fingerprint(c, "abc")
+    assert fingerprint_differences(json.dumps(old, sort_keys=True), new) == []
     old["iacn"]["lam"] = 2.0
-    assert _fingerprint_differences(json.dumps(old, sort_keys=True), new) == ["iacn.lam: 2.0 → 1.0"]
+    assert fingerprint_differences(json.dumps(old, sort_keys=True), new) == ["iacn.lam: 2.0 → 1.0"]
     # a field added to the config since a checkpoint was written counts at its default there
     flat = json.loads(new)
     del flat["iacn.num_negatives"]
-    assert _fingerprint_differences(json.dumps(flat), new) == []
+    assert fingerprint_differences(json.dumps(flat), new) == []
     c.iacn.num_negatives = 5
-    assert _fingerprint_differences(json.dumps(flat), _fingerprint(c, "abc")) == [
+    assert fingerprint_differences(json.dumps(flat), config_fingerprint(c, "abc")) == [
         "iacn.num_negatives: 10 → 5"]
 
     # only a state that does not fit is the checkpoint's fault: other errors while loading surface

@@ -365,7 +365,7 @@ def combined_optimizer(dmp: DistributedModelParallel, config: TrainConfig) -> Co
 
 def sharded_table_weights(dmp: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every embedding table gathered into one full tensor on every rank, on the CPU (tests; a
-    finished run's checkpoint is assembled by ``train.checkpoint.load_full_model_state``).
+    finished run's checkpoint is assembled by ``train.checkpoint.load_full_state``).
 
     Keys are the unsharded state-dict names (``embeddings.orig.embeddings.item_orig.weight`` ...).
     A collective: all ranks must call it.

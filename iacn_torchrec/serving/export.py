@@ -261,7 +261,7 @@ def load_run(
         step_dir,
     )
     from iacn_torchrec.train.config import TrainConfig
-    from iacn_torchrec.train.loop import _fingerprint, _fingerprint_differences, make_loaders
+    from iacn_torchrec.train.loop import config_fingerprint, fingerprint_differences, make_loaders
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -297,8 +297,8 @@ def load_run(
     if not state.get("config_fingerprint"):
         raise CheckpointError(f"{where}: no configuration fingerprint in the checkpoint: cannot tell whether "
                               f"{run_dir / 'config.yaml'} is the configuration it was trained with")
-    differ = _fingerprint_differences(state["config_fingerprint"],
-                                      _fingerprint(config, ds.meta.get("content_hash")),
+    differ = fingerprint_differences(state["config_fingerprint"],
+                                      config_fingerprint(config, ds.meta.get("content_hash")),
                                       ignore=("distributed.",))
     hashes = [d for d in differ if d.startswith("data.content_hash:")]
     if hashes:

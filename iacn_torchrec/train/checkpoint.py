@@ -293,18 +293,12 @@ def load_checkpoint(
     return from_portable(state) if in_run else state
 
 
-def load_full_model_state(root: str, step: int | None = None) -> dict[str, Any]:
-    """The whole model state of checkpoint ``step`` (default: the newest), outside the training run:
-    every rank's file is read and each sharded table is assembled from all its shards, so a run
-    sharded over any number of processes (or using a fused table optimizer) loads into the
-    unsharded model (export, explain, serving benchmarks)."""
-    return load_full_state(root, step)["model"]
-
-
 def load_full_state(root: str, step: int | None = None) -> dict[str, Any]:
-    """Rank 0's state of checkpoint ``step`` (default: the newest) with ``"model"`` the whole model
-    state (:func:`load_full_model_state`), outside the training run; the rest (``config_fingerprint``,
-    ``train_state``, ...) as rank 0 saved it."""
+    """Rank 0's state of checkpoint ``step`` (default: the newest), outside the training run, with
+    ``"model"`` the whole model state: every rank's file is read and each sharded table is assembled
+    from all its shards, so a run sharded over any number of processes (or using a fused table
+    optimizer) loads into the unsharded model (export, explain, serving benchmarks). The rest
+    (``config_fingerprint``, ``train_state``, ...) as rank 0 saved it."""
     from iacn_torchrec.distributed.checkpointing import PortableShards, full_tensor
 
     step, d, manifest = _manifest(root, step)

@@ -226,7 +226,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     loss_ema = None
     resumed_from = None
     ckpt_root = str(out / "checkpoints")
-    fingerprint = _fingerprint(config, ds.meta.get("content_hash"))
+    fingerprint = config_fingerprint(config, ds.meta.get("content_hash"))
     plan = plan_summary(setup.plan)  # what the per-rank shards depend on: checked on resume, saved
     if config.resume and rank == 0:  # unfinished newer steps are passed over: say so
         step = latest_step(ckpt_root)
@@ -248,7 +248,7 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                                   f"{step_dir(ckpt_root, steps[-1])} to resume from there, or start over "
                                   "with --no-resume") from e
         # one process on the dense path is not sharded: distributed.* plays no part there
-        differ = _fingerprint_differences(ck.get("config_fingerprint"), fingerprint,
+        differ = fingerprint_differences(ck.get("config_fingerprint"), fingerprint,
                                           ignore=() if setup.sharded else ("distributed.",))
         if differ:
             raise CheckpointError(
@@ -542,7 +542,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _fingerprint(config: TrainConfig, content_hash: str | None) -> str:
+def config_fingerprint(config: TrainConfig, content_hash: str | None) -> str:
     """What must match for a checkpoint to be resumable: the configuration without run-control and
     execution fields, and the prepared dataset's content hash (not its path)."""
     d = {k: v for k, v in _flat(config.to_dict()).items() if k not in _NOT_FINGERPRINTED}
@@ -550,7 +550,7 @@ def _fingerprint(config: TrainConfig, content_hash: str | None) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
-def _fingerprint_differences(stored: str | None, current: str, ignore: tuple[str, ...] = ()) -> list[str]:
+def fingerprint_differences(stored: str | None, current: str, ignore: tuple[str, ...] = ()) -> list[str]:
     """``field: checkpoint → this run`` for every fingerprinted field that differs. A field the
     checkpoint's fingerprint lacks (added to the config since) counts at its default, the
     behaviour that run had; checkpoints of earlier versions (a nested fingerprint with the
