@@ -411,19 +411,19 @@ def _json_id(v: Any, path: str | Path, n: int, field: str) -> str:
     s = str(v).strip()
     if not s:
         raise DataError(f"{path}: line {n}: field '{field}' is empty")
-    return _no_control_character(s, path, n, field)
+    return no_control_character(s, path, n, field)
 
 
 # ASCII control characters: a tab or newline cannot be stored one id per line in ``vocab/*.tsv``, and
 # numpy's str arrays drop trailing NULs ("5\x00" would silently become id "5"); DIEN's history
 # separator \x02 is allowed where _read_dien_samples has split on it already
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _no_control_character(s: str, path: str | Path, n: int, field: str) -> str:
+def no_control_character(s: str, path: str | Path, n: int, field: str) -> str:
     """Refuse an id holding an ASCII control character, here where the file and line are known (not
     when the dataset is written)."""
-    m = _CONTROL.search(s)
+    m = CONTROL_CHARACTER.search(s)
     if m:
         raise DataError(f"{path}: line {n}: field '{field}': {s!r} contains the control character "
                         f"{m.group()!r}")
@@ -461,7 +461,7 @@ def read_amazon_json(reviews: str | Path, meta: str | Path) -> Interactions:
         if paths is not None and all(isinstance(c, (list, tuple)) for c in paths):
             first = next((c for c in paths if c), None)  # the first non-empty path ([] ones: none)
             if first is not None:
-                cat = _no_control_character(str(first[-1]), meta, n, "categories")
+                cat = no_control_character(str(first[-1]), meta, n, "categories")
         elif cats is not None:  # a string, or a flat list ['Beauty'] (not a list of paths)
             raise DataError(f"{meta}: line {n}: field 'categories': expected a list of category paths "
                             f"([['Beauty', 'Skin Care']]), got {cats!r:.60}")
@@ -553,6 +553,42 @@ def _load_voc(path: Path) -> dict[str, int]:
     return out
 
 
+DIEN_FIELDS = ("label", "uid", "mid", "cat", "hist_mids", "hist_cats")
+
+
+def dien_row(line: str, path: str | Path, n: int) -> tuple[int, str, str, str, list[str], list[str]]:
+    """One DIEN ``local_*`` line (:data:`DIEN_FIELDS`, histories joined by ``\\x02``) checked as
+    every reader of them checks it: label 0/1, ids neither empty nor holding a control character,
+    the two histories of equal length without empty entries → ``(label, uid, mid, cat, hist_mids,
+    hist_cats)`` (the histories ``[]`` when empty). Errors name the file, line and field."""
+    f = line.split("\t")
+    if len(f) != 6:
+        miss = f" missing field(s) {list(DIEN_FIELDS[len(f) :])}" if len(f) < 6 else ""
+        raise DataError(
+            f"{path}: line {n}: malformed line: {len(f)} tab-separated fields, expected 6 "
+            f"{list(DIEN_FIELDS)};{miss}"
+        )
+    if f[0] not in ("0", "1"):
+        raise DataError(f"{path}: line {n}: field 'label': {f[0]!r} is not 0 or 1")
+    for k in (1, 2, 3):
+        if not f[k]:
+            raise DataError(f"{path}: line {n}: field '{DIEN_FIELDS[k]}' is empty")
+        no_control_character(f[k], path, n, DIEN_FIELDS[k])
+    hm = f[4].split("\x02") if f[4] else []
+    hc = f[5].split("\x02") if f[5] else []
+    if len(hm) != len(hc):
+        raise DataError(
+            f"{path}: line {n}: field 'hist_cats' has {len(hc)} entries but 'hist_mids' has {len(hm)}"
+        )
+    for name, toks in (("hist_mids", hm), ("hist_cats", hc)):
+        if "" in toks:
+            raise DataError(f"{path}: line {n}: field '{name}': entry {toks.index('') + 1} is empty")
+        bad = next((tok for tok in toks if CONTROL_CHARACTER.search(tok)), None)
+        if bad is not None:
+            no_control_character(bad, path, n, name)
+    return int(f[0]), f[1], f[2], f[3], hm, hc
+
+
 def _read_dien_samples(path: Path, max_len: int, report: Report) -> dict[str, np.ndarray]:
     """One DIEN ``local_*`` file: ``label, uid, mid, cat, hist_mids, hist_cats`` per line,
     histories joined by ``\\x02``; histories longer than ``max_len`` keep their last items."""
@@ -564,45 +600,21 @@ def _read_dien_samples(path: Path, max_len: int, report: Report) -> dict[str, np
     hitem: list[str] = []
     hcate: list[str] = []
     empty = blank = truncated = 0
-    names = ("label", "uid", "mid", "cat", "hist_mids", "hist_cats")
     for n, line in enumerate(_lines(path), start=1):
         if not line.strip():
             blank += 1
             continue
-        f = line.split("\t")
-        if len(f) != 6:
-            miss = f" missing field(s) {list(names[len(f) :])}" if len(f) < 6 else ""
-            raise DataError(
-                f"{path}: line {n}: malformed line: {len(f)} tab-separated fields, expected 6 "
-                f"{list(names)};{miss}"
-            )
-        if f[0] not in ("0", "1"):
-            raise DataError(f"{path}: line {n}: field 'label': {f[0]!r} is not 0 or 1")
-        for k in (1, 2, 3):
-            if not f[k]:
-                raise DataError(f"{path}: line {n}: field '{names[k]}' is empty")
-            _no_control_character(f[k], path, n, names[k])
-        if not f[4]:
+        lab, u, i, c, hm, hc = dien_row(line, path, n)
+        if not hm:
             empty += 1  # a target without any behaviour before it: nothing to learn a sequence from
             continue
-        hm, hc = f[4].split("\x02"), f[5].split("\x02")
-        if len(hm) != len(hc):
-            raise DataError(
-                f"{path}: line {n}: field 'hist_cats' has {len(hc)} entries but 'hist_mids' has {len(hm)}"
-            )
-        for name, toks in (("hist_mids", hm), ("hist_cats", hc)):
-            if "" in toks:
-                raise DataError(f"{path}: line {n}: field '{name}': entry {toks.index('') + 1} is empty")
-            if _CONTROL.search(f[names.index(name)].replace("\x02", "")):
-                bad = next(t for t in toks if _CONTROL.search(t))
-                _no_control_character(bad, path, n, name)
         if len(hm) > max_len:
             truncated += 1
             hm, hc = hm[-max_len:], hc[-max_len:]
-        label.append(int(f[0]))
-        uid.append(f[1])
-        item.append(f[2])
-        cate.append(f[3])
+        label.append(lab)
+        uid.append(u)
+        item.append(i)
+        cate.append(c)
         hlen.append(len(hm))
         hitem.extend(hm)
         hcate.extend(hc)

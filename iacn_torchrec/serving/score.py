@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iacn_torchrec.data.sources import _CONTROL, DataError, _no_control_character, read_text
+from iacn_torchrec.data.sources import CONTROL_CHARACTER, DataError, dien_row, no_control_character, read_text
 from iacn_torchrec.fileio import check_output_path, open_atomic
 from iacn_torchrec.runtime import set_threads
 from iacn_torchrec.serving.artifact import EncodedSamples, ServingArtifact, auc
@@ -71,18 +71,10 @@ def _looks_dien(first: str) -> bool:
     return len(f) == 6 and f[0] in ("0", "1")
 
 
-def _id_field(tok: str, path: str | Path, n: int, name: str) -> str:
-    """An id as prepare reads it: not empty, no ASCII control character (a lone CR, a NUL ... would
-    make an id the vocabulary cannot hold, scored as unknown)."""
-    if not tok:
-        raise DataError(f"{path}: line {n}: field {name!r} is empty")
-    return _no_control_character(tok, path, n, name)
-
-
 def _history_field(tok: str, path: str | Path, n: int, name: str) -> None:
     """A history: DIEN's separator ``\\x02`` is allowed, any other control character is refused
     (``_SPLIT``'s whitespace class would otherwise cut ``"2\\r3"`` into two ids silently)."""
-    m = _CONTROL.search(tok.replace("\x02", ""))
+    m = CONTROL_CHARACTER.search(tok.replace("\x02", ""))
     if m:
         raise DataError(f"{path}: line {n}: field {name!r}: {tok!r} contains the control character "
                         f"{m.group()!r}")
@@ -91,7 +83,7 @@ def _history_field(tok: str, path: str | Path, n: int, name: str) -> None:
 def _blank(line: str) -> bool:
     """A blank line (skipped); a row of empty fields is not, nor is a lone control character (an
     error where it is read)."""
-    return not line.strip() and "\t" not in line and not _CONTROL.search(line)
+    return not line.strip() and "\t" not in line and not CONTROL_CHARACTER.search(line)
 
 
 def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
@@ -112,34 +104,14 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
     if fmt == "dien":
         cate: list[str] = []
         hcate: list[str] = []
-        names = ("label", "uid", "mid", "cat", "hist_mids", "hist_cats")
         for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            f = line.split("\t")
-            if len(f) != 6:
-                raise DataError(
-                    f"{path}: line {n}: malformed line: {len(f)} tab-separated fields, expected 6 "
-                    f"{list(names)}"
-                )
-            if f[0] not in ("0", "1"):
-                raise DataError(f"{path}: line {n}: field 'label': {f[0]!r} is not 0 or 1")
-            for k in (1, 2, 3):  # as prepare's DIEN reader: an empty id is an error, not "unknown"
-                _id_field(f[k], path, n, names[k])
-            hm = f[4].split("\x02") if f[4] else []
-            hc = f[5].split("\x02") if f[5] else []
-            if len(hm) != len(hc):
-                raise DataError(
-                    f"{path}: line {n}: field 'hist_cats' has {len(hc)} entries but 'hist_mids' has {len(hm)}"
-                )
-            for name, toks in (("hist_mids", hm), ("hist_cats", hc)):
-                if "" in toks:
-                    raise DataError(f"{path}: line {n}: field '{name}': entry {toks.index('') + 1} is empty")
-                _history_field(f[names.index(name)], path, n, name)
-            label.append(int(f[0]))
-            user.append(f[1])
-            item.append(f[2])
-            cate.append(f[3])
+            lab, u, i, c, hm, hc = dien_row(line, path, n)  # checked as prepare's DIEN reader does
+            label.append(lab)
+            user.append(u)
+            item.append(i)
+            cate.append(c)
             hist.extend(hm)
             hcate.extend(hc)
             hlen.append(len(hm))
@@ -184,7 +156,7 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
         # a control character in a column that is not read is ignored, as there
         for c, name in ((cu, "user_id"), (ci, "item_id"), (cl, "label")):
             if c is not None and c < len(raw):
-                _no_control_character(raw[c], path, n, name)
+                no_control_character(raw[c], path, n, name)
         if ch < len(raw):
             _history_field(raw[ch], path, n, "history")
         f = [x.strip() for x in raw]  # ids as the training readers read them
