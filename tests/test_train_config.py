@@ -108,13 +108,21 @@ def test_unreadable_config_files(tmp_path):
         TrainConfig.from_yaml(tmp_path / "nope.yaml")
 
 
-def test_cli_flags_comma_separated_sharding_and_joined_sets():
+def _train_parser():
+    """``iacn train``'s argument parser."""
     import argparse
 
-    from iacn_torchrec.train.cli import add_arguments, config_from_args
+    from iacn_torchrec.train.cli import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)
+    return p
+
+
+def test_cli_flags_comma_separated_sharding_and_joined_sets():
+    from iacn_torchrec.train.cli import config_from_args
+
+    p = _train_parser()
     args = p.parse_args([
         "--data", "/x", "--model", "dien", "--iacn", "--delta", "0.5",
         "--sharding", "item_orig=row_wise,item_aux=column_wise",
@@ -138,12 +146,9 @@ def test_cli_flags_comma_separated_sharding_and_joined_sets():
 def test_iacn_options_on_the_command_line_need_iacn_on(tmp_path):
     """An IaCN option given while IaCN is off would change nothing: refused, naming the option; a
     YAML config may still hold IaCN's options for the arms that turn it on."""
-    import argparse
+    from iacn_torchrec.train.cli import config_from_args
 
-    from iacn_torchrec.train.cli import add_arguments, config_from_args
-
-    p = argparse.ArgumentParser()
-    add_arguments(p)
+    p = _train_parser()
     with pytest.raises(ConfigError, match=r"--set iacn\.lam set IaCN's options, but IaCN is off"):
         config_from_args(p.parse_args(["--data", "/x", "--set", "iacn.lam=2"]))
     with pytest.raises(ConfigError, match=r"--delta, --set iacn\.aux_dim .*add --iacn"):
@@ -161,10 +166,9 @@ def test_iacn_options_on_the_command_line_need_iacn_on(tmp_path):
 def test_every_train_flag_sets_its_own_field():
     """Each ``iacn train`` flag lands in the config field it names, with a value unlike the default
     (so a flag wired to the wrong field, or to none, shows)."""
-    import argparse
     import functools
 
-    from iacn_torchrec.train.cli import _FLAGS, add_arguments, config_from_args
+    from iacn_torchrec.train.cli import _FLAGS, config_from_args
 
     expected = {  # config path -> (command-line words, value)
         "data.path": (["--data", "/d"], "/d"),
@@ -204,8 +208,7 @@ def test_every_train_flag_sets_its_own_field():
     def field(cfg, path):
         return functools.reduce(getattr, path.split("."), cfg)
 
-    p = argparse.ArgumentParser()
-    add_arguments(p)
+    p = _train_parser()
     cfg = config_from_args(p.parse_args([w for words, _ in expected.values() for w in words]))
     default = TrainConfig()
     for path, (words, value) in expected.items():
@@ -243,13 +246,11 @@ def test_model_section_reaches_the_model():
 def test_the_progress_bar_only_on_a_terminal(monkeypatch):
     """Without a terminal (TorchX, CI, a log file) every bar refresh would become a log line: the bar
     is off unless stderr is a terminal; --no-progress turns it off there too."""
-    import argparse
     import sys
 
-    from iacn_torchrec.train.cli import add_arguments, config_from_args
+    from iacn_torchrec.train.cli import config_from_args
 
-    p = argparse.ArgumentParser()
-    add_arguments(p)
+    p = _train_parser()
     for tty, flags, want in ((True, [], True), (True, ["--no-progress"], False), (False, [], False)):
         monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
         assert config_from_args(p.parse_args(["--data", "/d", *flags])).progress is want, (tty, flags)
