@@ -261,7 +261,12 @@ def load_run(
         step_dir,
     )
     from iacn_torchrec.train.config import TrainConfig
-    from iacn_torchrec.train.loop import config_fingerprint, fingerprint_differences, make_loaders
+    from iacn_torchrec.train.loop import (
+        config_fingerprint,
+        fingerprint_differences,
+        make_loaders,
+        shown_differences,
+    )
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -306,9 +311,8 @@ def load_run(
                           "pass that dataset with --data")
     if differ:
         raise ExportError(f"{run_dir / 'config.yaml'}: not the configuration {where} was trained with "
-                          "(checkpoint → config.yaml: " + "; ".join(differ[:8])
-                          + (f"; {len(differ) - 8} more" if len(differ) > 8 else "")
-                          + "); restore the config.yaml it was trained with")
+                          f"(checkpoint → config.yaml: {shown_differences(differ)}); restore the "
+                          "config.yaml it was trained with")
     _, test_loader, item_log_q = make_loaders(config, ds, 0, 1)
     torch.manual_seed(config.seed)
     model = build_model_from_config(config, ds, item_log_q=item_log_q)

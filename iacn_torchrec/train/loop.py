@@ -238,9 +238,9 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         try:
             ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
         except CheckpointError as e:  # a damaged newest checkpoint: say how to reach an older one
-            steps = complete_steps(ckpt_root)
             if isinstance(e, CheckpointWorldSizeError):  # older ones were written by the same ranks
                 raise
+            steps = complete_steps(ckpt_root)
             if len(steps) < 2:
                 raise CheckpointError(f"{e}; it is the run's only checkpoint: start over with --no-resume "
                                       "(which moves it to checkpoints.previous)") from e
@@ -253,9 +253,8 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         if differ:
             raise CheckpointError(
                 f"{ckpt_root}: the checkpoint was written by a different configuration ("
-                + "; ".join(differ[:8]) + (f"; {len(differ) - 8} more" if len(differ) > 8 else "")
-                + "); use another --out, or --no-resume to start over (the old checkpoints are moved to "
-                "checkpoints.previous, replacing an older set there)"
+                + shown_differences(differ) + "); use another --out, or --no-resume to start over (the old "
+                "checkpoints are moved to checkpoints.previous, replacing an older set there)"
             )
         saved_plan = ck.get("plan")
         # (checkpoints written before the plan was saved are not checked)
@@ -548,6 +547,11 @@ def config_fingerprint(config: TrainConfig, content_hash: str | None) -> str:
     d = {k: v for k, v in _flat(config.to_dict()).items() if k not in _NOT_FINGERPRINTED}
     d["data.content_hash"] = content_hash
     return json.dumps(d, sort_keys=True, default=str)
+
+
+def shown_differences(differ: list[str], limit: int = 8) -> str:
+    """:func:`fingerprint_differences` for a message: the first ``limit``, then how many more."""
+    return "; ".join(differ[:limit]) + (f"; {len(differ) - limit} more" if len(differ) > limit else "")
 
 
 def fingerprint_differences(stored: str | None, current: str, ignore: tuple[str, ...] = ()) -> list[str]:
