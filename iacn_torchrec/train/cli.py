@@ -132,8 +132,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                   if path.startswith("iacn.") and getattr(args, f, None) is not None]
     # an option of IaCN's given on the command line while IaCN is off would change nothing (a YAML
     # config may hold them for its IaCN arms: only what this command says is checked)
-    iacn_flags += [f"--set {s.split('=', 1)[0].strip()}" for s in user_sets
-                   if s.strip().startswith("iacn.") and s.split("=", 1)[0].strip() != "iacn.enabled"]
+    set_keys = [s.split("=", 1)[0].strip() for s in user_sets]
+    iacn_flags += [f"--set {k}" for k in set_keys if k.startswith("iacn.") and k != "iacn.enabled"]
     if iacn_flags and not config.iacn.enabled:
         raise ConfigError(f"{', '.join(iacn_flags)} set IaCN's options, but IaCN is off: add --iacn")
     if not config.data.path:
