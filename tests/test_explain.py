@@ -163,6 +163,14 @@ def test_explain_user_text_and_figure(planted, tmp_path, capsys):
     assert f"user {user}" in out and "interest 1" in out and "matched interest" in out
     first_item = run.ds.vocab("item")[int(ex.hist_item[0]) - 1]
     assert first_item in out and first_item[: first_item.index("i")] in out  # raw item id and its category
+    # the history table: a header, then one numbered row per behaviour naming its item and interest
+    lines = out.splitlines()
+    head = lines.index("history (oldest first):") + 1
+    assert lines[head].split() == ["#", "item", "category", "interest"]
+    for t in range(n):
+        row = lines[head + 1 + t].split()
+        assert row[0] == str(t + 1) and row[-1] == str(int(ex.assignment[t]) + 1)
+        assert row[1] == run.ds.vocab("item")[int(ex.hist_item[t]) - 1]
     assert (tmp_path / "u.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     args.user, args.plot = "nobody", None

@@ -279,11 +279,11 @@ def format_explanation(ex: UserExplanation, max_items: int = 8) -> str:
         f"K_u = {ex.num_interests} interest capsule(s)",
         "",
         "history (oldest first):",
+        f"  {'#':>3}  {'item':<14} {'category':<28} {'interest':>8}",
     ]
     for t, (i, c) in enumerate(zip(ex.hist_item.tolist(), ex.hist_cate.tolist(), strict=True), start=1):
         lines.append(
-            f"  {t:>3}  {ex.name('item', i):<14} {ex.name('cate', c):<28} "
-            f"-> interest {ex.assignment[t - 1] + 1}"
+            f"  {t:>3}  {ex.name('item', i):<14} {ex.name('cate', c):<28} {ex.assignment[t - 1] + 1:>8}"
         )
     lines.append("")
     for j in range(ex.num_interests):
