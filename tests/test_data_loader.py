@@ -288,12 +288,13 @@ def test_half_written_and_damaged_dirs(small, tmp_path, monkeypatch):
         PreparedDataset.open(tmp_path / "absent")
     shutil.rmtree(d)
     shutil.copytree(small, d)
+    whole = (d / "vocab" / "item.tsv").read_bytes()
     (d / "vocab" / "item.tsv").unlink()
     ds = PreparedDataset.open(d)  # the arrays are all there: training needs no vocabulary
     for read in (ds.verify, lambda: ds.vocab("item")):
         with pytest.raises(DataError, match=r"vocab/item\.tsv: cannot read the vocabulary"):
             read()
-    (d / "vocab" / "item.tsv").write_bytes(b"\xff\t1\n")
+    (d / "vocab" / "item.tsv").write_bytes(b"\xff" + whole[1:])  # every line there, one byte not UTF-8
     with pytest.raises(DataError, match=r"vocab/item\.tsv: not valid UTF-8"):
         ds.vocab("item")
     # a crash while writing leaves neither the target nor anything that looks valid
@@ -397,6 +398,44 @@ def test_a_truncated_vocabulary_is_refused_on_open(small, tmp_path, kind, count)
         PreparedDataset.open(d)
 
 
+def test_an_open_stats_the_vocabularies_and_a_read_counts_their_lines(small, tmp_path):
+    """meta.json records each vocabulary's size, so an open reads none of them (a 10M-item
+    vocabulary would be read whole at every process start): a file of the recorded size passes the
+    open unread, and its lines are counted where it is read (``vocab``, ``vocab_bytes``, the
+    export). A file of another size is read and refused at the open, naming what is wrong; a dataset
+    prepared before the field existed has its lines counted at the open."""
+    d = tmp_path / "copy"
+    shutil.copytree(small, d)
+    meta = json.loads((d / "meta.json").read_text())
+    p = d / "vocab" / "item.tsv"
+    data = p.read_bytes()
+    sizes = {k: (d / "vocab" / f"{k}.tsv").stat().st_size for k in ("uid", "item", "cate")}
+    assert meta["vocab_bytes"] == sizes
+    n = meta["counts"]["items"]
+    merged = data.replace(b"\n", b" ", 1)  # the same size, one line fewer: only a read can tell
+    p.write_bytes(merged)
+    ds = PreparedDataset.open(d)  # not read
+    for read in (lambda: ds.vocab("item"), lambda: ds.vocab_bytes("item"), ds.verify):
+        with pytest.raises(DataError, match=rf"vocab/item\.tsv: {n - 1} lines, but meta\.json's "
+                                            rf"counts\.items is {n}"):
+            read()
+    assert ds.vocab("cate") == PreparedDataset.open(small).vocab("cate")
+    p.write_bytes(data + b"x\t0\n")  # another size: read at the open, and its line count named
+    with pytest.raises(DataError, match=rf"vocab/item\.tsv: {n + 1} lines, but meta\.json's counts\.items"):
+        PreparedDataset.open(d)
+    p.write_bytes(data.replace(b"\t1\n", b"\t01\n", 1))  # the lines add up, the size does not
+    with pytest.raises(DataError, match=rf"vocab/item\.tsv: {len(data) + 1:,} bytes, but meta\.json's "
+                                        rf"vocab_bytes\.item is {len(data):,}"):
+        PreparedDataset.open(d)
+    del meta["vocab_bytes"]  # prepared before the field: the open counts lines, as it did
+    (d / "meta.json").write_text(json.dumps(meta))
+    p.write_bytes(merged)
+    with pytest.raises(DataError, match=rf"vocab/item\.tsv: {n - 1} lines"):
+        PreparedDataset.open(d)
+    p.write_bytes(data)
+    assert PreparedDataset.open(d).vocab("item") == PreparedDataset.open(small).vocab("item")
+
+
 def _drop(*path: str):
     def f(meta):
         *head, last = path
@@ -436,10 +475,12 @@ def _put(value, *path: str):
         (_put({"dtype": "int64", "shape": ["x"]}, "arrays", "test/item.npy"),
          r"field 'arrays\.test/item\.npy': expected"),
         (_put(7, "protocol"), r"field 'protocol': 7 is not a string"),
+        (_put("12", "vocab_bytes", "item"), r"field 'vocab_bytes': expected .*'item': '12'"),
+        (_put({"items": 12}, "vocab_bytes"), r"field 'vocab_bytes': expected .*'items': 12"),
     ],
     ids=["no-users", "items-str", "cate-bool", "negative-count", "counts-list", "no-max-len", "max-len-null",
          "max-len-float", "max-len-huge", "arrays-list", "no-train-label", "no-item2cate", "entry-no-shape",
-         "entry-bad-shape", "protocol-int"],
+         "entry-bad-shape", "protocol-int", "vocab-bytes-str", "vocab-bytes-kind"],
 )
 def test_an_edited_meta_json_is_refused_naming_the_field(small, tmp_path, capsys, edit, message):
     """Fields the code reads (counts, max_len, arrays, protocol) are checked for presence and type

@@ -704,6 +704,12 @@ def test_a_truncated_vocabulary_is_refused_by_export_and_by_the_artefact(runs, e
                                         rf"{len(lines)}"):
         export_run(runs["wide_deep"], tmp_path / "m", data=str(damaged))
     assert not (tmp_path / "m").exists()
+    # the same size, one line fewer: the open does not read it (meta.json's vocab_bytes), the export does
+    (damaged / "vocab" / "item.tsv").write_text("".join(lines).replace("\n", " ", 1))
+    with pytest.raises(DataError, match=rf"vocab/item\.tsv: {len(lines) - 1} lines, but meta\.json's "
+                                        rf"counts\.items is {len(lines)}"):
+        export_run(runs["wide_deep"], tmp_path / "m", data=str(damaged))
+    assert not (tmp_path / "m").exists()
     bad = tmp_path / "bad"
     shutil.copytree(exported["wide_deep"], bad)
     (bad / "vocab" / "item.tsv").write_text("".join(lines[:10]))

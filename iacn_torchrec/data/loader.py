@@ -39,7 +39,7 @@ from torchrec.streamable import Pipelineable
 from iacn_torchrec.data.negatives import NegativeSampler
 from iacn_torchrec.data.protocols import SPLIT_ARRAYS, SplitArrays, jagged_index
 from iacn_torchrec.data.sources import DataError
-from iacn_torchrec.data.store import META, check_vocab_lines, content_hash, read_meta
+from iacn_torchrec.data.store import META, check_vocab_bytes, check_vocab_lines, content_hash, read_meta
 
 __all__ = [
     "Batch",
@@ -153,7 +153,8 @@ class PreparedDataset:
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> PreparedDataset:
         """Open ``path`` after checking ``meta.json`` (the fields read, :func:`read_meta`), that each
-        vocabulary present has ``counts`` lines (:func:`check_vocab_lines`), that every listed array
+        vocabulary present has its recorded size or ``counts`` lines (:func:`check_vocab_lines`; the
+        lines of a file of the recorded size are counted when it is read), that every listed array
         is present with the listed dtype/shape and that each split's values are in range
         (:meth:`_check_split`); ``verify=True`` also recomputes the content hash (reads it all)."""
         d = Path(path)
@@ -223,7 +224,7 @@ class PreparedDataset:
     def verify(self) -> None:
         """Recompute the content hash and compare it with ``meta.json``."""
         arrays = {n: self._array(n) for n in self.meta["arrays"]}
-        vocab = {k: self._vocab_bytes(k) for k in ("uid", "item", "cate")}
+        vocab = {k: self.vocab_bytes(k) for k in ("uid", "item", "cate")}
         got = content_hash(arrays, vocab)
         if got != self.meta["content_hash"]:
             raise DataError(
@@ -236,17 +237,21 @@ class PreparedDataset:
         # turn a "\r\n" inside one into "\n", str.splitlines also splits on "\r", "\x1c", "\u2028" ...)
         p = self.path / "vocab" / f"{kind}.tsv"
         try:
-            lines = self._vocab_bytes(kind).decode("utf-8").split("\n")
+            lines = self.vocab_bytes(kind).decode("utf-8").split("\n")
         except UnicodeDecodeError as e:
             raise DataError(f"{p}: not valid UTF-8 ({e.reason}); prepare it again with --force") from e
         return [ln.split("\t", 1)[0] for ln in lines[:-1]]
 
-    def _vocab_bytes(self, kind: str) -> bytes:
+    def vocab_bytes(self, kind: str) -> bytes:
+        """The content of ``vocab/<kind>.tsv``, checked to hold ``counts`` whole lines
+        (:func:`check_vocab_bytes`): the open may not have read it."""
         p = self.path / "vocab" / f"{kind}.tsv"
         try:
-            return p.read_bytes()
+            data = p.read_bytes()
         except OSError as e:
             raise DataError(f"{p}: cannot read the vocabulary ({e}); prepare it again with --force") from e
+        check_vocab_bytes(p, data, kind, self.meta)
+        return data
 
     def __repr__(self) -> str:
         c = self.meta["counts"]

@@ -38,6 +38,7 @@ __all__ = [
     "is_prepared",
     "content_hash",
     "MAX_LEN_LIMIT",
+    "check_vocab_bytes",
     "check_vocab_lines",
 ]
 
@@ -144,6 +145,10 @@ def _check_fields(mp: Path, meta: dict) -> None:
                 and isinstance(spec.get("shape"), list) and all(_count(n) for n in spec["shape"])):
             raise DataError(f"{mp}: field 'arrays.{rel}': expected {{\"dtype\": str, \"shape\": "
                             f"[int, ...]}}, got {spec!r}; {_AGAIN}")
+    sizes = meta.get("vocab_bytes", {})
+    if not (isinstance(sizes, dict) and set(sizes) <= set(VOCABS) and all(_count(v) for v in sizes.values())):
+        raise DataError(f"{mp}: field 'vocab_bytes': expected {{\"uid\"|\"item\"|\"cate\": bytes}}, got "
+                        f"{sizes!r}; {_AGAIN}")
     need = ["item2cate.npy", "item_count.npy"]
     need += [f"{split}/{a}.npy" for split in ("train", "test") for a in SPLIT_ARRAYS]
     absent = next((rel for rel in need if rel not in arrays), None)
@@ -154,22 +159,36 @@ def _check_fields(mp: Path, meta: dict) -> None:
 def check_vocab_lines(path: str | Path, meta: dict) -> None:
     """Each present ``vocab/<kind>.tsv`` holds exactly ``counts.<kind>`` lines (``meta``: a
     :func:`read_meta` result), else a :class:`DataError` naming the file and both numbers: a
-    truncated vocabulary would otherwise be exported and map most ids to unknown. A newline count
-    over the bytes (Beauty's three files: about a millisecond). An absent file is left to whoever
-    reads it (training does not)."""
-    for kind, key in VOCAB_COUNTS.items():
+    truncated vocabulary would otherwise be exported and map most ids to unknown. Where ``meta``
+    records the file's size (``vocab_bytes``, written by :func:`write_dataset`), a file of that size
+    is not read: an open costs a ``stat``, not a read of a 10M-line vocabulary, and the lines are
+    counted where the vocabulary is read (:func:`check_vocab_bytes`). Otherwise (a dataset prepared
+    before the field existed, or a size that differs) a newline count over the bytes. An absent file
+    is left to whoever reads it (training does not)."""
+    sizes = meta.get("vocab_bytes", {})
+    for kind in VOCAB_COUNTS:
         p = Path(path) / "vocab" / f"{kind}.tsv"
-        if not p.is_file():
+        if not p.is_file() or (kind in sizes and p.stat().st_size == sizes[kind]):
             continue
         try:
             data = p.read_bytes()
         except OSError as e:
             raise DataError(f"{p}: cannot read the vocabulary ({e}); prepare it again with --force") from e
-        if data and not data.endswith(b"\n"):  # every line the writer writes ends with one
-            raise DataError(f"{p}: the last line is cut short (no final newline); {_AGAIN}")
-        lines, want = data.count(b"\n"), meta["counts"][key]
-        if lines != want:
-            raise DataError(f"{p}: {lines} lines, but {META}'s counts.{key} is {want}; {_AGAIN}")
+        check_vocab_bytes(p, data, kind, meta)
+        if kind in sizes:  # the lines add up, the size does not: edited in place
+            raise DataError(f"{p}: {len(data):,} bytes, but {META}'s vocab_bytes.{kind} is {sizes[kind]:,}; "
+                            f"{_AGAIN}")
+
+
+def check_vocab_bytes(p: Path, data: bytes, kind: str, meta: dict) -> None:
+    """``data``, the content of vocabulary file ``p`` of ``kind``, ends with a newline and holds
+    ``counts.<kind>`` lines, else a :class:`DataError` naming ``p`` and both numbers."""
+    if data and not data.endswith(b"\n"):  # every line the writer writes ends with one
+        raise DataError(f"{p}: the last line is cut short (no final newline); {_AGAIN}")
+    key = VOCAB_COUNTS[kind]
+    lines, want = data.count(b"\n"), meta["counts"][key]
+    if lines != want:
+        raise DataError(f"{p}: {lines} lines, but {META}'s counts.{key} is {want}; {_AGAIN}")
 
 
 def _ours(d: Path) -> bool:
@@ -251,6 +270,7 @@ def write_dataset(built: BuiltDataset, out: str | Path, meta: dict, *, overwrite
                 "counts": built.counts,
                 **built.report.as_dict(),
                 "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape)} for n, a in arrays.items()},
+                "vocab_bytes": {k: len(b) for k, b in vocab.items()},
                 "content_hash": content_hash(arrays, vocab),
                 "versions": _versions(),
             }

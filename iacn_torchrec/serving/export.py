@@ -446,7 +446,7 @@ def export_run(
             torch.jit.save(traced_q, str(tmp / "model_int8.pt"))
         (tmp / "vocab").mkdir()
         for kind in ("uid", "item", "cate"):
-            shutil.copyfile(run.ds.path / "vocab" / f"{kind}.tsv", tmp / "vocab" / f"{kind}.tsv")
+            (tmp / "vocab" / f"{kind}.tsv").write_bytes(run.ds.vocab_bytes(kind))  # checked, not copied blind
         np.save(tmp / "item2cate.npy", np.asarray(run.ds.item2cate, dtype=np.int64))
         files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         cfg = run.config
