@@ -569,3 +569,36 @@ def test_a_kernel_build_is_not_counted_as_training_time(tmp_path, monkeypatch):
     # DIN+IaCN's kernels, loaded (and built) before the first step; DIEN's are not built for it
     assert set(kernels._STATE) == {"concat_lookup", "din_attention", "dice", "iacn_fused"}
     assert all(s.get("module") is not None for s in kernels._STATE.values())
+
+
+@pytest.mark.parametrize("iacn", [True, False], ids=["iacn", "plain"])
+@pytest.mark.parametrize("model", ["din", "dien", "wide_deep", "dlrm"])
+def test_the_kernels_loaded_before_the_clock_are_the_ones_the_run_calls(tmp_path, monkeypatch, model, iacn):
+    """``loop.kernels_used`` is a hand-kept list of the C++ kernels each model's steps call. Here a
+    run that preloads nothing loads what its steps (and evaluation) really call, which must be that
+    list: a kernel missing from it would be built inside the first timed step, one too many would
+    cost a build the run never uses."""
+    from helpers import prepare_planted
+
+    from iacn_torchrec import kernels
+    from iacn_torchrec.train import loop
+
+    if not kernels.kernels_enabled():
+        pytest.skip("IACN_FUSED_KERNEL=0: no kernel loads")
+    _, data = prepare_planted(tmp_path, num_users=40, seed=0)
+    listed = []
+
+    def nothing_preloaded(config, setup):
+        listed.append(loop_kernels_used(config, setup))
+        return []
+
+    loop_kernels_used = loop.kernels_used
+    monkeypatch.setattr(loop, "kernels_used", nothing_preloaded)
+    monkeypatch.setattr(kernels, "_STATE", {})  # as in a fresh process: every kernel loads again
+    c = _config(data, tmp_path / "run", 2)
+    c.data = DataConfig(path=str(data), batch_size=16)
+    c.model = ModelConfig(name=model)
+    c.iacn = IaCNConfig(enabled=iacn, delta=0.3, lam=1.0)
+    assert train(c)["steps"] == 2
+    assert [sorted(k) for k in listed] == [sorted(kernels._STATE)]
+
