@@ -181,9 +181,10 @@ def test_augru_packed_equals_padded():
     packed = pack_history(lengths, offsets)
     assert packed.batch_sizes.tolist() == [5, 4, 4, 3, 3, 2, 2, 2]
     assert packed.order.tolist() == [2, 4, 5, 0, 3, 1]
-    live = augru.forward_packed(x[real][packed.index], att[real][packed.index], packed.batch_sizes)
-    assert live.shape == (5, 6)
-    torch.testing.assert_close(live, augru(x, att)[packed.order[:5]])
+    by_rank = augru.forward_packed(x[real][packed.index], att[real][packed.index], packed.batch_sizes, 6)
+    assert by_rank.shape == (6, 6)
+    torch.testing.assert_close(by_rank, augru(x, att)[packed.order])
+    assert not by_rank[5].any()  # the empty row's rank: a zero state, as the padded loop leaves it
     # rows and has_next: each packed entry's row, and whether its row goes on
     t = torch.arange(8).unsqueeze(0).expand(6, 8)[real][packed.index]
     assert torch.equal(lengths[packed.rows] > t + 1, packed.has_next)
@@ -299,7 +300,7 @@ def test_augru_packed_gradients_equal_the_step_loop():
     x = torch.randn(6, 8, 4, dtype=torch.double, requires_grad=True)
     att = (torch.rand(6, 8, dtype=torch.double) * real).requires_grad_()
     weights = torch.randn(5, 6, dtype=torch.double)
-    live = augru.forward_packed(x[real][packed.index], att[real][packed.index], packed.batch_sizes)
+    live = augru.forward_packed(x[real][packed.index], att[real][packed.index], packed.batch_sizes, 6)[:5]
     ref = augru(x, att)[packed.order[:5]]
     torch.testing.assert_close(live, ref)
     params = list(augru.parameters())
@@ -320,11 +321,11 @@ def test_packed_recurrence_without_gradients_and_under_autocast():
     augru = AUGRU(4, 6)
     x = torch.randn(int(SIZES.sum()), 4)
     att = torch.rand(int(SIZES.sum()))
-    ref = augru.forward_packed(x, att, SIZES)
+    ref = augru.forward_packed(x, att, SIZES, int(SIZES[0]))
     with torch.no_grad():
-        torch.testing.assert_close(augru.forward_packed(x, att, SIZES), ref, rtol=0, atol=0)
+        torch.testing.assert_close(augru.forward_packed(x, att, SIZES, int(SIZES[0])), ref, rtol=0, atol=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = augru.forward_packed(x, att, SIZES)
+        out = augru.forward_packed(x, att, SIZES, int(SIZES[0]))
     out.sum().backward()
     assert out.dtype == torch.float32 and augru.cell.weight_hh.grad is not None
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)  # gi went through a bf16 matmul

@@ -167,6 +167,43 @@ def test_exported_scores_equal_eager_on_test_split(runs, exported, name):
     assert m["checks"]["auc_exported"] == pytest.approx(auc(labels, eager), abs=1e-6)
 
 
+@pytest.mark.parametrize("name", ["din", "dien"])
+def test_the_exported_jagged_path_equals_the_padded_model_on_any_batch(runs, exported, name):
+    """DIN's and DIEN's exports run on the real behaviours only: a traced packing, and DIEN's two
+    recurrences scripted so that the step sizes are read when the artefact runs (a trace would keep
+    the example's). Against the main model on the padded history (DIEN: ``nn.GRU`` and the AUGRU
+    loop), on batches unlike the trace's example: one row, rows or a whole batch without behaviours,
+    full-length histories, lengths above L, a random batch."""
+    from iacn_torchrec.modules.embeddings import EmbeddedBatch
+
+    r = load_run(runs[name])
+    art = ServingArtifact.load(exported[name]).model
+    s = ServingModel.from_model(r.model)
+    L = s.max_len
+    text = graph_text(art)
+    assert "fbgemm" not in text  # plain TorchScript: nothing the artefact's loader lacks
+    assert ("prim::Loop" in text) == (name == "dien")  # the recurrences' steps, read at run time
+    g = torch.Generator().manual_seed(0)
+
+    def padded_model(uid, item, cate, hist_item, hist_cate, lengths):
+        mask = torch.arange(L) < lengths.unsqueeze(1)
+        hist = torch.cat([s.item_table(hist_item), s.cate_table(hist_cate)], 2) * mask.unsqueeze(-1)
+        target = torch.cat([s.item_table(item), s.cate_table(cate)], 1)
+        emb = EmbeddedBatch(s.user_table(uid), target, hist, lengths.clamp(max=L))
+        return torch.sigmoid(s.main_model(emb)[0])
+
+    cases = [[3], [0], [0, 0, 0], [L, L], [L + 5, 2, 0, 7, 1],
+             torch.randint(0, L + 1, (50,), generator=g).tolist()]
+    for lengths in cases:
+        B = len(lengths)
+        item_ids = lambda *shape: torch.randint(1, s.item_table.num_embeddings, shape, generator=g)  # noqa: E731
+        cate_ids = lambda *shape: torch.randint(1, s.cate_table.num_embeddings, shape, generator=g)  # noqa: E731
+        x = (torch.randint(1, s.user_table.num_embeddings, (B,), generator=g), item_ids(B), cate_ids(B),
+             item_ids(B, L), cate_ids(B, L), torch.tensor(lengths))
+        with torch.no_grad():
+            torch.testing.assert_close(art(*x), padded_model(*x), rtol=0, atol=ATOL, msg=f"lengths {lengths}")
+
+
 def test_a_sharded_run_exports_from_its_assembled_shards(data_dir, tmp_path):
     """A run with a fused table optimizer (TorchRec's DMP, tables as ShardedTensors) exports: the
     tables are assembled from the checkpoint's shards, and the rebuilt unsharded model scores the
@@ -311,13 +348,16 @@ def test_a_malformed_artefact_is_a_one_line_score_error(exported, runs, tmp_path
 
 
 # ------------------------------------------------------------------------------------------- score
-def test_artefact_scores_in_a_fresh_process_without_training_code(runs, exported, tmp_path):
-    ds = load_run(runs["din"]).ds
+@pytest.mark.parametrize("name", ["din", "dien"])
+def test_artefact_scores_in_a_fresh_process_without_training_code(runs, exported, tmp_path, name):
+    """The artefact, DIEN's scripted recurrences included, scores without the library's training
+    code (nor torchrec / fbgemm) loaded, as the eager model scores."""
+    ds = load_run(runs[name]).ds
     _write_tsv(ds, tmp_path / "in.tsv")
     code = (
         "import json, sys\n"
         "from iacn_torchrec.cli import main\n"
-        f"rc = main(['score', '--model', {str(exported['din'])!r}, '--input', {str(tmp_path / 'in.tsv')!r}, "
+        f"rc = main(['score', '--model', {str(exported[name])!r}, '--input', {str(tmp_path / 'in.tsv')!r}, "
         f"'--out', {str(tmp_path / 'out.tsv')!r}, '--batch-size', '64'])\n"
         "print(json.dumps({'rc': rc, 'modules': sorted(sys.modules)}))\n"
     )
@@ -341,7 +381,7 @@ def test_artefact_scores_in_a_fresh_process_without_training_code(runs, exported
     loaded = [m for m in res["modules"] if m.startswith(banned)]
     assert loaded == [], loaded
     got = np.loadtxt(tmp_path / "out.tsv", skiprows=1, usecols=2, delimiter="\t")
-    eager, _ = _eager(runs["din"], batch_size=64)
+    eager, _ = _eager(runs[name], batch_size=64)
     np.testing.assert_allclose(got, eager, rtol=0, atol=1e-6)  # written with 6 decimals
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,24 @@ class AUGRUCell(nn.Module):
 _SAVED_PER_STEP = 7  # h_{t-1}, n, ũ, 1 - z, r, gh_n, σ'(rz)
 
 
+def _recurrence_step(
+    gi_rz: torch.Tensor, gi_n: torch.Tensor, a: Optional[torch.Tensor], h: torch.Tensor, w_t: torch.Tensor,  # noqa: UP045
+    b_hh: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One GRU / AUGRU step of the ``S`` live rows from their input projections ``gi_rz [S, 2H]``,
+    ``gi_n [S, H]``, state ``h [S, H]`` and attention ``a [S, 1]`` (None: a plain GRU): ``(h_t, n, ũ,
+    1 - z, r, gh_n, rz)``, the next state and what the backward keeps. TorchScript-compatible
+    (:func:`_scripted_recurrence` runs it in an export)."""
+    H = h.shape[1]
+    gh_rz, gh_n = torch.addmm(b_hh, h, w_t).split([2 * H, H], 1)
+    rz = torch.sigmoid(gi_rz + gh_rz)
+    r, z = rz.split(H, 1)
+    n = torch.tanh(torch.addcmul(gi_n, r, gh_n))
+    one_minus_z = torch.rsub(z, 1.0)
+    u = one_minus_z if a is None else a * one_minus_z  # ũ
+    return torch.lerp(h, n, u), n, u, one_minus_z, r, gh_n, rz
+
+
 def _recurrence_steps(
     gi: torch.Tensor, att: torch.Tensor | None, w_hh: torch.Tensor, b_hh: torch.Tensor,
     sizes: list[int], keep: bool,
@@ -123,19 +142,48 @@ def _recurrence_steps(
     for t, size in enumerate(sizes):
         if size < h.shape[0]:
             h = h[:size]
-        gh_rz, gh_n = torch.addmm(b_hh, h, w_t).split((2 * H, H), 1)
-        rz = torch.sigmoid(gi_rz[t] + gh_rz)
-        r, z = rz.split(H, 1)
-        n = torch.tanh(torch.addcmul(gi_n[t], r, gh_n))
-        one_minus_z = torch.rsub(z, 1.0)
-        u = one_minus_z if a is None else a[t] * one_minus_z  # ũ
-        h_next = torch.lerp(h, n, u)
+        h_next, n, u, one_minus_z, r, gh_n, rz = _recurrence_step(
+            gi_rz[t], gi_n[t], None if a is None else a[t], h, w_t, b_hh)
         if keep:
             for store, x in zip(kept, (h, n, u, one_minus_z, r, gh_n, torch.addcmul(rz, rz, rz, value=-1.0))):
                 store.append(x)
         outs.append(h_next)
         h = h_next
     return torch.cat(outs), ([torch.cat(x) for x in kept] if keep else [])
+
+
+def _traceable_recurrence(
+    gi: torch.Tensor, att: Optional[torch.Tensor], w_hh: torch.Tensor, b_hh: torch.Tensor,  # noqa: UP045
+    batch_sizes: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`_recurrence_steps`' states (no gradient) with the step sizes read from ``batch_sizes``
+    when it runs, in TorchScript (:func:`_scripted_recurrence`): a trace would keep the example's
+    sizes as constants. Sizes of 0 (a traced packing's steps past the longest history) end it."""
+    H = w_hh.shape[1]
+    sizes: list[int] = batch_sizes.tolist()
+    w_t = w_hh.t()
+    h = gi.new_zeros(sizes[0] if len(sizes) > 0 else 0, H)
+    outs: list[torch.Tensor] = []
+    start = 0
+    for size in sizes:
+        if size == 0:
+            break
+        h = h[:size]
+        g = gi[start: start + size]
+        a: Optional[torch.Tensor] = None  # noqa: UP045
+        if att is not None:
+            a = att[start: start + size].unsqueeze(1)
+        h = _recurrence_step(g[:, : 2 * H], g[:, 2 * H:], a, h, w_t, b_hh)[0]
+        outs.append(h)
+        start += size
+    if len(outs) == 0:
+        return gi.new_zeros(0, H)
+    return torch.cat(outs)
+
+
+@functools.cache
+def _scripted_recurrence() -> torch.jit.ScriptFunction:
+    return torch.jit.script(_traceable_recurrence)
 
 
 class _PackedRecurrence(torch.autograd.Function):
@@ -222,6 +270,8 @@ def packed_recurrence(
     dtype = functools.reduce(torch.promote_types, [x.dtype for x in tensors])
     gi, w_hh, b_hh = gi.to(dtype), w_hh.to(dtype), b_hh.to(dtype)
     att = att.to(dtype) if att is not None else None
+    if torch.jit.is_tracing():  # an export: the step sizes are read when the artefact runs
+        return _scripted_recurrence()(gi, att, w_hh, b_hh, batch_sizes)
     sizes = batch_sizes.tolist()
     ext = _recurrence_kernel(gi, att, w_hh, b_hh)
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
@@ -287,22 +337,26 @@ class AUGRU(nn.Module):
         return h
 
     def forward_packed(
-        self, inputs: torch.Tensor, att: torch.Tensor, batch_sizes: torch.Tensor
+        self, inputs: torch.Tensor, att: torch.Tensor, batch_sizes: torch.Tensor, num_rows: int
     ) -> torch.Tensor:
         """The same recurrence on packed inputs ``[N, Din]`` and attention ``[N]`` (the order of
         :func:`~iacn_torchrec.models.layers.pack_history`, ``batch_sizes [T]``): each step updates
         only the rows still running, so the work is ∝ N, not B·T.
 
-        Returns the final states ``[batch_sizes[0], H]`` of the rows with a behaviour, longest first.
+        Returns the final states ``[num_rows, H]`` by rank (longest history first), zero for a rank
+        without behaviours. Read with tensor ops only, so that a traced export reads them at run time.
         """
         gi = self.cell.input_projection(inputs)  # one matmul for all N behaviours
         states = packed_recurrence(gi, att, self.cell.weight_hh, self.cell.bias_hh, batch_sizes)
-        # row of rank r ends at step n_r - 1: its final state is entry offsets[n_r - 1] + r
-        sizes = batch_sizes.to(torch.long)
-        ranks = torch.arange(int(sizes[0]), device=sizes.device)
+        # rank r with n_r behaviours ends at step n_r - 1: its final state is entry starts[n_r - 1] + r,
+        # row 1 + that below; a rank without behaviours reads the zero row put first
+        sizes = batch_sizes.to(device=states.device, dtype=torch.long)
+        ranks = torch.arange(num_rows, device=states.device)
         n_steps = (sizes.unsqueeze(0) > ranks.unsqueeze(1)).sum(1)
         starts = torch.cumsum(sizes, 0) - sizes
-        return states.index_select(0, (starts[n_steps - 1] + ranks).to(states.device))
+        last = starts.index_select(0, (n_steps - 1).clamp_min(0)) + ranks + 1
+        last = torch.where(n_steps > 0, last, 0)
+        return torch.cat([states.new_zeros(1, states.shape[1]), states]).index_select(0, last)
 
 
 def next_behaviour_aux_loss(
@@ -397,6 +451,10 @@ class DIEN(nn.Module):
     ``forward`` returns (logits ``[B]``, ``aux_loss_weight · L_aux`` or None).
     """
 
+    #: reads ``hist_values`` when given (the padded ``hist`` only without behaviours in eager
+    #: mode): an export passes only the former, and its trace keeps the jagged path
+    reads_jagged_history = True
+
     def __init__(self, user_dim: int, item_dim: int, max_len: int, config: DIENConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or DIENConfig()
@@ -487,7 +545,7 @@ class DIEN(nn.Module):
         _, att = self.attention.forward_jagged(emb.target, states.index_select(0, to_row_major), segments, B,
                                                offsets=emb.hist_offsets)
         att = att.index_select(0, packed.index)  # [N], packed order
-        live = self.augru.forward_packed(states, att, packed.batch_sizes)
-        final = live.new_zeros(B, live.shape[1]).index_copy(0, packed.order[: live.shape[0]], live)
+        by_rank = self.augru.forward_packed(states, att, packed.batch_sizes, B)
+        final = torch.empty_like(by_rank).index_copy_(0, packed.order, by_rank)
         hist_sum = segment_sum(values, segments, B, emb.hist_offsets)
         return final, hist_sum, aux_loss

@@ -51,6 +51,9 @@ class DIN(nn.Module):
         user_dim: Du. item_dim: D (the item representation ``item ⊕ cate``). max_len: L.
     """
 
+    #: reads ``hist_values`` when given, never the padded ``hist``: an export passes only the former
+    reads_jagged_history = True
+
     def __init__(self, user_dim: int, item_dim: int, max_len: int, config: DINConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or DINConfig()
