@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from iacn_torchrec.errors import TrainingInterrupted, UserError
+from iacn_torchrec.errors import TrainingInterrupted, UserError, record_for_launcher
 from iacn_torchrec.runtime import apply_process_defaults
 
 # name -> (module, one-line help)
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(run(args) or 0)
     except TrainingInterrupted as e:  # stopped by a signal after checkpointing: resumable
         print(f"iacn {args.command}: {e}", file=sys.stderr)
+        record_for_launcher(f"iacn {args.command}: {e}")
         return 128 + e.signum
     # bad input, config or paths (a missing run, an output path that is a file): the message, which
     # names the path, and no traceback (other OS errors, e.g. a full disk mid-run, keep theirs)
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             PermissionError) as e:
         what = " ".join(x for x in (args.command, getattr(args, "bench", None)) if x)
         print(f"iacn {what}: {e}", file=sys.stderr)
+        record_for_launcher(f"iacn {what}: {e}")
         return 2
 
 

@@ -3,7 +3,11 @@ naming the file/line/field, without a traceback."""
 
 from __future__ import annotations
 
-__all__ = ["UserError", "TrainingInterrupted"]
+import json
+import os
+import time
+
+__all__ = ["UserError", "TrainingInterrupted", "record_for_launcher"]
 
 
 class UserError(Exception):
@@ -18,3 +22,22 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+def record_for_launcher(message: str) -> None:
+    """Under torchrun / TorchX (``TORCHELASTIC_ERROR_FILE`` set by the elastic agent for each
+    worker), write ``message`` as this worker's error, so that the launcher's failure summary names
+    the cause (``iacn train: DIR: no such prepared dataset directory ...``) instead of ``<N/A>`` and a
+    pointer to the docs. Same format as torchelastic's ``@record``, with the one line in place of a
+    traceback: these are errors the user fixes, not bugs. Does nothing outside such a launch, or if
+    the file cannot be written (the message was printed anyway)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message,
+                        "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass

@@ -124,6 +124,31 @@ def _copy_run(tiny_run: Path, to: Path) -> Path:
     return Path(shutil.copytree(tiny_run, to / "run"))
 
 
+def test_a_user_error_under_torchrun_is_the_launchers_reported_cause(tmp_path, monkeypatch, capsys):
+    """Under torchrun / TorchX each worker has a ``TORCHELASTIC_ERROR_FILE``: the one-line error is
+    written there, so the launcher's failure summary (read by torch's own ``ProcessFailure``) and
+    TorchX's status name the cause instead of ``<N/A>``. Outside such a launch nothing is written."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from iacn_torchrec.cli import main
+
+    missing = tmp_path / "absent"
+    argv = ["train", "--data", str(missing), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"iacn train: {missing}: no such prepared dataset directory")
+    assert not list(tmp_path.iterdir())
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == line
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message["message"] == line
+    summary = ChildFailedError("iacn_torchrec.cli", {0: failure}).format_msg()
+    assert f"traceback : {line}" in summary and "<N/A>" not in summary
+
+
 def test_train_records_the_absolute_data_path_so_export_works_from_anywhere(tiny_run, tmp_path, monkeypatch):
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert config["data"]["path"] == str((tiny_run.parent / "data").resolve())
