@@ -63,8 +63,8 @@ def make_config(data: str, model: str, plan: dict[str, str] | None = None, orig_
 
 def main_config(name: str):
     """Per model, a main-model config with only per-sample terms: DIN / DIEN without the tower's
-    BatchNorm and with PReLU for Dice; Wide&Deep without the deep part's input BatchNorm and
-    dropout (its defaults, stated); DLRM's arches are plain MLPs (no BatchNorm, no dropout)."""
+    BatchNorm and with PReLU for Dice; Wide&Deep without the deep part's input BatchNorm (its
+    default) and dropout; DLRM's arches are plain MLPs (no BatchNorm, no dropout)."""
     from iacn_torchrec.models.dien import DIENConfig
     from iacn_torchrec.models.din import DINConfig
     from iacn_torchrec.models.dlrm_plugin import DLRMConfig

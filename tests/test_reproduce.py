@@ -64,8 +64,8 @@ def test_pipeline_writes_tables_and_plots_and_resumes(tiny, tmp_path, capsys):
             "--out", str(out), "--results", str(res)]
     assert rp.run(_args(argv)) == 0
     printed = capsys.readouterr().out
-    # table 1: 2 models x 3 arms x 2 seeds = 12; table 2: dien x 2 arms x lengths {4, 8} x 2 = 8, of
-    # which L8 base/iacn are new; delta: dien base + δ 0.6 (0.3 and 1.0 are table 1's arms) ...
+    # table 1: 2 models x 3 arms x 2 seeds = 12; table 2: dien x 3 arms x lengths {4, 8} x 2 = 12, of
+    # which L8 base/iacn/control are new; delta: dien base + δ 0.6 (0.3 and 1.0 are table 1's arms) ...
     run_dirs = sorted(p.name for p in out.iterdir())
     assert "din-L8-base-s0" in run_dirs and "wide_deep-L8-iacn-d1-l0-s1" in run_dirs
     assert "dien-L4-iacn-d0.3-l1-s1" in run_dirs and "dien-L8-iacn-d0.6-l1-s0" in run_dirs
@@ -127,10 +127,11 @@ def test_pipeline_writes_tables_and_plots_and_resumes(tiny, tmp_path, capsys):
                                for arm in (rp.BASE, rp.IACN, rp.CONTROL))
         check_lift(s["lift"], iacn, base)
         check_lift(s["lift_vs_control"], iacn, control)
-    for length in (4, 8):  # table 2: DIEN by history length
+    for length in (4, 8):  # table 2: DIEN by history length, against the model alone and the control
         s = summary["table2"][str(length)]
-        check_lift(s["lift"], check(s["iacn"], "dien", length, rp.IACN.key),
-                   check(s["base"], "dien", length, rp.BASE.key))
+        iacn = check(s["iacn"], "dien", length, rp.IACN.key)
+        check_lift(s["lift"], iacn, check(s["base"], "dien", length, rp.BASE.key))
+        check_lift(s["lift_vs_control"], iacn, check(s["control"], "dien", length, rp.CONTROL.key))
     dien_alone = run_aucs("dien", 8, rp.BASE.key)
     assert sorted(float(d) for d in summary["delta"]) == [0.3, 0.6, 1.0]
     for d, s in summary["delta"].items():  # δ = 1 is the λ = 0 control run

@@ -1,6 +1,7 @@
 """Config: YAML round trip, overrides, and clear errors naming the field."""
 
 import pytest
+import yaml
 
 from iacn_torchrec.train.config import ConfigError, TrainConfig
 
@@ -241,6 +242,90 @@ def test_model_section_reaches_the_model():
         aux_part[w] = float(main_loss - F.binary_cross_entropy_with_logits(logits, batch.labels))
     assert aux_part[1.0] > 0
     assert aux_part[0.25] == pytest.approx(0.25 * aux_part[1.0], rel=1e-5)
+
+
+@pytest.mark.parametrize("assignment, needle", [
+    ("model.main.tower_activaton=prelu", r"model\.main\.tower_activaton: DINConfig has no such field; did "
+                                         r"you mean 'tower_activation'\? its fields: att_hidden"),
+    ("model.main.tower_activation=gelu", r"model\.main\.tower_activation: unknown activation 'gelu'"),
+    ("model.main.tower_hidden=[200, 0]", r"model\.main\.tower_hidden: \[200, 0\] is not a list of positive"),
+    ("model.main.tower_hidden=[true]", r"model\.main\.tower_hidden: \[True\] is not a list"),
+    ("model.main.tower_input_bn=1", r"model\.main\.tower_input_bn: 1 is not true or false"),
+    ("model.main.dropout=1.0", r"model\.main\.dropout: 1\.0 is not in \[0, 1\)"),
+    ("model.main.att_activation=3", r"model\.main\.att_activation: 3 is not a string"),
+    ("model.main=[1]", r"model\.main: expected a mapping"),
+])
+def test_bad_main_model_fields_name_the_field(assignment, needle):
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig().override([assignment])
+
+
+def test_dien_fields_with_a_model_field_of_their_own_are_set_there():
+    """One way to set each: DIEN's auxiliary-loss weight and hidden size have ``model.*`` fields."""
+    for key, own in (("aux_loss_weight", "model.dien_aux_loss_weight"), ("hidden_size", "model.dien_hidden")):
+        with pytest.raises(ConfigError, match=rf"model\.main\.{key}: set it with {own}"):
+            TrainConfig().override(["model.name=dien", f"model.main.{key}=2"])
+
+
+@pytest.mark.parametrize("name, sets, check", [
+    ("din", ["model.main.tower_activation=prelu", "model.main.tower_hidden=[100, 50]"],
+     lambda m: [type(x).__name__ for x in m.tower.net] == ["BatchNorm1d", "Linear", "_PReLULast", "Linear",
+                                                           "_PReLULast", "Linear"]
+     and [x.out_features for x in m.tower.net if hasattr(x, "out_features")] == [100, 50, 1]),
+    ("dien", ["model.main.tower_input_bn=false", "model.main.att_hidden=[16]"],
+     lambda m: type(m.tower.net[0]).__name__ == "Linear" and m.config.att_hidden == (16,)),
+    ("wide_deep", ["model.main.deep_activation=relu", "model.main.deep_input_bn=false"],
+     lambda m: [type(x).__name__ for x in m.deep.net] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]),
+    ("wide_deep", [],  # DIEN's reference Model_WideDeep: bn1, dense 200 + PReLU, dense 80 + PReLU
+     lambda m: [type(x).__name__ for x in m.deep.net] == ["BatchNorm1d", "Linear", "_PReLULast", "Linear",
+                                                          "_PReLULast", "Linear"]),
+    ("dlrm", ["model.main.over_arch_layer_sizes=[64, 1]"],
+     lambda m: m.config.over_arch_layer_sizes == (64, 1)),
+])
+def test_main_model_fields_reach_the_model(tmp_path, name, sets, check):
+    """``--set model.main.FIELD=VALUE`` (or ``model: {main: ...}`` in a YAML config) sets the main
+    model's own config field; the rest keep the reference defaults."""
+    from iacn_torchrec.distributed.setup import build_model_from_config
+    from iacn_torchrec.train.bench import _SynthDataset
+
+    ds = _SynthDataset(num_users=20, num_items=60, num_cates=6, max_len=8)
+    cfg = TrainConfig().override([f"model.name={name}", *sets])
+    assert check(build_model_from_config(cfg, ds).main_model)
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert TrainConfig.from_yaml(path).model.main == cfg.model.main
+
+
+def test_a_stored_wide_deep_run_from_before_model_main_is_read_as_it_was_built(tmp_path):
+    """Wide&Deep's deep part took the reference's BatchNorm and PReLU after runs had been stored
+    without ``model.main``: such a run's config.yaml (with ``stored=True``: export, explain), its
+    checkpoint fingerprint (resume) and its metrics.json config (reproduce's reuse) mean the ReLU
+    part without BatchNorm it was built with, not today's default; other models are unaffected, and a
+    hand-written config without ``main`` gets today's defaults."""
+    import json
+
+    from iacn_torchrec.experiments.reproduce import comparable
+    from iacn_torchrec.train.loop import config_fingerprint, fingerprint_differences
+
+    legacy = {"deep_activation": "relu", "deep_input_bn": False}
+    for name, want in (("wide_deep", legacy), ("din", {})):
+        d = TrainConfig().override([f"model.name={name}"]).to_dict()
+        del d["model"]["main"]
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(d))
+        assert TrainConfig.from_yaml(tmp_path / "config.yaml", stored=True).model.main == want
+        assert TrainConfig.from_yaml(tmp_path / "config.yaml").model.main == {}
+        today = TrainConfig().override([f"model.name={name}"])
+        as_built = TrainConfig().override([f"model.name={name}", *(f"model.main.{k}={v}" for k, v in
+                                                                   {"deep_activation": "relu",
+                                                                    "deep_input_bn": "false"}.items()
+                                                                   if want)])
+        assert (comparable(d) == comparable(today.to_dict())) == (not want)
+        assert comparable(d) == comparable(as_built.to_dict())
+        stored = json.loads(config_fingerprint(today, "abc"))
+        del stored["model.main"]
+        differ = fingerprint_differences(json.dumps(stored), config_fingerprint(today, "abc"))
+        assert differ == ([f"model.main: {legacy!r} → {{}}"] if want else [])
+        assert fingerprint_differences(json.dumps(stored), config_fingerprint(as_built, "abc")) == []
 
 
 def test_the_progress_bar_only_on_a_terminal(monkeypatch):

@@ -89,10 +89,11 @@ def build_model_from_config(
     config: TrainConfig, ds, item_log_q: torch.Tensor | None = None
 ) -> torch.nn.Module:
     """The unsharded `CTRWithIaCN` for ``config`` on dataset ``ds`` (seeded by the caller)."""
-    from iacn_torchrec.models.framework import build_model
+    from iacn_torchrec.models.framework import build_model, main_model_config
 
     return build_model(
         config.model.name,
+        model_config=main_model_config(config.model.name, config.model.main),
         num_users=ds.num_users,
         num_items=ds.num_items,
         num_cates=ds.num_cates,

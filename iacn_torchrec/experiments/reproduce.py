@@ -154,7 +154,7 @@ def build_plan(args: argparse.Namespace, datasets: dict[int, Path], base_len: in
                     add("table1", model, base_len, arm, seed)
         if "table2" in parts and seed < (args.table2_seeds or args.seeds):
             for L in args.lengths:
-                for arm in (BASE, IACN):
+                for arm in (BASE, IACN, CONTROL):
                     add("table2", args.sweep_model, L, arm, seed)
         if "delta" in parts and seed < (args.delta_seeds or args.seeds):
             add("delta", args.sweep_model, base_len, BASE, seed)
@@ -273,10 +273,13 @@ def comparable(config: dict[str, Any]) -> str:
 
     The stored config is read through ``TrainConfig.from_dict`` first, so a field added to the
     config since the run was trained counts at its default (the behaviour the run had), except
-    ``model.dien_hidden``, compared as the hidden size DIEN actually had."""
-    from iacn_torchrec.train.config import ConfigError, TrainConfig
+    ``model.dien_hidden``, compared as the hidden size DIEN actually had, and ``model.main``, as the
+    main model the run was built with (:func:`~iacn_torchrec.train.config.stored_model_main`)."""
+    from iacn_torchrec.train.config import ConfigError, TrainConfig, stored_model_main
 
     legacy_dien = "dien_hidden" not in config.get("model", {})
+    if isinstance(config.get("model"), dict):  # the main model the run was built with
+        config = {**config, "model": {**config["model"], "main": stored_model_main(config["model"])}}
     try:
         config = TrainConfig.from_dict(json.loads(json.dumps(config, default=str))).to_dict()
     except (ConfigError, TypeError, ValueError):
@@ -702,22 +705,27 @@ def write_table2(args, plan, results, out: Path, res_dir: Path) -> dict[str, Any
     m = args.sweep_model
     rows, summary = [], {}
     for L in args.lengths:
-        a, b = aucs(results, runs, m, L, IACN), aucs(results, runs, m, L, BASE)
-        p = paired(a, b)
-        rows.append(f"| {L} | {_cell(b)} | {_cell(a)} | {fmt_lift(p)} | {p.verdict()} |")
-        summary[L] = {"base": b, "iacn": a, "lift": vars(p)}
+        a, b, c = (aucs(results, runs, m, L, arm) for arm in (IACN, BASE, CONTROL))
+        p, q = paired(a, b), paired(a, c)
+        rows.append(f"| {L} | {_cell(b)} | {_cell(a)} | {_cell(c)} | {fmt_lift(p)} | {p.verdict()} | "
+                    f"{fmt_lift(q)} | {q.verdict()} |")
+        summary[L] = {"base": b, "iacn": a, "control": c, "lift": vars(p), "lift_vs_control": vars(q)}
     label = MODEL_LABELS.get(m, m)
     lines = _header(f"Table 2 analogue: {label} and {label}+IaCN by maximum history length ({args.name})",
                     args, runs, results, out,
                     [f"- Each length is the dataset re-prepared from its raw source with that max_len (same "
                      f"samples and seed; only the history truncation differs). IaCN: δ = {PAPER_DELTA:g}, "
-                     f"λ = {PAPER_LAM:g}; K_max = ceil(log2 L).",
+                     f"λ = {PAPER_LAM:g}; K_max = ceil(log2 L). Control: the same aux table with δ = 1 and "
+                     "λ = 0 (the extra width, no interest signal), as in Table 1.",
                      *_length_datasets(results, runs)])
-    lines += [f"| max history length | {label} | {label} + IaCN | lift | beyond seed noise? |",
-              "|---|---|---|---|---|", *rows, "", "![AUC vs history length](table2_length.png)", ""]
+    lines += [f"| max history length | {label} | {label} + IaCN | control | lift IaCN − alone | beyond seed "
+              "noise? | lift IaCN − control | beyond seed noise? |",
+              "|---|---|---|---|---|---|---|---|", *rows, "",
+              "![AUC vs history length](table2_length.png)", ""]
     lines += _per_seed_table(results, runs) + _config_block(results, runs)
     write_atomic(res_dir / "table2.md", "\n".join(lines))
-    _plot_lines(summary, [("base", label), ("iacn", f"{label} + IaCN")], "maximum history length",
+    _plot_lines(summary, [("base", label), ("iacn", f"{label} + IaCN"), ("control", "control (δ=1, λ=0)")],
+                "maximum history length",
                 res_dir / "table2_length.png", f"{args.name}: {label} by history length")
     return summary
 

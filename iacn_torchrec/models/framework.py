@@ -9,8 +9,11 @@ aux tables and no IaCN module, so the model is parameter-for-parameter the plain
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import difflib
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -22,11 +25,12 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from iacn_torchrec.models.dien import DIEN, DIENConfig
 from iacn_torchrec.models.din import DIN, DINConfig
 from iacn_torchrec.models.dlrm_plugin import DLRMConfig, DLRMMain
+from iacn_torchrec.models.layers import activation_layer
 from iacn_torchrec.models.wide_deep import WideDeep, WideDeepConfig
 from iacn_torchrec.modules.embeddings import EmbeddedBatch, InterestAwareEmbeddings, accumulate_row_grads
 from iacn_torchrec.modules.iacn import IaCNConfig, IaCNTask
 
-__all__ = ["CTRWithIaCN", "build_model", "MODEL_NAMES"]
+__all__ = ["CTRWithIaCN", "build_model", "main_model_config", "MODEL_NAMES"]
 
 MODEL_NAMES = ("din", "dien", "wide_deep", "dlrm")
 _MODELS: dict[str, tuple[type[nn.Module], type]] = {
@@ -35,6 +39,61 @@ _MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "wide_deep": (WideDeep, WideDeepConfig),
     "dlrm": (DLRMMain, DLRMConfig),  # TorchRec's DLRM arches; the EBC plug-in is in dlrm_plugin.py
 }
+
+
+#: main-model config fields that ``ModelConfig`` sets with a field of its own (one way to set each)
+_OWN_FIELDS = {"dien": {"aux_loss_weight": "model.dien_aux_loss_weight", "hidden_size": "model.dien_hidden"}}
+
+
+def main_model_config(model_name: str, overrides: Mapping[str, Any] | None = None) -> Any:
+    """The main model's own config (``DINConfig`` / ``DIENConfig`` / ``WideDeepConfig`` /
+    ``DLRMConfig``): the reference code's defaults, with ``overrides`` by field name (``iacn train
+    --set model.main.FIELD=VALUE``, or ``model: {main: {...}}`` in a YAML config).
+
+    Each value is checked against its field's default: widths a list of positive integers (stored as
+    the tuple the field holds), activations a name :func:`~iacn_torchrec.models.layers.activation_layer`
+    knows, flags booleans, ``dropout`` in ``[0, 1)``. ``ValueError`` names the field (``model.main.…``)
+    and, for an unknown one, the fields there are."""
+    if model_name not in _MODELS:
+        raise ValueError(f"model {model_name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    cls = _MODELS[model_name][1]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls()
+    values: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        where = f"model.main.{key}"
+        if key in _OWN_FIELDS.get(model_name, {}):
+            raise ValueError(f"{where}: set it with {_OWN_FIELDS[model_name][key]}")
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{where}: {cls.__name__} has no such field; {hint}"
+                             f"its fields: {', '.join(fields)}")
+        default = getattr(defaults, key)
+        if isinstance(default, tuple):
+            if not (isinstance(value, (list, tuple))
+                    and all(type(v) is int and v >= 1 for v in value)):  # type(): a YAML true is no width
+                raise ValueError(f"{where}: {value!r} is not a list of positive integers (widths)")
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {value!r} is not true or false")
+        elif isinstance(default, float):
+            if type(value) not in (int, float) or not math.isfinite(value):
+                raise ValueError(f"{where}: {value!r} is not a number")
+            value = float(value)
+            if key == "dropout" and not 0.0 <= value < 1.0:
+                raise ValueError(f"{where}: {value!r} is not in [0, 1)")
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: {value!r} is not a string")
+            if key.endswith("activation"):
+                try:
+                    activation_layer(value, 1)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
+        values[key] = value
+    return cls(**values)
 
 
 _WORKER: concurrent.futures.ThreadPoolExecutor | None = None

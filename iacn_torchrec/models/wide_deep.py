@@ -15,16 +15,19 @@ __all__ = ["WideDeepConfig", "WideDeep"]
 
 @dataclass
 class WideDeepConfig:
-    """Attributes:
+    """Defaults of DIEN's reference ``Model_WideDeep``: ``bn1`` on the deep input, then dense 200 →
+    PReLU → dense 80 → PReLU → output.
+
+    Attributes:
     deep_hidden: deep MLP widths (then a 1-unit output).
-    deep_activation: deep MLP activation.
-    deep_input_bn: BatchNorm on the deep input.
-    dropout: dropout after each deep activation.
+    deep_activation: deep MLP activation (see :func:`~iacn_torchrec.models.layers.activation_layer`).
+    deep_input_bn: BatchNorm on the deep input (the reference's ``bn1``).
+    dropout: dropout after each deep activation (0 in the reference).
     """
 
     deep_hidden: tuple[int, ...] = (200, 80)
-    deep_activation: str = "relu"
-    deep_input_bn: bool = False
+    deep_activation: str = "prelu"
+    deep_input_bn: bool = True
     dropout: float = 0.0
 
 
@@ -32,7 +35,7 @@ class WideDeep(nn.Module):
     """``logit = wide + deep`` with
 
     - wide: ``w·[e_t, s, e_t ⊙ s] + b`` where ``s = Σ_i e_i`` over the real behaviours (``[B, 3D] → [B]``);
-    - deep: MLP on ``[user, e_t, s]`` (``[B, Du + 2D]``) → 200 → 80 → 1, ReLU.
+    - deep: MLP on ``[user, e_t, s]`` (``[B, Du + 2D]``) → BN → 200 → 80 → 1, PReLU (the reference's).
 
     ``forward`` returns (logits ``[B]``, None).
     """

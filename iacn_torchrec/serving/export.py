@@ -282,7 +282,7 @@ def load_run(
         raise FileNotFoundError(f"{run_dir}: no such run directory (iacn train --out)")
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml: not a training run directory (iacn train --out)")
-    config = TrainConfig.from_yaml(run_dir / "config.yaml")
+    config = TrainConfig.from_yaml(run_dir / "config.yaml", stored=True)
     ds = PreparedDataset.open(_resolve_data(run_dir, data, config.data.path))
     metrics = _read_metrics(run_dir / "metrics.json")
     dataset = metrics.get("dataset")

@@ -61,10 +61,22 @@ class ModelConfig:
     compile: bool = False  # torch.compile the main model in place (CTRWithIaCN.compile_submodules)
     # one process, unsharded: IaCN's forward+backward on a worker thread, beside the main backward
     iacn_worker: bool = True
+    # fields of the main model's own config by name (DINConfig, DIENConfig, WideDeepConfig,
+    # DLRMConfig: tower_activation, tower_hidden, deep_input_bn, ...); the others keep the
+    # reference code's defaults (models.framework.main_model_config)
+    main: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
             raise ConfigError(f"model.name={self.name!r}: choose one of {', '.join(MODELS)}")
+        if not isinstance(self.main, dict):
+            raise ConfigError(f"model.main: expected a mapping of field: value, got {self.main!r}")
+        from iacn_torchrec.models.framework import main_model_config  # noqa: PLC0415 (torch, lazily)
+
+        try:
+            main_model_config(self.name, self.main)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.emb_dim <= 0 or self.user_dim <= 0:
             raise ConfigError("model.emb_dim and model.user_dim must be positive")
         if not (math.isfinite(self.dien_aux_loss_weight) and self.dien_aux_loss_weight >= 0):
@@ -182,7 +194,9 @@ class TrainConfig:
         return _build(cls, d, "")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
+    def from_yaml(cls, path: str | Path, stored: bool = False) -> TrainConfig:
+        """``stored``: a run's own ``config.yaml`` (written by ``iacn train``), read as that run was
+        trained (:func:`stored_model_main`), not as a hand-written config of today."""
         path = Path(path)
         try:
             d = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
@@ -197,6 +211,8 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
+        if stored and isinstance(d.get("model"), dict):
+            d["model"]["main"] = stored_model_main(d["model"])
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -218,7 +234,9 @@ class TrainConfig:
                 if not isinstance(node.get(p), dict):
                     raise ConfigError(f"--set {a!r}: unknown section {p!r}")
                 node = node[p]
-            if parts[-1] not in node and not (isinstance(node, dict) and parts[0] == "distributed"):
+            # mappings whose keys are the user's: distributed.sharding_types, model.main
+            open_mapping = parts[0] == "distributed" or parts[:2] == ["model", "main"]
+            if parts[-1] not in node and not (isinstance(node, dict) and open_mapping):
                 section = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
                 raise ConfigError(f"--set {a!r}: unknown field {key!r}"
                                   f"{_did_you_mean(parts[-1], node, section)}")
@@ -227,6 +245,24 @@ class TrainConfig:
             except yaml.YAMLError as e:
                 raise ConfigError(f"--set {a!r}: the value is not valid YAML ({e})") from None
         return TrainConfig.from_dict(d)
+
+
+#: ``model.main`` of runs stored before the field existed, by model: the main model they were built
+#: with. Wide&Deep's deep part was ReLU without an input BatchNorm until it took the DIEN reference
+#: code's (BatchNorm, PReLU); the other models' defaults have not changed.
+LEGACY_MODEL_MAIN: dict[str, dict[str, Any]] = {
+    "wide_deep": {"deep_activation": "relu", "deep_input_bn": False},
+}
+
+
+def stored_model_main(model: dict[str, Any]) -> Any:
+    """The ``model.main`` that a stored run's ``model`` section (``config.yaml``, ``metrics.json``,
+    a checkpoint's fingerprint) was built with: its own, or, for a run stored before the field
+    existed, :data:`LEGACY_MODEL_MAIN`. (A field added to the config since a run counts at its
+    default elsewhere; this one's absence means another architecture than today's default.)"""
+    if "main" in model:
+        return model["main"]
+    return dict(LEGACY_MODEL_MAIN.get(model.get("name"), {}))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

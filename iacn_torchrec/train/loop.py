@@ -43,7 +43,7 @@ from iacn_torchrec.train.checkpoint import (
     set_rng_state,
     step_dir,
 )
-from iacn_torchrec.train.config import TrainConfig
+from iacn_torchrec.train.config import TrainConfig, stored_model_main
 from iacn_torchrec.train.metrics import CTRMetrics
 
 logger = logging.getLogger("iacn")
@@ -536,7 +536,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested config sections → ``{"section.field": value}`` (a mapping-valued field stays whole)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and not k.endswith("sharding_types"):
+        if isinstance(v, dict) and not k.endswith("sharding_types") and f"{prefix}{k}" != "model.main":
             out.update(_flat(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
@@ -569,6 +569,8 @@ def fingerprint_differences(stored: str | None, current: str, ignore: tuple[str,
     if not isinstance(old, dict):
         return ["no configuration fingerprint in the checkpoint"]
     old = {k: v for k, v in _flat(old).items() if k not in _NOT_FINGERPRINTED}
+    if "model.main" not in old:  # stored before the field: the main model that run was built with
+        old["model.main"] = stored_model_main({"name": old.get("model.name")})
     new = json.loads(current)
     if "data.content_hash" not in old:
         new.pop("data.content_hash", None)
