@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from iacn_torchrec.errors import TrainingInterrupted, UserError, record_for_launcher
+from iacn_torchrec.errors import TrainingInterrupted, UserError, report_error
 from iacn_torchrec.runtime import apply_process_defaults
 
 # name -> (module, one-line help)
@@ -96,16 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(run(args) or 0)
     except TrainingInterrupted as e:  # stopped by a signal after checkpointing: resumable
-        print(f"iacn {args.command}: {e}", file=sys.stderr)
-        record_for_launcher(f"iacn {args.command}: {e}")
+        report_error(f"iacn {args.command}: {e}")
         return 128 + e.signum
     # bad input, config or paths (a missing run, an output path that is a file): the message, which
     # names the path, and no traceback (other OS errors, e.g. a full disk mid-run, keep theirs)
     except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
             PermissionError) as e:
         what = " ".join(x for x in (args.command, getattr(args, "bench", None)) if x)
-        print(f"iacn {what}: {e}", file=sys.stderr)
-        record_for_launcher(f"iacn {what}: {e}")
+        report_error(f"iacn {what}: {e}")
         return 2
 
 

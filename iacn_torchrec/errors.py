@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
-__all__ = ["UserError", "TrainingInterrupted", "record_for_launcher"]
+__all__ = ["UserError", "TrainingInterrupted", "report_error"]
 
 
 class UserError(Exception):
@@ -24,13 +25,15 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def record_for_launcher(message: str) -> None:
-    """Under torchrun / TorchX (``TORCHELASTIC_ERROR_FILE`` set by the elastic agent for each
-    worker), write ``message`` as this worker's error, so that the launcher's failure summary names
-    the cause (``iacn train: DIR: no such prepared dataset directory ...``) instead of ``<N/A>`` and a
-    pointer to the docs. Same format as torchelastic's ``@record``, with the one line in place of a
-    traceback: these are errors the user fixes, not bugs. Does nothing outside such a launch, or if
-    the file cannot be written (the message was printed anyway)."""
+def report_error(message: str) -> None:
+    """Print ``message`` (one line, no traceback) on stderr and, under torchrun / TorchX
+    (``TORCHELASTIC_ERROR_FILE`` set by the elastic agent for each worker), write it as this worker's
+    error, so that the launcher's failure summary names the cause (``iacn train: DIR: no such
+    prepared dataset directory ...``) instead of ``<N/A>`` and a pointer to the docs. Same format as
+    torchelastic's ``@record``, with the line in place of a traceback: these are errors the user
+    fixes (or a signal's stop), not bugs. The file is skipped outside such a launch, or if it cannot
+    be written (the message was printed anyway)."""
+    print(message, file=sys.stderr)
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return

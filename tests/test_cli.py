@@ -127,11 +127,15 @@ def _copy_run(tiny_run: Path, to: Path) -> Path:
 def test_a_user_error_under_torchrun_is_the_launchers_reported_cause(tmp_path, monkeypatch, capsys):
     """Under torchrun / TorchX each worker has a ``TORCHELASTIC_ERROR_FILE``: the one-line error is
     written there, so the launcher's failure summary (read by torch's own ``ProcessFailure``) and
-    TorchX's status name the cause instead of ``<N/A>``. Outside such a launch nothing is written."""
+    TorchX's status name the cause instead of ``<N/A>``; so is a stop by a signal (resumable, exit
+    128 + signum). Outside such a launch nothing is written."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
     from iacn_torchrec.cli import main
+    from iacn_torchrec.errors import TrainingInterrupted
 
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)
     missing = tmp_path / "absent"
     argv = ["train", "--data", str(missing), "--out", str(tmp_path / "run")]
     assert main(argv) == 2
@@ -147,6 +151,18 @@ def test_a_user_error_under_torchrun_is_the_launchers_reported_cause(tmp_path, m
     assert failure.message["message"] == line
     summary = ChildFailedError("iacn_torchrec.cli", {0: failure}).format_msg()
     assert f"traceback : {line}" in summary and "<N/A>" not in summary
+
+    def stopped(args):
+        raise TrainingInterrupted("stopped by SIGTERM after step 7 (checkpointed): rerun to resume", 15)
+
+    import iacn_torchrec.train.cli as train_cli
+
+    monkeypatch.setattr(train_cli, "run", stopped)  # `iacn train` stopped by SIGTERM mid-run
+    assert main(argv) == 128 + 15
+    line = capsys.readouterr().err.strip()
+    assert line == "iacn train: stopped by SIGTERM after step 7 (checkpointed): rerun to resume"
+    stop = ProcessFailure(local_rank=0, pid=1, exitcode=143, error_file=str(error_file))
+    assert stop.message["message"] == line
 
 
 def test_train_records_the_absolute_data_path_so_export_works_from_anywhere(tiny_run, tmp_path, monkeypatch):

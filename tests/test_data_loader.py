@@ -415,7 +415,7 @@ def test_an_open_stats_the_vocabularies_and_a_read_counts_their_lines(small, tmp
     merged = data.replace(b"\n", b" ", 1)  # the same size, one line fewer: only a read can tell
     p.write_bytes(merged)
     ds = PreparedDataset.open(d)  # not read
-    for read in (lambda: ds.vocab("item"), lambda: ds.vocab_bytes("item"), ds.verify):
+    for read in (lambda: ds.vocab("item"), lambda: ds.read_vocab_file("item"), ds.verify):
         with pytest.raises(DataError, match=rf"vocab/item\.tsv: {n - 1} lines, but meta\.json's "
                                             rf"counts\.items is {n}"):
             read()

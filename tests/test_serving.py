@@ -192,16 +192,24 @@ def test_the_exported_jagged_path_equals_the_padded_model_on_any_batch(runs, exp
         emb = EmbeddedBatch(s.user_table(uid), target, hist, lengths.clamp(max=L))
         return torch.sigmoid(s.main_model(emb)[0])
 
+    def ids(table, *shape):
+        return torch.randint(1, table.num_embeddings, shape, generator=g)
+
     cases = [[3], [0], [0, 0, 0], [L, L], [L + 5, 2, 0, 7, 1],
              torch.randint(0, L + 1, (50,), generator=g).tolist()]
     for lengths in cases:
         B = len(lengths)
-        item_ids = lambda *shape: torch.randint(1, s.item_table.num_embeddings, shape, generator=g)  # noqa: E731
-        cate_ids = lambda *shape: torch.randint(1, s.cate_table.num_embeddings, shape, generator=g)  # noqa: E731
-        x = (torch.randint(1, s.user_table.num_embeddings, (B,), generator=g), item_ids(B), cate_ids(B),
-             item_ids(B, L), cate_ids(B, L), torch.tensor(lengths))
+        x = (ids(s.user_table, B), ids(s.item_table, B), ids(s.cate_table, B), ids(s.item_table, B, L),
+             ids(s.cate_table, B, L), torch.tensor(lengths))
         with torch.no_grad():
             torch.testing.assert_close(art(*x), padded_model(*x), rtol=0, atol=ATOL, msg=f"lengths {lengths}")
+    # what is traced: the item table looks up the targets [B] and the real behaviours [N], never [B, L]
+    looked_up = []
+    s.item_table.register_forward_hook(lambda m, args, out: looked_up.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        s(*x)
+    n = int(torch.tensor(cases[-1]).clamp(max=L).sum())
+    assert r.model.main_model.reads_jagged_history and looked_up == [(50,), (n,)]
 
 
 def test_a_sharded_run_exports_from_its_assembled_shards(data_dir, tmp_path):

@@ -224,7 +224,7 @@ class PreparedDataset:
     def verify(self) -> None:
         """Recompute the content hash and compare it with ``meta.json``."""
         arrays = {n: self._array(n) for n in self.meta["arrays"]}
-        vocab = {k: self.vocab_bytes(k) for k in ("uid", "item", "cate")}
+        vocab = {k: self.read_vocab_file(k) for k in ("uid", "item", "cate")}
         got = content_hash(arrays, vocab)
         if got != self.meta["content_hash"]:
             raise DataError(
@@ -237,12 +237,12 @@ class PreparedDataset:
         # turn a "\r\n" inside one into "\n", str.splitlines also splits on "\r", "\x1c", "\u2028" ...)
         p = self.path / "vocab" / f"{kind}.tsv"
         try:
-            lines = self.vocab_bytes(kind).decode("utf-8").split("\n")
+            lines = self.read_vocab_file(kind).decode("utf-8").split("\n")
         except UnicodeDecodeError as e:
             raise DataError(f"{p}: not valid UTF-8 ({e.reason}); prepare it again with --force") from e
         return [ln.split("\t", 1)[0] for ln in lines[:-1]]
 
-    def vocab_bytes(self, kind: str) -> bytes:
+    def read_vocab_file(self, kind: str) -> bytes:
         """The content of ``vocab/<kind>.tsv``, checked to hold ``counts`` whole lines
         (:func:`check_vocab_bytes`): the open may not have read it."""
         p = self.path / "vocab" / f"{kind}.tsv"

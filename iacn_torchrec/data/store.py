@@ -222,7 +222,7 @@ def check_target(out: str | Path, overwrite: bool) -> None:
         )
 
 
-def _vocab_bytes(tokens: np.ndarray, kind: str) -> bytes:
+def _vocab_file(tokens: np.ndarray, kind: str) -> bytes:
     toks = tokens.astype(str).tolist()
     bad = next((t for t in toks if "\t" in t or "\n" in t), None)
     if bad is not None:
@@ -250,7 +250,7 @@ def write_dataset(built: BuiltDataset, out: str | Path, meta: dict, *, overwrite
     for split, sa in built.splits.items():
         for name, a in sa.arrays().items():
             arrays[f"{split}/{name}.npy"] = a
-    vocab = {k: _vocab_bytes(built.vocabs[k], k) for k in VOCABS}
+    vocab = {k: _vocab_file(built.vocabs[k], k) for k in VOCABS}
 
     tmp = temp_sibling(out)
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +106,7 @@ _SAVED_PER_STEP = 7  # h_{t-1}, n, ũ, 1 - z, r, gh_n, σ'(rz)
 
 
 def _recurrence_step(
-    gi_rz: torch.Tensor, gi_n: torch.Tensor, a: Optional[torch.Tensor], h: torch.Tensor, w_t: torch.Tensor,  # noqa: UP045
+    gi_rz: torch.Tensor, gi_n: torch.Tensor, a: torch.Tensor | None, h: torch.Tensor, w_t: torch.Tensor,
     b_hh: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One GRU / AUGRU step of the ``S`` live rows from their input projections ``gi_rz [S, 2H]``,
@@ -153,12 +152,13 @@ def _recurrence_steps(
 
 
 def _traceable_recurrence(
-    gi: torch.Tensor, att: Optional[torch.Tensor], w_hh: torch.Tensor, b_hh: torch.Tensor,  # noqa: UP045
+    gi: torch.Tensor, att: torch.Tensor | None, w_hh: torch.Tensor, b_hh: torch.Tensor,
     batch_sizes: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`_recurrence_steps`' states (no gradient) with the step sizes read from ``batch_sizes``
-    when it runs, in TorchScript (:func:`_scripted_recurrence`): a trace would keep the example's
-    sizes as constants. Sizes of 0 (a traced packing's steps past the longest history) end it."""
+    """:func:`_recurrence_steps`' states (autograd's backward, no hand-written one) with the step
+    sizes read from ``batch_sizes`` when it runs, in TorchScript (:func:`_scripted_recurrence`): a
+    trace would keep the example's sizes as constants. Sizes of 0 (a traced packing's steps past the
+    longest history) end it."""
     H = w_hh.shape[1]
     sizes: list[int] = batch_sizes.tolist()
     w_t = w_hh.t()
@@ -170,7 +170,7 @@ def _traceable_recurrence(
             break
         h = h[:size]
         g = gi[start: start + size]
-        a: Optional[torch.Tensor] = None  # noqa: UP045
+        a: torch.Tensor | None = None
         if att is not None:
             a = att[start: start + size].unsqueeze(1)
         h = _recurrence_step(g[:, : 2 * H], g[:, 2 * H:], a, h, w_t, b_hh)[0]
@@ -446,7 +446,7 @@ class DIEN(nn.Module):
 
     With the lookups' jagged values (``emb.hist_values``, as in training and evaluation) all of it
     runs on the N real behaviours in packed order (:func:`~iacn_torchrec.models.layers.pack_history`);
-    the padded views give the same function (serving, hand-built batches).
+    the padded views give the same function (hand-built batches; serving passes the jagged values).
 
     ``forward`` returns (logits ``[B]``, ``aux_loss_weight · L_aux`` or None).
     """
@@ -474,7 +474,7 @@ class DIEN(nn.Module):
 
     def forward(self, emb: EmbeddedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The lookups' jagged values: both recurrences, the attention and the auxiliary loss run on
-        # the N real behaviours. A padded-only batch (serving, hand-built), one without any
+        # the N real behaviours. A padded-only batch (hand-built), one without any
         # behaviour, or torch.compile (the packed steps are data-dependent) takes the padded path.
         if emb.hist_values is not None and emb.hist_values.shape[0] and not torch.compiler.is_compiling():
             final, hist_sum, aux_loss = self._evolve_jagged(emb)

@@ -5,8 +5,10 @@
 IaCN costs nothing at inference (DESIGN.md): the main model only ever reads ``E = E_orig ⊕ E_aux``,
 so each item-side feature's two tables are merged into one table whose rows are the concatenation
 (``[N + 1, orig_dim + aux_dim]``) and the IaCN task is dropped. :class:`ServingModel` does the lookups
-with plain tensor indexing on padded ids (no KJT, no TorchRec collections, no fbgemm) and calls the
-trained main model; it is traced to TorchScript with :func:`torch.jit.trace`.
+with plain ``F.embedding`` (no KJT, no TorchRec collections, no fbgemm): of the real behaviours only
+for DIN and DIEN, which read the jagged history, of the padded ids for Wide&Deep and DLRM. It calls
+the trained main model and is traced to TorchScript with :func:`torch.jit.trace` (DIEN's
+recurrences as a scripted loop: ``models.dien._traceable_recurrence``).
 
 Why TorchScript tracing and not ``torch.export``: the main models trim the padded history to the
 batch's longest one on CPU (``models.layers.effective_length`` reads ``int(hist_lengths.max())``),
@@ -111,8 +113,10 @@ class ServingModel(nn.Module):
 
     ``forward(uid [B], item [B], cate [B], hist_item [B, L], hist_cate [B, L], hist_lengths [B])``
     returns ``sigmoid(logits)`` ``[B]``. The main model sees the :class:`EmbeddedBatch` the training
-    embeddings build: ``target = item ⊕ cate`` ``[B, D]``, ``hist`` ``[B, L, D]`` zero past
-    ``hist_lengths`` (whatever ids sit there), ``D = 2·(orig_dim + aux_dim)``.
+    embeddings build: ``target = item ⊕ cate`` ``[B, D]`` (``D = 2·(orig_dim + aux_dim)``) and the
+    history of each row's first ``min(hist_lengths, L)`` positions (whatever ids sit past them): for a
+    main model with ``reads_jagged_history`` (DIN, DIEN) its jagged values ``[N, D]`` and offsets
+    ``[B + 1]``, otherwise ``hist`` ``[B, L, D]`` zero past the length.
     """
 
     def __init__(
@@ -455,7 +459,8 @@ def export_run(
             torch.jit.save(traced_q, str(tmp / "model_int8.pt"))
         (tmp / "vocab").mkdir()
         for kind in ("uid", "item", "cate"):
-            (tmp / "vocab" / f"{kind}.tsv").write_bytes(run.ds.vocab_bytes(kind))  # checked, not copied blind
+            # the checked content, not a blind copy of the file
+            (tmp / "vocab" / f"{kind}.tsv").write_bytes(run.ds.read_vocab_file(kind))
         np.save(tmp / "item2cate.npy", np.asarray(run.ds.item2cate, dtype=np.int64))
         files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         cfg = run.config

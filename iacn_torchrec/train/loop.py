@@ -188,8 +188,8 @@ def check_run_directory(out: Path) -> None:
 def kernels_used(config: TrainConfig, setup: Any) -> list[str]:
     """The C++ kernels (:data:`~iacn_torchrec.kernels.KERNELS`) this run's steps call: they are CPU
     kernels, the lookup kernel serves the unsharded tables, the others their model's layers. A model
-    that gains a kernel is added here; ``test_the_kernels_loaded_before_the_clock_are_the_ones_the_run
-    _calls`` checks the list against what each model's run loads."""
+    that gains a kernel is added here; a test checks the list against what each model's run loads
+    (``tests/test_train_e2e.py::test_the_kernels_loaded_before_the_clock_are_the_ones_the_run_calls``)."""
     if setup.device.type != "cpu":
         return []
     used = [] if setup.sharded else ["concat_lookup"]
