@@ -18,6 +18,7 @@ from iacn_torchrec.runtime import apply_process_defaults
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("iacn_torchrec.data.prepare_cli", "build a prepared dataset from raw files"),
     "train": ("iacn_torchrec.train.cli", "train a CTR model with or without IaCN"),
+    "evaluate": ("iacn_torchrec.train.evaluate", "evaluate a run's checkpoint: AUC, GAUC, log-loss"),
     "demo": ("iacn_torchrec.train.demo", "prepare the embedded data, train DIN and DIN+IaCN"),
     "reproduce": ("iacn_torchrec.experiments.reproduce", "reproduce the paper's tables on a dataset"),
     "plan": ("iacn_torchrec.distributed.plan_cli", "plan sharding with and without IaCN tables"),

@@ -35,7 +35,8 @@ class Dice(nn.Module):
     """Data-adaptive activation of DIN (Zhou et al., KDD'18, eq. 8).
 
     ``f(s) = p(s)·s + (1 - p(s))·α·s`` with ``p(s) = sigmoid(BN(s))``; BN without affine terms and
-    ``eps = 1e-8`` (DIEN's code), α initialised to 0 (so Dice starts as a smooth ReLU). DIEN's TF
+    ``eps = 1e-8`` (DIEN's code has 1e-9: a negligible difference next to the variances here), α
+    initialised to 0 (so Dice starts as a smooth ReLU). DIEN's TF
     code normalises with the batch statistics even at inference; here BatchNorm keeps running
     statistics for eval, as DeepCTR-Torch does.
 
