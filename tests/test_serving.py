@@ -119,14 +119,25 @@ def test_auc_matches_pairwise_count():
 
 
 def test_int8_table_error_is_within_half_a_step():
+    """A packed 8-bit table holds per row ``d`` bytes and its float32 scale (max − min) / 255 and
+    bias (min); a lookup of any id shape returns those rows dequantised, within half a step of the
+    float rows."""
+    from iacn_torchrec.serving.export import dequantised_rows
+
     torch.manual_seed(0)
     w = torch.randn(50, 12)
     q = MergedTable(w, int8=True)
-    ids = torch.arange(50)
-    err = (q(ids) - w).abs()
+    assert q.weight_packed.dtype == torch.uint8 and q.weight_packed.shape == (50, 12 + 8)
+    scale_bias = q.weight_packed[:, 12:].contiguous().view(torch.float32)
     step = (w.max(1).values - w.min(1).values) / 255
-    assert bool((err <= step[:, None] / 2 + 1e-6).all())
-    assert q.weight_q.dtype == torch.int8
+    torch.testing.assert_close(scale_bias[:, 0], step)
+    torch.testing.assert_close(scale_bias[:, 1], w.min(1).values)
+    deq = dequantised_rows(q.weight_packed)
+    assert bool(((deq - w).abs() <= step[:, None] / 2 + 1e-6).all())
+    ids = torch.randint(0, 50, (7, 5))
+    torch.testing.assert_close(q(ids), deq[ids], rtol=0, atol=1e-6)  # a fused multiply-add: rounding
+    torch.testing.assert_close(q(torch.arange(50)), deq, rtol=0, atol=1e-6)
+    assert q(ids[:0]).shape == (0, 5, 12)
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -254,7 +265,7 @@ def test_iacn_model_exports_to_the_same_graph_as_plain_model_of_same_width(expor
 
 
 def test_int8_artefact_reports_auc_change(exported):
-    """The int8 artefact really holds int8 tables and scores close to, but not exactly as, the
+    """The int8 artefact really holds 8-bit tables and scores close to, but not exactly as, the
     float one; the manifest's figures are those scores'."""
     from iacn_torchrec.serving.export import split_inputs
 
@@ -262,8 +273,8 @@ def test_int8_artefact_reports_auc_change(exported):
     q = m["checks"]["int8"]
     art_q = ServingArtifact.load(exported["din"], int8=True)
     art_f = ServingArtifact.load(exported["din"])
-    assert any(t.dtype == torch.int8 for t in art_q.model.state_dict().values())
-    assert not any(t.dtype == torch.int8 for t in art_f.model.state_dict().values())
+    assert any(t.dtype == torch.uint8 for t in art_q.model.state_dict().values())
+    assert not any(t.dtype == torch.uint8 for t in art_f.model.state_dict().values())
     inputs, labels = split_inputs(load_run(m["run"]["path"]).ds)
     with torch.no_grad():
         p_q, p_f = art_q.model(*inputs).numpy(), art_f.model(*inputs).numpy()
@@ -653,10 +664,11 @@ def test_export_step_exports_that_older_checkpoint(data_dir, tmp_path, capsys):
 
 
 def test_score_int8_uses_the_int8_tables_and_reports_the_auc_of_its_scores(runs, exported, tmp_path, capsys):
-    """``iacn score --int8`` scores with the row-wise int8 tables: the written scores are those of
-    the float model with its tables quantised and dequantised by hand (``q = round((w - min) /
-    scale) - 128``, ``scale = (max - min) / 255``), close to but not the float artefact's; and the
-    AUC it prints (and returns) on a labelled input is the rank AUC of the scores it wrote."""
+    """``iacn score --int8`` scores with the row-wise 8-bit tables: the written scores are those of
+    the float model with each table replaced by the rows the packed table holds (``q·scale + bias``,
+    ``q`` within one step of ``(w - min) / scale`` by hand, ``scale = (max - min) / 255``), close to
+    but not the float artefact's; and the AUC it prints (and returns) on a labelled input is the rank
+    AUC of the scores it wrote."""
     from iacn_torchrec.cli import main
 
     _write_tsv(load_run(runs["din"]).ds, tmp_path / "in.tsv")
@@ -674,13 +686,16 @@ def test_score_int8_uses_the_int8_tables_and_reports_the_auc_of_its_scores(runs,
     float_model = ServingArtifact.load(exported["din"]).model
     int8_state = ServingArtifact.load(exported["din"], int8=True).model.state_dict()
     state = float_model.state_dict()
+    from iacn_torchrec.serving.export import dequantised_rows
+
     for t in ("user", "item", "cate"):
         w = state[f"{t}_table.weight"]
+        packed = int8_state[f"{t}_table.weight_packed"]
         lo, hi = w.min(1).values, w.max(1).values
-        scale = (hi - lo).clamp_min(1e-12) / 255
-        q = (torch.round((w - lo[:, None]) / scale[:, None]) - 128).clamp(-128, 127)
-        assert torch.equal(int8_state[f"{t}_table.weight_q"], q.to(torch.int8)), t  # the int8 tables held
-        deq = q * scale[:, None] + (lo + 128 * scale)[:, None]
+        scale = (hi - lo) / 255
+        by_hand = torch.round((w - lo[:, None]) / scale[:, None].clamp_min(1e-12))
+        assert (packed[:, :-8].float() - by_hand).abs().max() <= 1, t  # the 8-bit tables held
+        deq = dequantised_rows(packed)
         assert bool(((deq - w).abs() <= scale[:, None] / 2 + 1e-6).all())  # within half a step
         state[f"{t}_table.weight"] = deq
     float_model.load_state_dict(state)

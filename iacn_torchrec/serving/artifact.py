@@ -126,7 +126,9 @@ def _model_shapes(model: torch.jit.ScriptModule) -> tuple[dict[str, int], int]:
     sd = model.state_dict()
     rows = {}
     for t in ("user", "item", "cate"):
-        w = sd.get(f"{t}_table.weight", sd.get(f"{t}_table.weight_q"))
+        # float, 8-bit packed, or the int8 buffer of artefacts exported before session 20
+        names = [f"{t}_table.{k}" for k in ("weight", "weight_packed", "weight_q")]
+        w = next((sd[n] for n in names if n in sd), None)
         if w is None or "positions" not in sd:
             raise ValueError(f"not an exported model: no {t}_table / positions in its state dict")
         rows[t] = int(w.shape[0])

@@ -50,6 +50,7 @@ from iacn_torchrec.serving.artifact import FORMAT, FORMAT_VERSION, INPUT_NAMES, 
 
 __all__ = [
     "MergedTable",
+    "dequantised_rows",
     "ServingModel",
     "LoadedRun",
     "load_run",
@@ -72,10 +73,14 @@ class ExportError(UserError, RuntimeError):
 
 # --------------------------------------------------------------------------------------- modules
 class MergedTable(nn.Module):
-    """One embedding table for serving: float32 rows, or int8 row-wise quantised rows.
+    """One embedding table for serving: float32 rows, or row-wise 8-bit quantised rows.
 
-    int8 (fbgemm's row-wise scheme): ``w ≈ q·scale + bias`` per row with ``q ∈ [-128, 127]``,
-    ``scale = (max - min) / 255``, ``bias = min + 128·scale`` (error ≤ scale / 2 per entry).
+    8-bit (fbgemm's row-wise scheme, through torch's own ``quantized::embedding_bag_byte_*`` CPU ops,
+    which need no fbgemm_gpu): each row is stored as ``d`` bytes ``q ∈ [0, 255]`` followed by its
+    float32 ``scale = (max - min) / 255`` and ``bias = min``, and read as ``w ≈ q·scale + bias``
+    (error ≤ scale / 2 per entry). One fused op dequantises the rows it looks up; on Beauty's tables
+    it reads 10k rows in ~45 µs where a float ``F.embedding`` takes ~80 µs and a gather of the
+    three parts then a multiply-add ~520 µs (one thread, measured in session 20).
 
     Shapes: ``weight [N, d]``; ``forward(ids [...]) -> [..., d]`` float32.
     """
@@ -86,19 +91,26 @@ class MergedTable(nn.Module):
         self.int8 = bool(int8)
         self.num_embeddings, self.embedding_dim = weight.shape
         if self.int8:
-            lo = weight.min(dim=1).values
-            scale = (weight.max(dim=1).values - lo).clamp_min(1e-12) / 255.0
-            q = torch.round((weight - lo[:, None]) / scale[:, None]) - 128.0
-            self.register_buffer("weight_q", q.clamp(-128, 127).to(torch.int8))
-            self.register_buffer("scale", scale)
-            self.register_buffer("bias", lo + 128.0 * scale)
+            self.register_buffer("weight_packed", torch.ops.quantized.embedding_bag_byte_prepack(weight))
         else:
             self.register_buffer("weight", weight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.int8:
-            return self.weight_q[ids].float() * self.scale[ids].unsqueeze(-1) + self.bias[ids].unsqueeze(-1)
+            flat = ids.reshape(-1)
+            offsets = torch.arange(flat.numel(), device=ids.device)  # a bag of one row per id
+            rows = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                self.weight_packed, flat, offsets, False, 0, False, None, None, False)
+            return rows.reshape(*ids.shape, self.embedding_dim)
         return F.embedding(ids, self.weight)
+
+
+def dequantised_rows(packed: torch.Tensor) -> torch.Tensor:
+    """The float rows ``q·scale + bias`` that a packed 8-bit table (``MergedTable.weight_packed``,
+    ``[N, d + 8]`` uint8) holds: ``[N, d]``."""
+    d = packed.shape[1] - 8
+    scale_bias = packed[:, d:].contiguous().view(torch.float32)  # [N, 2]
+    return packed[:, :d].float() * scale_bias[:, :1] + scale_bias[:, 1:]
 
 
 class ServingModel(nn.Module):
