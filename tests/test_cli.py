@@ -357,6 +357,21 @@ def test_train_keeps_a_users_files(tiny_run, tmp_path, monkeypatch):
     (Path("run") / "report.md").write_text("an explain report beside the run's checkpoints")
     assert _main("train", "--config", "run/config.yaml", "--out", "run", "--no-progress") == 0
 
+    # written before model.main existed: still the run's own file (it resumes), and a Wide&Deep one
+    # passed to a new run means the ReLU deep part that run was built with, not today's default
+    old = yaml.safe_load(Path("run/config.yaml").read_text())
+    del old["model"]["main"]
+    Path("run/config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert _main("train", "--config", "run/config.yaml", "--out", "run", "--no-progress") == 0
+    old["model"]["name"] = "wide_deep"
+    Path("old_wd").mkdir()
+    Path("old_wd/config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    Path("old_wd/metrics.json").write_text("{}")
+    assert _main("train", "--config", "old_wd/config.yaml", "--out", "new_wd", "--max-steps", "1",
+                 "--no-progress") == 0
+    assert yaml.safe_load(Path("new_wd/config.yaml").read_text())["model"]["main"] == {
+        "deep_activation": "relu", "deep_input_bn": False}
+
 
 def test_another_world_size_is_not_sent_to_an_older_checkpoint(tiny_run, tmp_path, monkeypatch, capsys):
     """Checkpoints written by 2 ranks, resumed by 1: the error says to resume with the same world

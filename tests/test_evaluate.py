@@ -88,3 +88,21 @@ def test_bad_requests_are_one_line_errors(run_dir, capsys, argv, message):
     assert main(["evaluate", "--run", str(run_dir), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("iacn evaluate: ") and err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_json_is_strict_and_a_sharded_run_claims_no_recorded_match(run_dir, tmp_path, capsys):
+    """An AUC over samples of one label is NaN: ``--json`` writes null (strict JSON). A run trained
+    on several ranks kept one BatchNorm / Dice statistics set per rank, so its checkpoint's scores are
+    not the recorded evaluation: no ``recorded`` figures are put beside them."""
+    import shutil
+
+    assert main(["evaluate", "--json", "--threads", "1", "--run", str(run_dir), "--limit", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1],
+                     parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert res["samples"] == 1 and res["auc"] is None
+    copy = tmp_path / "two-ranks"
+    shutil.copytree(run_dir, copy)
+    m = json.loads((copy / "metrics.json").read_text())
+    m["world_size"] = 2
+    (copy / "metrics.json").write_text(json.dumps(m))
+    assert _evaluate(capsys, "--run", str(copy))["recorded"] is None

@@ -572,8 +572,13 @@ def test_a_kernel_build_is_not_counted_as_training_time(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("iacn", [True, False], ids=["iacn", "plain"])
-@pytest.mark.parametrize("model", ["din", "dien", "wide_deep", "dlrm"])
-def test_the_kernels_loaded_before_the_clock_are_the_ones_the_run_calls(tmp_path, monkeypatch, model, iacn):
+@pytest.mark.parametrize("model, main", [
+    ("din", {}), ("dien", {}), ("wide_deep", {}), ("dlrm", {}),
+    ("din", {"tower_activation": "prelu"}),  # no Dice left: no Dice kernel
+    ("wide_deep", {"deep_activation": "dice"}),  # Dice where the reference has PReLU
+], ids=["din", "dien", "wide_deep", "dlrm", "din-prelu", "wide_deep-dice"])
+def test_the_kernels_loaded_before_the_clock_are_the_ones_the_run_calls(tmp_path, monkeypatch, model, main,
+                                                                         iacn):
     """``loop.kernels_used`` is a hand-kept list of the C++ kernels each model's steps call. Here a
     run that preloads nothing loads what its steps (and evaluation) really call, which must be that
     list: a kernel missing from it would be built inside the first timed step, one too many would
@@ -597,7 +602,7 @@ def test_the_kernels_loaded_before_the_clock_are_the_ones_the_run_calls(tmp_path
     monkeypatch.setattr(kernels, "_STATE", {})  # as in a fresh process: every kernel loads again
     c = _config(data, tmp_path / "run", 2)
     c.data = DataConfig(path=str(data), batch_size=16)
-    c.model = ModelConfig(name=model)
+    c.model = ModelConfig(name=model, main=main)
     c.iacn = IaCNConfig(enabled=iacn, delta=0.3, lam=1.0)
     assert train(c)["steps"] == 2
     assert [sorted(k) for k in listed] == [sorted(kernels._STATE)]

@@ -29,6 +29,7 @@ with a two-sided paired t-test at 95 % against the seed noise.
 from __future__ import annotations
 
 import argparse
+import collections
 import fcntl
 import json
 import math
@@ -275,11 +276,17 @@ def comparable(config: dict[str, Any]) -> str:
     config since the run was trained counts at its default (the behaviour the run had), except
     ``model.dien_hidden``, compared as the hidden size DIEN actually had, and ``model.main``, as the
     main model the run was built with (:func:`~iacn_torchrec.train.config.stored_model_main`)."""
+    from iacn_torchrec.models.framework import resolved_model_main
     from iacn_torchrec.train.config import ConfigError, TrainConfig, stored_model_main
 
     legacy_dien = "dien_hidden" not in config.get("model", {})
-    if isinstance(config.get("model"), dict):  # the main model the run was built with
-        config = {**config, "model": {**config["model"], "main": stored_model_main(config["model"])}}
+    if isinstance(config.get("model"), dict):  # the main model the run was built with, every field
+        model = config["model"]
+        try:
+            main = resolved_model_main(model.get("name"), stored_model_main(model))
+        except (ValueError, TypeError, AttributeError):
+            main = stored_model_main(model)  # another version's field: compared as stored
+        config = {**config, "model": {**model, "main": main}}
     try:
         config = TrainConfig.from_dict(json.loads(json.dumps(config, default=str))).to_dict()
     except (ConfigError, TypeError, ValueError):
@@ -581,6 +588,15 @@ def aucs(
             if r.model == model and r.max_len == L and r.arm.key == arm.key and r.run_id in results}
 
 
+def _sources_note(done: list[dict[str, Any]]) -> str:
+    """``"; the runs' library sources: A (60 runs), B (30 runs)"`` when the runs were trained by more
+    than one version of the library (``versions.iacn_torchrec_source``), else ``""``."""
+    counts = collections.Counter(str((m.get("versions") or {}).get("iacn_torchrec_source")) for m in done)
+    if len(counts) < 2:
+        return ""
+    return "; the runs' library sources: " + ", ".join(f"{s} ({n} runs)" for s, n in counts.most_common())
+
+
 def _header(title: str, args: argparse.Namespace, part_runs: list[Run], results: dict[str, dict[str, Any]],
             out: Path, notes: list[str]) -> list[str]:
     done = [results[r.run_id] for r in part_runs if r.run_id in results]
@@ -606,7 +622,7 @@ def _header(title: str, args: argparse.Namespace, part_runs: list[Run], results:
         f"extra overrides: {list(args.set) or 'none'}",
         f"- Wall time of these runs (training + evaluation, summed): {wall / 60:.1f} min; "
         f"training throughput median {statistics.median(sps) if sps else math.nan:,.0f} samples/s",
-        f"- Versions: {json.dumps(first.get('versions', {}))}",
+        f"- Versions: {json.dumps(first.get('versions', {}))}" + _sources_note(done),
         "- Paired by seed: same seed ⇒ same data order, the same user and E_orig tables (keep-width "
         "arms: the user table) and the same initial value of every main-model parameter whose shape "
         "does not depend on the aux width in every arm (all of them at the plain width; at the "

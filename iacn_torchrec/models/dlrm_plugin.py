@@ -446,6 +446,11 @@ class DLRMConfig:
     dense_arch_hidden: tuple[int, ...] = (32,)
     over_arch_layer_sizes: tuple[int, ...] = field(default_factory=lambda: (200, 80, 1))
 
+    def __post_init__(self) -> None:
+        if not self.over_arch_layer_sizes or self.over_arch_layer_sizes[-1] != 1:
+            raise ValueError("over_arch_layer_sizes must end in 1 (the logit), "
+                             f"got {list(self.over_arch_layer_sizes)}")
+
 
 class DLRMMain(nn.Module):
     """TorchRec's DLRM arches as a main model of :class:`CTRWithIaCN` (``iacn train --model dlrm``).
@@ -470,9 +475,6 @@ class DLRMMain(nn.Module):
         self.config = config = config or DLRMConfig()
         if item_dim % 2:
             raise ValueError(f"DLRMMain: item_dim={item_dim} must be item ⊕ cate (even)")
-        if not config.over_arch_layer_sizes or config.over_arch_layer_sizes[-1] != 1:
-            raise ValueError(f"DLRMConfig.over_arch_layer_sizes must end in 1, "
-                             f"got {config.over_arch_layer_sizes}")
         self.user_dim, self.item_dim, self.max_len = user_dim, item_dim, max_len
         d = self.d = item_dim // 2
         self.user_proj = nn.Linear(user_dim, d, bias=False) if user_dim != d else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import difflib
+import json
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -30,7 +31,7 @@ from iacn_torchrec.models.wide_deep import WideDeep, WideDeepConfig
 from iacn_torchrec.modules.embeddings import EmbeddedBatch, InterestAwareEmbeddings, accumulate_row_grads
 from iacn_torchrec.modules.iacn import IaCNConfig, IaCNTask
 
-__all__ = ["CTRWithIaCN", "build_model", "main_model_config", "MODEL_NAMES"]
+__all__ = ["CTRWithIaCN", "build_model", "main_model_config", "resolved_model_main", "MODEL_NAMES"]
 
 MODEL_NAMES = ("din", "dien", "wide_deep", "dlrm")
 _MODELS: dict[str, tuple[type[nn.Module], type]] = {
@@ -79,6 +80,11 @@ def main_model_config(model_name: str, overrides: Mapping[str, Any] | None = Non
             if not isinstance(value, bool):
                 raise ValueError(f"{where}: {value!r} is not true or false")
         elif isinstance(default, float):
+            if isinstance(value, str):  # YAML reads 1e-1 as a string: a number in a string is a number
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
             if type(value) not in (int, float) or not math.isfinite(value):
                 raise ValueError(f"{where}: {value!r} is not a number")
             value = float(value)
@@ -92,8 +98,24 @@ def main_model_config(model_name: str, overrides: Mapping[str, Any] | None = Non
                     activation_layer(value, 1)
                 except ValueError as e:
                     raise ValueError(f"{where}: {e}") from None
+                value = value.lower()  # one spelling: PReLU and prelu are the same model
         values[key] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:  # the config's own checks (e.g. DLRM's OverArch ending in 1)
+        raise ValueError(f"model.main: {e}") from None
+
+
+def resolved_model_main(model_name: str, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Every field of the main model's config that ``overrides`` give it (:func:`main_model_config`)
+    as plain JSON values: what resumes and reuse compare, so that a spelled-out default, or another
+    spelling of an activation, is the same model, and a later change of a default is not. Fields that
+    ``ModelConfig`` sets with fields of its own (DIEN's ``aux_loss_weight``, ``hidden_size``) are left
+    to those."""
+    resolved = dataclasses.asdict(main_model_config(model_name, overrides))
+    for key in _OWN_FIELDS.get(model_name, {}):
+        resolved.pop(key)
+    return json.loads(json.dumps(resolved))
 
 
 _WORKER: concurrent.futures.ThreadPoolExecutor | None = None

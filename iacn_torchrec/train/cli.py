@@ -104,8 +104,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (metrics.json, config.yaml, checkpoints/)")
 
 
+def _a_runs_config(path: Path) -> bool:
+    """``path`` is the ``config.yaml`` of a run directory (``iacn train`` wrote it beside its
+    ``metrics.json`` / ``checkpoints``): read as that run was trained (``from_yaml(stored=True)``)."""
+    return path.name == "config.yaml" and ((path.parent / "metrics.json").is_file()
+                                           or (path.parent / "checkpoints").is_dir())
+
+
+def _rewrites_losslessly(path: Path) -> bool:
+    """A run rewriting ``path`` (its own config.yaml) loses nothing: no comments, and every value in
+    it reads back the same (fields added since the file was written may be new)."""
+    import yaml
+
+    text = path.read_text()
+    if "#" in text:
+        return False
+
+    def covered(old: object, new: object) -> bool:
+        if isinstance(old, dict) and isinstance(new, dict):
+            return all(k in new and covered(v, new[k]) for k, v in old.items())
+        return old == new
+
+    return covered(yaml.safe_load(text) or {}, TrainConfig.from_yaml(path, stored=True).to_dict())
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    config = (TrainConfig.from_yaml(args.config, stored=_a_runs_config(Path(args.config))) if args.config
+              else TrainConfig())
     sets = []
     for flag, (path, _) in _FLAGS.items():
         v = getattr(args, flag, None)
@@ -148,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(config.out, "--out" if args.out else "out", directory=True, parents=True)
     written = Path(config.out) / "config.yaml"
     if args.config and written.exists() and Path(args.config).resolve() == written.resolve() \
-            and written.read_text() != TrainConfig.from_yaml(written).to_yaml():
+            and not _rewrites_losslessly(written):
         # a run rewrites its own config.yaml (the file it wrote reads back unchanged); a hand-written
         # one, comments and all, would be lost
         raise ConfigError(f"--config {args.config} is the config.yaml this run writes into {config.out}: "

@@ -69,6 +69,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.name not in MODELS:
             raise ConfigError(f"model.name={self.name!r}: choose one of {', '.join(MODELS)}")
+        if self.main is None:  # a `main:` whose lines are all commented out
+            self.main = {}
         if not isinstance(self.main, dict):
             raise ConfigError(f"model.main: expected a mapping of field: value, got {self.main!r}")
         from iacn_torchrec.models.framework import main_model_config  # noqa: PLC0415 (torch, lazily)

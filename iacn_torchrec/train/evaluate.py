@@ -7,14 +7,18 @@ checkpoint (:func:`~iacn_torchrec.serving.export.load_run`: the checkpoint's con
 fingerprint and the dataset's content hash must match), then scored with the eager model exactly as
 ``iacn train`` evaluates (:func:`~iacn_torchrec.train.loop.evaluate`; IaCN is not run at
 evaluation). The test split is read as training read it (its ``data.num_test_samples`` and
-``data.eval_batch_size``), so the final checkpoint's test figures are the ones ``metrics.json``
-recorded; ``--split train`` scores the training samples in file order.
+``data.eval_batch_size``), so the final checkpoint of a one-process run gives the test figures that
+``metrics.json`` recorded. Not so for a sharded run: its ranks each kept their own BatchNorm / Dice
+running statistics and scored their share of the test split with them, and the checkpoint holds
+rank 0's (for models without such layers, e.g. DLRM, the figures agree). ``--split train`` scores the
+training samples in file order.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,10 +59,18 @@ def evaluate_run(
         raise UserError(f"{r.ds.path}: the {split} split is empty: nothing to evaluate")
     m = evaluate(r.model, loader, batch_workers=batch_workers)
     test = r.metrics.get("test")
-    same = (split == "test" and loader is tl and r.step == r.metrics.get("steps") and isinstance(test, dict))
+    # a sharded run's ranks each kept their own BatchNorm / Dice statistics and evaluated their share
+    # of the test split with them; the checkpoint holds one set, so its scores are not that evaluation
+    same = (split == "test" and loader is tl and r.step == r.metrics.get("steps") and isinstance(test, dict)
+            and r.metrics.get("world_size", 1) == 1)
     return {"run": str(run_dir), "step": r.step, "split": split, "samples": loader.num_samples,
-            "auc": m["auc"], "gauc": m["gauc"], "logloss": m["logloss"],
+            "auc": _finite(m["auc"]), "gauc": _finite(m["gauc"]), "logloss": _finite(m["logloss"]),
             "recorded": {k: test.get(k) for k in ("auc", "gauc", "logloss")} if same else None}
+
+
+def _finite(x: float) -> float | None:
+    """None for NaN (e.g. an AUC over samples of one label): ``--json`` stays strict JSON."""
+    return x if math.isfinite(x) else None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
         return 0
+    shown = {k: "n/a" if res[k] is None else f"{res[k]:.4f}" for k in ("auc", "gauc", "logloss")}
     print(f"{res['run']} step {res['step']}, {res['split']} split ({res['samples']:,} samples): "
-          f"AUC {res['auc']:.4f}  GAUC {res['gauc']:.4f}  logloss {res['logloss']:.4f}")
+          f"AUC {shown['auc']}  GAUC {shown['gauc']}  logloss {shown['logloss']}")
     rec = res["recorded"]
     if rec:
         print(f"  metrics.json (end of training): AUC {rec['auc']:.4f}  GAUC {rec['gauc']:.4f}  "

@@ -193,8 +193,11 @@ def kernels_used(config: TrainConfig, setup: Any) -> list[str]:
     if setup.device.type != "cpu":
         return []
     used = [] if setup.sharded else ["concat_lookup"]
-    if config.model.name in ("din", "dien"):  # the attention unit and the towers' Dice
-        used += ["din_attention", "dice"]
+    if config.model.name in ("din", "dien"):  # the attention unit
+        used.append("din_attention")
+    main = _resolved_main(config.model.name, config.model.main)
+    if any(v == "dice" for k, v in main.items() if k.endswith("activation")):  # towers, attention: Dice
+        used.append("dice")
     if config.model.name == "dien":
         used += ["packed_recurrence", "next_behaviour_loss"]
     if config.iacn.enabled:
@@ -255,8 +258,10 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         if differ:
             raise CheckpointError(
                 f"{ckpt_root}: the checkpoint was written by a different configuration ("
-                + shown_differences(differ) + "); use another --out, or --no-resume to start over (the old "
-                "checkpoints are moved to checkpoints.previous, replacing an older set there)"
+                + shown_differences(differ) + "); "
+                + main_model_hint(ck.get("config_fingerprint"), fingerprint)
+                + "use another --out, or --no-resume to start over (the old checkpoints are moved to "
+                "checkpoints.previous, replacing an older set there)"
             )
         saved_plan = ck.get("plan")
         # (checkpoints written before the plan was saved are not checked)
@@ -547,8 +552,37 @@ def config_fingerprint(config: TrainConfig, content_hash: str | None) -> str:
     """What must match for a checkpoint to be resumable: the configuration without run-control and
     execution fields, and the prepared dataset's content hash (not its path)."""
     d = {k: v for k, v in _flat(config.to_dict()).items() if k not in _NOT_FINGERPRINTED}
+    d["model.main"] = _resolved_main(config.model.name, config.model.main)  # the model, not its spelling
     d["data.content_hash"] = content_hash
     return json.dumps(d, sort_keys=True, default=str)
+
+
+def _resolved_main(name: Any, main: Any) -> Any:
+    """``model.main`` as every field of the main model's config (see ``resolved_model_main``), or as
+    given when that cannot be read (another version's field: compared as it is)."""
+    from iacn_torchrec.models.framework import resolved_model_main
+
+    try:
+        return resolved_model_main(name, main)
+    except (ValueError, TypeError, AttributeError):
+        return main
+
+
+def main_model_hint(stored: str | None, current: str) -> str:
+    """When a checkpoint's main model differs from this run's (``model.main``), the ``--set``
+    assignments that build the checkpoint's (e.g. a Wide&Deep run from before its reference deep
+    part) followed by "or ", else ``""``."""
+    try:
+        old = {k: v for k, v in _flat(json.loads(stored or "")).items()}
+    except (json.JSONDecodeError, AttributeError):
+        return ""
+    main = _resolved_main(old.get("model.name"), old.get("model.main", stored_model_main(
+        {"name": old.get("model.name")})))
+    new = json.loads(current).get("model.main")
+    if not isinstance(main, dict) or not isinstance(new, dict) or main == new:
+        return ""
+    sets = " ".join(f"--set 'model.main.{k}={json.dumps(v)}'" for k, v in main.items() if new.get(k) != v)
+    return f"resume the checkpoint's main model with {sets}, or "
 
 
 def shown_differences(differ: list[str], limit: int = 8) -> str:
@@ -571,6 +605,7 @@ def fingerprint_differences(stored: str | None, current: str, ignore: tuple[str,
     old = {k: v for k, v in _flat(old).items() if k not in _NOT_FINGERPRINTED}
     if "model.main" not in old:  # stored before the field: the main model that run was built with
         old["model.main"] = stored_model_main({"name": old.get("model.name")})
+    old["model.main"] = _resolved_main(old.get("model.name"), old["model.main"])
     new = json.loads(current)
     if "data.content_hash" not in old:
         new.pop("data.content_hash", None)
