@@ -105,6 +105,18 @@ def _compare_runs(full: Path, resumed: Path) -> None:
         _assert_same(a["optimizer"], b["optimizer"], f"rank{rank}.optimizer")
         # the fused row-wise Adagrad state is really in the checkpoint (not an empty dict)
         assert any("momentum1" in k for s in a["optimizer"]["state"].values() for k in s), rank
+    # the ranks' BatchNorm / Dice running statistics are averaged after every step: equal on both
+    # ranks, and the checkpoint (rank 0's dense state) evaluates as training did
+    r0, r1 = (s["model"] for s in _final_states(full))
+    stats = [k for k in r0 if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) >= 3 and all(torch.equal(r0[k], r1[k]) for k in stats)
+    from iacn_torchrec.train.evaluate import evaluate_run
+
+    again = evaluate_run(full)
+    assert mf["running_statistics_averaged"] is True and again["recorded"] == {
+        k: mf["test"][k] for k in ("auc", "gauc", "logloss")}
+    for k in ("auc", "gauc", "logloss"):
+        assert again[k] == pytest.approx(mf["test"][k], abs=1e-9), k
 
 
 def test_resume_two_ranks_is_exact(tmp_path):

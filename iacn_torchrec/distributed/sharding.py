@@ -410,6 +410,28 @@ def copy_tables_into_shards(dmp: torch.nn.Module, tables: dict[str, torch.Tensor
                 shard.tensor.copy_(full[r : r + nr, c : c + nc])
 
 
+def running_statistics(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The running means and variances of ``model``'s BatchNorm layers (the towers' input BatchNorm,
+    Dice's), which each rank updates from its own batches."""
+    return [b for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var"))]
+
+
+def average_running_statistics(buffers: list[torch.Tensor], world_size: int) -> None:
+    """Replace every rank's ``buffers`` by their mean over the ranks (one flat all-reduce). After
+    each step this keeps them equal on all ranks: a running mean is linear, so the result is the
+    running statistics of the ranks' mean batch statistics, and a checkpoint (which keeps rank 0's
+    dense state) evaluates as training evaluated."""
+    if world_size < 2 or not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset: offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
 def shard_model(
     model: torch.nn.Module, config: TrainConfig, device: torch.device, n_params: int
 ) -> TrainingSetup:
@@ -425,6 +447,7 @@ def shard_model(
     del tables
     optimizer = combined_optimizer(dmp, config)
     lam = config.iacn.lam if config.iacn.enabled else 0.0
+    stats, world = running_statistics(dmp), dist.get_world_size()
 
     if config.distributed.pipeline:
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -446,9 +469,16 @@ def shard_model(
                 except StopIteration:
                     pipeline.detach()
                     return
+                average_running_statistics(stats, world)
                 yield (main_loss + lam * iacn_loss).detach(), (logits, main_loss, iacn_loss)
 
         return TrainingSetup(dmp, optimizer, device, steps, n_params, sharded=True, plan=plan, pause=pause)
 
-    return TrainingSetup(dmp, optimizer, device, plain_steps(dmp, optimizer, device), n_params, sharded=True,
-                         plan=plan)
+    plain = plain_steps(dmp, optimizer, device)
+
+    def unpipelined(loader) -> Iterator[StepOutput]:
+        for out in plain(loader):
+            average_running_statistics(stats, world)
+            yield out
+
+    return TrainingSetup(dmp, optimizer, device, unpipelined, n_params, sharded=True, plan=plan)

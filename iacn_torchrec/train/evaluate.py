@@ -7,10 +7,10 @@ checkpoint (:func:`~iacn_torchrec.serving.export.load_run`: the checkpoint's con
 fingerprint and the dataset's content hash must match), then scored with the eager model exactly as
 ``iacn train`` evaluates (:func:`~iacn_torchrec.train.loop.evaluate`; IaCN is not run at
 evaluation). The test split is read as training read it (its ``data.num_test_samples`` and
-``data.eval_batch_size``), so the final checkpoint of a one-process run gives the test figures that
-``metrics.json`` recorded. Not so for a sharded run: its ranks each kept their own BatchNorm / Dice
-running statistics and scored their share of the test split with them, and the checkpoint holds
-rank 0's (for models without such layers, e.g. DLRM, the figures agree). ``--split train`` scores the
+``data.eval_batch_size``), so the final checkpoint gives the test figures that ``metrics.json``
+recorded. (A sharded run averages its ranks' BatchNorm / Dice running statistics after every step;
+one trained before that kept a set per rank, evaluated with them, and its checkpoint holds rank 0's:
+there the figures differ a little and none are shown as recorded.) ``--split train`` scores the
 training samples in file order.
 """
 
@@ -59,10 +59,11 @@ def evaluate_run(
         raise UserError(f"{r.ds.path}: the {split} split is empty: nothing to evaluate")
     m = evaluate(r.model, loader, batch_workers=batch_workers)
     test = r.metrics.get("test")
-    # a sharded run's ranks each kept their own BatchNorm / Dice statistics and evaluated their share
-    # of the test split with them; the checkpoint holds one set, so its scores are not that evaluation
+    # a sharded run trained before its ranks' BatchNorm / Dice statistics were averaged each step kept
+    # one set per rank and evaluated its share of the test split with it; the checkpoint holds rank
+    # 0's, so its scores are not that evaluation
     same = (split == "test" and loader is tl and r.step == r.metrics.get("steps") and isinstance(test, dict)
-            and r.metrics.get("world_size", 1) == 1)
+            and (r.metrics.get("world_size", 1) == 1 or r.metrics.get("running_statistics_averaged")))
     return {"run": str(run_dir), "step": r.step, "split": split, "samples": loader.num_samples,
             "auc": _finite(m["auc"]), "gauc": _finite(m["gauc"]), "logloss": _finite(m["logloss"]),
             "recorded": {k: test.get(k) for k in ("auc", "gauc", "logloss")} if same else None}

@@ -459,6 +459,8 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         "train_samples_per_s": state.train_samples / max(state.train_time_s, 1e-9),
         "eval_samples_per_s": test["samples"] / max(eval_s, 1e-9),
         "world_size": world_size,
+        # the ranks' BatchNorm / Dice running statistics averaged after every step (sharding.py)
+        "running_statistics_averaged": world_size > 1,
         "parameters": setup.num_parameters,
         "config": config.to_dict(),
         "dataset": {k: ds.meta.get(k)
