@@ -8,7 +8,8 @@ fingerprint and the dataset's content hash must match), then scored with the eag
 ``iacn train`` evaluates (:func:`~iacn_torchrec.train.loop.evaluate`; IaCN is not run at
 evaluation). The test split is read as training read it (its ``data.num_test_samples`` and
 ``data.eval_batch_size``), so the final checkpoint gives the test figures that ``metrics.json``
-recorded. (A sharded run averages its ranks' BatchNorm / Dice running statistics after every step;
+recorded (to rounding, for a run trained ``--compile``-d or on a GPU: this is the eager CPU model).
+(A sharded run averages its ranks' BatchNorm / Dice running statistics after every step;
 one trained before that kept a set per rank, evaluated with them, and its checkpoint holds rank 0's:
 there the figures differ a little and none are shown as recorded.) ``--split train`` scores the
 training samples in file order.
