@@ -52,11 +52,12 @@ def run(args: argparse.Namespace) -> int:
         results[arm] = train(cfg)
     a, b = results["plain"]["test"], results["iacn"]["test"]
     name = args.model.upper()
-    print(f"\n{'':14}{name:>10}{name + '+IaCN':>14}{'lift':>10}")
+    w1, w2 = max(10, len(name) + 2), max(14, len(name) + 8)  # columns as wide as their labels need
+    print(f"\n{'':14}{name:>{w1}}{name + '+IaCN':>{w2}}{'lift':>10}")
     for k in ("auc", "gauc", "logloss"):
-        print(f"test {k:9}{a[k]:10.4f}{b[k]:14.4f}{b[k] - a[k]:+10.4f}")
+        print(f"test {k:9}{a[k]:{w1}.4f}{b[k]:{w2}.4f}{b[k] - a[k]:+10.4f}")
     sps = (results["plain"]["train_samples_per_s"], results["iacn"]["train_samples_per_s"])
-    print(f"{'samples/s':14}{sps[0]:10,.0f}{sps[1]:14,.0f}")
+    print(f"{'samples/s':14}{sps[0]:{w1},.0f}{sps[1]:{w2},.0f}")
     print("One seed: on Beauty a model's test AUC moves by 0.002-0.003 (SD) from seed to seed, as much as a "
           "lift; docs/results/amazon-beauty/table1.md has 10 paired seeds.")
     return 0
