@@ -644,3 +644,60 @@ def test_cli_bench_data_refuses_a_bad_batch_size(value, capsys):
     with pytest.raises(SystemExit) as e:
         iacn_main(["bench", "data", "--batch-size", value])
     assert e.value.code == 2 and "argument --batch-size" in capsys.readouterr().err
+
+
+def test_popularity_negative_behaviours_follow_the_counts_and_never_the_real_item():
+    """Each draw is an item in proportion to its interaction count, redrawn when it is the
+    position's own item: given the real item r, item i ≠ r comes with probability c_i / (C − c_r);
+    the padding id and items without interactions never come."""
+    from iacn_torchrec.data.negatives import PopularityNegativeBehaviours
+
+    counts = np.array([0, 5, 0, 1, 10, 4])  # id 0: padding; id 2: no interactions
+    s = PopularityNegativeBehaviours(counts, seed=0)
+    real = np.random.default_rng(0).integers(1, 6, size=200_000)
+    neg = s.sample(np.random.default_rng(1), real)
+    assert neg.dtype == np.int64 and not (neg == real).any() and set(np.unique(neg).tolist()) == {1, 3, 4, 5}
+    share = np.bincount(real, minlength=6) / real.size
+    expected = sum(share[r] * np.where(np.arange(6) == r, 0, counts) / (counts.sum() - counts[r])
+                   for r in range(1, 6))
+    np.testing.assert_allclose(np.bincount(neg, minlength=6) / neg.size, expected, atol=0.004)
+    again = [s.sample(np.random.default_rng(7), real[:100]) for _ in range(2)]
+    assert np.array_equal(*again)  # the generator's state decides the draws
+    with pytest.raises(ValueError, match="at least two items with interactions"):
+        PopularityNegativeBehaviours(np.array([0, 3, 0]))
+
+
+def test_the_loader_draws_dien_negative_behaviours_for_every_batch(small):
+    """With a popularity sampler the negative behaviours are drawn per batch: never the real item at
+    their position, categories through item2cate, the same for the same (seed, epoch, batch) (so a
+    resumed epoch gets them back), others in the next epoch; the rest of the batch is unchanged."""
+    from iacn_torchrec.data.negatives import PopularityNegativeBehaviours
+
+    ds = PreparedDataset.open(small)
+    sampler = PopularityNegativeBehaviours(ds.item_count, seed=3)
+    loader = BatchLoader(ds, "train", batch_size=16, shuffle=True, seed=0, with_neg_hist=True,
+                         neg_hist_sampler=sampler)
+    fixed = BatchLoader(ds, "train", batch_size=16, shuffle=True, seed=0, with_neg_hist=True)
+
+    def epoch(ld, e):
+        ld.set_epoch(e)
+        return [b.sparse_features.to_dict() for b in ld]
+
+    first, again, fixed0 = epoch(loader, 0), epoch(loader, 0), epoch(fixed, 0)
+    changed = 0
+    for f, a, p in zip(first, again, fixed0, strict=True):
+        neg, real = f["neg_hist_item"].values().numpy(), f["hist_item"].values().numpy()
+        assert not (neg == real).any() and neg.min() >= 1 and neg.max() <= ds.num_items
+        assert np.array_equal(f["neg_hist_cate"].values().numpy(), ds.item2cate[neg])
+        assert torch.equal(f["neg_hist_item"].lengths(), f["hist_item"].lengths())
+        assert torch.equal(a["neg_hist_item"].values(), f["neg_hist_item"].values())
+        for k in ("uid", "item", "cate", "hist_item", "hist_cate"):
+            assert torch.equal(f[k].values(), p[k].values()), k
+        changed += not torch.equal(f["neg_hist_item"].values(), p["neg_hist_item"].values())
+    assert changed == len(first)  # not the prepared draws
+    in_order = BatchLoader(ds, "train", batch_size=16, seed=0, with_neg_hist=True, neg_hist_sampler=sampler)
+    e0, e1 = epoch(in_order, 0), epoch(in_order, 1)  # the same samples in the same batches
+    pairs = list(zip(e0, e1, strict=True))
+    assert all(torch.equal(s["hist_item"].values(), t["hist_item"].values()) for s, t in pairs)
+    assert not all(torch.equal(s["neg_hist_item"].values(), t["neg_hist_item"].values())
+                   for s, t in pairs)  # another epoch, other negatives

@@ -354,6 +354,34 @@ def test_the_same_main_model_spelled_otherwise_is_the_same_run():
         TrainConfig().override(["model.name=dlrm", "model.main.over_arch_layer_sizes=[64, 32]"])
 
 
+def test_dien_negatives_popularity_reaches_the_train_loader_and_trains(tmp_path):
+    """``data.dien_negatives=popularity`` gives DIEN's training loader a popularity sampler (not the
+    test loader, nor another model's); a DIEN run trains with it; an unknown value is refused."""
+    import math
+
+    from helpers import prepare_planted
+
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.train.loop import make_loaders, train
+
+    _, data = prepare_planted(tmp_path, num_users=40, seed=0)
+    ds = PreparedDataset.open(data)
+    for model, setting, want in (("dien", "popularity", True), ("dien", "prepared", False),
+                                 ("din", "popularity", False)):
+        cfg = TrainConfig().override([f"model.name={model}", f"data.dien_negatives={setting}"])
+        train_loader, test_loader, _ = make_loaders(cfg, ds, 0, 1)
+        assert (train_loader.neg_hist_sampler is not None) == want
+        assert test_loader.neg_hist_sampler is None
+    with pytest.raises(ConfigError, match=r"data\.dien_negatives='uniform': choose one of prepared, "
+                                          r"popularity"):
+        TrainConfig().override(["data.dien_negatives=uniform"])
+    cfg = TrainConfig().override([f"data.path={data}", "data.batch_size=16", "model.name=dien",
+                                  "data.dien_negatives=popularity", "max_steps=3", f"out={tmp_path / 'run'}",
+                                  "progress=false", "threads=1"])
+    result = train(cfg)
+    assert result["steps"] == 3 and math.isfinite(result["test"]["logloss"])
+
+
 def test_the_progress_bar_only_on_a_terminal(monkeypatch):
     """Without a terminal (TorchX, CI, a log file) every bar refresh would become a log line: the bar
     is off unless stderr is a terminal; --no-progress turns it off there too."""

@@ -36,7 +36,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from iacn_torchrec.data.negatives import NegativeSampler
+from iacn_torchrec.data.negatives import NegativeSampler, PopularityNegativeBehaviours
 from iacn_torchrec.data.protocols import SPLIT_ARRAYS, SplitArrays, jagged_index
 from iacn_torchrec.data.sources import DataError
 from iacn_torchrec.data.store import META, check_vocab_bytes, check_vocab_lines, content_hash, read_meta
@@ -277,6 +277,9 @@ class BatchLoader:
             its batch-mates' labels.
         limit: use only the first ``limit`` samples of the split (a fixed subset, e.g. for a quick
             evaluation; shuffling then permutes that subset); ``None`` = all.
+        neg_hist_sampler: with ``with_neg_hist``, DIEN's negative behaviours drawn for every batch by
+            this sampler (:class:`~iacn_torchrec.data.negatives.PopularityNegativeBehaviours`, as the
+            reference's data iterator) instead of the prepared dataset's fixed ones.
         placeholder_features: the optional keys that ``with_neg_hist`` / ``iacn_negatives`` add are
             present with length 0 for every sample: the collections reading them find their keys,
             but nothing is sampled, gathered or looked up. For evaluation, where neither DIEN's
@@ -299,6 +302,7 @@ class BatchLoader:
         with_neg_hist: bool = False,
         iacn_negatives: NegativeSampler | None = None,
         limit: int | None = None,
+        neg_hist_sampler: PopularityNegativeBehaviours | None = None,
         placeholder_features: bool = False,
         min_last_batch: int = 0,
     ) -> None:
@@ -314,6 +318,10 @@ class BatchLoader:
         self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
         self.with_neg_hist = bool(with_neg_hist)
         self.iacn_negatives = iacn_negatives
+        if neg_hist_sampler is not None and neg_hist_sampler.num_items != ds.num_items:
+            raise ValueError(f"neg_hist_sampler has num_items={neg_hist_sampler.num_items}, the dataset "
+                             f"{ds.num_items}")
+        self.neg_hist_sampler = neg_hist_sampler
         self.placeholder_features = bool(placeholder_features)
         self.num_samples = len(self.data) if limit is None else max(0, min(int(limit), len(self.data)))
         self.min_last_batch = int(min_last_batch)
@@ -439,6 +447,13 @@ class BatchLoader:
         for a in hist_arrays:
             np.take(a, pos, out=values[o : o + T])
             o += T
+        if real_neg_hist and self.neg_hist_sampler is not None:  # drawn for this batch instead
+            rng = np.random.default_rng(_entropy(
+                self.neg_hist_sampler.seed, self.seed, self.epoch, batch_index, self.rank, 1))
+            h = 3 * B
+            neg = self.neg_hist_sampler.sample(rng, values[h : h + T])
+            values[h + 2 * T : h + 3 * T] = neg
+            np.take(self.ds.item2cate, neg, out=values[h + 3 * T : h + 4 * T])
         lengths = np.zeros(len(self.keys) * B, dtype=np.int64)  # placeholder keys keep length 0
         lengths[: 3 * B] = 1
         for k in range(len(hist_arrays)):

@@ -28,7 +28,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["NegativeSampler", "UniformNegatives", "LogUniformNegatives"]
+__all__ = ["NegativeSampler", "UniformNegatives", "LogUniformNegatives", "PopularityNegativeBehaviours"]
 
 
 class NegativeSampler(abc.ABC):
@@ -98,3 +98,37 @@ class LogUniformNegatives(NegativeSampler):
         k = np.floor(np.exp(u * self._log_range)).astype(np.int64) - 1
         np.clip(k, 0, self.num_items - 1, out=k)
         return self.rank_to_item[k]
+
+
+class PopularityNegativeBehaviours:
+    """DIEN's negative behaviours (its auxiliary loss's) as the reference data iterator draws them:
+    for every history position an item in proportion to its interaction count (the reference picks
+    from ``mid_list_for_random``, one entry per interaction), drawn anew for every batch, never the
+    position's own item. The loader calls :meth:`sample` with its own generator seeded by ``(seed,
+    loader seed, epoch, batch index, rank)``, so the draws are reproducible batch by batch.
+
+    ``item_count``: ``[num_items + 1]`` interactions per item id (``[0]``, the padding id, is never
+    drawn; neither is an item without interactions)."""
+
+    def __init__(self, item_count: np.ndarray | torch.Tensor, seed: int = 0) -> None:
+        counts = np.asarray(item_count, dtype=np.float64)[1:]
+        if counts.size == 0 or (counts < 0).any() or int((counts > 0).sum()) < 2:
+            raise ValueError("popularity negatives need at least two items with interactions "
+                             "(one could be every position's own item)")
+        self.num_items, self.seed = int(counts.size), int(seed)
+        self._cdf = np.cumsum(counts) / counts.sum()
+        self._cdf[-1] = 1.0  # a draw in [0, 1) always lands on an item
+
+    def sample(self, rng: np.random.Generator, real: np.ndarray) -> np.ndarray:
+        """``int64 [T]`` negatives for the history items ``real`` ``[T]``: ids in ``1..num_items``,
+        ``P(i) ∝ count(i)``, each different from ``real`` at its position (redrawn until it is)."""
+        neg = np.searchsorted(self._cdf, rng.random(real.size), side="right").astype(np.int64) + 1
+        clash = np.flatnonzero(neg == real)
+        while clash.size:  # the few draws of the position's own item, drawn again
+            neg[clash] = np.searchsorted(self._cdf, rng.random(clash.size), side="right") + 1
+            clash = clash[neg[clash] == real[clash]]
+        return neg
+
+    def __repr__(self) -> str:
+        return f"PopularityNegativeBehaviours(num_items={self.num_items}, seed={self.seed})"
+

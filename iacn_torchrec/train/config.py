@@ -26,6 +26,7 @@ MODELS = ("din", "dien", "wide_deep", "dlrm")
 # the others are TorchRec/FBGEMM fused in-backward optimizers (sparse row updates).
 EMBEDDING_OPTIMIZERS = ("adam", "sgd", "rowwise_adagrad")
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
+DIEN_NEGATIVES = ("prepared", "popularity")
 
 
 class ConfigError(UserError, ValueError):
@@ -39,8 +40,14 @@ class DataConfig:
     eval_batch_size: int = 2048  # with two batches scored at once: the fastest here (performance-log.md)
     drop_last: bool = False
     num_test_samples: int | None = None  # evaluate on the first N test samples only (smoke runs)
+    # DIEN's negative behaviours: "prepared" (the dataset's, drawn once, uniform) or "popularity"
+    # (drawn for every batch in proportion to item popularity, as the reference's data iterator)
+    dien_negatives: str = "prepared"
 
     def __post_init__(self) -> None:
+        if self.dien_negatives not in DIEN_NEGATIVES:
+            raise ConfigError(f"data.dien_negatives={self.dien_negatives!r}: choose one of "
+                              f"{', '.join(DIEN_NEGATIVES)}")
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
         if self.batch_size < 2:  # as the loader's rule for an epoch's last batch

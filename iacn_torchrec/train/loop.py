@@ -67,7 +67,11 @@ class TrainState:
 def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size: int):
     """Train and test loaders; the train loader carries DIEN's negative behaviours and the IaCN
     sampler's negatives when the configuration needs them."""
-    from iacn_torchrec.data.negatives import LogUniformNegatives, UniformNegatives
+    from iacn_torchrec.data.negatives import (
+        LogUniformNegatives,
+        PopularityNegativeBehaviours,
+        UniformNegatives,
+    )
 
     sampler = None
     item_log_q = None
@@ -80,8 +84,12 @@ def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size
     common = dict(seed=config.seed, rank=rank, world_size=world_size,
                   with_neg_hist=config.model.name == "dien", iacn_negatives=sampler)
     # min_last_batch=2: a last batch of one sample per rank would stop BatchNorm/Dice in training
+    neg_hist = None
+    if config.model.name == "dien" and config.data.dien_negatives == "popularity":
+        neg_hist = PopularityNegativeBehaviours(ds.item_count, seed=config.seed)
     train_loader = BatchLoader(ds, "train", batch_size=config.data.batch_size, shuffle=True,
-                               drop_last=config.data.drop_last, min_last_batch=2, **common)
+                               drop_last=config.data.drop_last, min_last_batch=2, neg_hist_sampler=neg_hist,
+                               **common)
     # the test batches carry the negative features' keys (the collections expect them) but empty:
     # evaluation runs neither IaCN nor DIEN's aux loss
     test_loader = BatchLoader(ds, "test", batch_size=config.data.eval_batch_size, shuffle=False,
