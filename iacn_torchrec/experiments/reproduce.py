@@ -276,16 +276,12 @@ def comparable(config: dict[str, Any]) -> str:
     config since the run was trained counts at its default (the behaviour the run had), except
     ``model.dien_hidden``, compared as the hidden size DIEN actually had, and ``model.main``, as the
     main model the run was built with (:func:`~iacn_torchrec.train.config.stored_model_main`)."""
-    from iacn_torchrec.models.framework import resolved_model_main
-    from iacn_torchrec.train.config import ConfigError, TrainConfig, stored_model_main
+    from iacn_torchrec.train.config import ConfigError, TrainConfig, resolved_main, stored_model_main
 
     legacy_dien = "dien_hidden" not in config.get("model", {})
     if isinstance(config.get("model"), dict):  # the main model the run was built with, every field
         model = config["model"]
-        try:
-            main = resolved_model_main(model.get("name"), stored_model_main(model))
-        except (ValueError, TypeError, AttributeError):
-            main = stored_model_main(model)  # another version's field: compared as stored
+        main = resolved_main(model.get("name"), stored_model_main(model))
         config = {**config, "model": {**model, "main": main}}
     try:
         config = TrainConfig.from_dict(json.loads(json.dumps(config, default=str))).to_dict()

@@ -274,6 +274,18 @@ def stored_model_main(model: dict[str, Any]) -> Any:
     return dict(LEGACY_MODEL_MAIN.get(model.get("name"), {}))
 
 
+def resolved_main(name: Any, main: Any) -> Any:
+    """``main`` as every field of model ``name``'s own config
+    (:func:`~iacn_torchrec.models.framework.resolved_model_main`): what resumes and reuse compare.
+    As given when it cannot be read (another version's field): then compared as it is."""
+    from iacn_torchrec.models.framework import resolved_model_main  # noqa: PLC0415 (torch, lazily)
+
+    try:
+        return resolved_model_main(name, main)
+    except (ValueError, TypeError, AttributeError):
+        return main
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last one,
     so a config with a forgotten earlier line would silently train with the later value)."""

@@ -43,7 +43,7 @@ from iacn_torchrec.train.checkpoint import (
     set_rng_state,
     step_dir,
 )
-from iacn_torchrec.train.config import TrainConfig, stored_model_main
+from iacn_torchrec.train.config import TrainConfig, resolved_main, stored_model_main
 from iacn_torchrec.train.metrics import CTRMetrics
 
 logger = logging.getLogger("iacn")
@@ -203,7 +203,7 @@ def kernels_used(config: TrainConfig, setup: Any) -> list[str]:
     used = [] if setup.sharded else ["concat_lookup"]
     if config.model.name in ("din", "dien"):  # the attention unit
         used.append("din_attention")
-    main = _resolved_main(config.model.name, config.model.main)
+    main = resolved_main(config.model.name, config.model.main)
     if any(v == "dice" for k, v in main.items() if k.endswith("activation")):  # towers, attention: Dice
         used.append("dice")
     if config.model.name == "dien":
@@ -562,20 +562,17 @@ def config_fingerprint(config: TrainConfig, content_hash: str | None) -> str:
     """What must match for a checkpoint to be resumable: the configuration without run-control and
     execution fields, and the prepared dataset's content hash (not its path)."""
     d = {k: v for k, v in _flat(config.to_dict()).items() if k not in _NOT_FINGERPRINTED}
-    d["model.main"] = _resolved_main(config.model.name, config.model.main)  # the model, not its spelling
+    d["model.main"] = resolved_main(config.model.name, config.model.main)  # the model, not its spelling
     d["data.content_hash"] = content_hash
     return json.dumps(d, sort_keys=True, default=str)
 
 
-def _resolved_main(name: Any, main: Any) -> Any:
-    """``model.main`` as every field of the main model's config (see ``resolved_model_main``), or as
-    given when that cannot be read (another version's field: compared as it is)."""
-    from iacn_torchrec.models.framework import resolved_model_main
-
-    try:
-        return resolved_model_main(name, main)
-    except (ValueError, TypeError, AttributeError):
-        return main
+def _stored_main(old: dict[str, Any]) -> Any:
+    """The main model a flattened stored fingerprint was built with, every field
+    (:func:`~iacn_torchrec.train.config.resolved_main`); one stored before ``model.main`` existed
+    gets the model it had (:func:`~iacn_torchrec.train.config.stored_model_main`)."""
+    model = {"name": old.get("model.name")} | ({"main": old["model.main"]} if "model.main" in old else {})
+    return resolved_main(model["name"], stored_model_main(model))
 
 
 def main_model_hint(stored: str | None, current: str) -> str:
@@ -583,11 +580,9 @@ def main_model_hint(stored: str | None, current: str) -> str:
     assignments that build the checkpoint's (e.g. a Wide&Deep run from before its reference deep
     part) followed by "or ", else ``""``."""
     try:
-        old = {k: v for k, v in _flat(json.loads(stored or "")).items()}
+        main = _stored_main(_flat(json.loads(stored or "")))
     except (json.JSONDecodeError, AttributeError):
         return ""
-    main = _resolved_main(old.get("model.name"), old.get("model.main", stored_model_main(
-        {"name": old.get("model.name")})))
     new = json.loads(current).get("model.main")
     if not isinstance(main, dict) or not isinstance(new, dict) or main == new:
         return ""
@@ -613,9 +608,7 @@ def fingerprint_differences(stored: str | None, current: str, ignore: tuple[str,
     if not isinstance(old, dict):
         return ["no configuration fingerprint in the checkpoint"]
     old = {k: v for k, v in _flat(old).items() if k not in _NOT_FINGERPRINTED}
-    if "model.main" not in old:  # stored before the field: the main model that run was built with
-        old["model.main"] = stored_model_main({"name": old.get("model.name")})
-    old["model.main"] = _resolved_main(old.get("model.name"), old["model.main"])
+    old["model.main"] = _stored_main(old)
     new = json.loads(current)
     if "data.content_hash" not in old:
         new.pop("data.content_hash", None)
