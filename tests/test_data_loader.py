@@ -671,13 +671,15 @@ def test_the_loader_draws_dien_negative_behaviours_for_every_batch(small):
     """With a popularity sampler the negative behaviours are drawn per batch: never the real item at
     their position, categories through item2cate, the same for the same (seed, epoch, batch) (so a
     resumed epoch gets them back), others in the next epoch; the rest of the batch is unchanged."""
-    from iacn_torchrec.data.negatives import PopularityNegativeBehaviours
+    from iacn_torchrec.data.negatives import PopularityNegativeBehaviours, UniformNegatives
 
     ds = PreparedDataset.open(small)
     sampler = PopularityNegativeBehaviours(ds.item_count, seed=3)
+    iacn = UniformNegatives(ds.num_items, 4, seed=5)  # IaCN's negatives come after them in the KJT
     loader = BatchLoader(ds, "train", batch_size=16, shuffle=True, seed=0, with_neg_hist=True,
-                         neg_hist_sampler=sampler)
-    fixed = BatchLoader(ds, "train", batch_size=16, shuffle=True, seed=0, with_neg_hist=True)
+                         neg_hist_sampler=sampler, iacn_negatives=iacn)
+    fixed = BatchLoader(ds, "train", batch_size=16, shuffle=True, seed=0, with_neg_hist=True,
+                        iacn_negatives=iacn)
 
     def epoch(ld, e):
         ld.set_epoch(e)
@@ -691,8 +693,9 @@ def test_the_loader_draws_dien_negative_behaviours_for_every_batch(small):
         assert np.array_equal(f["neg_hist_cate"].values().numpy(), ds.item2cate[neg])
         assert torch.equal(f["neg_hist_item"].lengths(), f["hist_item"].lengths())
         assert torch.equal(a["neg_hist_item"].values(), f["neg_hist_item"].values())
-        for k in ("uid", "item", "cate", "hist_item", "hist_cate"):
+        for k in ("uid", "item", "cate", "hist_item", "hist_cate", "iacn_neg_item", "iacn_neg_cate"):
             assert torch.equal(f[k].values(), p[k].values()), k
+            assert torch.equal(f[k].lengths(), p[k].lengths()), k
         changed += not torch.equal(f["neg_hist_item"].values(), p["neg_hist_item"].values())
     assert changed == len(first)  # not the prepared draws
     in_order = BatchLoader(ds, "train", batch_size=16, seed=0, with_neg_hist=True, neg_hist_sampler=sampler)

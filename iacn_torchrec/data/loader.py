@@ -430,15 +430,17 @@ class BatchLoader:
         T = len(pos)
 
         real_neg_hist = self.with_neg_hist and not self.placeholder_features
+        sampled_neg_hist = real_neg_hist and self.neg_hist_sampler is not None
         hist_arrays = [d.hist_item, d.hist_cate]
-        if real_neg_hist:
+        if real_neg_hist and not sampled_neg_hist:
             hist_arrays += [d.neg_hist_item, d.neg_hist_cate]
+        n_hist = 4 if real_neg_hist else 2  # history features in the KJT (the sampled ones filled below)
         S = self.iacn_negatives.num_negatives if self.iacn_negatives is not None else 0
         if self.placeholder_features:
             S = 0
         positive = d.label[idx] > 0 if S else np.zeros(B, dtype=bool)  # negatives: label-1 rows only
         P = int(positive.sum())
-        n_sparse = 3 * B + len(hist_arrays) * T + 2 * P * S
+        n_sparse = 3 * B + n_hist * T + 2 * P * S
         values = np.empty(n_sparse, dtype=np.int64)
         np.take(d.uid, idx, out=values[:B])
         np.take(d.item, idx, out=values[B : 2 * B])
@@ -447,16 +449,16 @@ class BatchLoader:
         for a in hist_arrays:
             np.take(a, pos, out=values[o : o + T])
             o += T
-        if real_neg_hist and self.neg_hist_sampler is not None:  # drawn for this batch instead
+        if sampled_neg_hist:  # drawn for this batch, not the prepared dataset's
             rng = np.random.default_rng(_entropy(
                 self.neg_hist_sampler.seed, self.seed, self.epoch, batch_index, self.rank, 1))
-            h = 3 * B
-            neg = self.neg_hist_sampler.sample(rng, values[h : h + T])
-            values[h + 2 * T : h + 3 * T] = neg
-            np.take(self.ds.item2cate, neg, out=values[h + 3 * T : h + 4 * T])
+            neg = self.neg_hist_sampler.sample(rng, values[3 * B : 3 * B + T])
+            values[o : o + T] = neg
+            np.take(self.ds.item2cate, neg, out=values[o + T : o + 2 * T])
+            o += 2 * T
         lengths = np.zeros(len(self.keys) * B, dtype=np.int64)  # placeholder keys keep length 0
         lengths[: 3 * B] = 1
-        for k in range(len(hist_arrays)):
+        for k in range(n_hist):
             lengths[(3 + k) * B : (4 + k) * B] = lens
         if S:
             rng = np.random.default_rng(_entropy(
@@ -464,7 +466,7 @@ class BatchLoader:
             neg = self.iacn_negatives.sample(rng, B)[positive].reshape(-1)
             values[o : o + P * S] = neg
             np.take(self.ds.item2cate, neg, out=values[o + P * S : o + 2 * P * S])
-            k = 3 + len(hist_arrays)
+            k = 3 + n_hist
             lengths[k * B : (k + 1) * B] = lengths[(k + 1) * B : (k + 2) * B] = S * positive
         # per-key sizes from here (no torch sum + sync when the model slices the KJT by key)
         per_key = lengths.reshape(len(self.keys), B).sum(1).tolist() if B else [0] * len(self.keys)
