@@ -124,12 +124,11 @@ def _recurrence_step(
 
 
 def _recurrence_steps(
-    gi: torch.Tensor, att: torch.Tensor | None, w_hh: torch.Tensor, b_hh: torch.Tensor,
-    sizes: list[int], keep: bool,
+    gi: torch.Tensor, att: torch.Tensor | None, w_hh: torch.Tensor, b_hh: torch.Tensor, sizes: list[int],
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The forward of :class:`_PackedRecurrence`: ``(states [N, H], what the backward needs)``:
-    with ``keep``, :data:`_SAVED_PER_STEP` packed tensors ``[N, ·]`` (seven to save, not seven a
-    step), else an empty list."""
+    """The forward of :class:`_PackedRecurrence`: ``(states [N, H], what the backward needs)``,
+    :data:`_SAVED_PER_STEP` packed tensors ``[N, ·]`` (seven to save, not seven a step). Without a
+    backward to feed, :func:`_recurrence_states` runs the same steps."""
     H = w_hh.shape[1]
     w_t = w_hh.t()
     # per-step views made once (one split each), not sliced in the loop
@@ -143,22 +142,22 @@ def _recurrence_steps(
             h = h[:size]
         h_next, n, u, one_minus_z, r, gh_n, rz = _recurrence_step(
             gi_rz[t], gi_n[t], None if a is None else a[t], h, w_t, b_hh)
-        if keep:
-            for store, x in zip(kept, (h, n, u, one_minus_z, r, gh_n, torch.addcmul(rz, rz, rz, value=-1.0))):
-                store.append(x)
+        for store, x in zip(kept, (h, n, u, one_minus_z, r, gh_n, torch.addcmul(rz, rz, rz, value=-1.0))):
+            store.append(x)
         outs.append(h_next)
         h = h_next
-    return torch.cat(outs), ([torch.cat(x) for x in kept] if keep else [])
+    return torch.cat(outs), [torch.cat(x) for x in kept]
 
 
-def _traceable_recurrence(
+def _recurrence_states(
     gi: torch.Tensor, att: torch.Tensor | None, w_hh: torch.Tensor, b_hh: torch.Tensor,
     batch_sizes: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`_recurrence_steps`' states (autograd's backward, no hand-written one) with the step
-    sizes read from ``batch_sizes`` when it runs, in TorchScript (:func:`_scripted_recurrence`): a
-    trace would keep the example's sizes as constants. Sizes of 0 (a traced packing's steps past the
-    longest history) end it."""
+    """:func:`_recurrence_steps`' states, nothing saved for a backward (autograd's, if any): the
+    path without the kernel when no gradient is needed, and, in TorchScript
+    (:func:`_scripted_recurrence`), an export's, which reads the step sizes from ``batch_sizes`` when
+    it runs (a trace would keep the example's as constants). Sizes of 0 (a traced packing's steps
+    past the longest history) end it."""
     H = w_hh.shape[1]
     sizes: list[int] = batch_sizes.tolist()
     w_t = w_hh.t()
@@ -183,7 +182,7 @@ def _traceable_recurrence(
 
 @functools.cache
 def _scripted_recurrence() -> torch.jit.ScriptFunction:
-    return torch.jit.script(_traceable_recurrence)
+    return torch.jit.script(_recurrence_states)
 
 
 class _PackedRecurrence(torch.autograd.Function):
@@ -204,7 +203,7 @@ class _PackedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gi, att, w_hh, b_hh, sizes):  # noqa: D102
-        out, saved = _recurrence_steps(gi, att, w_hh, b_hh, sizes, keep=True)
+        out, saved = _recurrence_steps(gi, att, w_hh, b_hh, sizes)
         ctx.sizes = sizes
         ctx.save_for_backward(att, w_hh, *saved)
         return out
@@ -280,7 +279,7 @@ def packed_recurrence(
         return _PackedRecurrence.apply(gi, att, w_hh, b_hh, sizes)
     if ext is not None:
         return ext.steps(gi, att, w_hh, b_hh, sizes)
-    return _recurrence_steps(gi, att, w_hh, b_hh, sizes, keep=False)[0]
+    return _recurrence_states(gi, att, w_hh, b_hh, batch_sizes)
 
 
 class _RecurrenceKernel:

@@ -8,7 +8,7 @@ so each item-side feature's two tables are merged into one table whose rows are 
 with plain ``F.embedding`` (no KJT, no TorchRec collections, no fbgemm): of the real behaviours only
 for DIN and DIEN, which read the jagged history, of the padded ids for Wide&Deep and DLRM. It calls
 the trained main model and is traced to TorchScript with :func:`torch.jit.trace` (DIEN's
-recurrences as a scripted loop: ``models.dien._traceable_recurrence``).
+recurrences as a scripted loop: ``models.dien._recurrence_states``).
 
 Why TorchScript tracing and not ``torch.export``: the main models trim the padded history to the
 batch's longest one on CPU (``models.layers.effective_length`` reads ``int(hist_lengths.max())``),
