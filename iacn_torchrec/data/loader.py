@@ -39,7 +39,14 @@ from torchrec.streamable import Pipelineable
 from iacn_torchrec.data.negatives import NegativeSampler, PopularityNegativeBehaviours
 from iacn_torchrec.data.protocols import SPLIT_ARRAYS, SplitArrays, jagged_index
 from iacn_torchrec.data.sources import DataError
-from iacn_torchrec.data.store import META, check_vocab_bytes, check_vocab_lines, content_hash, read_meta
+from iacn_torchrec.data.store import (
+    _AGAIN,
+    META,
+    check_vocab_bytes,
+    check_vocab_lines,
+    content_hash,
+    read_meta,
+)
 
 __all__ = [
     "Batch",
@@ -105,9 +112,6 @@ def _load(path: Path, spec: dict[str, Any] | None) -> np.ndarray:
     return np.asarray(a)
 
 
-_AGAIN = "the dataset is damaged: prepare it again with --force"
-
-
 def _check_range(
     path: Path, a: np.ndarray, lo: int, hi: int, what: str, offsets: np.ndarray | None = None
 ) -> None:
@@ -166,9 +170,8 @@ class PreparedDataset:
                 f"{d}: array file(s) {missing} listed in {META} are missing; prepare it again with --force"
             )
         ds = cls(d, meta)
-        for name in ("train", "test"):
-            if any(n.startswith(f"{name}/") for n in meta["arrays"]):
-                ds.split(name)
+        for name in ("train", "test"):  # read_meta has checked that both are listed
+            ds.split(name)
         if verify:
             ds.verify()
         return ds
