@@ -33,6 +33,14 @@ REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-6
 
 
+def dequantised_rows(packed: torch.Tensor) -> torch.Tensor:
+    """The float rows ``q·scale + bias`` that a packed 8-bit table (``MergedTable.weight_packed``,
+    ``[N, d + 8]`` uint8: ``d`` bytes, then float32 scale and bias) holds: ``[N, d]``."""
+    d = packed.shape[1] - 8
+    scale_bias = packed[:, d:].contiguous().view(torch.float32)  # [N, 2]
+    return packed[:, :d].float() * scale_bias[:, :1] + scale_bias[:, 1:]
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return prepare_planted(tmp_path_factory.mktemp("planted"), num_users=200, seed=1)[1]
@@ -122,8 +130,6 @@ def test_int8_table_error_is_within_half_a_step():
     """A packed 8-bit table holds per row ``d`` bytes and its float32 scale (max − min) / 255 and
     bias (min); a lookup of any id shape returns those rows dequantised, within half a step of the
     float rows."""
-    from iacn_torchrec.serving.export import dequantised_rows
-
     torch.manual_seed(0)
     w = torch.randn(50, 12)
     q = MergedTable(w, int8=True)
@@ -686,8 +692,6 @@ def test_score_int8_uses_the_int8_tables_and_reports_the_auc_of_its_scores(runs,
     float_model = ServingArtifact.load(exported["din"]).model
     int8_state = ServingArtifact.load(exported["din"], int8=True).model.state_dict()
     state = float_model.state_dict()
-    from iacn_torchrec.serving.export import dequantised_rows
-
     for t in ("user", "item", "cate"):
         w = state[f"{t}_table.weight"]
         packed = int8_state[f"{t}_table.weight_packed"]

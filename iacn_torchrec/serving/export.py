@@ -50,7 +50,6 @@ from iacn_torchrec.serving.artifact import FORMAT, FORMAT_VERSION, INPUT_NAMES, 
 
 __all__ = [
     "MergedTable",
-    "dequantised_rows",
     "ServingModel",
     "LoadedRun",
     "load_run",
@@ -103,14 +102,6 @@ class MergedTable(nn.Module):
                 self.weight_packed, flat, offsets, False, 0, False, None, None, False)
             return rows.reshape(*ids.shape, self.embedding_dim)
         return F.embedding(ids, self.weight)
-
-
-def dequantised_rows(packed: torch.Tensor) -> torch.Tensor:
-    """The float rows ``q·scale + bias`` that a packed 8-bit table (``MergedTable.weight_packed``,
-    ``[N, d + 8]`` uint8) holds: ``[N, d]``."""
-    d = packed.shape[1] - 8
-    scale_bias = packed[:, d:].contiguous().view(torch.float32)  # [N, 2]
-    return packed[:, :d].float() * scale_bias[:, :1] + scale_bias[:, 1:]
 
 
 class ServingModel(nn.Module):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ SPLITS = ("test", "train")
 
 def evaluate_run(
     run_dir: str | Path, step: int | None = None, split: str = "test", limit: int | None = None,
-    data: str | None = None, batch_workers: int = 1,
+    data: str | None = None, batch_workers: int | None = None,
 ) -> dict[str, Any]:
     """``{run, step, split, samples, auc, gauc, logloss, recorded}`` of ``run_dir``'s checkpoint
     (newest, or ``step``) on ``split`` (its first ``limit`` samples; the test split defaults to what
@@ -42,7 +41,7 @@ def evaluate_run(
     evaluation (the final step, the same test samples), else None."""
     from iacn_torchrec.data.loader import BatchLoader
     from iacn_torchrec.serving.export import load_run
-    from iacn_torchrec.train.loop import evaluate
+    from iacn_torchrec.train.loop import eval_threads, evaluate
 
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
@@ -58,6 +57,8 @@ def evaluate_run(
                              iacn_negatives=tl.iacn_negatives, limit=limit)
     if loader.num_samples == 0:
         raise UserError(f"{r.ds.path}: the {split} split is empty: nothing to evaluate")
+    if batch_workers is None:  # as the run's own evaluation: its eval_threads, or the machine's cores
+        batch_workers = eval_threads(r.config, 1)
     m = evaluate(r.model, loader, batch_workers=batch_workers)
     test = r.metrics.get("test")
     # a sharded run trained before its ranks' BatchNorm / Dice statistics were averaged each step kept
@@ -83,17 +84,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the split's first N samples")
     p.add_argument("--data", default=None, help="the prepared dataset (default: the run's data.path)")
     p.add_argument("--threads", type=int, default=None,
-                   help="batches scored at once, one thread each (default: the machine's cores)")
+                   help="batches scored at once, one thread each (default: the run's eval_threads, else "
+                   "the machine's cores)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    workers = args.threads if args.threads is not None else max(1, os.cpu_count() or 1)
-    set_threads(workers)  # refuses a count below 1
+    if args.threads is not None:
+        set_threads(args.threads)  # refuses a count below 1
     res = evaluate_run(args.run, step=args.step, split=args.split, limit=args.limit, data=args.data,
-                       batch_workers=workers)
+                       batch_workers=args.threads)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -103,5 +103,5 @@ def run(args: argparse.Namespace) -> int:
     rec = res["recorded"]
     if rec:
         print(f"  metrics.json (end of training): AUC {rec['auc']:.4f}  GAUC {rec['gauc']:.4f}  "
-              f"logloss {rec['logloss']:.4f}", file=sys.stdout)
+              f"logloss {rec['logloss']:.4f}")
     return 0
