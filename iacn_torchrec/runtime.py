@@ -20,7 +20,7 @@ import ctypes
 import ctypes.util
 import os
 
-__all__ = ["MALLOC_ENV", "apply_process_defaults", "keep_freed_memory"]
+__all__ = ["MALLOC_ENV", "apply_process_defaults", "keep_freed_memory", "show_progress"]
 
 #: blocks up to 32 MiB come from the heap (not a fresh mmap), and the heap is trimmed only when
 #: 512 MiB sit free at its top. As environment variables, for child processes (glibc reads them at start).
@@ -65,3 +65,11 @@ def set_threads(threads: int) -> None:
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+
+
+def show_progress(requested: bool) -> bool:
+    """Whether to draw a progress bar: when ``requested`` and stderr is a terminal. Elsewhere (TorchX,
+    CI, a redirected log) every refresh of a bar would become a line of the log."""
+    import sys
+
+    return bool(requested) and sys.stderr.isatty()

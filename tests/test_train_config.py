@@ -382,14 +382,31 @@ def test_dien_negatives_popularity_reaches_the_train_loader_and_trains(tmp_path)
     assert result["steps"] == 3 and math.isfinite(result["test"]["logloss"])
 
 
-def test_the_progress_bar_only_on_a_terminal(monkeypatch):
-    """Without a terminal (TorchX, CI, a log file) every bar refresh would become a log line: the bar
-    is off unless stderr is a terminal; --no-progress turns it off there too."""
+def test_the_progress_bar_only_on_a_terminal(monkeypatch, tmp_path, capsys):
+    """Without a terminal (TorchX, CI, a log file, ``iacn demo > log``) every bar refresh would become
+    a log line: the training loop draws its bar only when stderr is a terminal, whatever the config
+    asks; --no-progress turns it off there too."""
     import sys
 
+    from helpers import prepare_planted
+
+    from iacn_torchrec.runtime import show_progress
     from iacn_torchrec.train.cli import config_from_args
+    from iacn_torchrec.train.loop import train
 
     p = _train_parser()
-    for tty, flags, want in ((True, [], True), (True, ["--no-progress"], False), (False, [], False)):
+    for tty, requested, want in ((True, True, True), (True, False, False), (False, True, False)):
         monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
-        assert config_from_args(p.parse_args(["--data", "/d", *flags])).progress is want, (tty, flags)
+        assert show_progress(requested) is want, (tty, requested)
+    assert config_from_args(p.parse_args(["--data", "/d"])).progress is True
+    assert config_from_args(p.parse_args(["--data", "/d", "--no-progress"])).progress is False
+    _, data = prepare_planted(tmp_path, num_users=40, seed=0)
+    for tty in (False, True):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        cfg = TrainConfig().override([f"data.path={data}", "data.batch_size=16", "max_steps=3", "threads=1",
+                                      f"out={tmp_path / f'run{tty}'}"])
+        assert cfg.progress is True
+        capsys.readouterr()
+        train(cfg)
+        err = capsys.readouterr().err
+        assert ("3/3" in err) is tty, err  # tqdm's "3/3 [..., step/s]"

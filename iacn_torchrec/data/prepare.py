@@ -7,6 +7,7 @@ from pathlib import Path
 
 from iacn_torchrec.data import protocols, sources, store
 from iacn_torchrec.data.sources import DataError
+from iacn_torchrec.runtime import show_progress
 
 __all__ = ["prepare_dataset", "SOURCES", "PROTOCOLS", "DataError"]
 
@@ -50,7 +51,7 @@ def prepare_dataset(
         max_len: histories keep the last ``max_len`` items (1 to ``store.MAX_LEN_LIMIT`` = 10,000).
         seed: seeds every random draw (target negatives, DIEN negative behaviours, dien split).
         out: the dataset directory; an existing prepared one is replaced only with ``overwrite``.
-        progress: show a tqdm bar over the stages.
+        progress: show a tqdm bar over the stages (on a terminal only).
 
     Returns:
         ``out`` as an absolute path. Raises :class:`DataError` on bad input.
@@ -69,7 +70,7 @@ def prepare_dataset(
     store.check_target(out, overwrite)  # fail before doing any work
     stages = ["read", "build", "write"]
     bar = None
-    if progress:
+    if show_progress(progress):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(stages), desc=f"prepare {source}", unit="stage", leave=False)

@@ -39,7 +39,7 @@ import numpy as np
 
 from iacn_torchrec.data.sources import CONTROL_CHARACTER, DataError, dien_row, no_control_character, read_text
 from iacn_torchrec.fileio import check_output_path, open_atomic
-from iacn_torchrec.runtime import set_threads
+from iacn_torchrec.runtime import set_threads, show_progress
 from iacn_torchrec.serving.artifact import EncodedSamples, ServingArtifact, auc
 
 __all__ = ["RawSamples", "read_samples", "score_file", "add_arguments", "run"]
@@ -237,7 +237,7 @@ def score_file(
     raw = read_samples(input_path, fmt)
     enc = raw.encode(art)
     t1 = time.perf_counter()
-    probs = art.score(enc, batch_size=batch_size, progress=progress)
+    probs = art.score(enc, batch_size=batch_size, progress=show_progress(progress))
     t2 = time.perf_counter()
     out = Path(out)
     cols = [raw.user, raw.item, [f"{p:.6f}" for p in probs]]

@@ -141,7 +141,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sets.append(f"iacn.enabled={json.dumps(args.iacn)}")
     if not args.resume:
         sets.append("resume=false")
-    if not args.progress or not sys.stderr.isatty():
+    if not args.progress:  # without a terminal the loop draws no bar either (runtime.show_progress)
         sets.append("progress=false")
     if args.sharding:  # a flag like the others: before --set, which wins
         st = dict(config.distributed.sharding_types)

@@ -31,6 +31,7 @@ from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
 from iacn_torchrec.errors import TrainingInterrupted, UserError
 from iacn_torchrec.fileio import write_atomic
 from iacn_torchrec.kernels import KERNELS, load_kernel
+from iacn_torchrec.runtime import show_progress
 from iacn_torchrec.train.checkpoint import (
     CheckpointError,
     CheckpointWorldSizeError,
@@ -360,8 +361,8 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     steps_per_epoch = len(train_loader)
     total = steps_per_epoch * config.epochs
     total = total if max_steps is None else min(max_steps, total)
-    bar = tqdm(total=total, initial=state.step, disable=not (config.progress and rank == 0), unit="step",
-               dynamic_ncols=True)
+    with_bar = rank == 0 and show_progress(config.progress)
+    bar = tqdm(total=total, initial=state.step, disable=not with_bar, unit="step", dynamic_ncols=True)
     model.train()
     done = max_steps is not None and state.step >= max_steps
     if rank == 0 and resumed_from is not None and (done or state.epoch >= config.epochs):
@@ -397,8 +398,8 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                         shown["iacn"] = f"{float(iacn_loss):.3f}"
                     shown["sps"] = f"{state.train_samples / max(elapsed, 1e-9):,.0f}"
                     bar.set_postfix(shown)
-                    # without the bar (--no-progress: logs, CI) a line now and then, at most every 10 s
-                    if rank == 0 and not config.progress and time.perf_counter() - last_log >= 10:
+                    # without the bar (--no-progress, or no terminal: logs, CI) a line at most every 10 s
+                    if rank == 0 and not with_bar and time.perf_counter() - last_log >= 10:
                         last_log = time.perf_counter()
                         print(f"step {state.step}/{total} (epoch {state.epoch + 1}): "
                               + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
