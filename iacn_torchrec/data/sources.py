@@ -260,12 +260,7 @@ def read_table(
         nl = text.find("\n")
         head, body = (text, "") if nl < 0 else (text[:nl], text[nl + 1 :])
         names = [h.split(":")[0].strip() for h in head.split("\t")]
-        # a column read twice would silently be taken from its first occurrence; an unread one is
-        # no ambiguity (RecBole's "name:type" headers can repeat a name with another type)
-        twice = next((c for c in columns if names.count(c) > 1), None)
-        if twice is not None:
-            raise DataError(f"{path}: line 1: column {twice!r} appears twice in the header {names}: "
-                            "which one to read is ambiguous")
+        check_unique_columns(path, names, columns)
         first_line = 2
         what = f"header {names}"
     else:
@@ -420,14 +415,24 @@ def _json_id(v: Any, path: str | Path, n: int, field: str) -> str:
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def no_control_character(s: str, path: str | Path, n: int, field: str) -> str:
+def no_control_character(s: str, path: str | Path, n: int, field: str, separator: str = "") -> str:
     """Refuse an id holding an ASCII control character, here where the file and line are known (not
-    when the dataset is written)."""
-    m = CONTROL_CHARACTER.search(s)
+    when the dataset is written). ``separator``: a control character allowed in the field (DIEN's
+    ``\\x02`` between history entries), which is checked whole, in one search."""
+    m = CONTROL_CHARACTER.search(s.replace(separator, "") if separator else s)
     if m:
         raise DataError(f"{path}: line {n}: field '{field}': {s!r} contains the control character "
                         f"{m.group()!r}")
     return s
+
+
+def check_unique_columns(path: str | Path, header: list[str], columns) -> None:
+    """Refuse a header naming a column that is read (``columns``) more than once: which one to read
+    would be ambiguous (an unread name may repeat: RecBole's ``name:type`` headers do)."""
+    twice = next((c for c in columns if header.count(c) > 1), None)
+    if twice is not None:
+        raise DataError(f"{path}: line 1: column {twice!r} appears twice in the header {header}: "
+                        "which one to read is ambiguous")
 
 
 def read_amazon_json(reviews: str | Path, meta: str | Path) -> Interactions:
@@ -580,12 +585,11 @@ def dien_row(line: str, path: str | Path, n: int) -> tuple[int, str, str, str, l
         raise DataError(
             f"{path}: line {n}: field 'hist_cats' has {len(hc)} entries but 'hist_mids' has {len(hm)}"
         )
-    for name, toks in (("hist_mids", hm), ("hist_cats", hc)):
+    for k, toks in ((4, hm), (5, hc)):
         if "" in toks:
-            raise DataError(f"{path}: line {n}: field '{name}': entry {toks.index('') + 1} is empty")
-        bad = next((tok for tok in toks if CONTROL_CHARACTER.search(tok)), None)
-        if bad is not None:
-            no_control_character(bad, path, n, name)
+            raise DataError(f"{path}: line {n}: field '{DIEN_FIELDS[k]}': entry {toks.index('') + 1} "
+                            "is empty")
+        no_control_character(f[k], path, n, DIEN_FIELDS[k], separator="\x02")
     return int(f[0]), f[1], f[2], f[3], hm, hc
 
 

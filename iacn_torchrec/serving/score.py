@@ -37,7 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from iacn_torchrec.data.sources import CONTROL_CHARACTER, DataError, dien_row, no_control_character, read_text
+from iacn_torchrec.data.sources import (
+    CONTROL_CHARACTER,
+    DataError,
+    check_unique_columns,
+    dien_row,
+    no_control_character,
+    read_text,
+)
 from iacn_torchrec.fileio import check_output_path, open_atomic
 from iacn_torchrec.runtime import set_threads, show_progress
 from iacn_torchrec.serving.artifact import EncodedSamples, ServingArtifact, auc
@@ -69,15 +76,6 @@ class RawSamples:
 def _looks_dien(first: str) -> bool:
     f = first.split("\t")
     return len(f) == 6 and f[0] in ("0", "1")
-
-
-def _history_field(tok: str, path: str | Path, n: int, name: str) -> None:
-    """A history: DIEN's separator ``\\x02`` is allowed, any other control character is refused
-    (``_SPLIT``'s whitespace class would otherwise cut ``"2\\r3"`` into two ids silently)."""
-    m = CONTROL_CHARACTER.search(tok.replace("\x02", ""))
-    if m:
-        raise DataError(f"{path}: line {n}: field {name!r}: {tok!r} contains the control character "
-                        f"{m.group()!r}")
 
 
 def _blank(line: str) -> bool:
@@ -134,11 +132,7 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
             f"{path}: line 1: missing column(s) {missing} (header {header}); expected a TSV "
             "header with user_id, item_id, history[, label] (or DIEN local_test rows)"
         )
-    # a column read twice would silently be taken from its first occurrence
-    twice = next((c for c in (*need, "label") if header.count(c) > 1), None)
-    if twice is not None:
-        raise DataError(f"{path}: line 1: column {twice!r} appears twice in the header {header}: which one "
-                        "to read is ambiguous")
+    check_unique_columns(path, header, (*need, "label"))
     cu, ci, ch = (header.index(c) for c in need)
     cl = header.index("label") if "label" in header else None
     width = len(header)
@@ -157,8 +151,8 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
         for c, name in ((cu, "user_id"), (ci, "item_id"), (cl, "label")):
             if c is not None and c < len(raw):
                 no_control_character(raw[c], path, n, name)
-        if ch < len(raw):
-            _history_field(raw[ch], path, n, "history")
+        if ch < len(raw):  # DIEN's separator is allowed; "2\r3" would otherwise split into two ids
+            no_control_character(raw[ch], path, n, "history", separator="\x02")
         f = [x.strip() for x in raw]  # ids as the training readers read them
         if f == stripped_header:  # prepare refuses such a line too (its timestamp is not a number)
             raise DataError(f"{path}: line {n}: the header line again (concatenated files?); a data line "
