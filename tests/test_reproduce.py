@@ -339,13 +339,14 @@ def test_bad_arguments_are_named():
     with pytest.raises(rp.ReproduceError, match="--delta-seeds must be >= 1"):
         rp.run(_args(["--delta-seeds", "0", "--data", "/nonexistent"]))
     # every run's settings, before a dataset is re-prepared (the data path does not even exist)
-    for flags, needle in ((["--threads", "0"], "--threads must be >= 1, got 0"),
+    for flags, needle in ((["--threads", "0"], "--threads: threads must be None or >= 1, got 0"),
                           (["--lengths", "0,20"], r"--lengths must be in \[1, 10,000\], got \[0\]"),
                           (["--lengths", "20,20000"], r"--lengths must be in \[1, 10,000\], got \[20000\]"),
                           (["--max-steps", "3"], "--max-steps makes a smoke run; pass --out DIR"),
-                          (["--max-steps", "0"], "--max-steps must be >= 1"),
-                          (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
-                          (["--batch-size", "1"], "--batch-size: data.batch_size must be at least 2")):
+                          (["--max-steps", "0"], "--max-steps: max_steps must be positive"),
+                          (["--checkpoint-every", "-1"], "--checkpoint-every: checkpoint_every must be >= 0"),
+                          (["--batch-size", "1"], "--batch-size: data.batch_size must be at least 2"),
+                          (["--epochs", "0"], "--epochs: epochs must be positive")):
         with pytest.raises(rp.ReproduceError, match=needle):
             rp.run(_args([*flags, "--data", "/nonexistent"]))
     # the arms set enabled / delta / lam: a global value would make them one run under four names

@@ -939,9 +939,8 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     args.command_line = args.command_line or _command_line()
-    for name in ("seeds", "epochs"):
-        if getattr(args, name) < 1:
-            raise ReproduceError(f"--{name} must be >= 1")
+    if args.seeds < 1:
+        raise ReproduceError("--seeds must be >= 1")
     for m in list(args.models) + [args.sweep_model] + list(args.variant_models):
         if m not in MODEL_LABELS:
             raise ReproduceError(f"unknown model {m!r}; choose from {', '.join(MODEL_LABELS)}")
@@ -959,13 +958,18 @@ def run(args: argparse.Namespace) -> int:
     for name in ("table2_seeds", "delta_seeds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ReproduceError(f"--{name.replace('_', '-')} must be >= 1 (omit it for --seeds)")
-    # every run's settings, checked before any dataset is prepared or any run trained
-    if args.threads < 1:
-        raise ReproduceError(f"--threads must be >= 1, got {args.threads}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ReproduceError(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.checkpoint_every < 0:
-        raise ReproduceError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    # every run's settings, checked as TrainConfig checks them, before any dataset is prepared or any
+    # run trained
+    from iacn_torchrec.train.config import ConfigError, TrainConfig
+
+    for flag, name, value in (("--epochs", "epochs", args.epochs), ("--threads", "threads", args.threads),
+                               ("--max-steps", "max_steps", args.max_steps),
+                               ("--checkpoint-every", "checkpoint_every", args.checkpoint_every),
+                               ("--batch-size", "data.batch_size", args.batch_size)):
+        try:
+            TrainConfig().override([f"{name}={json.dumps(value)}"])
+        except ConfigError as e:
+            raise ReproduceError(f"{flag}: {e}") from None
     from iacn_torchrec.data.store import MAX_LEN_LIMIT
 
     bad = [L for L in args.lengths if not 1 <= L <= MAX_LEN_LIMIT]
@@ -977,12 +981,6 @@ def run(args: argparse.Namespace) -> int:
         raise ReproduceError("--max-steps makes a smoke run; pass --out DIR and --results DIR "
                              f"for its runs and tables (the defaults, runs/reproduce/{args.name or 'NAME'} "
                              "and docs/results/NAME, hold the published ones)")
-    from iacn_torchrec.train.config import ConfigError, DataConfig
-
-    try:
-        DataConfig(batch_size=args.batch_size)
-    except ConfigError as e:
-        raise ReproduceError(f"--batch-size: {e}") from None
     if args.data is None:
         data = ensure_default_data(DEFAULT_DATA)
         args.name = args.name or "amazon-beauty"
