@@ -331,6 +331,26 @@ def test_export_refuses_a_config_yaml_its_checkpoint_was_not_trained_with(tiny_r
     assert _main("export", "--run", "run", "--out", "m", "--check-samples", "0") == 0
 
 
+def test_export_refuses_a_dataset_the_run_was_not_trained_on(tiny_run, tmp_path, monkeypatch, capsys):
+    """``--data`` another dataset of the same shapes (the model would load and score it): refused by
+    the content hash the checkpoint's fingerprint holds, naming both."""
+    from iacn_torchrec.distributed.testing import write_tiny_dataset
+
+    _copy_run(tiny_run, tmp_path)
+    write_tiny_dataset(tmp_path / "other", seed=1)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    for args in (("export", "--run", "run", "--out", "m", "--check-samples", "0", "--data", "other"),
+                 ("evaluate", "--run", "run", "--data", "other")):
+        assert _main(*args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"iacn {args[0]}: other is not the dataset run/checkpoints/step_00000006 was "
+                              "trained on (data.content_hash: 'sha256:"), err
+        assert err.rstrip().endswith("pass that dataset with --data"), err
+    assert not (tmp_path / "m").exists()
+    assert _main("export", "--run", "run", "--out", "m", "--check-samples", "0", "--data", "data") == 0
+
+
 def test_train_keeps_a_users_files(tiny_run, tmp_path, monkeypatch):
     """``iacn train --out DIR`` refuses a folder holding files that are not a run's (it would write
     config.yaml and metrics.json over them), and a hand-written ``--config`` that is OUT's own

@@ -292,12 +292,6 @@ def load_run(
     config = TrainConfig.from_yaml(run_dir / "config.yaml", stored=True)
     ds = PreparedDataset.open(_resolve_data(run_dir, data, config.data.path))
     metrics = _read_metrics(run_dir / "metrics.json")
-    dataset = metrics.get("dataset")
-    trained_on = dataset.get("content_hash") if isinstance(dataset, dict) else None
-    if trained_on and trained_on != ds.meta.get("content_hash"):
-        raise ExportError(f"{ds.path} is not the dataset {run_dir} was trained on (content hash "
-                          f"{ds.meta.get('content_hash')}, the run's {trained_on}); "
-                          "pass that dataset with --data")
     root = str(run_dir / "checkpoints")
     if step is not None and step not in complete_steps(root):
         raise ExportError(f"{root}: no complete checkpoint of step {step}; the run has "
@@ -321,6 +315,7 @@ def load_run(
     differ = fingerprint_differences(state["config_fingerprint"],
                                       config_fingerprint(config, ds.meta.get("content_hash")),
                                       ignore=("distributed.",))
+    # the dataset's content hash is part of the fingerprint: the one check of the dataset
     hashes = [d for d in differ if d.startswith("data.content_hash:")]
     if hashes:
         raise ExportError(f"{ds.path} is not the dataset {where} was trained on ({hashes[0]}); "
