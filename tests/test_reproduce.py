@@ -215,6 +215,22 @@ def test_aux_table_pins_reach_the_iacn_arms_only(tiny, tmp_path):
     assert iacn.distributed.sharding_types == {"item_aux": "row_wise", "item_orig": "table_wise"}
 
 
+def test_a_model_prefixed_set_reaches_that_models_runs_only(tiny, tmp_path):
+    """``--set din:model.main.X=V`` changes DIN's runs and no other model's (a field of DIN's alone
+    would be refused by Wide&Deep's config); an unknown prefix and a prefixed arm field are refused
+    before any run."""
+    args = _args(["--data", str(tiny), "--set", "din:model.main.att_activation=sigmoid",
+                  "--set", "optim.lr=0.002", "--out", str(tmp_path)])
+    din = rp.make_config(args, rp.Run("din-L8-iacn-d0.3-l1-s0", "din", 8, rp.IACN, 0, tiny), tmp_path)
+    wd = rp.make_config(args, rp.Run("wide_deep-L8-base-s0", "wide_deep", 8, rp.BASE, 0, tiny), tmp_path)
+    assert din.model.main == {"att_activation": "sigmoid"} and din.optim.lr == 0.002
+    assert wd.model.main == {} and wd.optim.lr == 0.002
+    with pytest.raises(rp.ReproduceError, match=r"'gru4rec' is not a model; use MODEL:SECTION\.FIELD=VALUE"):
+        rp.run(_args(["--set", "gru4rec:optim.lr=0.1", "--data", "/nonexistent"]))
+    with pytest.raises(rp.ReproduceError, match="the arms define iacn.enabled, iacn.delta, iacn.lam"):
+        rp.run(_args(["--set", "din:iacn.delta=0.5", "--data", "/nonexistent"]))
+
+
 def test_a_failing_run_is_named_and_the_others_still_train(tiny, tmp_path, capsys):
     """A variant whose loss overflows fails its two runs; the other six train, the table is written
     without it, the call exits 1 naming both, and the next call tries only the failed ones again."""

@@ -303,6 +303,25 @@ def comparable(config: dict[str, Any]) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def model_sets(sets: list[str], model: str) -> list[str]:
+    """The ``--set`` overrides of ``model``'s runs: ``SECTION.FIELD=VALUE`` applies to every run,
+    ``MODEL:SECTION.FIELD=VALUE`` to that model's only (``din:model.main.att_activation=sigmoid``)."""
+    out = []
+    for s in sets:
+        key, eq, value = s.partition("=")
+        only, colon, field = key.partition(":")
+        if not colon:
+            out.append(s)
+            continue
+        if only.strip() not in MODEL_LABELS:
+            raise ReproduceError(f"--set {s!r}: {only.strip()!r} is not a model; use "
+                                 f"MODEL:SECTION.FIELD=VALUE with MODEL one of {', '.join(MODEL_LABELS)}, "
+                                 "or SECTION.FIELD=VALUE for every run")
+        if only.strip() == model:
+            out.append(field + eq + value)
+    return out
+
+
 def make_config(args: argparse.Namespace, run: Run, out: Path):
     from iacn_torchrec.modules.iacn import IaCNConfig
     from iacn_torchrec.train.config import DataConfig, ModelConfig, TrainConfig
@@ -323,7 +342,7 @@ def make_config(args: argparse.Namespace, run: Run, out: Path):
         progress=args.progress,
         resume=True,
     )
-    sets = list(args.set) + list(run.arm.sets)
+    sets = model_sets(args.set, run.model) + list(run.arm.sets)
     cfg = cfg.override(sets) if sets else cfg
     pins = cfg.distributed.sharding_types
     if not cfg.iacn.enabled and any(t.endswith("_aux") for t in pins):
@@ -907,8 +926,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="an extra IaCN arm (δ 0.3, λ 1 plus these overrides) paired against the model alone")
     p.add_argument("--variant-models", type=_names, default=["dien"],
                    help="models of the variants (default dien)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config field in every run (e.g. optim.lr=0.002)")
+    p.add_argument("--set", action="append", default=[], metavar="[MODEL:]SECTION.FIELD=VALUE",
+                   help="override a config field in every run (e.g. optim.lr=0.002), or in one model's runs "
+                        "(e.g. din:model.main.att_activation=sigmoid)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run (default 1: on a shared 2-core box 2 threads ran DIN up to 10x"
@@ -947,7 +967,10 @@ def run(args: argparse.Namespace) -> int:
     for d in args.deltas:
         if not 0.0 <= d <= 1.0:
             raise ReproduceError(f"--deltas: δ={d} is not in [0, 1]")
-    arm_keys = [s for s in args.set if s.split("=", 1)[0].strip() in ARM_FIELDS]
+    for m in MODEL_LABELS:  # a model prefix is checked here, before any run, and ...
+        model_sets(args.set, m)
+    # ... an arm field refused with or without one
+    arm_keys = [s for s in args.set if s.split("=", 1)[0].split(":")[-1].strip() in ARM_FIELDS]
     if arm_keys:
         raise ReproduceError(f"--set {arm_keys}: the arms define {', '.join(ARM_FIELDS)} "
                          "(a global value would make every arm the same run under different names); use "
