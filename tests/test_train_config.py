@@ -331,6 +331,39 @@ def test_a_stored_wide_deep_run_from_before_model_main_is_read_as_it_was_built(t
                         "--set 'model.main.deep_input_bn=false', or " if want else "")
 
 
+def test_a_run_stored_before_popularity_negatives_is_read_as_it_was_trained(tmp_path):
+    """``data.dien_negatives`` became "popularity" after runs had been stored without the field: a
+    stored DIEN run means "prepared" in its config.yaml (``stored=True``), its checkpoint fingerprint
+    (resume) and reproduce's reuse, so it is not taken for today's default; the field is DIEN's only,
+    so another model's run matches whatever it says; a hand-written config gets today's default."""
+    import json
+
+    from iacn_torchrec.experiments.reproduce import comparable
+    from iacn_torchrec.train.loop import config_fingerprint, fingerprint_differences
+
+    assert TrainConfig().data.dien_negatives == "popularity"
+    for name in ("dien", "din"):
+        dien = name == "dien"
+        d = TrainConfig().override([f"model.name={name}"]).to_dict()
+        del d["data"]["dien_negatives"]
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(d))
+        stored = TrainConfig.from_yaml(tmp_path / "config.yaml", stored=True)
+        assert stored.data.dien_negatives == "prepared"
+        assert TrainConfig.from_yaml(tmp_path / "config.yaml").data.dien_negatives == "popularity"
+        today = TrainConfig().override([f"model.name={name}"])
+        prepared = TrainConfig().override([f"model.name={name}", "data.dien_negatives=prepared"])
+        assert (comparable(d) == comparable(today.to_dict())) is not dien
+        assert comparable(d) == comparable(prepared.to_dict())
+        fp = json.loads(config_fingerprint(today, "abc"))
+        del fp["data.dien_negatives"]
+        differ = fingerprint_differences(json.dumps(fp), config_fingerprint(today, "abc"))
+        assert differ == (["data.dien_negatives: 'prepared' → 'popularity'"] if dien else [])
+        assert fingerprint_differences(json.dumps(fp), config_fingerprint(prepared, "abc")) == []
+        # one that says it (stored since the field existed) is compared as it says, for DIEN only
+        other = fingerprint_differences(config_fingerprint(prepared, "abc"), config_fingerprint(today, "abc"))
+        assert bool(other) is dien
+
+
 def test_the_same_main_model_spelled_otherwise_is_the_same_run():
     """Resumes and reproduce's reuse compare the main model, not the overrides' spelling: a default
     spelled out, an activation's capital letters, a number YAML reads as a string; a real change

@@ -274,15 +274,16 @@ def comparable(config: dict[str, Any]) -> str:
 
     The stored config is read through ``TrainConfig.from_dict`` first, so a field added to the
     config since the run was trained counts at its default (the behaviour the run had), except
-    ``model.dien_hidden``, compared as the hidden size DIEN actually had, and ``model.main``, as the
-    main model the run was built with (:func:`~iacn_torchrec.train.config.stored_model_main`)."""
-    from iacn_torchrec.train.config import ConfigError, TrainConfig, resolved_main, stored_model_main
+    ``model.dien_hidden``, compared as the hidden size DIEN actually had, and the fields
+    :func:`~iacn_torchrec.train.config.stored_config` reads as the run was trained (``model.main``,
+    a changed default such as ``data.dien_negatives``, which counts for DIEN only)."""
+    from iacn_torchrec.train.config import ConfigError, TrainConfig, resolved_main, stored_config
 
     legacy_dien = "dien_hidden" not in config.get("model", {})
-    if isinstance(config.get("model"), dict):  # the main model the run was built with, every field
+    config = stored_config(config)  # as the run was trained: legacy defaults, its main model
+    if isinstance(config.get("model"), dict):  # every field of that main model
         model = config["model"]
-        main = resolved_main(model.get("name"), stored_model_main(model))
-        config = {**config, "model": {**model, "main": main}}
+        config = {**config, "model": {**model, "main": resolved_main(model.get("name"), model["main"])}}
     try:
         config = TrainConfig.from_dict(json.loads(json.dumps(config, default=str))).to_dict()
     except (ConfigError, TypeError, ValueError):
@@ -291,6 +292,7 @@ def comparable(config: dict[str, Any]) -> str:
     model, iacn = d.get("model", {}), d.get("iacn", {})
     if model.get("name") != "dien":
         model.pop("dien_hidden", None)  # read by DIEN only
+        d.get("data", {}).pop("dien_negatives", None)
     elif model.get("dien_hidden") is None and isinstance(model.get("emb_dim"), int):
         # None is 2·emb_dim; runs stored before the field existed had the GRU at the item width
         # 2·(emb_dim + aux_dim) (IaCN widened it)

@@ -40,9 +40,10 @@ class DataConfig:
     eval_batch_size: int = 2048  # with two batches scored at once: the fastest here (performance-log.md)
     drop_last: bool = False
     num_test_samples: int | None = None  # evaluate on the first N test samples only (smoke runs)
-    # DIEN's negative behaviours: "prepared" (the dataset's, drawn once, uniform) or "popularity"
-    # (drawn for every batch in proportion to item popularity, as the reference's data iterator)
-    dien_negatives: str = "prepared"
+    # DIEN's negative behaviours: "popularity" (drawn for every batch in proportion to item popularity,
+    # as the reference's data iterator) or "prepared" (the dataset's, drawn once, uniform; the
+    # default until session 21, see LEGACY_DEFAULTS). Read by DIEN only.
+    dien_negatives: str = "popularity"
 
     def __post_init__(self) -> None:
         if self.dien_negatives not in DIEN_NEGATIVES:
@@ -205,7 +206,7 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, stored: bool = False) -> TrainConfig:
         """``stored``: a run's own ``config.yaml`` (written by ``iacn train``), read as that run was
-        trained (:func:`stored_model_main`), not as a hand-written config of today."""
+        trained (:func:`stored_config`), not as a hand-written config of today."""
         path = Path(path)
         try:
             d = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
@@ -220,8 +221,8 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        if stored and isinstance(d.get("model"), dict):
-            d["model"]["main"] = stored_model_main(d["model"])
+        if stored:
+            d = stored_config(d)
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -254,6 +255,26 @@ class TrainConfig:
             except yaml.YAMLError as e:
                 raise ConfigError(f"--set {a!r}: the value is not valid YAML ({e})") from None
         return TrainConfig.from_dict(d)
+
+
+#: fields whose default changed after runs were stored without them (flattened name → the value such
+#: a run was trained with): a stored configuration lacking one means this value, not today's default.
+#: ``data.dien_negatives`` was "prepared" until it took the DIEN reference's popularity draws.
+LEGACY_DEFAULTS: dict[str, Any] = {"data.dien_negatives": "prepared"}
+
+
+def stored_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored run's configuration (``config.yaml``, ``metrics.json``'s ``config``) as that run was
+    trained: :data:`LEGACY_DEFAULTS` for the fields it lacks, ``model.main`` by
+    :func:`stored_model_main`. Returns a new dict; sections that are not mappings are kept as they are."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for name, value in LEGACY_DEFAULTS.items():
+        section, field = name.split(".")
+        if isinstance(out.get(section), dict) and field not in out[section]:
+            out[section][field] = value
+    if isinstance(out.get("model"), dict):
+        out["model"]["main"] = stored_model_main(out["model"])
+    return out
 
 
 #: ``model.main`` of runs stored before the field existed, by model: the main model they were built

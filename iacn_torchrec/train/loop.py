@@ -44,7 +44,7 @@ from iacn_torchrec.train.checkpoint import (
     set_rng_state,
     step_dir,
 )
-from iacn_torchrec.train.config import TrainConfig, resolved_main, stored_model_main
+from iacn_torchrec.train.config import LEGACY_DEFAULTS, TrainConfig, resolved_main, stored_model_main
 from iacn_torchrec.train.metrics import CTRMetrics
 
 logger = logging.getLogger("iacn")
@@ -599,9 +599,10 @@ def shown_differences(differ: list[str], limit: int = 8) -> str:
 def fingerprint_differences(stored: str | None, current: str, ignore: tuple[str, ...] = ()) -> list[str]:
     """``field: checkpoint → this run`` for every fingerprinted field that differs. A field the
     checkpoint's fingerprint lacks (added to the config since) counts at its default, the
-    behaviour that run had; checkpoints of earlier versions (a nested fingerprint with the
-    dataset's path and no hash) are compared without the hash. Fields starting with a prefix in
-    ``ignore`` are not compared."""
+    behaviour that run had, or at its :data:`~iacn_torchrec.train.config.LEGACY_DEFAULTS` value
+    where the default has changed since; ``data.dien_negatives`` counts for DIEN only. Checkpoints
+    of earlier versions (a nested fingerprint with the dataset's path and no hash) are compared
+    without the hash. Fields starting with a prefix in ``ignore`` are not compared."""
     try:
         old = json.loads(stored) if stored else None
     except json.JSONDecodeError:
@@ -613,9 +614,12 @@ def fingerprint_differences(stored: str | None, current: str, ignore: tuple[str,
     new = json.loads(current)
     if "data.content_hash" not in old:
         new.pop("data.content_hash", None)
-    defaults = _flat(TrainConfig().to_dict())
+    defaults = _flat(TrainConfig().to_dict()) | LEGACY_DEFAULTS
     for k in new:
         if k not in old and k in defaults:
             old[k] = json.loads(json.dumps(defaults[k], default=str))
+    for fp in (old, new):
+        if fp.get("model.name") != "dien":
+            fp.pop("data.dien_negatives", None)  # read by DIEN only
     return [f"{k}: {old.get(k, '(absent)')!r} → {new.get(k, '(absent)')!r}"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(ignore)]
