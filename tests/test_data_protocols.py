@@ -200,3 +200,17 @@ def test_beauty_equals_reference_builder(beauty_prepared):
             padded = np.zeros((len(lens), 20), dtype=np.int64)
             padded[mask] = getattr(s, key)
             assert np.array_equal(padded, r[key]), (name, key)
+
+
+def test_negative_behaviours_of_unknown_positions_cover_every_item():
+    """dien-files positions whose item is unknown (0) draw uniformly over all of 1..n_items (the last
+    item was never drawn); positions with a real item keep the scalar-bound draws byte for byte."""
+    from iacn_torchrec.data.protocols import _other_items
+
+    counts = np.bincount(_other_items(np.random.default_rng(0), np.zeros(30_000, np.int64), 3), minlength=4)
+    assert counts[0] == 0 and counts[1:].min() > 9_000
+    real = np.random.default_rng(1).integers(1, 51, size=1000)
+    r = np.random.default_rng(2).integers(1, 50, size=1000)
+    assert np.array_equal(_other_items(np.random.default_rng(2), real, 50), r + (r >= real))
+    mixed = _other_items(np.random.default_rng(3), np.r_[real, np.zeros(1000, np.int64)], 50)
+    assert (mixed[:1000] != real).all() and mixed.min() >= 1 and mixed.max() == 50

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from iacn_torchrec.data import protocols, sources, store
 from iacn_torchrec.data.sources import DataError
 from iacn_torchrec.runtime import show_progress
@@ -12,6 +14,9 @@ from iacn_torchrec.runtime import show_progress
 __all__ = ["prepare_dataset", "SOURCES", "PROTOCOLS", "DataError"]
 
 SOURCES = ("tsv", "amazon-json", "dien", "movielens")
+#: the inputs each source reads (prepare_dataset's arguments, ``iacn prepare``'s flags)
+_SOURCE_INPUTS = {"tsv": ("interactions", "items", "category_column"), "amazon-json": ("reviews", "meta"),
+                  "dien": ("path",), "movielens": ("path", "category_column")}
 PROTOCOLS = ("din", "dien")
 
 
@@ -58,6 +63,16 @@ def prepare_dataset(
     """
     if source not in SOURCES:
         raise DataError(f"unknown source {source!r}; expected one of {SOURCES}")
+    given = dict(interactions=interactions, items=items, reviews=reviews, meta=meta, path=path,
+                 category_column=category_column)
+    unused = [k for k, v in given.items() if v is not None and k not in _SOURCE_INPUTS[source]]
+    if unused:  # silently ignored, a mistyped source would prepare other files than the user meant
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise DataError(f"source {source!r} does not read {flags}: it reads "
+                        f"{', '.join('--' + k.replace('_', '-') for k in _SOURCE_INPUTS[source])}")
+    for name, v in (("max_len", max_len), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise DataError(f"{name} must be an integer, got {v!r}")
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     if int(max_len) < 1:

@@ -181,9 +181,13 @@ def jagged_index(start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _other_items(rng: np.random.Generator, real: np.ndarray, n_items: int) -> np.ndarray:
-    """Uniform over ``1..n_items`` without ``real`` (``real == 0``: uniform over ``1..n_items-1``)."""
-    r = rng.integers(1, n_items, size=len(real))
-    return r + ((r >= real) & (real > 0))
+    """Uniform over ``1..n_items`` without ``real``; over all of ``1..n_items`` where ``real == 0``
+    (an unknown item, ``dien-files`` only: the din/dien protocols' draws, all with a real item, are
+    the scalar-bound ones, byte for byte)."""
+    unknown = real == 0
+    high = n_items + unknown if unknown.any() else n_items
+    r = rng.integers(1, high, size=len(real))
+    return r + ((r >= real) & ~unknown)
 
 
 def _check_items(n_items: int) -> None:

@@ -112,7 +112,8 @@ class PrebuiltSamples:
 
 
 def read_text(path: str | Path) -> str:
-    """The whole file as text (``.gz`` decompressed, CRLF turned into LF). A lone CR stays: it is
+    """The whole file as text (``.gz`` decompressed, CRLF turned into LF, a leading UTF-8 byte-order
+    mark dropped). A lone CR stays: it is
     a control character like any other (refused in a field that is read, see :func:`_check_lines`),
     not a line end, so it can neither split a row in two nor shift the line numbers of errors."""
     p = Path(path)
@@ -133,6 +134,8 @@ def read_text(path: str | Path) -> str:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{p}: line {line}: not valid UTF-8 ({e.reason})") from e
+    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark (Windows exports): not part of the first id
+        text = text[1:]
     if "\r" in text:  # DIEN's files (and Windows exports) end lines with CRLF
         text = text.replace("\r\n", "\n")
         if "\n" not in text.rstrip("\r"):  # every line ends with a lone CR (classic Mac exports)
@@ -164,21 +167,27 @@ def _to_ids(values: list[str]) -> np.ndarray:
 _INT64 = np.iinfo(np.int64)
 
 
+# numbers as files write them: ASCII digits only (Python's int() and float() would also take "1_000",
+# full-width "２０" or Arabic-Indic "٣٠", silently reordering events)
+_ASCII_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
 def _float_int_field(tok: str, path: Path | str, line: int, name: str) -> int:
     """An integer written as a float (``1.4e9``, ``17.0``)."""
-    try:
-        f = float(tok)
-    except ValueError:
-        raise DataError(f"{path}: line {line}: field '{name}': {tok!r} is not a number") from None
+    if not _ASCII_FLOAT.fullmatch(tok.strip()):
+        raise DataError(f"{path}: line {line}: field '{name}': {tok!r} is not a number")
+    f = float(tok)
     if not np.isfinite(f) or f != int(f):
         raise DataError(f"{path}: line {line}: field '{name}': {tok!r} is not an integer")
     return int(f)
 
 
 def _int_field(tok: str, path: Path | str, line: int, name: str) -> int:
-    try:
+    """An integer in ASCII digits, or one written as a float (:func:`_float_int_field`)."""
+    if _ASCII_INT.fullmatch(tok.strip()):
         v = int(tok)
-    except ValueError:
+    else:
         v = _float_int_field(tok, path, line, name)
     if not _INT64.min <= v <= _INT64.max:
         raise DataError(f"{path}: line {line}: field '{name}': {tok!r} is out of the int64 range")
@@ -270,9 +279,14 @@ def read_table(
     if missing:
         raise DataError(f"{path}: line 1: missing column(s) {missing} ({what})")
     idx = [names.index(c) for c in columns]
-    body = body.rstrip("\n")
+    stripped = body.rstrip("\n")
+    # blank lines at the end (beyond the last line's own newline) are counted like the others
+    trailing_blank = max(0, len(body) - len(stripped) - 1)
+    body = stripped
     if not body.strip():
         raise DataError(f"{path}: no data lines")
+    if report is not None:
+        report.skip("blank_lines", trailing_blank, "blank lines in input files")
     _check_lines(body, names, idx, path, first_line)
 
     if "\n\n" not in body and not body.startswith("\n") and not _NOT_PLAIN_INT.search(body):
@@ -296,6 +310,7 @@ def read_table(
     cols: list[list[str]] = [[] for _ in columns]
     line_no: list[int] = []
     blank = 0
+    short: DataError | None = None  # the first line lacking a column that is read
     for n, line in enumerate(body.split("\n"), start=first_line):
         if not line.strip():
             blank += 1
@@ -303,29 +318,54 @@ def read_table(
         f = line.split("\t")
         if len(f) < need:
             absent = [c for c, i in zip(columns, idx) if i >= len(f)]
-            raise DataError(
+            short = DataError(
                 f"{path}: line {n}: malformed line: {len(f)} tab-separated field(s), expected {len(names)}; "
                 f"missing field(s) {absent}"
             )
+            short.line = n
+            break
         for k, i in enumerate(idx):
             cols[k].append(f[i].strip())
         line_no.append(n)
-    if report is not None:
-        report.skip("blank_lines", blank, "blank lines in input files")
+    # each column's check over the lines before the first short one: the error of the first bad line
+    errors = [] if short is None else [short]
     out: dict[str, np.ndarray] = {}
     for k, c in enumerate(columns):
-        vals = cols[k]
-        if c in int_columns:
-            try:
-                out[c] = np.array(vals, dtype=np.int64)
-            except (ValueError, OverflowError):
-                out[c] = np.array([_int_field(v, path, line_no[r], c) for r, v in enumerate(vals)], np.int64)
-        else:
-            empty = [r for r, v in enumerate(vals) if not v] if c not in allow_empty and not all(vals) else []
-            if empty:
-                raise DataError(f"{path}: line {line_no[empty[0]]}: field '{c}' is empty")
-            out[c] = _to_ids(vals)
+        try:
+            out[c] = _column(cols[k], c, c in int_columns, c not in allow_empty, path, line_no)
+        except DataError as e:
+            errors.append(e)
+    if errors:
+        raise min(errors, key=lambda e: e.line)
+    if report is not None:
+        report.skip("blank_lines", blank, "blank lines in input files")
     return out
+
+
+def _column(vals: list[str], c: str, integer: bool, required: bool, path: str | Path,
+            line_no: list[int]) -> np.ndarray:
+    """One column of :func:`read_table`'s slow path: int64 (``integer``), else ids (:func:`_to_ids`);
+    an empty value of a ``required`` column is an error. An error carries its line as ``.line``."""
+    if integer:
+        try:
+            if all(map(_ASCII_INT.fullmatch, vals)):  # numpy's int() would also take "1_000", "٣٠"
+                return np.array(vals, dtype=np.int64)
+        except OverflowError:
+            pass
+        out = np.empty(len(vals), np.int64)
+        for r, v in enumerate(vals):
+            try:
+                out[r] = _int_field(v, path, line_no[r], c)
+            except DataError as e:
+                e.line = line_no[r]
+                raise
+        return out
+    if required and not all(vals):
+        r = next(r for r, v in enumerate(vals) if not v)
+        e = DataError(f"{path}: line {line_no[r]}: field '{c}' is empty")
+        e.line = line_no[r]
+        raise e
+    return _to_ids(vals)
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +426,7 @@ def _records(path: str | Path, report: Report):
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # nested too deep: malformed, as literal_eval says
             try:
                 rec = ast.literal_eval(line)
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
@@ -413,16 +453,22 @@ def _json_id(v: Any, path: str | Path, n: int, field: str) -> str:
 # numpy's str arrays drop trailing NULs ("5\x00" would silently become id "5"); DIEN's history
 # separator \x02 is allowed where _read_dien_samples has split on it already
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+# half of a UTF-16 pair alone: JSON's "\ud800" escape decodes to one, which no UTF-8 file can store
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def no_control_character(s: str, path: str | Path, n: int, field: str, separator: str = "") -> str:
-    """Refuse an id holding an ASCII control character, here where the file and line are known (not
-    when the dataset is written). ``separator``: a control character allowed in the field (DIEN's
-    ``\\x02`` between history entries), which is checked whole, in one search."""
+    """Refuse an id holding an ASCII control character or a lone surrogate, here where the file and
+    line are known (not when the dataset is written). ``separator``: a control character allowed in
+    the field (DIEN's ``\\x02`` between history entries), which is checked whole, in one search."""
     m = CONTROL_CHARACTER.search(s.replace(separator, "") if separator else s)
     if m:
         raise DataError(f"{path}: line {n}: field '{field}': {s!r} contains the control character "
                         f"{m.group()!r}")
+    m = _LONE_SURROGATE.search(s)
+    if m:
+        raise DataError(f"{path}: line {n}: field '{field}': {s!r} contains the lone surrogate {m.group()!r} "
+                        "(half of a UTF-16 pair, e.g. a JSON \\u escape): not a character")
     return s
 
 
@@ -466,16 +512,21 @@ def read_amazon_json(reviews: str | Path, meta: str | Path) -> Interactions:
         if paths is not None and all(isinstance(c, (list, tuple)) for c in paths):
             first = next((c for c in paths if c), None)  # the first non-empty path ([] ones: none)
             if first is not None:
-                cat = no_control_character(str(first[-1]), meta, n, "categories")
+                if not isinstance(first[-1], str):
+                    raise DataError(f"{meta}: line {n}: field 'categories': the category {first[-1]!r} is "
+                                    "not a string")
+                # a blank one is no category: counted with the rows without one (as the TSV reader)
+                cat = no_control_character(first[-1].strip(), meta, n, "categories")
         elif cats is not None:  # a string, or a flat list ['Beauty'] (not a list of paths)
             raise DataError(f"{meta}: line {n}: field 'categories': expected a list of category paths "
                             f"([['Beauty', 'Skin Care']]), got {cats!r:.60}")
         m_ids.append(_json_id(rec["asin"], meta, n, "asin"))
         m_cat.append(cat)
-    ids, cates = _item_table(np.array(m_ids, dtype=str), np.array(m_cat, dtype=str), meta, report)
+    # ids as the TSV reader types them: int64 when every one is a plain integer (numeric order)
+    ids, cates = _item_table(_to_ids(m_ids), np.array(m_cat, dtype=str), meta, report)
     return Interactions(
-        user=np.array(users, dtype=str),
-        item=np.array(items, dtype=str),
+        user=_to_ids(users),
+        item=_to_ids(items),
         timestamp=np.array(ts, dtype=np.int64),
         item_ids=ids,
         item_cate=cates,
@@ -539,8 +590,9 @@ def _load_voc(path: Path) -> dict[str, int]:
     try:
         with open(path, "rb") as f:
             voc = _VocabUnpickler(f, encoding="bytes").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the vocabulary ({e})") from e
+    except Exception as e:  # noqa: BLE001 (a damaged pickle raises almost anything: TypeError, MemoryError...)
+        detail = e if isinstance(e, (OSError, pickle.UnpicklingError)) else f"{type(e).__name__}: {e}"
+        raise DataError(f"{path}: cannot read the vocabulary ({detail})") from e
     if not isinstance(voc, dict):
         raise DataError(f"{path}: expected a dict raw id -> index, got {type(voc).__name__}")
     out = {}
@@ -552,7 +604,10 @@ def _load_voc(path: Path) -> dict[str, int]:
                 raise DataError(f"{path}: key {k!r} is not valid UTF-8 ({e.reason})") from e
         else:
             k = str(k)
-        if not isinstance(v, int):
+        m = CONTROL_CHARACTER.search(k) or _LONE_SURROGATE.search(k)
+        if m:  # numpy's str arrays drop a trailing NUL: "a\x00" would become a second "a"
+            raise DataError(f"{path}: key {k!r} contains the control character {m.group()!r}")
+        if isinstance(v, bool) or not isinstance(v, int):
             raise DataError(f"{path}: entry {k!r}: index {v!r} is not an integer")
         out[k] = v
     return out
@@ -661,7 +716,7 @@ def read_dien(path: str | Path, max_len: int = 20) -> PrebuiltSamples | Interact
         tab = read_table(
             d / "item-info", ["item", "cate"], names=["item", "cate"], allow_empty={"cate"}, report=report
         )
-        item_info = _item_table(tab["item"].astype(str), tab["cate"].astype(str), d / "item-info", report)
+        item_info = _item_table(tab["item"], tab["cate"].astype(str), d / "item-info", report)
     for train, test in DIEN_SPLITS:
         if (d / train).exists() or (d / test).exists():
             splits = {
@@ -690,8 +745,8 @@ def read_dien(path: str | Path, max_len: int = 20) -> PrebuiltSamples | Interact
             report=report,
         )
         return Interactions(
-            user=rev["user"].astype(str),
-            item=rev["item"].astype(str),
+            user=rev["user"],
+            item=rev["item"],
             timestamp=rev["timestamp"],
             item_ids=item_info[0],
             item_cate=item_info[1],
