@@ -331,6 +331,29 @@ def test_export_refuses_a_config_yaml_its_checkpoint_was_not_trained_with(tiny_r
     assert _main("export", "--run", "run", "--out", "m", "--check-samples", "0") == 0
 
 
+def test_a_runs_config_yaml_trains_that_run_on_from_anywhere(tiny_run, tmp_path, monkeypatch, capsys):
+    """``iacn train --config RUN/config.yaml`` continues RUN: config.yaml records the run directory
+    absolute (the run was started with a relative --out) and not the one-off --no-resume of the
+    command that wrote it, which would set the run's checkpoints aside."""
+    import yaml
+
+    _copy_run(tiny_run, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert _main("train", "--data", "data", "--batch-size", "16", "--epochs", "3", "--max-steps", "3",
+                 "--checkpoint-every", "3", "--threads", "2", "--no-progress", "--out", "run",
+                 "--no-resume") == 0
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["out"] == str(tmp_path / "run") and written["resume"] is True
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert _main("train", "--config", "../run/config.yaml", "--max-steps", "5", "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert f"resuming {tmp_path / 'run'} from its checkpoint at step 3" in err and "--no-resume" not in err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 5
+    assert not (tmp_path / "elsewhere" / "run").exists()
+
+
 def test_export_refuses_a_dataset_the_run_was_not_trained_on(tiny_run, tmp_path, monkeypatch, capsys):
     """``--data`` another dataset of the same shapes (the model would load and score it): refused by
     the content hash the checkpoint's fingerprint holds, naming both."""

@@ -505,6 +505,50 @@ def test_epoch_checkpoints_and_a_signal_stop_after_the_step(tmp_path):
     assert train(c)["resumed_from_step"] == stopped
 
 
+def test_a_signal_on_an_evaluation_step_leaves_that_evaluation_to_the_resumed_run(tmp_path, monkeypatch):
+    """A stop signal skips the periodic evaluation of the step it ends (stopping fast); the resumed
+    run evaluates that step first, so its history is the uninterrupted run's, figure for figure."""
+    import os
+    import signal
+
+    from helpers import prepare_planted
+
+    from iacn_torchrec.errors import TrainingInterrupted
+    from iacn_torchrec.train import loop
+
+    _, data = prepare_planted(tmp_path, num_users=60, seed=0)
+
+    def cfg(out, steps):
+        c = _config(data, out, steps, eval_every=1)
+        c.data = DataConfig(path=str(data), batch_size=16)
+        return c
+
+    straight = train(cfg(tmp_path / "straight", 6))
+    real_evaluate, calls = loop.evaluate, []
+
+    def evaluate_then_signal(*args, **kwargs):  # SIGINT during step 3's evaluation: step 4 stops
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate_then_signal)
+    launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted, match=r"SIGINT at step 4: checkpoint saved"):
+            train(cfg(tmp_path / "stopped", 6))
+    finally:
+        signal.signal(signal.SIGINT, launched_with)
+    assert [h["step"] for h in _final_state(tmp_path / "stopped")["history"]] == [1, 2, 3]
+    assert _final_state(tmp_path / "stopped")["train_state"]["eval_pending"] is True
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
+    resumed = train(cfg(tmp_path / "stopped", 6))
+    assert resumed["resumed_from_step"] == 4
+    assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4, 5, 6]
+    assert resumed["history"] == straight["history"]
+    assert resumed["test"] == straight["test"]
+
+
 def test_a_damaged_newest_checkpoint_names_the_way_back_to_the_one_before(tmp_path):
     """Resume refuses a damaged newest checkpoint (naming the file) and says how to resume from the
     intact one before it; removing the damaged one does that."""

@@ -139,8 +139,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             # as UTF-16 halves: a character past U+FFFF would come back as two lone surrogates
     if args.iacn is not None:
         sets.append(f"iacn.enabled={json.dumps(args.iacn)}")
-    if not args.resume:
-        sets.append("resume=false")
+    # the flag decides, not a config file's `resume` (a one-off control, not part of the run)
+    sets.append(f"resume={'true' if args.resume else 'false'}")
     if not args.progress:  # without a terminal the loop draws no bar either (runtime.show_progress)
         sets.append("progress=false")
     if args.sharding:  # a flag like the others: before --set, which wins

@@ -63,6 +63,9 @@ class TrainState:
     batch_in_epoch: int = 0  # batches trained in the current epoch (the loader may have read ahead)
     train_time_s: float = 0.0
     train_samples: int = 0
+    # a periodic evaluation of this step that a stop signal skipped (stopping fast comes first): the
+    # resumed run runs it before training on, so its history is the uninterrupted run's
+    eval_pending: bool = False
 
 
 def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size: int):
@@ -330,7 +333,10 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                     os.replace(out / name, aside / name)
             print(f"note: --no-resume: the previous checkpoints (with metrics.json and config.yaml) of "
                   f"{out} were moved to {aside}", file=sys.stderr, flush=True)
-        write_atomic(out / "config.yaml", config.to_yaml())
+        # the run as a config to train it again (`iacn train --config OUT/config.yaml`): its directory
+        # absolute (from any working directory it is this run), and no one-off --no-resume, which
+        # would set this run's checkpoints aside
+        write_atomic(out / "config.yaml", replace(config, out=str(out.resolve()), resume=True).to_yaml())
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.barrier()  # no rank writes a checkpoint before the old ones are out of the way
     last_checkpoint = [resumed_from]
@@ -376,6 +382,21 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     # ranks each would stop at another step; there the launcher's signal ends the job as before)
     stop_signal = _StopOnSignal() if world_size == 1 else None
     stopped_by_signal = False  # the loop broke for a signal (one after the last step changes nothing)
+
+    def periodic_evaluation() -> None:
+        nonlocal last_eval
+        setup.pause()
+        t_eval = time.perf_counter()
+        m = evaluate(_unwrap_for_eval(model), test_loader, device, **eval_kw)
+        last_eval = (state.step, m, time.perf_counter() - t_eval)
+        history.append({"step": state.step, "epoch": state.epoch, **m})
+        if rank == 0:
+            bar.write(f"step {state.step}: test auc {m['auc']:.4f} gauc {m['gauc']:.4f} "
+                      f"logloss {m['logloss']:.4f}")
+
+    if state.eval_pending:  # the evaluation the interrupted run skipped at this step
+        periodic_evaluation()
+        state.eval_pending = False
     try:
         while state.epoch < config.epochs and not done:
             if state.batch_in_epoch == 0:
@@ -413,16 +434,11 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                     state.train_time_s += time.perf_counter() - t0
                     # before the checkpoint, which saves the history; also at a --max-steps stop,
                     # so a resumed run's history is the straight run's (a signal ends the step
-                    # without it: stopping fast comes first)
+                    # without it, stopping fast, and leaves it to the resumed run)
                     if periodic_eval and not interrupted:
-                        setup.pause()
-                        t_eval = time.perf_counter()
-                        m = evaluate(_unwrap_for_eval(model), test_loader, device, **eval_kw)
-                        last_eval = (state.step, m, time.perf_counter() - t_eval)
-                        history.append({"step": state.step, "epoch": state.epoch, **m})
-                        if rank == 0:
-                            bar.write(f"step {state.step}: test auc {m['auc']:.4f} gauc {m['gauc']:.4f} "
-                                      f"logloss {m['logloss']:.4f}")
+                        periodic_evaluation()
+                    elif periodic_eval:
+                        state.eval_pending = True
                     if periodic_ckpt and not stop:
                         checkpoint()
                     t0 = time.perf_counter()
