@@ -164,6 +164,27 @@ def test_iacn_options_on_the_command_line_need_iacn_on(tmp_path):
     assert not off.iacn.enabled and off.iacn.lam == 0.5
 
 
+def test_aux_optimizer_and_dien_options_need_their_model(tmp_path):
+    """The aux tables' optimizer is IaCN's option (without IaCN there are no aux tables: it must not
+    switch a plain run to the sharded path); DIEN's options given for another model are refused."""
+    from iacn_torchrec.train.cli import config_from_args
+
+    p = _train_parser()
+    with pytest.raises(ConfigError, match=r"--aux-embedding-optimizer set IaCN's options, but IaCN is off"):
+        config_from_args(p.parse_args(["--data", "/x", "--aux-embedding-optimizer", "sgd"]))
+    with pytest.raises(ConfigError, match=r"--set optim\.aux_embedding_optimizer set IaCN's options"):
+        config_from_args(p.parse_args(["--data", "/x", "--set", "optim.aux_embedding_optimizer=sgd"]))
+    plain = TrainConfig().override(["optim.aux_embedding_optimizer=sgd"])  # a YAML config's base arm
+    assert not plain.optim.fused(aux_tables=plain.iacn.enabled) and plain.optim.fused(aux_tables=True)
+    for sets in (["model.dien_hidden=7"], ["model.dien_aux_loss_weight=5", "data.dien_negatives=prepared"]):
+        shown = ", ".join(f"--set {s.split('=')[0]}" for s in sets)
+        with pytest.raises(ConfigError, match=rf"{shown} set DIEN's options, but the model is din: add "
+                                              r"--model dien"):
+            config_from_args(p.parse_args(["--data", "/x", "--set", ";".join(sets)]))
+    dien = config_from_args(p.parse_args(["--data", "/x", "--model", "dien", "--set", "model.dien_hidden=7"]))
+    assert dien.model.dien_hidden == 7
+
+
 def test_every_train_flag_sets_its_own_field():
     """Each ``iacn train`` flag lands in the config field it names, with a value unlike the default
     (so a flag wired to the wrong field, or to none, shows)."""

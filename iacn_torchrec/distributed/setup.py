@@ -171,7 +171,7 @@ def build_training(
     if config.model.compile:
         model.compile_submodules()
     n_params = sum(p.numel() for p in model.parameters())
-    if world_size == 1 and not config.optim.fused:
+    if world_size == 1 and not config.optim.fused(aux_tables=config.iacn.enabled):
         model = model.to(device)
         # not with a compiled main model, whose kernels hold the GIL: there the worker gains little
         # (round 7: DIN+IaCN 7.89 ms a step on the worker, 8.38 serial) and eager DIN+IaCN on the

@@ -104,6 +104,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (metrics.json, config.yaml, checkpoints/)")
 
 
+#: the optimizer of the aux tables, which only IaCN's model has: an IaCN option like iacn.*
+_AUX_OPTIMIZER = "optim.aux_embedding_optimizer"
+#: options only DIEN reads
+_DIEN_ONLY = ("model.dien_hidden", "model.dien_aux_loss_weight", "data.dien_negatives")
+
+
 def _a_runs_config(path: Path) -> bool:
     """``path`` is the ``config.yaml`` of a run directory (``iacn train`` wrote it beside its
     ``metrics.json`` / ``checkpoints``): read as that run was trained (``from_yaml(stored=True)``)."""
@@ -154,13 +160,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     user_sets = [part for arg in args.set for part in arg.split(";") if part.strip()]
     config = config.override(sets + user_sets)
     iacn_flags = [f"--{f.replace('_', '-')}" for f, (path, _) in _FLAGS.items()
-                  if path.startswith("iacn.") and getattr(args, f, None) is not None]
+                  if (path.startswith("iacn.") or path == _AUX_OPTIMIZER)
+                  and getattr(args, f, None) is not None]
     # an option of IaCN's given on the command line while IaCN is off would change nothing (a YAML
     # config may hold them for its IaCN arms: only what this command says is checked)
     set_keys = [s.split("=", 1)[0].strip() for s in user_sets]
-    iacn_flags += [f"--set {k}" for k in set_keys if k.startswith("iacn.") and k != "iacn.enabled"]
+    iacn_flags += [f"--set {k}" for k in set_keys
+                   if (k.startswith("iacn.") and k != "iacn.enabled") or k == _AUX_OPTIMIZER]
     if iacn_flags and not config.iacn.enabled:
         raise ConfigError(f"{', '.join(iacn_flags)} set IaCN's options, but IaCN is off: add --iacn")
+    dien_sets = [f"--set {k}" for k in set_keys if k in _DIEN_ONLY]
+    if dien_sets and config.model.name != "dien":  # the same: DIEN's options, another model
+        raise ConfigError(f"{', '.join(dien_sets)} set DIEN's options, but the model is "
+                          f"{config.model.name}: add --model dien")
     if not config.data.path:
         raise ConfigError("no dataset: pass --data DIR (a directory made by `iacn prepare`)")
     return config

@@ -117,10 +117,12 @@ class OptimConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"optim.weight_decay must be finite and >= 0, got {self.weight_decay}")
 
-    @property
-    def fused(self) -> bool:
-        """Whether any table uses a TorchRec fused (in-backward) optimizer, which needs DMP."""
-        return any(o not in (None, "adam") for o in (self.embedding_optimizer, self.aux_embedding_optimizer))
+    def fused(self, aux_tables: bool) -> bool:
+        """Whether any table uses a TorchRec fused (in-backward) optimizer, which needs DMP;
+        ``aux_tables``: whether the model has aux tables (IaCN on), the only ones
+        ``aux_embedding_optimizer`` applies to."""
+        return self.embedding_optimizer != "adam" or (
+            aux_tables and self.aux_embedding_optimizer not in (None, "adam"))
 
     def table_lr(self, optimizer: str) -> float:
         if self.embedding_lr is not None:
