@@ -10,6 +10,7 @@ next to the target first and renames: a reader sees the old content or the new, 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import shutil
@@ -64,6 +65,18 @@ def open_atomic(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` for strict JSON: NaN/inf (an AUC over one label, a t statistic with one seed) as null;
+    dict keys as strings, tuples as lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:

@@ -107,3 +107,34 @@ def test_json_is_strict_and_a_sharded_run_claims_no_recorded_match(run_dir, tmp_
     del m["running_statistics_averaged"]
     (copy / "metrics.json").write_text(json.dumps(m))
     assert _evaluate(capsys, "--run", str(copy))["recorded"] is None
+
+
+def test_recorded_figures_are_shown_only_when_comparable_and_readable(run_dir, tmp_path, capsys):
+    """metrics.json's figures are shown beside the checkpoint's only for the same test samples (an
+    edited ``data.num_test_samples`` makes another evaluation); damaged or undefined ones are null,
+    not a traceback; training writes an undefined figure (an AUC over one label) as null."""
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "edited"
+    shutil.copytree(run_dir, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["data"]["num_test_samples"] = 40
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = _evaluate(capsys, "--run", str(copy))
+    assert res["samples"] == 40 and res["recorded"] is None
+    for test in ({}, {"auc": None, "gauc": "x", "logloss": [1], "samples": 0}):
+        damaged = tmp_path / f"damaged{len(test)}"
+        shutil.copytree(run_dir, damaged)
+        m = json.loads((damaged / "metrics.json").read_text())
+        m["test"] = {**test, "samples": m["test"]["samples"]}
+        (damaged / "metrics.json").write_text(json.dumps(m))
+        assert main(["evaluate", "--threads", "1", "--run", str(damaged)]) == 0
+        assert "metrics.json (end of training): AUC n/a  GAUC n/a  logloss n/a" in capsys.readouterr().out
+    _, data = prepare_planted(tmp_path / "one", num_users=40, seed=0)
+    out = tmp_path / "one-label"
+    train(TrainConfig.from_dict({"data": {"path": str(data), "batch_size": 16, "num_test_samples": 1},
+                                 "max_steps": 1, "out": str(out), "progress": False, "threads": 1}))
+    text = (out / "metrics.json").read_text()
+    assert "NaN" not in text and json.loads(text)["test"]["auc"] is None

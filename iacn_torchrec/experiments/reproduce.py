@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from iacn_torchrec.errors import UserError
-from iacn_torchrec.fileio import save_figure, write_atomic
+from iacn_torchrec.fileio import json_safe, save_figure, write_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RAW = REPO / "data" / "amazon-beauty"
@@ -365,6 +365,10 @@ def finished(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
         m = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if not isinstance(m, dict):
+        return None
+    if isinstance(m.get("test"), dict):  # metrics.json writes an undefined figure (NaN) as null
+        m["test"] = {k: math.nan if v is None else v for k, v in m["test"].items()}
     if comparable(m.get("config", {})) != comparable(config):
         return None
     trained_on, now = (m.get("dataset") or {}).get("content_hash"), _content_hash(config)
@@ -674,17 +678,6 @@ def _length_datasets(results: dict[str, dict[str, Any]], part_runs: list[Run]) -
             seen[r.max_len] = (f"  - L = {r.max_len}: `{_rel(Path(m['config']['data']['path']))}`, content "
                                f"{m.get('dataset', {}).get('content_hash')}")
     return ["- Datasets by length:", *seen.values()] if seen else []
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf (e.g. a t statistic with one seed) as null: JSON has no NaN."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _rel(p: Path) -> str:
@@ -1047,7 +1040,7 @@ def run(args: argparse.Namespace) -> int:
 
     for part, s in summary.items():
         part_runs = {r.run_id: r for r in plan if part in r.parts and r.run_id in results}
-        write_atomic(res_dir / f"{part}.json", json.dumps(_json_safe(
+        write_atomic(res_dir / f"{part}.json", json.dumps(json_safe(
             {"command": args.command_line, "versions": versions(), "summary": s,
              "runs": {rid: {"seed": r.seed, "model": r.model, "max_len": r.max_len, "arm": r.arm.key,
                             "test_auc": results[rid]["test"]["auc"], "config": results[rid]["config"],

@@ -65,15 +65,19 @@ def evaluate_run(
     # one set per rank and evaluated its share of the test split with it; the checkpoint holds rank
     # 0's, so its scores are not that evaluation
     same = (split == "test" and loader is tl and r.step == r.metrics.get("steps") and isinstance(test, dict)
+            and test.get("samples") == loader.num_samples  # config.yaml's num_test_samples may be edited
             and (r.metrics.get("world_size", 1) == 1 or r.metrics.get("running_statistics_averaged")))
+    figures = ("auc", "gauc", "logloss")
     return {"run": str(run_dir), "step": r.step, "split": split, "samples": loader.num_samples,
-            "auc": _finite(m["auc"]), "gauc": _finite(m["gauc"]), "logloss": _finite(m["logloss"]),
-            "recorded": {k: test.get(k) for k in ("auc", "gauc", "logloss")} if same else None}
+            **{k: _finite(m[k]) for k in figures},
+            "recorded": {k: _finite(test.get(k)) for k in figures} if same else None}
 
 
-def _finite(x: float) -> float | None:
-    """None for NaN (e.g. an AUC over samples of one label): ``--json`` stays strict JSON."""
-    return x if math.isfinite(x) else None
+def _finite(x: Any) -> float | None:
+    """A figure for strict JSON: None for NaN (an AUC over samples of one label) and for what is not
+    a number (a damaged metrics.json's)."""
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return float(x) if ok else None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,11 +101,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
         return 0
-    shown = {k: "n/a" if res[k] is None else f"{res[k]:.4f}" for k in ("auc", "gauc", "logloss")}
-    print(f"{res['run']} step {res['step']}, {res['split']} split ({res['samples']:,} samples): "
-          f"AUC {shown['auc']}  GAUC {shown['gauc']}  logloss {shown['logloss']}")
-    rec = res["recorded"]
-    if rec:
-        print(f"  metrics.json (end of training): AUC {rec['auc']:.4f}  GAUC {rec['gauc']:.4f}  "
-              f"logloss {rec['logloss']:.4f}")
+    def shown(figures: dict[str, float | None]) -> str:
+        return "  ".join(f"{name} {'n/a' if figures[k] is None else format(figures[k], '.4f')}"
+                         for k, name in (("auc", "AUC"), ("gauc", "GAUC"), ("logloss", "logloss")))
+
+    print(f"{res['run']} step {res['step']}, {res['split']} split ({res['samples']:,} samples): {shown(res)}")
+    if res["recorded"]:
+        print(f"  metrics.json (end of training): {shown(res['recorded'])}")
     return 0

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from iacn_torchrec import versions
 from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
 from iacn_torchrec.errors import TrainingInterrupted, UserError
-from iacn_torchrec.fileio import write_atomic
+from iacn_torchrec.fileio import json_safe, write_atomic
 from iacn_torchrec.kernels import KERNELS, load_kernel
 from iacn_torchrec.runtime import show_progress
 from iacn_torchrec.train.checkpoint import (
@@ -493,7 +493,9 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         "versions": versions(),
     }
     if rank == 0:
-        write_atomic(out / "metrics.json", json.dumps(result, indent=1, default=str))
+        # strict JSON: an undefined figure (an AUC over one label) is null, not NaN
+        write_atomic(out / "metrics.json",
+                     json.dumps(json_safe(result), indent=1, default=str, allow_nan=False))
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.barrier()
     return result
