@@ -75,6 +75,8 @@ def test_yaml_sections_and_keys(tmp_path):
         with pytest.raises(ConfigError, match=rf"c\.yaml: {where}: field names must be strings"):
             TrainConfig.from_yaml(p)
     with pytest.raises(ConfigError, match=r"^distributed: expected a mapping, got str$"):
+        TrainConfig.from_dict({"distributed": "foo"})
+    with pytest.raises(ConfigError, match=r"'distributed' is a section: set its fields one by one"):
         TrainConfig().override(["distributed=foo"])
     # a key given twice (YAML would keep the later one) names the key and its line
     p.write_text("data:\n  batch_size: 128\n  batch_size: 64\nseed: 1\n")
@@ -183,6 +185,27 @@ def test_aux_optimizer_and_dien_options_need_their_model(tmp_path):
             config_from_args(p.parse_args(["--data", "/x", "--set", ";".join(sets)]))
     dien = config_from_args(p.parse_args(["--data", "/x", "--model", "dien", "--set", "model.dien_hidden=7"]))
     assert dien.model.dien_hidden == 7
+
+
+def test_set_values_are_read_as_written(tmp_path):
+    """YAML 1.1 reads 0256 as octal and 1:30 as base 60, silently: here integers are decimals (as
+    ``--seed 010`` reads), other forms are refused by the field; a whole section is not replaced by
+    ``--set`` (dropping the flags set in it); a bad value is one line; iacn.seed has a range."""
+    c = TrainConfig().override(["data.batch_size=0256", "seed=010"])
+    assert (c.data.batch_size, c.seed) == (256, 10)
+    for a, want in (("seed=1:30", r"seed: expected an integer, got '1:30'"),
+                    ("seed=0x10", r"seed: expected an integer, got '0x10'"),
+                    ('model={"emb_dim": 16}', r"'model' is a section: set its fields one by one"),
+                    ("iacn.lam=[1", r"--set 'iacn\.lam=\[1': the value is not valid YAML \(expected ',' or "
+                                    r"'\]', but got '<stream end>'\)$"),
+                    ("iacn.seed=18446744073709551616", r"IaCNConfig\.seed must be an int in \[0, 2\*\*32\)")):
+        with pytest.raises(ConfigError, match=want):
+            TrainConfig().override([a])
+    (tmp_path / "c.yaml").write_text("seed: 010\ndata:\n  batch_size: 0256\n")
+    c = TrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert (c.data.batch_size, c.seed) == (256, 10)
+    assert TrainConfig().override(["distributed.sharding_types={uid: row_wise}"]).distributed.sharding_types \
+        == {"uid": "row_wise"}  # a field holding a mapping is not a section
 
 
 def test_every_train_flag_sets_its_own_field():

@@ -95,8 +95,8 @@ class IaCNConfig:
             raise bad("sampler", f"one of {', '.join(SAMPLERS)}")
         if not is_int(self.num_negatives) or self.num_negatives < 1:
             raise bad("num_negatives", "an int ≥ 1")
-        if not is_int(self.seed):
-            raise bad("seed", "an int")
+        if not is_int(self.seed) or not 0 <= self.seed < 2**32:  # the run's seed range
+            raise bad("seed", "an int in [0, 2**32)")
         self.lam = float(self.lam)
         self.delta = float(self.delta)
         self.pow_p = float(self.pow_p)

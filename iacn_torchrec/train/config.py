@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -252,10 +253,15 @@ class TrainConfig:
                 section = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
                 raise ConfigError(f"--set {a!r}: unknown field {key!r}"
                                   f"{_did_you_mean(parts[-1], node, section)}")
+            if len(parts) == 1 and isinstance(node.get(parts[0]), dict):  # a whole section would replace
+                # every field of it, silently dropping the flags set there before (--model, --iacn)
+                raise ConfigError(f"--set {a!r}: {parts[0]!r} is a section: set its fields one by one "
+                                  f"({parts[0]}.FIELD=VALUE)")
             try:
-                node[parts[-1]] = yaml.safe_load(raw)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"--set {a!r}: the value is not valid YAML ({e})") from None
+                node[parts[-1]] = yaml.load(raw, Loader=_DecimalIntLoader)
+            except yaml.YAMLError as e:  # one line, not PyYAML's several
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(f"--set {a!r}: the value is not valid YAML ({problem})") from None
         return TrainConfig.from_dict(d)
 
 
@@ -309,7 +315,23 @@ def resolved_main(name: Any, main: Any) -> Any:
         return main
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+class _DecimalIntLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose integers are plain decimals (YAML 1.2's core schema): YAML 1.1 reads
+    ``0256`` as octal 174 and ``1:30`` as base-60 90, silently; here they are strings, which a
+    numeric field then refuses, and ``010`` is 10 as ``--seed 010`` is."""
+
+
+_DecimalIntLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != _INT_TAG]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_DecimalIntLoader.add_implicit_resolver(_INT_TAG, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_DecimalIntLoader.add_constructor(_INT_TAG, lambda loader, node: int(loader.construct_scalar(node), 10))
+
+
+class _UniqueKeyLoader(_DecimalIntLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last one,
     so a config with a forgotten earlier line would silently train with the later value)."""
 
