@@ -278,6 +278,41 @@ def test_a_corrupt_metrics_json_names_the_file(tiny_run, tmp_path, monkeypatch, 
     assert not (tmp_path / "m").exists()
 
 
+def test_a_checkpoint_with_damaged_state_entries_is_a_one_line_error(tiny_run, tmp_path, monkeypatch, capsys):
+    """A rank file the manifest vouches for whose train_state or rng is not what training saved, or
+    whose model does not fit (another width): resume says so in one line naming the checkpoint."""
+    import io
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    for i, (key, value, wanted) in enumerate((
+            ("train_state", {"step": 6, "bogus": 1},
+             "its 'train_state' is damaged (TrainState.__init__() got an unexpected keyword argument"),
+            ("train_state", None, "its 'train_state' is damaged ("),
+            ("rng", {}, "its 'rng' state is damaged (KeyError: 'torch')"),
+            ("model", "narrow", "the checkpoint does not fit this model (size mismatch for "))):
+        run = _copy_run(tiny_run, tmp_path / str(i))
+        f = run / "checkpoints" / "step_00000006" / "rank0.pt"
+        state = torch.load(f, weights_only=False)
+        if value == "narrow":
+            value = {k: v[..., :1] if k.endswith("weight") and v.dim() == 2 else v
+                     for k, v in state[key].items()}
+        state[key] = value
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        f.write_bytes(data)
+        manifest = json.loads((f.parent / "manifest.json").read_text())
+        manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        (f.parent / "manifest.json").write_text(json.dumps(manifest))
+        monkeypatch.chdir(tmp_path / str(i))
+        capsys.readouterr()
+        assert _train(8) == 2, key
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and wanted in err[0], err
+
+
 def test_a_torch_file_that_is_no_checkpoint_is_a_one_line_error(tiny_run, tmp_path, monkeypatch, capsys):
     """A rank file that torch reads (and the manifest vouches for) but that holds no training state."""
     import io

@@ -274,6 +274,7 @@ def load_run(
         incomplete_note,
         latest_step,
         load_full_state,
+        state_dict_mismatch,
         step_dir,
     )
     from iacn_torchrec.train.config import TrainConfig
@@ -330,10 +331,8 @@ def load_run(
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:  # shapes: another dataset's vocabulary, or another model's config
-        first = str(e).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
         raise ExportError(f"{root}: the checkpoint does not fit the model built from "
-                          f"{run_dir / 'config.yaml'} and {ds.path}: {detail}") from None
+                          f"{run_dir / 'config.yaml'} and {ds.path}: {state_dict_mismatch(e)}") from None
     model.eval()
     return LoadedRun(run_dir, config, ds, model, test_loader, int(step), metrics)
 

@@ -319,6 +319,13 @@ def load_full_state(root: str, step: int | None = None) -> dict[str, Any]:
     return {**first, "model": out}
 
 
+def state_dict_mismatch(e: Exception) -> str:
+    """The first line that says what differs in ``load_state_dict``'s error (several lines, a tab
+    before each: ``size mismatch for tower.0.weight: ...``), for a one-line message."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[1] if len(lines) > 1 else lines[0]) if lines else type(e).__name__
+
+
 def rng_state() -> dict[str, Any]:
     import random
 
@@ -330,13 +337,19 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], where: str = "the checkpoint") -> None:
+    """Restore :func:`rng_state`'s generators; a malformed state (a damaged or hand-made checkpoint)
+    is a `CheckpointError` naming ``where``."""
     import random
 
     import numpy as np
 
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    try:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{where}: its 'rng' state is damaged ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -42,6 +42,7 @@ from iacn_torchrec.train.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    state_dict_mismatch,
     step_dir,
 )
 from iacn_torchrec.train.config import LEGACY_DEFAULTS, TrainConfig, resolved_main, stored_model_main
@@ -293,13 +294,18 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
             if isinstance(e, RuntimeError) and not any(
                     m in str(e) for m in ("Error(s) in loading state_dict", "size mismatch")):
                 raise
-            raise CheckpointError(f"{ckpt_root}: the checkpoint does not fit this model ({e})") from e
-        state = TrainState(**ck["train_state"])
+            raise CheckpointError(f"{ckpt_root}: the checkpoint does not fit this model "
+                                  f"({state_dict_mismatch(e)})") from e
+        newest = step_dir(ckpt_root, latest_step(ckpt_root))
+        try:
+            state = TrainState(**ck["train_state"])
+        except TypeError as e:  # not a mapping, or fields this version does not have
+            raise CheckpointError(f"{newest}: its 'train_state' is damaged ({e})") from None
         if state.batch_in_epoch >= len(train_loader):  # saved after the epoch's last batch
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         # the position trained so far, not the loader's read-ahead position (pipelining prefetches)
         train_loader.load_state_dict({"epoch": state.epoch, "batch": state.batch_in_epoch})
-        set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"], newest)
         history, loss_ema = list(ck.get("history", [])), ck.get("loss_ema")
         resumed_from = state.step
         if rank == 0:
