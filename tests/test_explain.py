@@ -155,7 +155,7 @@ def test_explain_user_text_and_figure(planted, tmp_path, capsys):
         md=None,
         example_user=None,
         limit_users=None,
-        seed=0,
+        seed=None,
         threads=2,
     )
     assert explain.run(args) == 0
@@ -185,7 +185,7 @@ def test_an_unwritable_plot_path_is_refused_before_the_work(planted, tmp_path, c
     (tmp_path / "afile").write_text("")
     args = argparse.Namespace(run=str(run.path), data=None, user=sorted(p.user_groups)[0], target="heldout",
                               plot=str(tmp_path / "absent" / "u.png"), summary=False, md=None,
-                              example_user=None, limit_users=None, seed=0, threads=2)
+                              example_user=None, limit_users=None, seed=None, threads=2)
     for plot, wanted in [(tmp_path / "absent" / "u.png", f"directory {tmp_path / 'absent'} does not exist"),
                          (tmp_path / "afile" / "u.png", f"{tmp_path / 'afile'} is not a directory")]:
         args.plot = str(plot)
@@ -236,6 +236,15 @@ def test_summary_beats_random_grouping_on_planted_data(planted, tmp_path):
     args.example_user, args.md = "no-such-user", str(tmp_path / "x.md")
     assert explain.run(args) == 2 and not (tmp_path / "x.md").exists()  # a clear error, no traceback
     assert (tmp_path / "s.png").is_file()
+    # the report names the model, and reaches a figure in another folder from its own
+    (tmp_path / "figs").mkdir()
+    args.example_user, args.md = None, str(tmp_path / "out" / "r.md")
+    args.plot = str(tmp_path / "figs" / "p.png")
+    assert explain.run(args) == 0
+    md = (tmp_path / "out" / "r.md").read_text()
+    assert md.startswith("# What the interest capsules learned (DIN + IaCN)") and "](../figs/p.png)" in md
+    args.summary, args.md, args.plot, args.user = False, None, None, "u00000"
+    assert explain.run(args) == 2  # --seed is the summary's
 
 
 def test_plain_run_has_nothing_to_explain(planted, tmp_path, capsys):
@@ -261,7 +270,7 @@ def test_plain_run_has_nothing_to_explain(planted, tmp_path, capsys):
         md=None,
         example_user=None,
         limit_users=None,
-        seed=0,
+        seed=None,
         threads=2,
     )
     assert explain.run(args) == 2
@@ -364,7 +373,8 @@ def test_target_item_is_explained_for_that_item(planted, capsys):
 
     # the command line: the report names the item and prints its numbers
     args = argparse.Namespace(run=str(run.path), data=None, user=user, target=items[idx_a - 1], plot=None,
-                              summary=False, md=None, example_user=None, limit_users=None, seed=0, threads=2)
+                              summary=False, md=None, example_user=None, limit_users=None, seed=None,
+                              threads=2)
     capsys.readouterr()
     assert explain.run(args) == 0
     out = capsys.readouterr().out
@@ -387,7 +397,7 @@ def test_unexpected_key_errors_are_not_shown_as_a_bare_word(tmp_path, monkeypatc
 
     monkeypatch.setattr(export, "load_run", broken_load_run)
     args = argparse.Namespace(run=str(tmp_path), data=None, user="u1", target=None, plot=None, summary=False,
-                              md=None, example_user=None, limit_users=None, seed=0, threads=2)
+                              md=None, example_user=None, limit_users=None, seed=None, threads=2)
     with pytest.raises(KeyError, match="model"):
         explain.run(args)
     assert capsys.readouterr().err == ""

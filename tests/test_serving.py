@@ -584,6 +584,25 @@ def test_bench_serve_counts_the_rows_really_scored(runs, exported):
         assert (r["batch_size"], r["rows_per_batch"]) == (10 * n, n)
 
 
+def test_bench_serve_refuses_another_runs_or_a_damaged_artefact(runs, exported, tmp_path, capsys):
+    """--model must be this run's export (else another model is timed against this eager one), and a
+    damaged artefact is a one-line error, as `iacn score` says it."""
+    from iacn_torchrec.cli import main
+
+    args = ["bench", "serve", "--run", str(runs["din"]), "--batch-sizes", "1", "--min-seconds", "0.01"]
+    assert main([*args, "--model", str(exported["wide_deep"])]) == 2
+    assert capsys.readouterr().err == (
+        f"iacn bench serve: {exported['wide_deep']}: not an export of {runs['din']}: its model 'wide_deep' "
+        "(the run's 'din'); export this run (iacn export --run RUN) or leave out --model\n")
+    bad = tmp_path / "bad"
+    shutil.copytree(exported["din"], bad)
+    with open(bad / "vocab" / "item.tsv", "a") as f:
+        f.write("x\t99999\n")
+    assert main([*args, "--model", str(bad)]) == 2
+    assert capsys.readouterr().err == (f"iacn bench serve: {bad / 'vocab' / 'item.tsv'}: corrupted (sha256 "
+                                       "differs from manifest.json)\n")
+
+
 def test_bench_serve_refuses_batch_sizes_below_one(runs, capsys):
     from iacn_torchrec.cli import main
 
@@ -748,6 +767,9 @@ def test_score_input_line_ends_headers_and_dien_ids(tmp_path):
         "0\tu\ti\t\ta\tb\n": r"line 1: field 'cat' is empty",
         "0\tu\ti\tc\ta\x02\x02b\tc\x02d\x02e\n": r"line 1: field 'hist_mids': entry 2 is empty",
         "0\tu\ti\tc\x1c\ta\tb\n": r"line 1: field 'cat': 'c\\x1c' contains the control character",
+        # a row of empty fields or a lone control character after the first is no blank line either
+        "1\tu\ti\tc\ta\tb\n\t\t\t\t\t\n": r"line 2: field 'label': '' is not 0 or 1",
+        "1\tu\ti\tc\ta\tb\n\x1c\n": r"line 2: malformed line: 1 tab-separated fields, expected 6",
     }
     for k, (text, error) in enumerate(cases.items()):
         (tmp_path / f"{k}.tsv").write_bytes(text.encode())

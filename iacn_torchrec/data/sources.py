@@ -472,6 +472,12 @@ def no_control_character(s: str, path: str | Path, n: int, field: str, separator
     return s
 
 
+def blank_line(line: str) -> bool:
+    """A blank line (skipped, counted); a row of empty fields is not, nor is a lone control character
+    (an error where it is read)."""
+    return not line.strip() and "\t" not in line and not CONTROL_CHARACTER.search(line)
+
+
 def check_unique_columns(path: str | Path, header: list[str], columns) -> None:
     """Refuse a header naming a column that is read (``columns``) more than once: which one to read
     would be ambiguous (an unread name may repeat: RecBole's ``name:type`` headers do)."""
@@ -660,7 +666,7 @@ def _read_dien_samples(path: Path, max_len: int, report: Report) -> dict[str, np
     hcate: list[str] = []
     empty = blank = truncated = 0
     for n, line in enumerate(_lines(path), start=1):
-        if not line.strip():
+        if blank_line(line):
             blank += 1
             continue
         lab, u, i, c, hm, hc = dien_row(line, path, n)

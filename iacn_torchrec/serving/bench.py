@@ -94,9 +94,21 @@ def bench_serve(
         tmp = tempfile.TemporaryDirectory(prefix="iacn-bench-serve-")
         model_dir = str(Path(tmp.name) / "model")
         export_run(run_dir, model_dir, data=data, check_samples=1024)
-    variants = {"exported": ServingArtifact.load(model_dir).model}
-    if (Path(model_dir) / "model_int8.pt").is_file():
-        variants["exported_int8"] = ServingArtifact.load(model_dir, int8=True).model
+    try:  # a damaged artefact: one line naming the file, as `iacn score` says it
+        art = ServingArtifact.load(model_dir)
+        variants = {"exported": art.model}
+        if (Path(model_dir) / "model_int8.pt").is_file():
+            variants["exported_int8"] = ServingArtifact.load(model_dir, int8=True).model
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    # timed against this run's eager model: it must be this run's export (model and data)
+    wanted = {"model": run.config.model.name, "data.content_hash": run.ds.meta.get("content_hash")}
+    has = {"model": art.manifest.get("model"), "data.content_hash": (art.manifest.get("data") or {}).get(
+        "content_hash")}
+    differ = [f"{k} {has[k]!r} (the run's {wanted[k]!r})" for k in wanted if has[k] != wanted[k]]
+    if differ:
+        raise UserError(f"{model_dir}: not an export of {run_dir}: its {', '.join(differ)}; export this run "
+                        "(iacn export --run RUN) or leave out --model")
     tl = run.test_loader
     need = max(batch_sizes) * max_batches
     inputs, _ = split_inputs(run.ds, limit=need)

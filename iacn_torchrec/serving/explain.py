@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -550,12 +551,15 @@ def plot_summary(summary: dict, path: str | Path) -> None:
 
 
 def summary_markdown(summary: dict, run: Any, plot_name: str | None, example: str | None) -> str:
+    from iacn_torchrec.experiments.reproduce import MODEL_LABELS  # the tables' names of the models
+
     c = summary["coherence"]
     m = run.metrics.get("test", {})
+    label = MODEL_LABELS.get(run.config.model.name, run.config.model.name)
     lines = [
-        "# What the interest capsules learned (Amazon Beauty, DIN + IaCN)"
+        f"# What the interest capsules learned (Amazon Beauty, {label} + IaCN)"
         if "beauty" in str(run.ds.path).lower()
-        else "# What the interest capsules learned",
+        else f"# What the interest capsules learned ({label} + IaCN)",
         "",
         f"Run: `{run.config.model.name}` + IaCN (λ={run.config.iacn.lam}, δ={run.config.iacn.delta}, "
         f"p={run.config.iacn.pow_p}, K_max={summary['k_max']}), "
@@ -644,7 +648,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--md", help="with --summary: write the markdown report here")
     parser.add_argument("--example-user", help="with --summary --md: include this user's explanation")
     parser.add_argument("--limit-users", type=int, help="with --summary: only the first N test users")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random-grouping control")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="with --summary: seed of the random-grouping control (default 0)")
     parser.add_argument("--threads", type=int, default=2)
 
 
@@ -664,6 +669,8 @@ def run(args: argparse.Namespace) -> int:
         problem = "--target goes with --user (one user's explanation), not --summary"
     elif args.summary and args.example_user and not args.md:
         problem = "--example-user goes with --md (the report shows that user)"
+    elif not args.summary and args.seed is not None:
+        problem = "--seed goes with --summary (it seeds the random-grouping control)"
     if problem:
         print(f"iacn explain: {problem}", file=sys.stderr)
         return 2
@@ -683,7 +690,7 @@ def run(args: argparse.Namespace) -> int:
                 plot_explanation(ex, args.plot)
                 print(f"\nfigure: {args.plot}")
             return 0
-        s = interest_summary(r, limit_users=args.limit_users, seed=args.seed)
+        s = interest_summary(r, limit_users=args.limit_users, seed=args.seed or 0)
         s["command"] = shlex.join(["iacn", "explain", *sys.argv[2:]]) if sys.argv[1:2] == ["explain"] \
             else "iacn explain --run RUN --summary"
         s["versions"] = versions()
@@ -710,13 +717,9 @@ def run(args: argparse.Namespace) -> int:
             f"pure {x['pure_fraction_2plus']:.1%} of {x['capsules_with_2plus_items']:,}"
         )
     if args.md:
-        plot_name = None
-        if args.plot:
-            plot_name = (
-                Path(args.plot).name
-                if Path(args.plot).parent.resolve() == Path(args.md).parent.resolve()
-                else str(Path(args.plot))
-            )
+        # the figure as the report's own folder reaches it
+        plot_name = os.path.relpath(Path(args.plot).resolve(), Path(args.md).parent.resolve()) if args.plot \
+            else None
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.md, summary_markdown(s, r, plot_name, example))
         print(f"report: {args.md}")

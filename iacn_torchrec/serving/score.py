@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from iacn_torchrec.data.sources import (
-    CONTROL_CHARACTER,
     DataError,
+    blank_line,
     check_unique_columns,
     dien_row,
     no_control_character,
@@ -78,18 +78,12 @@ def _looks_dien(first: str) -> bool:
     return len(f) == 6 and f[0] in ("0", "1")
 
 
-def _blank(line: str) -> bool:
-    """A blank line (skipped); a row of empty fields is not, nor is a lone control character (an
-    error where it is read)."""
-    return not line.strip() and "\t" not in line and not CONTROL_CHARACTER.search(line)
-
-
 def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
     """Parse ``path`` (see the module docstring); bad lines raise :class:`DataError` with file/line/field."""
     if fmt not in FORMATS:
         raise DataError(f"unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
     lines = read_text(path).split("\n")
-    first = next((ln for ln in lines if not _blank(ln)), "")
+    first = next((ln for ln in lines if not blank_line(ln)), "")
     if not first:
         raise DataError(f"{path}: empty input")
     if fmt == "auto":
@@ -103,7 +97,7 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
         cate: list[str] = []
         hcate: list[str] = []
         for n, line in enumerate(lines, start=1):
-            if not line.strip():
+            if blank_line(line):  # a row of empty fields or a lone control character is refused there
                 continue
             lab, u, i, c, hm, hc = dien_row(line, path, n)  # checked as prepare's DIEN reader does
             label.append(lab)
@@ -140,7 +134,7 @@ def read_samples(path: str | Path, fmt: str = "auto") -> RawSamples:
     seen_header = False
     for n, line in enumerate(lines, start=1):
         # a blank line; a row of empty fields is an error, and so is a lone control character
-        if _blank(line):
+        if blank_line(line):
             continue
         if not seen_header:
             seen_header = True
