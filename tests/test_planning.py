@@ -287,7 +287,8 @@ def test_supported_sharding_types_match_torchrec_sharders():
 
 
 def test_booleans_are_not_integers(tmp_path):
-    for body, shown in (("world_sizes: [2]\naux_dims: [true]\n", r"'aux_dims' must be a list of positive"),
+    for body, shown in (("world_sizes: [2]\naux_dims: [true]\n", r"'aux_dims' must be a non-empty list of "),
+                        ("world_sizes: [2]\naux_dims: []\n", r"'aux_dims' must be a non-empty list of "),
                         ("world_sizes: [2, true]\n", r"'world_sizes' must be a non-empty list of positive"),
                         ("world_sizes: [true]\n", r"'world_sizes' must be a non-empty list of positive")):
         with pytest.raises(SpecError, match=rf"s\.yaml: {shown}"):
@@ -302,12 +303,33 @@ def test_booleans_are_not_integers(tmp_path):
         ModelSpec("m", num_users=True, num_items=5, num_cates=2)
 
 
+def test_infinite_sizes_and_a_binary_meta_json_are_spec_errors(tmp_path):
+    """inf passes a "> 0" check: capacities, counts and a meta.json's 1e400 must be finite (int(inf)
+    raised OverflowError), and a meta.json that is not UTF-8 is named, not a traceback."""
+    for topo in ({"hbm_gib": math.inf}, {"ddr_gib": math.inf}):
+        with pytest.raises(SpecError, match=r"must be a positive finite number, got inf"):
+            TopologySpec(world_size=2, **topo)
+    with pytest.raises(SpecError, match=r"s\.yaml: model: model field 'num_users' has a bad value inf"):
+        load_scenario(_spec(tmp_path, "world_sizes: [2]\n",
+                            "model: {num_users: .inf, num_items: 5, num_cates: 2}\n"))
+    d = tmp_path / "meta"
+    d.mkdir()
+    (d / "meta.json").write_text('{"counts": {"users": 3, "items": 4, "categories": 2}, "max_len": 1e400}')
+    with pytest.raises(SpecError, match=r"field 'max_len' must be a positive integer, got inf"):
+        ModelSpec.from_meta(d)
+    (d / "meta.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(SpecError, match=r"meta\.json: not UTF-8 text"):
+        ModelSpec.from_meta(d)
+
+
 @pytest.mark.parametrize("argv,shown", [
     (["--aux-dim", "0"], r"--aux-dim: IaCN aux dims must be >= 1, got \[0\]"),
     (["--aux-dim", "8", "-4"], r"--aux-dim: .* got \[8, -4\]"),
     (["--orig-dim", "0"], r"--orig-dim: must be a number >= 1"),
     (["--world-size", "2", "0"], r"--world-size: must be >= 1"),
     (["--iacn-negatives", "-1"], r"--iacn-negatives: must be a number >= 0"),
+    (["--compute-device", "cpu", "--hbm-gib", "16", "--offload", "always"],
+     r"--hbm-gib, --offload: no effect with compute_device cpu"),
 ])
 def test_cli_dims_are_checked_before_planning(tmp_path, monkeypatch, capsys, argv, shown):
     import re

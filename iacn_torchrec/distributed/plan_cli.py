@@ -100,8 +100,8 @@ def scenario_from_dict(d: Any, where: str = "<scenario>") -> Scenario:
     if not isinstance(ws, list) or not ws or not all(is_int(w) and w >= 1 for w in ws):
         raise SpecError(f"{where}: 'world_sizes' must be a non-empty list of positive integers, got {ws!r}")
     aux = d.get("aux_dims", [model.aux_dim])
-    if not isinstance(aux, list) or not all(is_int(a) and a > 0 for a in aux):
-        raise SpecError(f"{where}: 'aux_dims' must be a list of positive integers, got {aux!r}")
+    if not isinstance(aux, list) or not aux or not all(is_int(a) and a > 0 for a in aux):  # []: no IaCN row
+        raise SpecError(f"{where}: 'aux_dims' must be a non-empty list of positive integers, got {aux!r}")
     topo = d.get("topology", {}) or {}
     if not isinstance(topo, dict) or "world_size" in topo:
         raise SpecError(f"{where}: 'topology' must be a mapping without 'world_size' (the scenario's "
@@ -406,6 +406,12 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         raise SpecError(f"--aux-dim: IaCN aux dims must be >= 1, got {args.aux_dim}")
     if args.world_size is not None and not all(w >= 1 for w in args.world_size):
         raise SpecError(f"--world-size: must be >= 1, got {args.world_size}")
+    if topo.get("compute_device", "cuda") == "cpu":  # no HBM to size or to offload from on a CPU
+        unused = [f for f, given in (("--hbm-gib", args.hbm_gib), ("--offload", args.offload))
+                  if given is not None]
+        if unused:
+            raise SpecError(f"{', '.join(unused)}: no effect with compute_device cpu (tables live in DDR, "
+                            "nothing is offloaded); leave them out or plan for cuda")
     where = args.spec or args.meta
     _check_topologies(topo, world_sizes, f"{where}: topology")
     _check_sharding_types(model, topo, options, where)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +207,7 @@ class ModelSpec:
                     if fv != int(fv):
                         raise TypeError
                     kw[f.name] = int(fv)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # int(inf): OverflowError
                 raise SpecError(f"{where}: model field {f.name!r} has a bad value {v!r}") from None
         try:
             return cls(**kw)
@@ -229,9 +229,13 @@ class ModelSpec:
                 f"{p}: no such meta.json (expected a prepared dataset directory or its meta.json)"
             )
         try:
-            meta = json.loads(p.read_text())
+            meta = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise SpecError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise SpecError(f"{p}: cannot read ({e.strerror})") from None
         counts = meta.get("counts") if isinstance(meta, dict) else None
         if not isinstance(counts, dict):
             raise SpecError(
@@ -240,7 +244,7 @@ class ModelSpec:
 
         def need(key: str, obj: dict[str, Any], label: str) -> int:
             v = obj.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or v != int(v):
+            if not is_num(v) or v <= 0 or v != int(v):  # finite: 1e400 in JSON is inf
                 raise SpecError(f"{p}: field {label!r} must be a positive integer, got {v!r}")
             return int(v)
 
@@ -278,8 +282,8 @@ class TopologySpec:
             v = getattr(self, name)
             if v is None and name.endswith("bw_gbps"):
                 continue
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-                raise SpecError(f"topology: {name} must be a positive number, got {v!r}")
+            if not is_num(v) or not v > 0:  # finite: int(inf GiB) would fail in build()
+                raise SpecError(f"topology: {name} must be a positive finite number, got {v!r}")
         if self.compute_device not in ("cuda", "cpu"):
             raise SpecError(f"topology: compute_device must be 'cuda' or 'cpu', got {self.compute_device!r}")
 
@@ -333,7 +337,6 @@ class PlanOptions:
     small_table_bytes: int = 1 * GIB
     column_wise_max_world: int = 256
     table_wise_max_world: int = 256
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
