@@ -235,7 +235,8 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def override(self, assignments: list[str]) -> TrainConfig:
-        """Apply ``section.field=value`` overrides (values parsed as YAML scalars)."""
+        """Apply ``section.field=value`` overrides (values parsed as YAML, integers as plain decimals:
+        :class:`_DecimalIntLoader`); a whole section cannot be replaced."""
         d = self.to_dict()
         for a in assignments:
             if "=" not in a:
