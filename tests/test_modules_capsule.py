@@ -279,3 +279,15 @@ def test_squash() -> None:
     assert torch.all(out.norm(dim=-1) < 1)
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(squash, (x,))
+
+
+def test_squash_in_half_precision_keeps_large_capsules() -> None:
+    """|s|² overflows float16 from |s| ≈ 256: squash then gave 0 (norm² inf) or NaN (norm inf); it
+    computes in float32 for half inputs and returns their dtype."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for value in (200.0, 3e4):
+            s = torch.full((2, 4), value, dtype=dtype)
+            out = squash(s)
+            assert out.dtype == dtype
+            ref = ref_squash(s[0].double())
+            assert torch.allclose(out[0].double(), ref, rtol=1e-2), (dtype, value, out[0])

@@ -34,6 +34,8 @@ def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """
     # |s|²/(1+|s|²) · s/|s| = s · |s|/(1+|s|²): no division by |s|, so squash(0) = 0 with a zero
     # gradient (the 2-norm's gradient at 0 is taken as 0), and 5 ops instead of 8
+    if s.dtype in (torch.float16, torch.bfloat16):  # |s|² overflows half from |s| ≈ 256: the factor
+        return squash(s.float(), dim).to(s.dtype)  # would be 0 (or the norm inf, and NaN)
     norm = torch.linalg.vector_norm(s, dim=dim, keepdim=True)
     return s * (norm / (1.0 + norm * norm))
 
