@@ -704,3 +704,28 @@ def test_the_loader_draws_dien_negative_behaviours_for_every_batch(small):
     assert all(torch.equal(s["hist_item"].values(), t["hist_item"].values()) for s, t in pairs)
     assert not all(torch.equal(s["neg_hist_item"].values(), t["neg_hist_item"].values())
                    for s, t in pairs)  # another epoch, other negatives
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_a_short_last_evaluation_batch_joins_the_one_before(small, world_size):
+    """With ``merge_short_last`` a last global batch of fewer samples than ranks (where a rank would
+    get an empty batch, which a sharded forward cannot take) is read with the batch before it: every
+    sample once, every rank's every batch non-empty, the same batch count on every rank."""
+    ds = PreparedDataset.open(small)
+    bs = 4
+    g = bs * world_size
+    for limit in (g + 1, 3 * g + world_size - 1, 2 * g, 2 * g + world_size):
+        seen, counts = [], set()
+        for rank in range(world_size):
+            loader = BatchLoader(ds, "test", bs, rank=rank, world_size=world_size, limit=limit,
+                                 merge_short_last=True)
+            batches = list(loader)
+            counts.add(len(batches))
+            assert all(len(b.labels) > 0 for b in batches), (limit, rank)
+            seen += [loader.order()[slice(*loader.rank_range(i))] for i in range(len(batches))]
+            assert sum(loader.global_batch_samples(i) for i in range(len(loader))) == limit
+        assert len(counts) == 1
+        seen = np.concatenate(seen)
+        assert sorted(seen.tolist()) == list(range(limit)), limit
+    plain = BatchLoader(ds, "test", bs, rank=0, world_size=world_size, limit=g + 1)
+    assert len(list(plain)[-1].labels) == 0  # without it, rank 0's last batch is empty

@@ -10,7 +10,9 @@ larger than RAM streams from the page cache. ``BatchLoader`` walks one split in 
   global batch of ``n`` samples is split evenly and contiguously: rank ``r`` takes
   ``[⌊r·n/W⌋, ⌊(r+1)·n/W⌋)``, so local sizes differ by at most one (a rank gets an empty batch,
   ``B = 0``, only when ``n < world_size``); ``drop_last=True`` drops it on every rank, and so does
-  ``min_last_batch=m`` when a rank's share would be below ``m`` (training uses 2). Every other
+  ``min_last_batch=m`` when a rank's share would be below ``m`` (training uses 2), while
+  ``merge_short_last=True`` (evaluation) joins a last batch smaller than ``world_size`` to the one
+  before, so that no rank gets an empty batch (a sharded forward cannot take one). Every other
   sample is read exactly once per epoch over all ranks, and every rank yields ``len(loader)``
   batches.
 * **Resume.** :meth:`state_dict` holds the epoch and the index of the next batch;
@@ -290,6 +292,8 @@ class BatchLoader:
         min_last_batch: drop the last partial global batch when a rank's share of it would be
             smaller than this (training uses 2: BatchNorm cannot train on one sample); the samples
             dropped per epoch are :attr:`dropped_per_epoch`. 0: keep it whatever its size.
+        merge_short_last: a last partial global batch of fewer than ``world_size`` samples (where a
+            rank would get none) is read with the batch before it, split evenly over the ranks.
     """
 
     def __init__(
@@ -308,6 +312,7 @@ class BatchLoader:
         neg_hist_sampler: PopularityNegativeBehaviours | None = None,
         placeholder_features: bool = False,
         min_last_batch: int = 0,
+        merge_short_last: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -328,6 +333,7 @@ class BatchLoader:
         self.placeholder_features = bool(placeholder_features)
         self.num_samples = len(self.data) if limit is None else max(0, min(int(limit), len(self.data)))
         self.min_last_batch = int(min_last_batch)
+        self.merge_short_last = bool(merge_short_last)
         self.keys = (
             BASE_KEYS + (NEG_HIST_KEYS if with_neg_hist else []) + (IACN_NEG_KEYS if iacn_negatives else [])
         )
@@ -343,7 +349,13 @@ class BatchLoader:
 
     def __len__(self) -> int:
         full, rem = divmod(self.num_samples, self.batch_size * self.world_size)
+        if rem and self._merges(rem, full):
+            return full
         return full + (1 if rem and not self._drops(rem) else 0)
+
+    def _merges(self, rem: int, full: int) -> bool:
+        """Whether a last partial global batch of ``rem`` samples joins the ``full``-th batch."""
+        return self.merge_short_last and rem < self.world_size and full > 0
 
     def _drops(self, rem: int) -> bool:
         """Whether a last partial global batch of ``rem`` samples is dropped."""
@@ -396,16 +408,24 @@ class BatchLoader:
             self._order_cache = (self.epoch, o.astype(np.int64, copy=False))
         return self._order_cache[1]
 
-    def global_batch_samples(self, b: int) -> int:
-        """Samples that all ranks together read in batch ``b`` (the last one may be partial)."""
+    def _global_size(self, b: int) -> int:
         g = self.batch_size * self.world_size
-        return max(0, min(g, self.num_samples - b * g))
+        n = max(0, min(g, self.num_samples - b * g))
+        full, rem = divmod(self.num_samples, g)
+        if b == full - 1 and rem and self._merges(rem, full):  # a short last batch joined to this one
+            n += rem
+        return n
+
+    def global_batch_samples(self, b: int) -> int:
+        """Samples that all ranks together read in batch ``b`` (the last one may be partial, or
+        larger with ``merge_short_last``)."""
+        return self._global_size(b)
 
     def rank_range(self, b: int) -> tuple[int, int]:
         """Positions ``[start, end)`` in :meth:`order` that this rank reads in batch ``b``."""
         g = self.batch_size * self.world_size
         lo = b * g
-        n = min(g, self.num_samples - lo)
+        n = self._global_size(b)
         if n == g:
             s = lo + self.rank * self.batch_size
             return s, s + self.batch_size

@@ -449,7 +449,10 @@ def shard_model(
     lam = config.iacn.lam if config.iacn.enabled else 0.0
     stats, world = running_statistics(dmp), dist.get_world_size()
 
-    if config.distributed.pipeline:
+    # an evaluation between pipelined steps interleaves its collectives with the pipeline's input
+    # distribution of the next batch, in flight: with several ranks gloo then fails on mismatched
+    # all-to-alls. Periodic evaluation on several ranks steps without the pipeline (the same results).
+    if config.distributed.pipeline and not (config.eval_every and world > 1):
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
         current: list[Any] = []  # the pipeline of the running steps() generator

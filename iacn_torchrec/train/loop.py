@@ -97,8 +97,14 @@ def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size
                                **common)
     # the test batches carry the negative features' keys (the collections expect them) but empty:
     # evaluation runs neither IaCN nor DIEN's aux loss
+    # no rank may get an empty evaluation batch: a sharded forward cannot take one
     test_loader = BatchLoader(ds, "test", batch_size=config.data.eval_batch_size, shuffle=False,
-                              placeholder_features=True, limit=config.data.num_test_samples, **common)
+                              placeholder_features=True, limit=config.data.num_test_samples,
+                              merge_short_last=True, **common)
+    if world_size > 1 and test_loader.num_samples < world_size:
+        raise UserError(f"{ds.path}: {test_loader.num_samples} test sample(s) for {world_size} ranks: every "
+                        "rank needs at least one to evaluate (raise data.num_test_samples, or use fewer "
+                        "ranks)")
     return train_loader, test_loader, item_log_q
 
 
