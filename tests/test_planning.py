@@ -197,6 +197,23 @@ def test_training_planner_gets_ids_per_sample_and_keeps_memory_back():
     assert all(d.storage.ddr == int(0.85 * mem) // 2 for d in topo.devices)
 
 
+def test_column_wise_widths_and_a_table_that_stays_whole(capsys):
+    """TorchRec's column-wise shards are of equal width: the narrowest multiple of 4 dividing the dim
+    into at most world_size shards; a dim with none stays whole, and a pinned column_wise says so."""
+    from iacn_torchrec.distributed.sharding import _cw_shard_width, planner_constraints
+    from iacn_torchrec.train.config import TrainConfig
+
+    assert [_cw_shard_width(d, 2) for d in (16, 24, 8, 12, 20)] == [8, 12, 4, 12, 20]
+    assert _cw_shard_width(20, 5) == 4 and _cw_shard_width(12, 3) == 4
+    pinned = TrainConfig().override(['distributed.sharding_types={"item_orig": "column_wise", '
+                                     '"cate_orig": "column_wise"}'])
+    capsys.readouterr()
+    planner_constraints(pinned, {"item_orig": "sgd", "cate_orig": "sgd"}, {"item_orig": 20, "cate_orig": 16},
+                        world_size=2)
+    err = capsys.readouterr().err
+    assert "item_orig: column_wise on 2 ranks leaves its 20 columns whole" in err and "cate_orig" not in err
+
+
 def test_training_topology_respects_a_cgroup_memory_limit(tmp_path, monkeypatch):
     import os
 

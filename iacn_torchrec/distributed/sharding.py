@@ -200,6 +200,12 @@ def planner_constraints(
             if st == ShardingType.COLUMN_WISE.value:
                 _note(f"{table}: column_wise with rowwise_adagrad keeps one accumulator per row and "
                       "column shard, not per row: another optimizer than the unsharded table's")
+        if st == ShardingType.COLUMN_WISE.value and dim and world_size > 1 \
+                and _cw_shard_width(dim, world_size) == dim:
+            # TorchRec's column-wise shards are of equal width, a multiple of 4 dividing the dim
+            _note(f"{table}: column_wise on {world_size} ranks leaves its {dim} columns whole (no multiple "
+                  f"of 4 divides {dim} into 2 to {world_size} equal shards): it is placed like a "
+                  "table_wise table")
         constraints[table] = ParameterConstraints(
             sharding_types=[st] if st else offered,
             compute_kernels=[EmbeddingComputeKernel.FUSED.value],
