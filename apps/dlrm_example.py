@@ -15,6 +15,7 @@ the seed (same data order, same dense-arch initialisation) and print their test 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -116,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--max-steps must be >= 1 (leave it out for one epoch), got {args.max_steps}")
     if not 0 < args.aux_dim < args.dim:
         return fail(f"--aux-dim must be in [1, --dim - 1] = [1, {args.dim - 1}], got {args.aux_dim}")
-    if args.lr <= 0:
+    if not args.lr > 0:  # (NaN too)
         return fail(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.delta <= 1:
+        return fail(f"--delta must be in [0, 1], got {args.delta}")
+    if not (math.isfinite(args.lam) and args.lam >= 0):
+        return fail(f"--lam must be finite and >= 0, got {args.lam}")
     torch.set_num_threads(args.threads)
     try:
         if args.data is None:

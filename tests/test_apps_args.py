@@ -187,6 +187,11 @@ def dlrm_example():
     (["--dim", "8", "--aux-dim", "9"], "--aux-dim"),
     (["--aux-dim", "0"], "--aux-dim"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--delta", "1.5"], "--delta"),
+    (["--delta", "nan"], "--delta"),
+    (["--lam", "-1"], "--lam"),
+    (["--lam", "inf"], "--lam"),
+    (["--lr", "nan"], "--lr"),
 ])
 def test_dlrm_example_refuses_bad_numbers_before_training(dlrm_example, tiny, monkeypatch, capsys, bad,
                                                           needle):

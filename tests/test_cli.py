@@ -466,3 +466,15 @@ def test_another_world_size_is_not_sent_to_an_older_checkpoint(tiny_run, tmp_pat
     err = capsys.readouterr().err
     assert "was written by 2 rank(s) and this run has 1" in err and "resume with the same world size" in err
     assert "may be intact" not in err, err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="NCCL may work with a GPU")
+def test_nccl_without_a_gpu_is_a_one_line_error(tiny_run, tmp_path, monkeypatch, capsys):
+    _copy_run(tiny_run, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert _main("train", "--data", "data", "--batch-size", "16", "--max-steps", "2", "--threads", "1",
+                 "--no-progress", "--out", "nccl", "--embedding-optimizer", "sgd", "--emb-dim", "16",
+                 "--set", "model.user_dim=16", "--set", "distributed.backend=nccl") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("iacn train: distributed.backend=nccl needs CUDA GPUs"), err

@@ -148,6 +148,11 @@ def init_process_group(rank: int, world_size: int, backend: str | None = None) -
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        from iacn_torchrec.errors import UserError
+
+        raise UserError("distributed.backend=nccl needs CUDA GPUs and a torch built with NCCL; this "
+                        "machine has none: use gloo (or leave distributed.backend out)")
     if "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
     else:
