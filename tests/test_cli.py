@@ -478,3 +478,21 @@ def test_nccl_without_a_gpu_is_a_one_line_error(tiny_run, tmp_path, monkeypatch,
                  "--set", "model.user_dim=16", "--set", "distributed.backend=nccl") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("iacn train: distributed.backend=nccl needs CUDA GPUs"), err
+
+
+def test_a_damaged_newest_checkpoint_points_evaluate_and_export_to_the_one_before(tiny_run, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """The run's checkpoints are steps 3 and 6: with step 6 damaged, evaluate and export name the file
+    and say --step 3, which then works."""
+    run = _copy_run(tiny_run, tmp_path)
+    f = run / "checkpoints" / "step_00000006" / "rank0.pt"
+    f.write_bytes(f.read_bytes()[:1000])
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    for args in (("evaluate", "--run", "run", "--threads", "1"),
+                 ("export", "--run", "run", "--out", "m", "--check-samples", "0")):
+        assert _main(*args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "rank0.pt: truncated" in err[0], err
+        assert err[0].endswith("the checkpoint before it (step 3) may be intact: pass --step 3"), err
+    assert _main("evaluate", "--run", "run", "--threads", "1", "--step", "3") == 0

@@ -297,6 +297,7 @@ def load_run(
     if step is not None and step not in complete_steps(root):
         raise ExportError(f"{root}: no complete checkpoint of step {step}; the run has "
                           f"{complete_steps(root) or 'none'} (only the newest are kept)")
+    newest_chosen = step is None
     if step is None:
         step = latest_step(root)
         note = incomplete_note(root, step, f"{doing} step {step}" if step is not None
@@ -306,7 +307,14 @@ def load_run(
     if step is None:
         raise ExportError(f"{run_dir}: no complete checkpoint under {root} yet (the run was stopped before "
                           "its first checkpoint, or is still training)")
-    state = load_full_state(root, step=step)  # missing, damaged: CheckpointError naming the file
+    try:
+        state = load_full_state(root, step=step)  # missing, damaged: CheckpointError naming the file
+    except CheckpointError as e:
+        older = [s for s in complete_steps(root) if s < step]
+        if not newest_chosen or not older:
+            raise
+        raise CheckpointError(f"{e}; the checkpoint before it (step {older[-1]}) may be intact: pass "
+                              f"--step {older[-1]}") from None
     # config.yaml rebuilds the model and is what the manifest reports: it must be the configuration the
     # checkpoint was trained with (the fingerprint a resume checks; distributed.* only shards it)
     where = step_dir(root, step)

@@ -708,7 +708,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads, ours and the peer's (default 1: faster for both on this 2-core box)")
     p.add_argument("--max-len", dest="max_len", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="DIN only, batch 128 (plain, +aux, +IaCN, serial, "
-                   "compiled, evaluation) and the peer's DIN")
+                   "keep-width, aux 6, compiled with and without IaCN, evaluation) and the peer's DIN")
     p.add_argument("--no-peer", dest="no_peer", action="store_true", help="skip DeepCTR-Torch")
     p.add_argument("--peer-limit", dest="peer_limit", type=int, default=30_000,
                    help="train rows of the peer's throughput-only runs (--quick DIN, DIEN)")
@@ -717,7 +717,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samples per arm and round")
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps per arm")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line last")
-    p.add_argument("--out", help="write the JSON and a PNG plot here (e.g. docs/results/performance)")
+    p.add_argument("--out", metavar="PREFIX",
+                   help="write PREFIX.json and PREFIX.png (e.g. docs/results/performance)")
     # internal: worker processes
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--arms", nargs="*", default=[], help=argparse.SUPPRESS)

@@ -99,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no progress bar; a log line every 10 s instead (the default when stderr is not a "
                         "terminal, e.g. under TorchX, where every bar refresh would become a log line)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override any config field, e.g. --set iacn.user_profile_layer=false; "
+                   help="override any config field, e.g. --set optim.lr=0.002 (IaCN's, with --iacn); "
                    "several overrides may be joined with ';' (TorchX rejects repeated flags)")
     p.add_argument("--out", help="run directory (metrics.json, config.yaml, checkpoints/)")
 

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             resume=False,
         )
-        print(f"\n== {args.model}{' + IaCN' if enabled else ''} (seed {args.seed}, {args.epochs} epoch) ==")
+        budget = f"{args.epochs} epoch(s)" + (f", at most {args.max_steps} steps" if args.max_steps else "")
+        print(f"\n== {args.model}{' + IaCN' if enabled else ''} (seed {args.seed}, {budget}) ==")
         results[arm] = train(cfg)
     a, b = results["plain"]["test"], results["iacn"]["test"]
     name = args.model.upper()
