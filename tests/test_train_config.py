@@ -406,6 +406,10 @@ def test_a_run_stored_before_popularity_negatives_is_read_as_it_was_trained(tmp_
         # one that says it (stored since the field existed) is compared as it says, for DIEN only
         other = fingerprint_differences(config_fingerprint(prepared, "abc"), config_fingerprint(today, "abc"))
         assert bool(other) is dien
+        # so is every field only DIEN reads (config.DIEN_ONLY)
+        weighted = TrainConfig().override([f"model.name={name}", "model.dien_aux_loss_weight=5"])
+        assert bool(fingerprint_differences(config_fingerprint(weighted, "abc"),
+                                            config_fingerprint(today, "abc"))) is dien
 
 
 def test_the_same_main_model_spelled_otherwise_is_the_same_run():

@@ -277,7 +277,7 @@ def comparable(config: dict[str, Any]) -> str:
     ``model.dien_hidden``, compared as the hidden size DIEN actually had, and the fields
     :func:`~iacn_torchrec.train.config.stored_config` reads as the run was trained (``model.main``,
     a changed default such as ``data.dien_negatives``, which counts for DIEN only)."""
-    from iacn_torchrec.train.config import ConfigError, TrainConfig, resolved_main, stored_config
+    from iacn_torchrec.train.config import DIEN_ONLY, ConfigError, TrainConfig, resolved_main, stored_config
 
     legacy_dien = "dien_hidden" not in config.get("model", {})
     config = stored_config(config)  # as the run was trained: legacy defaults, its main model
@@ -291,8 +291,9 @@ def comparable(config: dict[str, Any]) -> str:
     d = json.loads(json.dumps(config, default=str))
     model, iacn = d.get("model", {}), d.get("iacn", {})
     if model.get("name") != "dien":
-        model.pop("dien_hidden", None)  # read by DIEN only
-        d.get("data", {}).pop("dien_negatives", None)
+        for name in DIEN_ONLY:  # read by DIEN only
+            section, field = name.split(".")
+            d.get(section, {}).pop(field, None)
     elif model.get("dien_hidden") is None and isinstance(model.get("emb_dim"), int):
         # None is 2·emb_dim; runs stored before the field existed had the GRU at the item width
         # 2·(emb_dim + aux_dim) (IaCN widened it)
@@ -962,8 +963,7 @@ def run(args: argparse.Namespace) -> int:
     for d in args.deltas:
         if not 0.0 <= d <= 1.0:
             raise ReproduceError(f"--deltas: δ={d} is not in [0, 1]")
-    for m in MODEL_LABELS:  # a model prefix is checked here, before any run, and ...
-        model_sets(args.set, m)
+    model_sets(args.set, "")  # a model prefix is checked here, before any run, and ...
     # ... an arm field refused with or without one
     arm_keys = [s for s in args.set if s.split("=", 1)[0].split(":")[-1].strip() in ARM_FIELDS]
     if arm_keys:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from iacn_torchrec.fileio import check_output_path
-from iacn_torchrec.train.config import EMBEDDING_OPTIMIZERS, MODELS, ConfigError, TrainConfig
+from iacn_torchrec.train.config import DIEN_ONLY, EMBEDDING_OPTIMIZERS, MODELS, ConfigError, TrainConfig
 
 # flag -> (config path, type)
 _FLAGS: dict[str, tuple[str, type]] = {
@@ -106,8 +106,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 #: the optimizer of the aux tables, which only IaCN's model has: an IaCN option like iacn.*
 _AUX_OPTIMIZER = "optim.aux_embedding_optimizer"
-#: options only DIEN reads
-_DIEN_ONLY = ("model.dien_hidden", "model.dien_aux_loss_weight", "data.dien_negatives")
 
 
 def _a_runs_config(path: Path) -> bool:
@@ -169,7 +167,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                    if (k.startswith("iacn.") and k != "iacn.enabled") or k == _AUX_OPTIMIZER]
     if iacn_flags and not config.iacn.enabled:
         raise ConfigError(f"{', '.join(iacn_flags)} set IaCN's options, but IaCN is off: add --iacn")
-    dien_sets = [f"--set {k}" for k in set_keys if k in _DIEN_ONLY]
+    dien_sets = [f"--set {k}" for k in set_keys if k in DIEN_ONLY]
     if dien_sets and config.model.name != "dien":  # the same: DIEN's options, another model
         raise ConfigError(f"{', '.join(dien_sets)} set DIEN's options, but the model is "
                           f"{config.model.name}: add --model dien")

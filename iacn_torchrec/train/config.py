@@ -266,6 +266,9 @@ class TrainConfig:
         return TrainConfig.from_dict(d)
 
 
+#: fields only DIEN reads (flattened names): another model's run is the same run whatever they say
+DIEN_ONLY = ("model.dien_hidden", "model.dien_aux_loss_weight", "data.dien_negatives")
+
 #: fields whose default changed after runs were stored without them (flattened name → the value such
 #: a run was trained with): a stored configuration lacking one means this value, not today's default.
 #: ``data.dien_negatives`` was "prepared" until it took the DIEN reference's popularity draws.

@@ -45,7 +45,13 @@ from iacn_torchrec.train.checkpoint import (
     state_dict_mismatch,
     step_dir,
 )
-from iacn_torchrec.train.config import LEGACY_DEFAULTS, TrainConfig, resolved_main, stored_model_main
+from iacn_torchrec.train.config import (
+    DIEN_ONLY,
+    LEGACY_DEFAULTS,
+    TrainConfig,
+    resolved_main,
+    stored_model_main,
+)
 from iacn_torchrec.train.metrics import CTRMetrics
 
 logger = logging.getLogger("iacn")
@@ -252,15 +258,15 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     ckpt_root = str(out / "checkpoints")
     fingerprint = config_fingerprint(config, ds.meta.get("content_hash"))
     plan = plan_summary(setup.plan)  # what the per-rank shards depend on: checked on resume, saved
+    newest = latest_step(ckpt_root) if config.resume else None  # the checkpoint to resume from
     if config.resume and rank == 0:  # unfinished newer steps are passed over: say so
-        step = latest_step(ckpt_root)
-        note = incomplete_note(ckpt_root, step, f"resuming from step {step}" if step is not None
+        note = incomplete_note(ckpt_root, newest, f"resuming from step {newest}" if newest is not None
                                else "no complete checkpoint: starting from step 0")
         if note:
             print(note, file=sys.stderr, flush=True)
-    if config.resume and latest_step(ckpt_root) is not None:
+    if newest is not None:
         try:
-            ck = load_checkpoint(ckpt_root, rank=rank, world_size=world_size)
+            ck = load_checkpoint(ckpt_root, newest, rank=rank, world_size=world_size)
         except CheckpointError as e:  # a damaged newest checkpoint: say how to reach an older one
             if isinstance(e, CheckpointWorldSizeError):  # older ones were written by the same ranks
                 raise
@@ -302,16 +308,16 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                 raise
             raise CheckpointError(f"{ckpt_root}: the checkpoint does not fit this model "
                                   f"({state_dict_mismatch(e)})") from e
-        newest = step_dir(ckpt_root, latest_step(ckpt_root))
         try:
             state = TrainState(**ck["train_state"])
         except TypeError as e:  # not a mapping, or fields this version does not have
-            raise CheckpointError(f"{newest}: its 'train_state' is damaged ({e})") from None
+            raise CheckpointError(f"{step_dir(ckpt_root, newest)}: its 'train_state' is damaged "
+                                  f"({e})") from None
         if state.batch_in_epoch >= len(train_loader):  # saved after the epoch's last batch
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         # the position trained so far, not the loader's read-ahead position (pipelining prefetches)
         train_loader.load_state_dict({"epoch": state.epoch, "batch": state.batch_in_epoch})
-        set_rng_state(ck["rng"], newest)
+        set_rng_state(ck["rng"], step_dir(ckpt_root, newest))
         history, loss_ema = list(ck.get("history", [])), ck.get("loss_ema")
         resumed_from = state.step
         if rank == 0:
@@ -630,7 +636,8 @@ def fingerprint_differences(stored: str | None, current: str, ignore: tuple[str,
     """``field: checkpoint → this run`` for every fingerprinted field that differs. A field the
     checkpoint's fingerprint lacks (added to the config since) counts at its default, the
     behaviour that run had, or at its :data:`~iacn_torchrec.train.config.LEGACY_DEFAULTS` value
-    where the default has changed since; ``data.dien_negatives`` counts for DIEN only. Checkpoints
+    where the default has changed since; :data:`~iacn_torchrec.train.config.DIEN_ONLY` fields count
+    for DIEN only. Checkpoints
     of earlier versions (a nested fingerprint with the dataset's path and no hash) are compared
     without the hash. Fields starting with a prefix in ``ignore`` are not compared."""
     try:
@@ -650,6 +657,7 @@ def fingerprint_differences(stored: str | None, current: str, ignore: tuple[str,
             old[k] = json.loads(json.dumps(defaults[k], default=str))
     for fp in (old, new):
         if fp.get("model.name") != "dien":
-            fp.pop("data.dien_negatives", None)  # read by DIEN only
+            for k in DIEN_ONLY:  # read by DIEN only
+                fp.pop(k, None)
     return [f"{k}: {old.get(k, '(absent)')!r} → {new.get(k, '(absent)')!r}"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(ignore)]
