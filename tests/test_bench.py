@@ -48,15 +48,97 @@ def _args(**kw) -> argparse.Namespace:
 
 def test_epoch_worker_measures_our_loop_like_the_peer(tiny_prepared):
     """speedup_vs_deepctr compares whole epochs of each library's own loop: the worker runs `iacn
-    train` for one epoch (or, for --quick, as many steps as the peer's rows need)."""
+    train` for one epoch (for --quick and DIEN, an epoch of the first --peer-limit rows, the peer's
+    --limit)."""
     from iacn_torchrec.data.loader import PreparedDataset
 
     n_train = len(PreparedDataset.open(tiny_prepared).split("train").label)
     full = bench.worker_auc(_args(data=str(tiny_prepared), threads=1, arms=["din:0:16:0"]))
     assert full["train_samples"] == n_train and full["train_samples_per_s"] > 0
     assert 0.0 < full["test_auc"] < 1.0
-    short = bench.worker_auc(_args(data=str(tiny_prepared), threads=1, arms=["din:0:16:0"], max_steps=3))
-    assert short["train_samples"] == 3 * 16
+    short = bench.worker_auc(_args(data=str(tiny_prepared), threads=1, arms=["din:0:16:0"], train_limit=37))
+    assert short["train_samples"] == 37  # one epoch of 37 rows: 2 batches of 16 and one of 5
+
+
+def test_the_first_n_train_samples_are_the_ones_trained_on(tiny_prepared):
+    """``data.num_train_samples=N``: every epoch reads the first N rows of the train split (the rows
+    the peer's --limit takes), shuffled, each once."""
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.train.config import ConfigError, TrainConfig
+    from iacn_torchrec.train.loop import make_loaders
+
+    cfg = TrainConfig().override([f"data.path={json.dumps(str(tiny_prepared))}", "data.batch_size=8",
+                                  "data.num_train_samples=21"])
+    ds = PreparedDataset.open(tiny_prepared)
+    train_loader, _, _ = make_loaders(cfg, ds, 0, 1)
+    items = ds.split("train").item
+    for epoch in (0, 1):
+        train_loader.set_epoch(epoch)
+        seen = np.concatenate([b.sparse_features["item"].values().numpy() for b in train_loader])
+        assert sorted(seen) == sorted(items[:21])
+    with pytest.raises(ConfigError, match="num_train_samples must be positive"):
+        TrainConfig().override(["data.num_train_samples=0"])
+
+
+def _measured(**extra) -> dict:
+    """A results dictionary as `orchestrate` returns it (the figures made up, the keys real)."""
+    res = {"machine": {"cpu": "x", "cores": 2}, "threads": 1, "load_before": "1", "load_after": "1",
+           "throughput": {"din@128": {"step_ms": 10.0, "samples_per_s": 12800.0}},
+           "iacn_overhead_by_arm": {}}
+    res.update(extra)
+    return res
+
+
+def test_arguments_are_checked_before_any_timing(tiny_prepared, tmp_path):
+    from iacn_torchrec.data.sources import DataError
+    from iacn_torchrec.errors import UserError
+
+    a = _args(data=str(tiny_prepared), out=str(tmp_path / "new" / "perf-v1.2"))
+    bench.check_arguments(a)
+    assert a.meta["max_len"] == 8 and (tmp_path / "new").is_dir()
+    bad = (("threads", 0), ("rounds", 0), ("block_samples", 0), ("warmup", -1), ("peer_limit", 0))
+    for flag, value in bad:
+        with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be at least"):
+            bench.check_arguments(_args(data=str(tiny_prepared), **{flag: value}))
+    with pytest.raises(UserError, match="no such prepared dataset"):
+        bench.check_arguments(_args(data=str(tmp_path / "nothing")))
+    with pytest.raises(DataError, match="meta.json"):
+        bench.check_arguments(_args(data=str(tmp_path)))  # a folder, not a prepared dataset
+    (tmp_path / "x.json").mkdir()
+    with pytest.raises(UserError, match="is a directory"):
+        bench.check_arguments(_args(data=str(tiny_prepared), out=str(tmp_path / "x")))
+
+
+def test_out_is_a_prefix_even_with_dots(tiny_prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "orchestrate", lambda a: _measured())
+    bench.run(_args(data=str(tiny_prepared), out=str(tmp_path / "perf-v1.2")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["perf-v1.2.json", "perf-v1.2.png"]
+
+
+def test_the_peer_builds_the_datasets_samples_and_is_checked_against_them(tiny_prepared, monkeypatch):
+    """The peer gets the dataset's max_len and seed (not a flag of its own), and its record says
+    whether it trained and tested on as many samples as we have."""
+    a = _args(data=str(tiny_prepared))
+    bench.check_arguments(a)
+    a.meta = dict(a.meta, max_len=7, seed=3)
+    calls = []
+    monkeypatch.setattr(bench, "check_peer", lambda a: None)
+    monkeypatch.setattr(bench, "run_process", lambda cmd: (calls.append(cmd), ({}, 1.0))[1])
+    bench.run_peer(a, "dien", 30)
+    cmd = calls[0]
+    assert cmd[cmd.index("--max-len") + 1] == "7" and cmd[cmd.index("--seed") + 1] == "3"
+    assert cmd[cmd.index("--limit") + 1] == "30" and cmd[cmd.index("--model") + 1] == "dien"
+    counts = a.meta["counts"]
+    peer = {"train_samples_per_s": 100.0, "per_epoch": [{"test_auc": 0.7}], "eval_samples_per_s": 1e3,
+            "n_train": counts["train_samples"], "n_test": counts["test_samples"], "versions": {"torch": "t"}}
+    assert bench.peer_record(peer, 1.0, a, None)["same_samples"]
+    assert bench.peer_record(dict(peer, n_train=20), 1.0, a, 20)["same_samples"]
+    assert not bench.peer_record(dict(peer, n_test=counts["test_samples"] + 1), 1.0, a, None)["same_samples"]
+    rec = bench.peer_record(dict(peer, n_train=5), 1.0, a, None)
+    text = bench.render(_measured(peer={"din": rec}, ours_din_128_samples_per_s=[300.0, 310.0],
+                                  speedup_vs_deepctr=3.05, speedup_vs_deepctr_fused_estimate=2.0))
+    assert "WARNING: the peer's din trained/tested on 5/" in text
+    assert "(estimate, not measured against the peer)" in text and "speedup_vs_deepctr 3.05" in text
 
 
 def test_throughput_worker_runs_every_arm(tiny_prepared):
@@ -75,11 +157,17 @@ def test_throughput_worker_runs_every_arm(tiny_prepared):
         bench.parse_arm("din:0:128:x")
 
 
-def test_scaling_worker_dense_and_fused_vocab(tiny_prepared):
+def test_scaling_worker_dense_and_fused_vocab(tiny_prepared, monkeypatch):
     # the fused arm goes through TorchRec's DMP with a fused row-wise Adagrad table optimizer
     dense, fused = "din:0:8:0:6:500", "din:1:8:1:6:500"
     a = _args(threads=1, rounds=2, block_steps=2, warmup=1, arms=[dense, fused])
+    drawn, synthetic_batches = [], bench.synthetic_batches
+    monkeypatch.setattr(bench, "synthetic_batches", lambda *p, **k: drawn.append(synthetic_batches(*p, **k))
+                        or drawn[-1])
     res = bench.worker_scaling(a)
+    # a batch of its own for every step an arm takes (warm-up included): no step reads rows that an
+    # earlier step left in cache
+    assert [len(b) for b in drawn] == [1 + 2 * 2] * 2
     assert set(res["step_s"]) == {dense, fused}
     assert all(len(ts) == 2 and min(ts) > 0 for ts in res["step_s"].values())  # a time per round
     assert res["tables"][dense] == {"sharded": False, "embedding_optimizer": "adam", "kernels": {}}
@@ -193,6 +281,22 @@ def test_din_jagged_values_equal_padded_view():
     gb = torch.autograd.grad(b.sum(), values)[0]
     torch.testing.assert_close(ga, gb)
     assert not math.isnan(float(a.sum()))
+
+
+def test_warmup_zero_times_from_the_first_step():
+    import itertools
+
+    taken = itertools.count()
+
+    def steps():
+        while True:
+            next(taken)
+            yield torch.zeros(()), None
+
+    times = bench._interleaved({"a": (steps(), 3)}, rounds=2, warmup=0)
+    assert len(times["a"]) == 2 and next(taken) == 6  # no untimed step
+    bench._interleaved({"a": (steps(), 3)}, rounds=2, warmup=4)
+    assert next(taken) == 7 + 4 + 6
 
 
 def test_paired_ratio_and_its_spread():

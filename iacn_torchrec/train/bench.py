@@ -17,17 +17,25 @@
    evaluates, loader, worker threads and metrics included) runs in the same rounds →
    ``eval_over_train`` (its samples/s over ``din@128``'s, paired per round).
 2. **Peer**: DeepCTR-Torch's DIN/DIEN through ``../shared/bench/peer_deepctr.py`` in ``.peer-venv``
-   (``bash apps/peer_setup.sh``) on the same samples and threads. Measured as the peer measures
-   itself: train samples/s over one full epoch of the library's own loop (data loading, forward,
-   backward, optimizer); ours is one epoch of ``iacn train`` right before and one right after the
-   peer's epoch, averaged → ``speedup_vs_deepctr`` (``--quick``: the same number of rows each side,
-   the peer's ``--peer-limit``). The compiled and fused variants scale it by their interleaved
-   ratio to ``din@128``. The full epochs also give the test AUC of both (and of our compiled DIN);
-   ``eval_over_train_epoch`` is our first epoch's one cold end-of-epoch evaluation against its
-   training throughput (a ~0.3 s pass: thread start-up and first-touch memory weigh on it).
+   (``bash apps/peer_setup.sh``) on the same samples and threads (the peer builds its samples with
+   the dataset's ``max_len`` and ``seed`` from ``meta.json``; ``peer_same_samples`` records whether
+   its train and test counts are ours). Measured as the peer measures itself: train samples/s over
+   one full epoch of the library's own loop (data loading, forward, backward, optimizer); ours is
+   one epoch of ``iacn train`` right before and one right after the peer's epoch, averaged →
+   ``speedup_vs_deepctr``. ``--quick`` and DIEN (``speedup_vs_deepctr_dien``) train on the first
+   ``--peer-limit`` rows on both sides (the peer's ``--limit``, our ``data.num_train_samples``).
+   ``speedup_vs_deepctr_compiled`` is one measured epoch of our compiled DIN, its compile included;
+   ``speedup_vs_deepctr_fused_estimate`` is an estimate: the DIN speed-up scaled by the fused arm's
+   steady-state ratio to ``din@128``. The full epochs also give the test AUC of both (and of our
+   compiled DIN); ``eval_over_train_epoch`` is our first epoch's one cold end-of-epoch evaluation
+   against its training throughput (a ~0.3 s pass: thread start-up and first-touch memory weigh on it).
+   Evaluation runs as ``iacn train`` evaluates, on ``eval_workers`` batch workers (the machine's cores;
+   training: ``--threads`` torch threads and IaCN's worker thread).
 3. **Scaling** on synthetic batches (seeded): step time vs history length L ∈ {10, 20, 50, 100}
    with/without IaCN; step time vs item vocabulary (12k, 1M, 10M rows) with the fused row-wise
-   Adagrad table optimizer (TorchRec DMP, one process) vs dense Adam.
+   Adagrad table optimizer (TorchRec DMP, one process) vs dense Adam. Every step, warm-up included,
+   gets a batch of its own (no batch is reused, so the rows a step touches are not in cache from an
+   earlier step).
 4. **Peak RSS**: every configuration in its own fresh process (``ru_maxrss`` of that process,
    via ``os.wait4``), building the model and training 30 steps.
 
@@ -162,7 +170,7 @@ def _steps_on_dataset(data: str, sets: list[str], threads: int, seed: int = 0):
 def _evaluations_on_dataset(data: str, sets: list[str], threads: int, seed: int = 0):
     """An endless iterator of full evaluation passes over the test split, as ``iacn train`` runs
     them (its loader, cores and metrics): ``(test AUC, None)`` per pass. Returns it with the
-    number of samples a pass scores."""
+    number of samples a pass scores and :func:`~iacn_torchrec.train.loop.evaluation_cores`' choice."""
     import torch
 
     from iacn_torchrec.train.loop import evaluate, evaluation_cores
@@ -175,7 +183,7 @@ def _evaluations_on_dataset(data: str, sets: list[str], threads: int, seed: int 
             m = evaluate(setup.model, test_loader, setup.device, **cores)
             yield torch.tensor(m["auc"]), None
 
-    return passes(), test_loader.num_samples
+    return passes(), test_loader.num_samples, cores
 
 
 # ------------------------------------------------------------------------------- synthetic batches
@@ -190,7 +198,8 @@ class _SynthDataset:
 def synthetic_batches(batch: int, max_len: int, num_users: int, num_items: int, num_cates: int,
                       neg_hist: bool, num_negatives: int, seed: int, count: int = 8) -> list[Any]:
     """``count`` seeded batches with the loader's KJT layout: history lengths uniform on
-    ``[1, max_len]``, ids uniform (so at 10M items nearly every looked-up row is distinct)."""
+    ``[1, max_len]``, ids uniform (so at 10M items nearly every looked-up row is distinct, across
+    batches too: the scaling arms draw one batch per step)."""
     import numpy as np
     import torch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -221,8 +230,10 @@ def synthetic_batches(batch: int, max_len: int, num_users: int, num_items: int, 
     return out
 
 
-def _steps_on_synthetic(sets: list[str], threads: int, num_items: int, max_len: int, batch: int):
-    """(step iterator, how the arm trains its tables) on seeded synthetic batches."""
+def _steps_on_synthetic(sets: list[str], threads: int, num_items: int, max_len: int, batch: int,
+                        steps: int):
+    """(step iterator, how the arm trains its tables) on ``steps`` seeded synthetic batches, each
+    used once (then again from the first, should more steps be taken)."""
     import itertools
 
     from iacn_torchrec.distributed.setup import build_training
@@ -235,7 +246,8 @@ def _steps_on_synthetic(sets: list[str], threads: int, num_items: int, max_len: 
     setup.model.train()
     S = cfg.iacn.num_negatives if cfg.iacn.enabled and cfg.iacn.sampler != "in_batch" else 0
     batches = synthetic_batches(batch, max_len, ds.num_users, num_items, ds.num_cates,
-                                neg_hist=cfg.model.name == "dien", num_negatives=S, seed=cfg.seed)
+                                neg_hist=cfg.model.name == "dien", num_negatives=S, seed=cfg.seed,
+                                count=max(1, steps))
     kernels = {f"{module}.{name}": f"{ps.sharding_type}/{ps.compute_kernel}"
                for module, shardings in (setup.plan.plan.items() if setup.plan else ())
                for name, ps in shardings.items()}
@@ -254,9 +266,11 @@ def _time_steps(it, n: int) -> float:
 
 
 def _interleaved(arms: dict[str, tuple[Any, int]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Round-robin timing: ``arms[name] = (step iterator, steps per block)`` → seconds/step per round."""
+    """Round-robin timing: ``arms[name] = (step iterator, steps per block)`` → seconds/step per round,
+    after ``warmup`` untimed steps of each arm."""
     for it, _k in arms.values():
-        _time_steps(it, max(1, warmup))
+        if warmup:
+            _time_steps(it, warmup)
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(rounds):
         for name, (it, k) in arms.items():
@@ -269,16 +283,17 @@ def worker_throughput(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(a.threads)
-    arms, samples = {}, {}
+    arms, samples, eval_cores = {}, {}, {}
     for spec in a.arms:
         sets, name = parse_arm(spec)
         if spec.split(":")[3] == "e":  # one evaluation pass per round
-            it, samples[name] = _evaluations_on_dataset(a.data, sets, a.threads)
+            it, samples[name], eval_cores[name] = _evaluations_on_dataset(a.data, sets, a.threads)
             arms[name] = (it, 1)
             continue
         k = max(2, a.block_samples // int(spec.split(":")[2]))
         arms[name] = (_steps_on_dataset(a.data, sets, a.threads), k)
-    return {"step_s": _interleaved(arms, a.rounds, warmup=a.warmup), "samples_per_step": samples}
+    return {"step_s": _interleaved(arms, a.rounds, warmup=a.warmup), "samples_per_step": samples,
+            "eval_cores": eval_cores}
 
 
 def worker_scaling(a: argparse.Namespace) -> dict[str, Any]:
@@ -290,7 +305,8 @@ def worker_scaling(a: argparse.Namespace) -> dict[str, Any]:
     for spec in a.arms:
         model, iacn, batch, fused, L, items = spec.split(":")
         sets = arm_overrides(model, iacn == "1", int(batch), fused == "1")
-        steps, tables[spec] = _steps_on_synthetic(sets, a.threads, int(items), int(L), int(batch))
+        steps, tables[spec] = _steps_on_synthetic(sets, a.threads, int(items), int(L), int(batch),
+                                                  steps=a.warmup + a.rounds * a.block_steps)
         arms[spec] = (steps, a.block_steps)
     return {"step_s": _interleaved(arms, a.rounds, warmup=a.warmup), "tables": tables}
 
@@ -310,8 +326,8 @@ def worker_auc(a: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="iacn-bench-") as out:
         run_sets = [f"out={json.dumps(out)}", "epochs=1", "resume=false", "checkpoint_every=0"]
-        if a.max_steps:
-            run_sets.append(f"max_steps={a.max_steps}")
+        if a.train_limit:  # the peer's --limit: its first N train rows
+            run_sets.append(f"data.num_train_samples={a.train_limit}")
         sets = parse_arm(a.arms[0])[0] + run_sets
         cfg = _config(a.data, sets, a.threads)
         r = train(cfg)
@@ -379,12 +395,27 @@ def check_peer(a: argparse.Namespace) -> None:
 
 
 def run_peer(a: argparse.Namespace, model: str, limit: int | None) -> tuple[dict[str, Any], float]:
+    """One epoch of the peer's ``model`` on its first ``limit`` train rows (all if None), its samples
+    built as the dataset's (``max_len``, ``seed`` of ``a.meta``)."""
     check_peer(a)
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--data", str(a.peer_data), "--model", model, "--epochs", "1",
-           "--threads", str(a.threads), "--max-len", str(a.max_len), "--batch", "128"]
+           "--threads", str(a.threads), "--max-len", str(a.meta["max_len"]), "--seed", str(a.meta["seed"]),
+           "--batch", "128"]
     if limit:
         cmd += ["--limit", str(limit)]
     return run_process(cmd)
+
+
+def peer_record(peer: dict[str, Any], rss: float, a: argparse.Namespace, limit: int | None) -> dict[str, Any]:
+    """What the peer's run reports, and whether it trained and tested on as many samples as we do
+    (the same din-protocol samples: the peer's are built from ``--peer-data``, ours are ``--data``)."""
+    counts = a.meta["counts"]
+    n_train = min(limit, counts["train_samples"]) if limit else counts["train_samples"]
+    return {"samples_per_s": peer["train_samples_per_s"], "test_auc": peer["per_epoch"][-1]["test_auc"],
+            "n_train": peer["n_train"], "n_test": peer.get("n_test"),
+            "eval_samples_per_s": peer["eval_samples_per_s"], "peak_rss_mib": rss,
+            "threads": peer.get("threads"), "seed": peer.get("seed"), "versions": peer.get("versions"),
+            "same_samples": peer["n_train"] == n_train and peer.get("n_test") == counts["test_samples"]}
 
 
 def _med(xs: list[float]) -> float:
@@ -415,7 +446,12 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     from iacn_torchrec.kernels import load_kernel
 
     res: dict[str, Any] = {"machine": _machine(), "versions": versions(), "threads": a.threads,
-                           "data": str(a.data),
+                           "data": str(a.data), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+                           "settings": {"rounds": a.rounds, "block_samples": a.block_samples,
+                                        "warmup": a.warmup, "peer_limit": a.peer_limit,
+                                        "peer_data": None if a.no_peer else str(a.peer_data)},
+                           "data_meta": {k: a.meta.get(k) for k in ("protocol", "max_len", "seed",
+                                                                    "content_hash")},
                            # which the arms ran: the fused CPU kernels or the ATen ops
                            "iacn_kernel": "fused" if load_kernel("iacn_fused") is not None else "aten",
                            "din_attention_kernel": "fused" if load_kernel("din_attention") is not None
@@ -447,6 +483,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     # evaluation vs training throughput, paired per round (DIN: a test-split pass vs a batch-128 step)
     n_test = tp["samples_per_step"]["din/eval@2048"]
     res["eval_over_train"] = n_test / 128 * _paired(tp["step_s"]["din@128"], tp["step_s"]["din/eval@2048"])
+    res["eval_workers"] = tp["eval_cores"]["din/eval@2048"]
     overhead, vs_capacity, width, spread = {}, {}, {}, {}
     # serial: IaCN without the worker thread; keep_width: without widening the main model; small_aux:
     # widening it by SMALL_AUX_DIM, not emb_dim
@@ -485,39 +522,37 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
         _log("[2/4] DeepCTR-Torch peer (DIN), one epoch; ours, one epoch of `iacn train` right before and "
              "after it")
         limit = a.peer_limit if a.quick else None
-        steps = {"max_steps": -(-limit // 128)} if limit else {}
 
-        def ours_epoch() -> dict[str, Any]:
-            # like for like with the peer's figure: a whole epoch of the library's own training loop
-            r, _ = run_process(_worker_cmd("auc", a, ["din:0:128:0"], **steps))
-            return r
+        def around_peer(model: str, limit: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            """One epoch of ``iacn train`` (the library's own loop, like for like with the peer's
+            figure) right before and one right after the peer's epoch, on the same train rows."""
+            cmd = _worker_cmd("auc", a, [f"{model}:0:128:0"], **({"train_limit": limit} if limit else {}))
+            before, _ = run_process(cmd)
+            peer, rss = run_peer(a, model, limit)
+            after, _ = run_process(cmd)
+            return [before, after], peer_record(peer, rss, a, limit)
 
-        epochs = [ours_epoch()]
-        peer_din, peer_rss = run_peer(a, "din", limit)
-        epochs.append(ours_epoch())
+        epochs, res["peer"] = around_peer("din", limit)
+        res["peer"] = {"din": res["peer"]}
         din_sps = [e["train_samples_per_s"] for e in epochs]
-        res["peer"] = {"din": {
-            "samples_per_s": peer_din["train_samples_per_s"],
-            "test_auc": peer_din["per_epoch"][-1]["test_auc"], "n_train": peer_din["n_train"],
-            "eval_samples_per_s": peer_din["eval_samples_per_s"], "peak_rss_mib": peer_rss}}
         res["ours_din_128_samples_per_s"] = din_sps
-        res["speedup_vs_deepctr"] = statistics.fmean(din_sps) / peer_din["train_samples_per_s"]
-        if "din/compiled@128" in table:
-            gain = table["din/compiled@128"]["samples_per_s"] / table["din@128"]["samples_per_s"]
-            res["speedup_vs_deepctr_compiled"] = gain * res["speedup_vs_deepctr"]
-        if "din/fused@128" in table:
+        res["speedup_vs_deepctr"] = statistics.fmean(din_sps) / res["peer"]["din"]["samples_per_s"]
+        if "din/fused@128" in table:  # not measured against the peer: the DIN figure × a steady-state ratio
             fused_gain = table["din/fused@128"]["samples_per_s"] / table["din@128"]["samples_per_s"]
-            res["speedup_vs_deepctr_fused"] = fused_gain * res["speedup_vs_deepctr"]
+            res["speedup_vs_deepctr_fused_estimate"] = fused_gain * res["speedup_vs_deepctr"]
         if not a.quick:
-            peer_dien, peer_dien_rss = run_peer(a, "dien", a.peer_limit)
-            peer_sps = peer_dien["train_samples_per_s"]
-            res["peer"]["dien"] = {"samples_per_s": peer_sps, "n_train": peer_dien["n_train"],
-                                   "peak_rss_mib": peer_dien_rss}
-            res["speedup_vs_deepctr_dien"] = table["dien@128"]["samples_per_s"] / peer_sps
-            _log("      one epoch of our compiled DIN for test AUC")
+            _log("      DIEN: ours and the peer's, one epoch each on the first --peer-limit train rows")
+            dien_epochs, res["peer"]["dien"] = around_peer("dien", a.peer_limit)
+            res["ours_dien_128_samples_per_s"] = [e["train_samples_per_s"] for e in dien_epochs]
+            res["ours_dien_epoch"] = dien_epochs[0]
+            res["speedup_vs_deepctr_dien"] = (statistics.fmean(res["ours_dien_128_samples_per_s"])
+                                              / res["peer"]["dien"]["samples_per_s"])
+            _log("      one epoch of our compiled DIN (its compile included)")
             auc = epochs[0]
             res["ours_din_epoch"] = auc
             res["ours_din_compiled_epoch"], _ = run_process(_worker_cmd("auc", a, ["din:0:128:c"]))
+            res["speedup_vs_deepctr_compiled"] = (res["ours_din_compiled_epoch"]["train_samples_per_s"]
+                                                  / res["peer"]["din"]["samples_per_s"])
             res["auc_delta_vs_deepctr"] = auc["test_auc"] - res["peer"]["din"]["test_auc"]
             # the one cold evaluation at the end of that epoch, against the epoch's training
             res["eval_over_train_epoch"] = auc["eval_samples_per_s"] / auc["train_samples_per_s"]
@@ -600,8 +635,12 @@ def render(res: dict[str, Any]) -> str:
         lines.append("width overhead (aux tables, λ=0, vs plain): " + ", ".join(
             f"{k} {v:.3f}" for k, v in res["width_overhead_by_arm"].items()))
     if "eval_over_train" in res:
+        workers = res.get("eval_workers", {})
+        cores = (f"{workers['batch_workers']} batch workers" if "batch_workers" in workers
+                 else f"{workers.get('threads', '?')} threads")
         lines.append("evaluation / training throughput (DIN, test-split passes vs batch-128 steps, "
-                     f"paired per round): {res['eval_over_train']:.1f}x")
+                     f"paired per round; evaluation on {cores}, as `iacn train` evaluates): "
+                     f"{res['eval_over_train']:.1f}x")
     from iacn_torchrec.train.config import ModelConfig
 
     d = ModelConfig().emb_dim
@@ -619,18 +658,33 @@ def render(res: dict[str, Any]) -> str:
     if "speedup_vs_deepctr" in res:
         p = res["peer"]["din"]
         ours = res["ours_din_128_samples_per_s"]
-        lines.append(f"DeepCTR-Torch DIN {p['samples_per_s']:,.0f} samples/s (n_train {p['n_train']}, "
-                     f"its own loop) vs ours {statistics.fmean(ours):,.0f} (`iacn train`, before / after it: "
-                     f"{' / '.join(f'{x:,.0f}' for x in ours)}) -> speedup_vs_deepctr "
+
+        def before_after(xs: list[float]) -> str:
+            return f"{statistics.fmean(xs):,.0f} (the same rows, before / after it: " + \
+                " / ".join(f"{x:,.0f}" for x in xs) + ")"
+
+        for model, peer in res["peer"].items():
+            if not peer.get("same_samples", True):
+                n = f"{peer['n_train']}/{peer['n_test']}"
+                lines.append(f"WARNING: the peer's {model} trained/tested on {n} "
+                             "samples, not as many as ours: --peer-data is not the source of --data, so "
+                             "its speed-up and AUC compare different samples")
+        lines.append(f"DeepCTR-Torch DIN {p['samples_per_s']:,.0f} samples/s (one epoch of {p['n_train']:,} "
+                     f"rows, its own loop) vs `iacn train` {before_after(ours)} -> speedup_vs_deepctr "
                      f"{res['speedup_vs_deepctr']:.2f}")
         if "speedup_vs_deepctr_compiled" in res:
-            lines.append(f"  with the main model torch.compile-d: {res['speedup_vs_deepctr_compiled']:.2f}")
-        if "speedup_vs_deepctr_fused" in res:
-            lines.append(f"  with fused row-wise Adagrad tables (dim {FUSED_DIM}): "
-                         f"{res['speedup_vs_deepctr_fused']:.2f}")
+            c = res["ours_din_compiled_epoch"]["train_samples_per_s"]
+            lines.append(f"  our main model torch.compile-d, one epoch, its compile included: {c:,.0f} "
+                         f"samples/s -> {res['speedup_vs_deepctr_compiled']:.2f}")
+        if "speedup_vs_deepctr_fused_estimate" in res:
+            lines.append(f"  (estimate, not measured against the peer) fused row-wise Adagrad tables (dim "
+                         f"{FUSED_DIM}): {res['speedup_vs_deepctr_fused_estimate']:.2f}, the speed-up × the "
+                         "fused arm's steady-state ratio to din@128")
         if "speedup_vs_deepctr_dien" in res:
-            lines.append(f"DeepCTR-Torch DIEN {res['peer']['dien']['samples_per_s']:,.0f} samples/s -> "
-                         f"speedup {res['speedup_vs_deepctr_dien']:.2f}")
+            d = res["peer"]["dien"]
+            lines.append(f"DeepCTR-Torch DIEN {d['samples_per_s']:,.0f} samples/s (one epoch of the first "
+                         f"{d['n_train']:,} rows) vs ours {before_after(res['ours_dien_128_samples_per_s'])} "
+                         f"-> speedup_vs_deepctr_dien {res['speedup_vs_deepctr_dien']:.2f}")
         if "ours_din_epoch" in res:
             o = res["ours_din_epoch"]
             lines.append(f"1 epoch DIN test AUC: ours {o['test_auc']:.4f} vs DeepCTR-Torch "
@@ -661,16 +715,15 @@ def plot(res: dict[str, Any], path: Path) -> None:
     names = [k for k in res["throughput"] if "/eval@" not in k]  # training arms (evaluation: in the text)
     vals = [res["throughput"][k]["samples_per_s"] for k in names]
     colors = ["tab:orange" if "+iacn" in k else "tab:green" if "+aux" in k else "tab:blue" for k in names]
-    if "peer" in res:
-        names.append("deepctr din@128")
-        vals.append(res["peer"]["din"]["samples_per_s"])
-        colors.append("tab:gray")
-        if "dien" in res["peer"]:
-            names.append("deepctr dien@128")
-            vals.append(res["peer"]["dien"]["samples_per_s"])
-            colors.append("tab:gray")
+    if "peer" in res:  # epoch figures, ours beside the peer's: not the steady-state bars above them
+        epochs = [("din", "ours_din_128_samples_per_s"), ("dien", "ours_dien_128_samples_per_s")]
+        for model, key in epochs:
+            if model in res["peer"]:
+                names += [f"ours {model}@128 (epoch)", f"deepctr {model}@128 (epoch)"]
+                vals += [statistics.fmean(res[key]), res["peer"][model]["samples_per_s"]]
+                colors += ["tab:purple", "tab:gray"]
     ax.barh(names, vals, color=colors)
-    ax.set_xlabel("train samples/s")
+    ax.set_xlabel("train samples/s (interleaved steady state; '(epoch)': one epoch each, vs the peer)")
     ax.set_title("throughput (blue: main, green: +aux width, orange: +IaCN)")
     ax.invert_yaxis()
     if n == 3:
@@ -706,12 +759,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder with interactions.tsv / items.tsv for the peer script")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads, ours and the peer's (default 1: faster for both on this 2-core box)")
-    p.add_argument("--max-len", dest="max_len", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="DIN only, batch 128 (plain, +aux, +IaCN, serial, "
-                   "keep-width, aux 6, compiled with and without IaCN, evaluation) and the peer's DIN")
+                   "keep-width, aux 6, compiled with and without IaCN, evaluation) and the peer's DIN on the "
+                   "first --peer-limit train rows, ours on the same rows")
     p.add_argument("--no-peer", dest="no_peer", action="store_true", help="skip DeepCTR-Torch")
     p.add_argument("--peer-limit", dest="peer_limit", type=int, default=30_000,
-                   help="train rows of the peer's throughput-only runs (--quick DIN, DIEN)")
+                   help="the first N train rows that both sides train on in the epochs of --quick (DIN) "
+                   "and of DIEN")
     p.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
     p.add_argument("--block-samples", dest="block_samples", type=int, default=2560,
                    help="samples per arm and round")
@@ -723,7 +777,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--arms", nargs="*", default=[], help=argparse.SUPPRESS)
     p.add_argument("--block-steps", dest="block_steps", type=int, default=5, help=argparse.SUPPRESS)
-    p.add_argument("--max-steps", dest="max_steps", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--train-limit", dest="train_limit", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse what would fail (or mean nothing) only after minutes of timing: counts out of range, a
+    folder that is not a prepared dataset, an ``--out`` that cannot be written. Sets ``args.meta``."""
+    from iacn_torchrec.data.loader import PreparedDataset
+    from iacn_torchrec.errors import UserError
+
+    for flag, value, least in (("--threads", args.threads, 1), ("--rounds", args.rounds, 1),
+                               ("--block-samples", args.block_samples, 1), ("--warmup", args.warmup, 0),
+                               ("--peer-limit", args.peer_limit, 1)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    if not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data}: no such prepared dataset "
+                        "(make one with `iacn prepare --source tsv ... --out DIR`)")
+    args.meta = PreparedDataset.open(args.data).meta  # a DataError names what is wrong with it
+    if args.out:
+        parent = Path(args.out).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        for path in (Path(args.out + ".json"), Path(args.out + ".png")):
+            if path.is_dir():
+                raise UserError(f"--out {args.out}: {path} is a directory")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"--out {args.out}: cannot write in {parent}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -731,16 +810,12 @@ def run(args: argparse.Namespace) -> int:
         res = WORKERS[args.worker](args)
         print(json.dumps(res))
         return 0
-    if not Path(args.data).is_dir():
-        raise SystemExit(f"iacn bench train: --data {args.data}: no such prepared dataset "
-                         "(make one with `iacn prepare --source tsv ... --out DIR`)")
+    check_arguments(args)
     res = orchestrate(args)
     print(render(res))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out.with_suffix(".json"), json.dumps(res, indent=1))
-        plot(res, out.with_suffix(".png"))
+        write_atomic(Path(args.out + ".json"), json.dumps(res, indent=1))
+        plot(res, Path(args.out + ".png"))
     if args.json:
         print(json.dumps(res))
     return 0

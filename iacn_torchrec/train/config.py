@@ -41,6 +41,9 @@ class DataConfig:
     eval_batch_size: int = 2048  # with two batches scored at once: the fastest here (performance-log.md)
     drop_last: bool = False
     num_test_samples: int | None = None  # evaluate on the first N test samples only (smoke runs)
+    # train on the first N train samples only (smoke runs; `iacn bench train`'s like-for-like epochs
+    # against a peer that takes the first N rows)
+    num_train_samples: int | None = None
     # DIEN's negative behaviours: "popularity" (drawn for every batch in proportion to item popularity,
     # as the reference's data iterator) or "prepared" (the dataset's, drawn once, uniform; the
     # default until session 21, see LEGACY_DEFAULTS). Read by DIEN only.
@@ -55,8 +58,10 @@ class DataConfig:
         if self.batch_size < 2:  # as the loader's rule for an epoch's last batch
             raise ConfigError(f"data.batch_size must be at least 2 per rank, got {self.batch_size}: the "
                               "towers' BatchNorm cannot train on one sample")
-        if self.num_test_samples is not None and self.num_test_samples <= 0:
-            raise ConfigError(f"data.num_test_samples must be positive or null, got {self.num_test_samples}")
+        for name in ("num_test_samples", "num_train_samples"):
+            n = getattr(self, name)
+            if n is not None and n <= 0:
+                raise ConfigError(f"data.{name} must be positive or null, got {n}")
 
 
 @dataclass

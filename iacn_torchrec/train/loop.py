@@ -100,7 +100,7 @@ def make_loaders(config: TrainConfig, ds: PreparedDataset, rank: int, world_size
         neg_hist = PopularityNegativeBehaviours(ds.item_count, seed=config.seed)
     train_loader = BatchLoader(ds, "train", batch_size=config.data.batch_size, shuffle=True,
                                drop_last=config.data.drop_last, min_last_batch=2, neg_hist_sampler=neg_hist,
-                               **common)
+                               limit=config.data.num_train_samples, **common)
     # the test batches carry the negative features' keys (the collections expect them) but empty:
     # evaluation runs neither IaCN nor DIEN's aux loss
     # no rank may get an empty evaluation batch: a sharded forward cannot take one
