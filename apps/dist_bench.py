@@ -1,12 +1,14 @@
 """Distributed training throughput: 1 process vs 2 gloo processes (TW / CW / RW), one run.
 
-Every arm trains DIN+IaCN on the same prepared dataset with the same per-rank batch size, the
-same table optimizer (fused row-wise Adagrad, dims 16: FBGEMM needs multiples of 4) and the same
-total number of CPU threads (``--threads`` split over the processes), through the same code path
-as ``iacn train`` (``build_training`` → ``setup.train_steps``, TrainPipelineSparseDist when
-sharded). Arms:
+Every arm trains DIN+IaCN on the same prepared dataset with the same per-rank batch size, with
+``--threads`` torch threads split over its processes (at least one each), through the same code
+path as ``iacn train`` (``build_training`` → ``setup.train_steps``, TrainPipelineSparseDist when
+sharded). All but ``1p plain`` train their tables with fused row-wise Adagrad (dims 16: FBGEMM
+needs multiples of 4). Arms:
 
-* ``1p plain``: one process, unsharded model, Adam on every table (the ``iacn train`` default);
+* ``1p plain``: one process, unsharded model, Adam on every table, IaCN on its worker thread beside
+  the main backward (the ``iacn train`` defaults): one thread more than ``--threads`` while the
+  backward runs; the sharded arms run IaCN in the main thread;
 * ``1p dmp``: one process, DistributedModelParallel, fused tables;
 * ``2p tw`` / ``2p cw`` / ``2p rw``: two gloo processes, every table table-/column-/row-wise.
 

@@ -86,13 +86,17 @@ def planner_time_reference(scn, world: int = 1024) -> dict:
     return out
 
 
+#: untimed steps before the measured check's timed ones
+MEASURE_WARMUP = 3
+
+
 def measured_check(steps: int, seed: int) -> list[dict]:
     rows = []
     for world in (1, 2):
         for with_iacn in (False, True):
             t0 = time.perf_counter()
             ranks = measure_sharded_embeddings(
-                MEASURE_SPEC, with_iacn, world, MEASURE_OPTIONS, steps=steps, warmup=3, seed=seed
+                MEASURE_SPEC, with_iacn, world, MEASURE_OPTIONS, steps=steps, warmup=MEASURE_WARMUP, seed=seed
             )
             plan = ranks[0].pop("plan")
             rows.append(
@@ -251,6 +255,9 @@ def run(args: argparse.Namespace, files: list[Path], scenarios: list) -> int:
         "planner_time_reference": ref,
         "measured": measured,
         "measure_spec": dataclasses.asdict(MEASURE_SPEC),
+        "measure_settings": None if args.no_measure else {"steps": args.steps, "warmup": MEASURE_WARMUP,
+                                                            "seed": args.seed},
+        "command": " ".join(sys.argv),
         "bench_seconds": total,
     }
     write_atomic(out / "planner.json", json.dumps(payload, indent=1, default=str))

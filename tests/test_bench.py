@@ -299,6 +299,18 @@ def test_warmup_zero_times_from_the_first_step():
     assert next(taken) == 7 + 4 + 6
 
 
+def test_interleaved_rounds_rotate_the_arm_order():
+    order = []
+
+    def steps(name):
+        while True:
+            order.append(name)
+            yield torch.zeros(()), None
+
+    bench._interleaved({n: (steps(n), 1) for n in "abc"}, rounds=4, warmup=0)
+    assert "".join(order) == "abc" + "bca" + "cab" + "abc"
+
+
 def test_paired_ratio_and_its_spread():
     num, den = [2.0, 3.0, 4.0, 10.0, 6.0], [1.0, 1.0, 1.0, 1.0, 1.0]
     assert bench._paired(num, den) == 4.0

@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -717,7 +718,7 @@ def _measure_worker(rank: int, world_size: int, port: int, job: dict[str, Any], 
             "measured_optimizer_bytes": opt_state,
             "rss_delta_shard_bytes": rss1 - rss0,
             "rss_delta_total_bytes": rss2 - rss0,
-            "step_ms_median": times[len(times) // 2],
+            "step_ms_median": statistics.median(times),
             "step_ms_min": times[0],
         }
         if rank == 0:

@@ -267,13 +267,16 @@ def _time_steps(it, n: int) -> float:
 
 def _interleaved(arms: dict[str, tuple[Any, int]], rounds: int, warmup: int) -> dict[str, list[float]]:
     """Round-robin timing: ``arms[name] = (step iterator, steps per block)`` → seconds/step per round,
-    after ``warmup`` untimed steps of each arm."""
+    after ``warmup`` untimed steps of each arm. Round ``r`` starts at the ``r``-th arm (the order
+    rotates), so no arm always follows the same one (e.g. the evaluation arm's cache-cold aftermath)."""
     for it, _k in arms.values():
         if warmup:
             _time_steps(it, warmup)
     times: dict[str, list[float]] = {name: [] for name in arms}
-    for _ in range(rounds):
-        for name, (it, k) in arms.items():
+    names = list(arms)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            it, k = arms[name]
             times[name].append(_time_steps(it, k))
     return times
 
