@@ -154,6 +154,44 @@ def test_fused_equals_aten_where_signed_pow_caps_the_scores(kernel_calls):
     assert kernel_calls == [1]
 
 
+def test_fused_equals_aten_where_every_live_score_is_capped_below(kernel_calls):
+    """p = 200 with positive rows whose live scores are all below -cap (a target pointing away from
+    every interest): the ATen path gives one-hot weight to the least negative capsule, and so must
+    the kernel (capping alone would tie the capped capsules, as with the scores above the cap)."""
+    task, x = _task(torch.float32, p=200.0), _inputs(torch.float32, seed=4)
+    jt = JaggedTensor(values=x["values"], lengths=x["lengths"])
+    with torch.no_grad():
+        out = task.interests(jt, None, x["target"], user=x["user"], init_logits=x["init"])
+        mean = (out.capsules * out.capsule_mask.unsqueeze(-1)).sum(1)
+        x["target"] = -20.0 * mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        out = task.interests(jt, None, x["target"], user=x["user"], init_logits=x["init"])
+    scores = (out.capsules * x["target"].unsqueeze(1)).sum(-1).masked_fill(~out.capsule_mask, -torch.inf)
+    scores, live = scores[x["rows"]], out.capsule_mask[x["rows"]]
+    assert int((((scores < -1.52) | ~live).all(1) & (live.sum(1) >= 2)).sum()) >= 1
+    _assert_same(_loss_and_grads(task, x, fused=True), _loss_and_grads(task, x, fused=False),
+                 rtol=1e-4, atol=1e-5)
+    assert kernel_calls == [1]
+
+
+def test_the_trainers_worker_path_runs_the_kernel(monkeypatch):
+    """IaCN on the worker thread (the trainer's default) reaches the fused kernel: it refuses a
+    ``user`` that needs gradients, so the worker must hand it over detached, or every step would
+    fall back to the slower ATen path with the same numbers."""
+    from helpers import planted_batch
+
+    from iacn_torchrec.models.framework import build_model
+
+    if not kernels.kernels_enabled():
+        pytest.skip("IACN_FUSED_KERNEL=0")
+    calls = count_calls(monkeypatch, fused_iacn._FusedIaCNLoss)
+    torch.manual_seed(0)
+    model = build_model("din", 20, 60, 6, 8, IaCNConfig(enabled=True, aux_dim=4, num_negatives=5), emb_dim=4)
+    model.run_iacn_on_worker(True)
+    loss, _ = model(planted_batch(32, 0, 20, 60, 6, 8, num_negatives=5))
+    loss.backward()
+    assert calls == [1]
+
+
 def test_fused_equals_the_jagged_aten_path_in_float32(kernel_calls):
     """float32, against the jagged ATen path the trainer would otherwise take."""
     task, x = _task(torch.float32), _inputs(torch.float32, seed=1)

@@ -131,3 +131,15 @@ def test_bad_inputs() -> None:
         label_aware_attention(capsules, mask[:, :2], target, 2.0)
     with pytest.raises(ValueError, match="target"):
         label_aware_attention(capsules, mask, target[:, :3], 2.0)
+
+
+@pytest.mark.parametrize("p", [40.0, 200.0])
+def test_a_dead_capsule_does_not_make_a_row_hard(p):
+    """Whether a row's power overflows (hard, one-hot weights) is decided over its live capsules: a
+    dead capsule with a huge score must leave the live ones' soft weights as they are without it."""
+    capsules = torch.tensor([[[0.5, 0.0], [0.4, 0.0], [100.0, 0.0]]])
+    target = torch.tensor([[1.0, 0.0]])
+    w = label_aware_attention_weights(capsules, torch.tensor([[True, True, False]]), target, p)
+    alone = label_aware_attention_weights(capsules[:, :2], torch.tensor([[True, True]]), target, p)
+    torch.testing.assert_close(w[:, :2], alone, atol=1e-6, rtol=0)
+    assert 0.0 < float(w[0, 1]) < 1.0 and float(w[0, 2]) == 0.0

@@ -291,3 +291,16 @@ def test_squash_in_half_precision_keeps_large_capsules() -> None:
             assert out.dtype == dtype
             ref = ref_squash(s[0].double())
             assert torch.allclose(out[0].double(), ref, rtol=1e-2), (dtype, value, out[0])
+
+
+def test_lengths_beyond_the_padded_width_count_as_the_width():
+    """Lengths are clamped to [0, L] (the padded width), for K_u too: n = 8 over a width of 2 is
+    K_u = ceil(log2 2) = 1 capsule, not ceil(log2 8) = 3."""
+    torch.manual_seed(0)
+    m = InterestCapsuleRouting(item_dim=4, max_len=8, seed=3).double().eval()
+    hist = torch.randn(3, 2, 4, dtype=torch.float64)
+    over, clamped = m.route(hist, torch.tensor([8, 5, 2])), m.route(hist, torch.tensor([2, 2, 2]))
+    assert clamped.capsule_mask.sum(1).tolist() == [1, 1, 1]
+    assert torch.equal(over.capsule_mask, clamped.capsule_mask)
+    assert torch.equal(over.capsules, clamped.capsules)
+    assert torch.equal(over.routing_weights, clamped.routing_weights)

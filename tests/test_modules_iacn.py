@@ -39,6 +39,10 @@ def test_config_validation(field: str, value) -> None:
 
 
 def test_config_defaults_and_k_max() -> None:
+    # the design's defaults (DESIGN.md: MIND's p = 2 and r = 3, the H-layer on, uniform negatives)
+    d = IaCNConfig()
+    assert (d.pow_p, d.routing_iters, d.user_profile_layer, d.sampler, d.delta, d.lam) == (
+        2.0, 3, True, "uniform", 0.3, 1.0)
     cfg = IaCNConfig(pow_p=math.inf, delta=1, lam=0)
     assert cfg.delta == 1.0 and isinstance(cfg.delta, float) and cfg.lam == 0.0
     assert IaCNTask(IaCNConfig(), item_dim=36, max_len=20).k_max == 5
