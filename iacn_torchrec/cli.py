@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     # bad input, config or paths (a missing run, an output path that is a file): the message, which
     # names the path, and no traceback (other OS errors, e.g. a full disk mid-run, keep theirs)
     except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as e:
+            PermissionError, FloatingPointError) as e:  # FloatingPointError: a run diverged (train)
         what = " ".join(x for x in (args.command, getattr(args, "bench", None)) if x)
         report_error(f"iacn {what}: {e}")
         return 2

@@ -10,6 +10,7 @@ next to the target first and renames: a reader sees the old content or the new, 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import secrets
@@ -20,7 +21,8 @@ from typing import IO, Any
 
 from iacn_torchrec.errors import UserError
 
-__all__ = ["write_atomic", "open_atomic", "save_figure", "replace_dir", "temp_sibling", "check_output_path"]
+__all__ = ["write_atomic", "open_atomic", "save_figure", "replace_dir", "temp_sibling", "check_output_path",
+           "try_lock", "release_lock", "lock_holder", "remove_temp_siblings"]
 
 
 def check_output_path(
@@ -120,3 +122,63 @@ def replace_dir(new: str | Path, target: str | Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_temp_siblings(path: str | Path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` (:func:`temp_sibling`'s ``.NAME.tmp-*``) that a
+    crashed writer left behind. Only for a caller that holds the lock on their folder (no writer is
+    at work there). Returns what was removed."""
+    path = Path(path)
+    gone = []
+    for p in path.parent.glob(f".{path.name}.tmp-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
+
+
+def try_lock(path: str | Path) -> int | None:
+    """Take an exclusive ``flock`` on ``path`` (created, holding this process's pid for people):
+    the descriptor that holds it, or None while another process holds it. The kernel drops the lock
+    when its process exits, however it exits, so a lock left by a dead process is free without any
+    guess about pids or ages, and two processes can never both take over the same stale lock.
+    Release it with :func:`release_lock`."""
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            # The holder we raced with may have released *and unlinked* the file between our open
+            # and our flock: then we hold a lock on a file nobody else can find. Retry on the path's.
+            try:
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                return fd
+        except BaseException:  # e.g. ENOLCK on a network file system: no descriptor (or lock) left behind
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def release_lock(path: str | Path, fd: int) -> None:
+    """Release a lock taken by :func:`try_lock` (unlinked while still held, so nobody takes the old file)."""
+    Path(path).unlink(missing_ok=True)
+    os.close(fd)
+
+
+def lock_holder(path: str | Path) -> str:
+    """The pid a lock file of :func:`try_lock` names, or ``"?"``."""
+    try:
+        return Path(path).read_text().strip() or "?"
+    except (OSError, UnicodeDecodeError):
+        return "?"

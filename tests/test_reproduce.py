@@ -452,7 +452,9 @@ def test_a_lock_file_replaced_before_our_flock_is_retried(tmp_path, monkeypatch)
             lock.write_text("")  # a new inode at the path
         return real(fd, op)
 
-    monkeypatch.setattr(rp.fcntl, "flock", replaced_first)
+    from iacn_torchrec import fileio
+
+    monkeypatch.setattr(fileio.fcntl, "flock", replaced_first)
     assert rp._lock(tmp_path, "r")
     assert len(calls) == 2 and lock.read_text() == str(os.getpid())
     assert os.fstat(rp._HELD[lock]).st_ino == lock.stat().st_ino

@@ -122,7 +122,13 @@ def plain_steps(
             # With IaCN on its worker thread the graph is freed after the step, not inside backward:
             # each freed tensor that Python saw takes the GIL, which the worker's Python holds, and
             # the main backward waited for it (measured: docs/results/performance-log.md, round 12).
-            loss.backward(retain_graph=getattr(model, "iacn_on_worker", False))
+            try:
+                loss.backward(retain_graph=getattr(model, "iacn_on_worker", False))
+            except BaseException:
+                from iacn_torchrec.models.framework import drain_iacn_worker
+
+                drain_iacn_worker()  # the IaCN started beside this backward ends before the error leaves
+                raise
             optimizer.step()
             detached = loss.detach()
             del loss  # the graph goes here, while the worker is idle

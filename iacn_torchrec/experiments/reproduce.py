@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import fcntl
 import json
 import math
-import os
 import re
 import shlex
 import shutil
@@ -46,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from iacn_torchrec.errors import UserError
-from iacn_torchrec.fileio import json_safe, save_figure, write_atomic
+from iacn_torchrec.fileio import json_safe, release_lock, save_figure, try_lock, write_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RAW = REPO / "data" / "amazon-beauty"
@@ -392,48 +390,26 @@ _HELD: dict[Path, int] = {}
 
 
 def _lock(out: Path, run_id: str) -> bool:
-    """Claim ``run_id`` for this process, so several ``iacn reproduce`` processes can share one OUT.
-
-    The claim is an exclusive ``flock`` on ``OUT/<run_id>.lock`` (which holds the owner's pid, for
-    people): the kernel drops it when its process exits, however it exits, so a lock left by a dead
-    process is free without any guess about pids or ages, and two processes can never both take
-    over the same stale lock. Returns False while another process holds it."""
+    """Claim ``run_id`` for this process, so several ``iacn reproduce`` processes can share one OUT:
+    an exclusive :func:`~iacn_torchrec.fileio.try_lock` on ``OUT/<run_id>.lock``. Returns False
+    while another process holds it."""
     path = out / f"{run_id}.lock"
     if path in _HELD:
         return True
     out.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            # The holder we raced with may have released *and unlinked* the file between our open
-            # and our flock: then we hold a lock on a file nobody else can find. Retry on the path's.
-            try:
-                current = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-            if current:
-                os.ftruncate(fd, 0)
-                os.write(fd, str(os.getpid()).encode())
-                _HELD[path] = fd
-                return True
-        except BaseException:  # e.g. ENOLCK on a network file system: no descriptor (or lock) left behind
-            os.close(fd)
-            raise
-        os.close(fd)
+    fd = try_lock(path)
+    if fd is None:
+        return False
+    _HELD[path] = fd
+    return True
 
 
 def _unlock(out: Path, run_id: str) -> None:
-    """Release a lock taken by :func:`_lock` (unlinked while still held, so nobody takes the old file)."""
+    """Release a lock taken by :func:`_lock`."""
     path = out / f"{run_id}.lock"
     fd = _HELD.pop(path, None)
     if fd is not None:
-        path.unlink(missing_ok=True)
-        os.close(fd)
+        release_lock(path, fd)
 
 
 POLL_S = 10.0  # how often a deferred run's lock is looked at again

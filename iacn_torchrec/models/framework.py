@@ -131,6 +131,13 @@ def _iacn_worker() -> concurrent.futures.ThreadPoolExecutor:
         return _WORKER
 
 
+def drain_iacn_worker() -> None:
+    """Wait until the IaCN worker has finished what was submitted to it (a step whose backward
+    failed leaves its IaCN running: it must not draw from the global RNG after the next run seeds it)."""
+    if _WORKER is not None:
+        _WORKER.submit(lambda: None).result()
+
+
 class _JoinBranch(torch.autograd.Function):
     """Joins the IaCN branch, computed on the worker thread, back into the main graph.
 

@@ -196,6 +196,11 @@ class ServingArtifact:
         d = Path(path)
         mpath = d / MANIFEST
         if not mpath.is_file():
+            # replace_dir renames an existing model aside before it moves the new one in
+            aside = sorted(d.parent.glob(f".{d.name}.old-*")) if not d.exists() else []
+            if aside:
+                raise FileNotFoundError(f"{d}: missing; an interrupted `iacn export --force` left the model "
+                                        f"it was replacing in {aside[-1]}: rename that back, or export again")
             raise FileNotFoundError(f"{d}: no {MANIFEST}: not an exported model (run `iacn export`)")
         try:
             manifest = json.loads(mpath.read_text())

@@ -116,12 +116,12 @@ def save_checkpoint(
             _rmtree(replaced)
         for old in sorted(complete_steps(root))[:-keep] if keep > 0 else []:
             _rmtree(step_dir(root, old))
-        _remove_leftovers(root)
+        remove_leftovers(root)
     _barrier()
     return final
 
 
-def _remove_leftovers(root: str) -> None:
+def remove_leftovers(root: str) -> None:
     """What interrupted saves and removals leave (this run's rank 0 is the only writer of ``root``,
     and its own save is complete by now): ``step_N.tmp`` / ``step_N.replaced`` folders and
     ``step_N`` folders without a manifest."""

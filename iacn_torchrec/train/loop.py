@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,14 @@ from tqdm import tqdm
 from iacn_torchrec import versions
 from iacn_torchrec.data.loader import BatchLoader, PreparedDataset
 from iacn_torchrec.errors import TrainingInterrupted, UserError
-from iacn_torchrec.fileio import json_safe, write_atomic
+from iacn_torchrec.fileio import (
+    json_safe,
+    lock_holder,
+    release_lock,
+    remove_temp_siblings,
+    try_lock,
+    write_atomic,
+)
 from iacn_torchrec.kernels import KERNELS, load_kernel
 from iacn_torchrec.runtime import show_progress
 from iacn_torchrec.train.checkpoint import (
@@ -39,6 +48,7 @@ from iacn_torchrec.train.checkpoint import (
     incomplete_note,
     latest_step,
     load_checkpoint,
+    remove_leftovers,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -230,8 +240,39 @@ def kernels_used(config: TrainConfig, setup: Any) -> list[str]:
     return [k for k in KERNELS if k in used]
 
 
+#: held by the process (rank 0) training a run directory: a second ``iacn train`` on it is refused
+RUN_LOCK = ".train.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.train.lock`` (:func:`~iacn_torchrec.fileio.try_lock`) while this process trains
+    the run directory ``out``: two runs writing one folder would mix their checkpoints and records.
+    Held, it also makes the temporary files of crashed earlier writers safe to remove."""
+    path = out / RUN_LOCK
+    fd = try_lock(path)
+    if fd is None:
+        raise UserError(f"{out}: another `iacn train` (pid {lock_holder(path)}) is training this run: "
+                        "wait for it to finish, or use another --out")
+    try:
+        yield
+    finally:
+        release_lock(path, fd)
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """The names of the dense parameters holding a NaN or an infinity (sharded tables are not read)."""
+    return [name for name, p in model.named_parameters()
+            if type(p) in (torch.Tensor, torch.nn.Parameter) and not bool(torch.isfinite(p).all())]
+
+
 def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Train ``config``; returns (and on rank 0 writes) the metrics dictionary."""
+    with contextlib.ExitStack() as held:  # what rank 0 holds while it trains: the run's lock
+        return _train(config, rank, world_size, held)
+
+
+def _train(config: TrainConfig, rank: int, world_size: int, held: contextlib.ExitStack) -> dict[str, Any]:
     from iacn_torchrec.distributed.setup import build_training, load_training_state
     from iacn_torchrec.distributed.sharding import plan_summary
 
@@ -338,6 +379,11 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
     # run leaves the directory (and the run that owns it) as it was
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(run_lock(out))  # before anything in it changes
+        for name in ("metrics.json", "config.yaml"):  # what crashed writers of this run left
+            remove_temp_siblings(out / name)
+        if Path(ckpt_root).is_dir():
+            remove_leftovers(ckpt_root)
         if not config.resume and Path(ckpt_root).exists():
             # starting over: the old run's checkpoints would otherwise stay "the newest" (higher
             # steps survive pruning) for a later resume, export or explain, and its metrics.json
@@ -363,6 +409,13 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
         if last_checkpoint[0] == state.step:  # e.g. a periodic one on the last step: already saved
             return
         last_checkpoint[0] = state.step
+        # the loss is checked before each update: the one after it is checked here, so that no
+        # checkpoint of a diverged model is written (a resume would start from it)
+        bad = nonfinite_parameters(model)
+        if bad:
+            shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+            raise FloatingPointError(f"parameters became non-finite at step {state.step} ({shown}); lower "
+                                     "the learning rate")
         final = save_checkpoint(
             ckpt_root,
             state.step,
@@ -470,11 +523,12 @@ def train(config: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, 
                 if not config.checkpoint_every and state.epoch < config.epochs:
                     checkpoint()  # by default at the end of every epoch (and of the run)
                 continue
+        bar.close()
+        checkpoint()  # still under the handlers: a stop signal now lets it finish, then stops
+        stopped_by_signal = stopped_by_signal or bool(stop_signal and stop_signal.received)
     finally:
         if stop_signal is not None:
             stop_signal.restore()
-    bar.close()
-    checkpoint()
     if stopped_by_signal:
         again = "the same command again" if config.resume else "it again without --no-resume"
         raise TrainingInterrupted(
