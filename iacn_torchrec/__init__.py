@@ -44,7 +44,7 @@ def source_fingerprint() -> str:
 
         root = Path(__file__).resolve().parent
         h = hashlib.sha256()
-        for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp")):
+        for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp", ".h")):
             h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
         _SOURCE = "sha256:" + h.hexdigest()[:16]
     return _SOURCE

@@ -165,6 +165,8 @@ def test_merged_tables_are_orig_concat_aux(runs, name):
 def test_exported_scores_equal_eager_on_test_split(runs, exported, name):
     m = json.loads((exported[name] / "manifest.json").read_text())
     assert m["checks"]["max_abs_diff_vs_eager"] <= ATOL
+    # which training produced it: the run's whole configuration, its seed included
+    assert m["run"]["config"] == load_run(runs[name]).config.to_dict()
     # odd batch size: the eager model trims each batch to its longest history (< L here), the
     # exported one always runs the full L
     eager, labels = _eager(runs[name], batch_size=7)

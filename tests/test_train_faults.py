@@ -147,3 +147,27 @@ def test_an_interrupted_export_swap_names_where_the_old_model_went(tmp_path):
         ServingArtifact.load(tmp_path / "model")
     with pytest.raises(FileNotFoundError, match="not an exported model"):
         ServingArtifact.load(tmp_path / "other")
+
+
+def test_metrics_record_the_kernels_and_every_invocation_that_trained(data, tmp_path):
+    """A resume may change what is not fingerprinted (threads, where IaCN runs, the kernels, the
+    code): metrics.json and the checkpoints list every invocation's, and the kernels' paths (a
+    kernel that failed to build falls back to ATen ops: the same function up to rounding)."""
+    import json
+
+    from iacn_torchrec.kernels import kernels_enabled
+
+    out = tmp_path / "run"
+    train(_config(data, out, 3))
+    c = _config(data, out, 5)
+    c.model.iacn_worker = False
+    c.threads = 1
+    m = train(c)
+    assert json.loads((out / "metrics.json").read_text())["segments"] == json.loads(json.dumps(m["segments"]))
+    first, second = m["segments"]
+    assert (first["from_step"], first["to_step"], second["from_step"], second["to_step"]) == (0, 3, 3, 5)
+    assert first["iacn_worker"] and not second["iacn_worker"] and second["threads"] == 1
+    assert set(m["kernels"]) == set(loop.kernels_used(c, type("S", (), {"device": torch.device("cpu"),
+                                                                        "sharded": False})()))
+    assert set(m["kernels"].values()) == ({"cpp"} if kernels_enabled() else {"aten"})
+    assert first["kernels"] == m["kernels"] and first["versions"] == m["versions"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -65,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
     from iacn_torchrec.data.negatives import LogUniformNegatives
     from iacn_torchrec.data.prepare import prepare_dataset
 
-    result: dict[str, object] = {"threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
-                                 "versions": versions()}
+    result: dict[str, object] = {"command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+                                 "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
+                                 "min_seconds": args.min_seconds, "versions": versions()}
     with tempfile.TemporaryDirectory(prefix="iacn-bench-") as tmp:
         data = args.data
         if data is None:
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             result["prepare_s"] = None
             result["data"] = str(data)
         ds = PreparedDataset.open(data)
+        result["data_content_hash"] = ds.meta.get("content_hash")
         print(f"dataset: {ds}")
         sizes = sorted({128, args.batch_size})
         rates = {}

@@ -1018,6 +1018,8 @@ def run(args: argparse.Namespace) -> int:
         part_runs = {r.run_id: r for r in plan if part in r.parts and r.run_id in results}
         write_atomic(res_dir / f"{part}.json", json.dumps(json_safe(
             {"command": args.command_line, "versions": versions(), "summary": s,
+             "dataset_content_hashes": sorted({str(results[rid].get("dataset", {}).get("content_hash"))
+                                              for rid in part_runs}),
              "runs": {rid: {"seed": r.seed, "model": r.model, "max_len": r.max_len, "arm": r.arm.key,
                             "test_auc": results[rid]["test"]["auc"], "config": results[rid]["config"],
                             "versions": results[rid].get("versions")}

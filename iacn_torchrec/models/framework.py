@@ -308,7 +308,7 @@ class CTRWithIaCN(nn.Module):
         draws IaCN's routing logits from the global RNG, as the serial path does after the main
         model's forward: it runs during the main backward, which draws nothing, and the next forward
         starts after the join has waited for it, so the RNG's draws keep one order and the worker
-        run equals the serial one.
+        run equals the serial one up to float summation order (the join adds IaCN's gradients last).
 
         The join is created here, before the lookups: it has the lowest sequence number in the step's
         graph, so the autograd engine runs it last; and its graph input is a private scalar leaf,

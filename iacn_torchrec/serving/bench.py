@@ -139,7 +139,12 @@ def bench_serve(
         base = next(x for x in rows if x["variant"] == "eager" and x["batch_size"] == row["batch_size"])
         row["speedup_vs_eager"] = row["samples_per_s"] / base["samples_per_s"]
     return {
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "run": str(run_dir),
+        "exported_model": None if tmp is not None else str(model_dir),  # None: exported to a temporary folder
+        "exported_model_graph_sha256": art.manifest.get("graph_sha256"),
+        "data_content_hash": run.ds.meta.get("content_hash"),
+        "min_seconds": min_seconds,
         "model": run.config.model.name,
         "iacn_trained": bool(run.config.iacn.enabled),
         "threads": torch.get_num_threads(),

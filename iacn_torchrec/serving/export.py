@@ -522,7 +522,7 @@ def export_run(
             "data": {k: run.ds.meta.get(k) for k in ("protocol", "max_len", "seed", "content_hash", "source")}
             | {"counts": {k: run.ds.meta["counts"].get(k) for k in ("users", "items", "categories")}},
             # the run's test metrics belong to its final step: none for an earlier checkpoint
-            "run": {"path": str(Path(run_dir).resolve()), "step": run.step,
+            "run": {"path": str(Path(run_dir).resolve()), "step": run.step, "config": cfg.to_dict(),
                     "test": run.metrics.get("test") if run.step == run.metrics.get("steps") else None},
             "checks": checks,
             "versions": versions(),

@@ -446,7 +446,7 @@ def _log(msg: str) -> None:
 def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     if not a.no_peer:
         check_peer(a)
-    from iacn_torchrec.kernels import load_kernel
+    from iacn_torchrec.kernels import KERNELS, load_kernel
 
     res: dict[str, Any] = {"machine": _machine(), "versions": versions(), "threads": a.threads,
                            "data": str(a.data), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
@@ -464,6 +464,8 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
                            "lookup_kernel": "cpp" if load_kernel("concat_lookup") is not None else "aten",
                            "dien_aux_loss_kernel": "cpp" if load_kernel("next_behaviour_loss") is not None
                            else "aten",
+                           # all of them (the keys above are kept for comparison with older runs)
+                           "kernels": {k: "cpp" if load_kernel(k) is not None else "aten" for k in KERNELS},
                            "quick": bool(a.quick), "load_before": _uptime()}
     batches = [128] if a.quick else [128, 1024]
     models = ["din"] if a.quick else ["din", "dien"]

@@ -288,14 +288,18 @@ def _train(config: TrainConfig, rank: int, world_size: int, held: contextlib.Exi
     train_loader, test_loader, item_log_q = make_loaders(config, ds, rank, world_size)
     setup = build_training(config, ds, item_log_q=item_log_q, rank=rank, world_size=world_size)
     model, optimizer, device = setup.model, setup.optimizer, setup.device
-    for name in kernels_used(config, setup):  # now, not at the first step: a first use's build
-        load_kernel(name)  # (~30 s each, when `make install` did not) stays out of train samples/s
+    # now, not at the first step: a first use's build (~30 s each, when `make install` did not) stays
+    # out of train samples/s; recorded, since the ATen fallback of a kernel that failed to build
+    # computes the same function up to float rounding, not bit for bit
+    kernel_paths = {name: "cpp" if load_kernel(name) is not None else "aten"
+                    for name in kernels_used(config, setup)}
     eval_kw = evaluation_cores(config, setup, world_size)
 
     state = TrainState()
     history: list[dict[str, Any]] = []  # the periodic evaluations (kept across a resume)
     loss_ema = None
     resumed_from = None
+    segments: list[dict[str, Any]] = []  # how each earlier invocation of this run trained its steps
     ckpt_root = str(out / "checkpoints")
     fingerprint = config_fingerprint(config, ds.meta.get("content_hash"))
     plan = plan_summary(setup.plan)  # what the per-rank shards depend on: checked on resume, saved
@@ -361,6 +365,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, held: contextlib.Exi
         set_rng_state(ck["rng"], step_dir(ckpt_root, newest))
         history, loss_ema = list(ck.get("history", [])), ck.get("loss_ema")
         resumed_from = state.step
+        segments = list(ck.get("segments") or [{"from_step": 0, "to_step": state.step, "recorded": False}])
         if rank == 0:
             print(f"resuming {out} from its checkpoint at step {state.step} (epoch {state.epoch})",
                   file=sys.stderr, flush=True)
@@ -405,6 +410,12 @@ def _train(config: TrainConfig, rank: int, world_size: int, held: contextlib.Exi
         dist.barrier()  # no rank writes a checkpoint before the old ones are out of the way
     last_checkpoint = [resumed_from]
 
+    def this_segment() -> dict[str, Any]:
+        """How this invocation trained (a resume may change these: they are not fingerprinted)."""
+        return {"from_step": resumed_from or 0, "to_step": state.step, "threads": torch.get_num_threads(),
+                "world_size": world_size, "iacn_worker": config.model.iacn_worker,
+                "compile": config.model.compile, "kernels": kernel_paths, "versions": versions()}
+
     def checkpoint() -> None:
         if last_checkpoint[0] == state.step:  # e.g. a periodic one on the last step: already saved
             return
@@ -428,6 +439,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, held: contextlib.Exi
                 "loss_ema": loss_ema,
                 "config_fingerprint": fingerprint,
                 "plan": plan,
+                "segments": segments + [this_segment()],
             },
             rank=rank,
             world_size=world_size,
@@ -563,6 +575,9 @@ def _train(config: TrainConfig, rank: int, world_size: int, held: contextlib.Exi
         "dataset": {k: ds.meta.get(k)
                     for k in ("source", "protocol", "max_len", "seed", "counts", "content_hash")},
         "versions": versions(),
+        "kernels": kernel_paths,
+        # every invocation that trained these steps (one, unless the run was resumed)
+        "segments": segments + [this_segment()],
     }
     if rank == 0:
         # strict JSON: an undefined figure (an AUC over one label) is null, not NaN
