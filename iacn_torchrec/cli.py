@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:  # stopped by a signal after checkpointing: resumable
         report_error(f"iacn {args.command}: {e}")
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C outside a run's step loop, or a second one inside it
+        report_error(f"iacn {args.command}: interrupted")
+        return 130
     # bad input, config or paths (a missing run, an output path that is a file): the message, which
     # names the path, and no traceback (other OS errors, e.g. a full disk mid-run, keep theirs)
     except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,

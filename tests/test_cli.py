@@ -164,6 +164,13 @@ def test_a_user_error_under_torchrun_is_the_launchers_reported_cause(tmp_path, m
     stop = ProcessFailure(local_rank=0, pid=1, exitcode=143, error_file=str(error_file))
     assert stop.message["message"] == line
 
+    def ctrl_c_twice(args):  # the second Ctrl-C stops at once, without a checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "run", ctrl_c_twice)
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == "iacn train: interrupted"
+
 
 def test_train_records_the_absolute_data_path_so_export_works_from_anywhere(tiny_run, tmp_path, monkeypatch):
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())
