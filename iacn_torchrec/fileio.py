@@ -57,12 +57,15 @@ def temp_sibling(path: str | Path, tag: str = "tmp") -> Path:
 @contextlib.contextmanager
 def open_atomic(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     """``open(path, mode)`` for writing whose content appears at ``path`` only once the block
-    finishes without an error (a temporary sibling, then a rename); text as UTF-8."""
+    finishes without an error (a temporary sibling, flushed to disk, then a rename: after a power
+    loss ``path`` holds the old content or the new, not an empty file); text as UTF-8."""
     path = Path(path)
     tmp = temp_sibling(path)
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -26,6 +26,19 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     assert p.read_text() == "new" and [x.name for x in tmp_path.iterdir()] == ["metrics.json"]
 
 
+def test_write_atomic_flushes_the_content_to_disk_before_the_rename(tmp_path, monkeypatch):
+    """After a power loss the renamed file must not be empty: its content is fsynced first."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr("iacn_torchrec.fileio.os.fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr("iacn_torchrec.fileio.os.replace",
+                        lambda a, b: (events.append("rename"), real_replace(a, b)))
+    write_atomic(tmp_path / "metrics.json", "{}")
+    assert events == ["fsync", "rename"] and (tmp_path / "metrics.json").read_text() == "{}"
+
+
 def test_save_figure_writes_the_suffix_format(tmp_path):
     import matplotlib
 

@@ -571,6 +571,21 @@ def test_bench_serve_reports_every_variant_and_batch_size(runs, exported):
     got = {(r["variant"], r["batch_size"]) for r in res["rows"]}
     assert got == {(v, b) for v in ("eager", "exported", "exported_int8") for b in (1, 8)}
     assert all(r["samples_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in res["rows"])
+    # what was timed: the artefact (its graph) and the data it was checked against
+    manifest = json.loads((exported["din"] / "manifest.json").read_text())
+    assert res["exported_model"] == str(exported["din"])
+    assert res["exported_model_graph_sha256"] == manifest["graph_sha256"]
+    assert res["data_content_hash"] == manifest["data"]["content_hash"] and res["min_seconds"] == 0.01
+
+
+def test_bench_serve_prints_how_many_calls_each_latency_rests_on(runs, exported, capsys):
+    from iacn_torchrec.cli import main
+
+    assert main(["bench", "serve", "--run", str(runs["din"]), "--model", str(exported["din"]),
+                 "--batch-sizes", "2", "--min-seconds", "0.01"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[-1] == "calls"
+    assert all(int(ln.split()[-1].replace(",", "")) >= 1 for ln in lines[2:5])
 
 
 def test_bench_serve_counts_the_rows_really_scored(runs, exported):
