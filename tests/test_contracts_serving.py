@@ -286,6 +286,26 @@ def test_interest_summary_statistics_by_hand(served):
     assert summary["coherence"]["untrained"] != summary["coherence"]["trained"]
 
 
+def test_coherence_of_given_assignments():
+    """Mutant explain.py:439 (a capsule counted as category-pure below 0.5 bits, not 0): the purity,
+    size buckets and entropies of hand-made groupings. User 0: a capsule of 10 items with one off
+    category (0.469 bits: impure), a pure pair; user 1: 3 items of 3 categories, one single item."""
+    from iacn_torchrec.serving.explain import _coherence
+
+    rows = [0] * 12 + [1] * 4
+    caps = [0] * 10 + [1] * 2 + [0] * 3 + [1]
+    cats = [5] * 9 + [6] + [7, 7] + [1, 2, 3] + [4]
+    a = {"row": np.array(rows), "capsule": np.array(caps), "cate": np.array(cats)}
+    got = _coherence(a, a["capsule"], k_max=4)
+    h10 = -(0.9 * math.log2(0.9) + 0.1 * math.log2(0.1))
+    assert got["capsules_with_items"] == 4 and got["capsules_with_2plus_items"] == 3
+    assert got["pure_fraction_2plus"] == pytest.approx(1 / 3)
+    assert got["mean_entropy_bits_2plus"] == pytest.approx((h10 + 0 + math.log2(3)) / 3)
+    assert got["item_weighted_entropy_bits"] == pytest.approx((10 * h10 + 3 * math.log2(3)) / 16)
+    assert {k: v["capsules"] for k, v in got["by_size"].items()} == {2: 1, 3: 1, 10: 1}
+    assert got["by_size"][10]["entropy_bits"] == pytest.approx(h10)
+
+
 def test_random_grouping_spread_is_the_sample_sd_over_five_seeds(served):
     """Mutants explain.py:473 (every control seed the first one: an SD of 0) and 505 (the population
     SD): ``mean_entropy_bits_2plus_over_5_seeds`` is [mean, sample SD] of the random-grouping
@@ -749,3 +769,22 @@ def test_reproduce_tables_are_the_given_runs_aggregated(tmp_path):
                                 for s in range(2)}
     t2doc = json.loads((res / "table2.json").read_text())
     assert {k: v["lift"]["n"] for k, v in t2doc["summary"].items()} == {"8": 4, "12": 4}
+
+
+def test_an_exported_model_reads_at_most_l_history_positions(tmp_path):
+    """The served model's contract: each row's history is its first min(hist_lengths, L) positions.
+    A length past L must score as L (DLRM's plug-in divides its history sum by the length it gets)."""
+    from iacn_torchrec.serving.export import ServingModel, trace_serving_model
+
+    _, data = prepare_planted(tmp_path, num_users=60, seed=1)
+    for name in ("dlrm", "wide_deep", "din"):
+        out = _train(data, tmp_path / name, name, True, emb_dim=16, steps=3)
+        traced = trace_serving_model(ServingModel.from_model(load_run(out).model))
+        s = ServingModel.from_model(load_run(out).model)
+        g, B, L = torch.Generator().manual_seed(0), 4, s.max_len
+        x = [torch.randint(1, t.num_embeddings, shape, generator=g)
+             for t, shape in ((s.user_table, (B,)), (s.item_table, (B,)), (s.cate_table, (B,)),
+                              (s.item_table, (B, L)), (s.cate_table, (B, L)))]
+        with torch.no_grad():
+            at_l, past_l = traced(*x, torch.full((B,), L)), traced(*x, torch.full((B,), L + 5))
+        assert torch.equal(at_l, past_l), name

@@ -158,11 +158,11 @@ class ServingModel(nn.Module):
         hist_lengths: torch.Tensor,
     ) -> torch.Tensor:
         mask = self.positions.unsqueeze(0) < hist_lengths.unsqueeze(1)  # [B, L]
+        lengths = mask.sum(1)  # min(hist_lengths, L): a model that divides by the length reads this one
         target = torch.cat([self.item_table(item), self.cate_table(cate)], dim=1)
         user = self.user_table(uid)
         if getattr(self.main_model, "reads_jagged_history", False):
             # only the N real behaviours are looked up and run (Beauty's test split: ~7 of 20)
-            lengths = mask.sum(1)
             offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
             values = torch.cat([self.item_table(hist_item[mask]), self.cate_table(hist_cate[mask])], dim=1)
             emb = EmbeddedBatch(user=user, target=target, hist=None, hist_lengths=lengths, hist_values=values,
@@ -170,7 +170,7 @@ class ServingModel(nn.Module):
         else:
             hist = torch.cat([self.item_table(hist_item), self.cate_table(hist_cate)], dim=2)
             hist = hist * mask.unsqueeze(-1).to(hist.dtype)
-            emb = EmbeddedBatch(user=user, target=target, hist=hist, hist_lengths=hist_lengths)
+            emb = EmbeddedBatch(user=user, target=target, hist=hist, hist_lengths=lengths)
         logits, _ = self.main_model(emb)
         return torch.sigmoid(logits)
 
