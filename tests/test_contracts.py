@@ -39,11 +39,6 @@ def _synthetic(tmp: Path, n_users: int = 40, n_items: int = 30, seed: int = 0,
     return _write(tmp, rows, {str(i): str(i % 4) for i in range(n_items)})
 
 
-def _jagged(split, name: str) -> list[list[int]]:
-    off, a = split.hist_offsets, getattr(split, name)
-    return [a[off[i]: off[i + 1]].tolist() for i in range(len(off) - 1)]
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("gaps2")
@@ -100,76 +95,6 @@ def test_gauc_tie_blocks_do_not_span_users(dtype):
     uids = np.array([1, 1, 2, 2, 2, 2])
     labels = np.array([1, 0, 1, 0, 0, 1], dtype=bool)
     assert group_auc(uids, np.full(6, 0.5), labels) == (0.5, 2)
-
-
-# --------------------------------------------------------------------------------------------
-# protocols.py
-
-TINY = """10\t100\t5
-10\t200\t3
-10\t300\t7
-20\t200\t1
-20\t100\t2
-20\t400\t2
-20\t300\t9
-30\t100\t1
-30\t200\t2""".split("\n")
-TINY_ITEMS = {"100": "7", "200": "7", "300": "9", "400": "8", "500": "9"}
-
-
-def test_din_negative_behaviours_are_the_recorded_stream(tmp_path):
-    """Mutant P04 (negative behaviours from ``default_rng(seed)``, the target negatives' stream).
-    meta.json records ``neg_hist: default_rng([seed, 1])``: one draw per event, uniform over the
-    other items, gathered like the histories."""
-    inter, items = _write(tmp_path / "raw", TINY, TINY_ITEMS)
-    out = prepare_dataset("tsv", interactions=inter, items=items, protocol="din", max_len=2, seed=5,
-                          out=tmp_path / "p", progress=False)
-    ds = PreparedDataset.open(out)
-    assert ds.meta["random_streams"]["neg_hist"] == "default_rng([seed, 1])"
-    # events in (user, time) order: u1 = items [2, 1, 3], u2 = [2, 1, 4, 3], u3 = [1, 2]
-    event_item = np.array([2, 1, 3, 2, 1, 4, 3, 1, 2])
-    r = np.random.default_rng([5, 1]).integers(1, 4, size=len(event_item))
-    neg_of_event = r + (r >= event_item)
-    hist_events = {"train": [[0], [0], [3], [3], [3, 4], [3, 4]],
-                   "test": [[0, 1], [0, 1], [4, 5], [4, 5]]}
-    for name, evs in hist_events.items():
-        s = ds.split(name)
-        assert _jagged(s, "hist_item") == [event_item[e].tolist() for e in evs]
-        assert _jagged(s, "neg_hist_item") == [neg_of_event[e].tolist() for e in evs], name
-
-
-def test_dien_history_keeps_the_last_max_len_items(tmp_path):
-    """Mutant P11 (dien keeps the *first* max_len items before the last interaction). Under both
-    protocols a history is the last ``max_len`` items before the target, oldest first."""
-    rows = [f"1\t{10 * k}\t{k}" for k in range(1, 7)] + ["2\t30\t1", "2\t20\t2", "2\t10\t3"]
-    inter, items = _write(tmp_path / "raw", rows, {str(10 * k): "1" for k in range(1, 7)})
-    out = prepare_dataset("tsv", interactions=inter, items=items, protocol="dien", max_len=2, seed=0,
-                          out=tmp_path / "p", progress=False)
-    ds = PreparedDataset.open(out)
-    item_id = {raw: i + 1 for i, raw in enumerate(ds.vocab("item"))}
-    want = {1: [item_id["40"], item_id["50"]], 2: [item_id["30"], item_id["20"]]}
-    seen = set()
-    for name in ("train", "test"):
-        s = ds.split(name)
-        for row, hist in enumerate(_jagged(s, "hist_item")):
-            user = int(ds.vocab("uid")[s.uid[row] - 1])
-            assert hist == want[user], (name, row, hist)
-            seen.add(user)
-    assert seen == {1, 2}
-
-
-def test_dien_test_split_is_the_ceiling_of_a_tenth_of_the_users(tmp_path):
-    """Mutant P06 (``n_users // 10`` test users). The dien protocol's test split is the first
-    ``ceil(n_users / 10)`` users of ``default_rng([seed, 2]).permutation(n_users)``."""
-    rows = [f"{u:02d}\t{(u + k) % 7}\t{k}" for u in range(25) for k in range(3)]
-    inter, items = _write(tmp_path / "raw", rows, {str(i): "1" for i in range(7)})
-    out = prepare_dataset("tsv", interactions=inter, items=items, protocol="dien", seed=4,
-                          out=tmp_path / "p", progress=False)
-    ds = PreparedDataset.open(out)
-    test_users = set(ds.split("test").uid.tolist())
-    expect = {int(i) + 1 for i in np.random.default_rng([4, 2]).permutation(25)[:3]}
-    assert len(test_users) == 3 and test_users == expect
-    assert len(ds.split("train")) == 2 * 22
 
 
 # --------------------------------------------------------------------------------------------

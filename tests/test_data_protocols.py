@@ -214,3 +214,65 @@ def test_negative_behaviours_of_unknown_positions_cover_every_item():
     assert np.array_equal(_other_items(np.random.default_rng(2), real, 50), r + (r >= real))
     mixed = _other_items(np.random.default_rng(3), np.r_[real, np.zeros(1000, np.int64)], 50)
     assert (mixed[:1000] != real).all() and mixed.min() >= 1 and mixed.max() == 50
+
+
+def _header(rows: list[str]) -> str:
+    """An interactions file of ``rows`` (``user\titem\ttimestamp``)."""
+    return "user_id\titem_id\ttimestamp\n" + "\n".join(rows) + "\n"
+
+
+def test_din_negative_behaviours_are_the_recorded_stream(tmp_path):
+    """A mutation review's P04 (negative behaviours from ``default_rng(seed)``, the target negatives' stream).
+    meta.json records ``neg_hist: default_rng([seed, 1])``: one draw per event, uniform over the
+    other items, gathered like the histories."""
+    inter, items = write_tiny(tmp_path)
+    out = prepare_dataset("tsv", interactions=inter, items=items, protocol="din", max_len=2, seed=5,
+                          out=tmp_path / "p", progress=False)
+    ds = PreparedDataset.open(out)
+    assert ds.meta["random_streams"]["neg_hist"] == "default_rng([seed, 1])"
+    # events in (user, time) order: u1 = items [2, 1, 3], u2 = [2, 1, 4, 3], u3 = [1, 2]
+    event_item = np.array([2, 1, 3, 2, 1, 4, 3, 1, 2])
+    r = np.random.default_rng([5, 1]).integers(1, 4, size=len(event_item))
+    neg_of_event = r + (r >= event_item)
+    hist_events = {"train": [[0], [0], [3], [3], [3, 4], [3, 4]],
+                   "test": [[0, 1], [0, 1], [4, 5], [4, 5]]}
+    for name, evs in hist_events.items():
+        s = ds.split(name)
+        assert jagged(s, "hist_item") == [event_item[e].tolist() for e in evs]
+        assert jagged(s, "neg_hist_item") == [neg_of_event[e].tolist() for e in evs], name
+
+
+def test_dien_history_keeps_the_last_max_len_items(tmp_path):
+    """A mutation review's P11 (dien keeps the *first* max_len items before the last interaction). Under both
+    protocols a history is the last ``max_len`` items before the target, oldest first."""
+    rows = [f"1\t{10 * k}\t{k}" for k in range(1, 7)] + ["2\t30\t1", "2\t20\t2", "2\t10\t3"]
+    inter, items = write_tiny(tmp_path, _header(rows), "item_id\tcate_leaf\n" + "".join(
+        f"{10 * k}\t1\n" for k in range(1, 7)))
+    out = prepare_dataset("tsv", interactions=inter, items=items, protocol="dien", max_len=2, seed=0,
+                          out=tmp_path / "p", progress=False)
+    ds = PreparedDataset.open(out)
+    item_id = {raw: i + 1 for i, raw in enumerate(ds.vocab("item"))}
+    want = {1: [item_id["40"], item_id["50"]], 2: [item_id["30"], item_id["20"]]}
+    seen = set()
+    for name in ("train", "test"):
+        s = ds.split(name)
+        for row, hist in enumerate(jagged(s, "hist_item")):
+            user = int(ds.vocab("uid")[s.uid[row] - 1])
+            assert hist == want[user], (name, row, hist)
+            seen.add(user)
+    assert seen == {1, 2}
+
+
+def test_dien_test_split_is_the_ceiling_of_a_tenth_of_the_users(tmp_path):
+    """A mutation review's P06 (``n_users // 10`` test users). The dien protocol's test split is the first
+    ``ceil(n_users / 10)`` users of ``default_rng([seed, 2]).permutation(n_users)``."""
+    rows = [f"{u:02d}\t{(u + k) % 7}\t{k}" for u in range(25) for k in range(3)]
+    inter, items = write_tiny(tmp_path, _header(rows),
+                              "item_id\tcate_leaf\n" + "".join(f"{i}\t1\n" for i in range(7)))
+    out = prepare_dataset("tsv", interactions=inter, items=items, protocol="dien", seed=4,
+                          out=tmp_path / "p", progress=False)
+    ds = PreparedDataset.open(out)
+    test_users = set(ds.split("test").uid.tolist())
+    expect = {int(i) + 1 for i in np.random.default_rng([4, 2]).permutation(25)[:3]}
+    assert len(test_users) == 3 and test_users == expect
+    assert len(ds.split("train")) == 2 * 22
