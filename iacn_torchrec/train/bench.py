@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from iacn_torchrec import versions
-from iacn_torchrec.fileio import save_figure, write_atomic
+from iacn_torchrec.fileio import check_output_path, save_figure, write_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 PEER_SCRIPT = REPO.parent / "shared" / "bench" / "peer_deepctr.py"
@@ -537,8 +537,8 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
             after, _ = run_process(cmd)
             return [before, after], peer_record(peer, rss, a, limit)
 
-        epochs, res["peer"] = around_peer("din", limit)
-        res["peer"] = {"din": res["peer"]}
+        epochs, peer_din = around_peer("din", limit)
+        res["peer"] = {"din": peer_din}
         din_sps = [e["train_samples_per_s"] for e in epochs]
         res["ours_din_128_samples_per_s"] = din_sps
         res["speedup_vs_deepctr"] = statistics.fmean(din_sps) / res["peer"]["din"]["samples_per_s"]
@@ -801,13 +801,9 @@ def check_arguments(args: argparse.Namespace) -> None:
                         "(make one with `iacn prepare --source tsv ... --out DIR`)")
     args.meta = PreparedDataset.open(args.data).meta  # a DataError names what is wrong with it
     if args.out:
-        parent = Path(args.out).parent
-        parent.mkdir(parents=True, exist_ok=True)
-        for path in (Path(args.out + ".json"), Path(args.out + ".png")):
-            if path.is_dir():
-                raise UserError(f"--out {args.out}: {path} is a directory")
-        if not os.access(parent, os.W_OK):
-            raise UserError(f"--out {args.out}: cannot write in {parent}")
+        for suffix in (".json", ".png"):
+            check_output_path(args.out + suffix, "--out", parents=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
