@@ -293,6 +293,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, held: contextlib.Exi
     # computes the same function up to float rounding, not bit for bit
     kernel_paths = {name: "cpp" if load_kernel(name) is not None else "aten"
                     for name in kernels_used(config, setup)}
+    run_versions = versions()  # once: the same for every checkpoint and the metrics
     eval_kw = evaluation_cores(config, setup, world_size)
 
     state = TrainState()
@@ -414,7 +415,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, held: contextlib.Exi
         """How this invocation trained (a resume may change these: they are not fingerprinted)."""
         return {"from_step": resumed_from or 0, "to_step": state.step, "threads": torch.get_num_threads(),
                 "world_size": world_size, "iacn_worker": config.model.iacn_worker,
-                "compile": config.model.compile, "kernels": kernel_paths, "versions": versions()}
+                "compile": config.model.compile, "kernels": kernel_paths, "versions": run_versions}
 
     def checkpoint() -> None:
         if last_checkpoint[0] == state.step:  # e.g. a periodic one on the last step: already saved
@@ -574,7 +575,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, held: contextlib.Exi
         "config": config.to_dict(),
         "dataset": {k: ds.meta.get(k)
                     for k in ("source", "protocol", "max_len", "seed", "counts", "content_hash")},
-        "versions": versions(),
+        "versions": run_versions,
         "kernels": kernel_paths,
         # every invocation that trained these steps (one, unless the run was resumed)
         "segments": segments + [this_segment()],
