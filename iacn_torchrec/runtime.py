@@ -20,7 +20,7 @@ import ctypes
 import ctypes.util
 import os
 
-__all__ = ["MALLOC_ENV", "apply_process_defaults", "keep_freed_memory", "show_progress"]
+__all__ = ["MALLOC_ENV", "apply_process_defaults", "command_line", "keep_freed_memory", "show_progress"]
 
 #: blocks up to 32 MiB come from the heap (not a fresh mmap), and the heap is trimmed only when
 #: 512 MiB sit free at its top. As environment variables, for child processes (glibc reads them at start).
@@ -73,3 +73,20 @@ def show_progress(requested: bool) -> bool:
     import sys
 
     return bool(requested) and sys.stderr.isatty()
+
+
+def command_line() -> str:
+    """This process's command as a user would type it again (results record it): ``iacn ...`` for
+    the CLI, else ``python SCRIPT ...`` with the script relative to the repository when inside it."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    argv = list(sys.argv)
+    prog = Path(argv[0]).name if argv else "iacn"
+    if prog in ("iacn", "cli.py", "__main__.py"):
+        return shlex.join(["iacn", *argv[1:]])
+    script = Path(argv[0]).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    shown = str(script.relative_to(repo)) if script.is_relative_to(repo) else argv[0]
+    return shlex.join(["python", shown, *argv[1:]])

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from iacn_torchrec import versions
+from iacn_torchrec.runtime import command_line
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "data" / "amazon-beauty"
 
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from iacn_torchrec.data.negatives import LogUniformNegatives
     from iacn_torchrec.data.prepare import prepare_dataset
 
-    result: dict[str, object] = {"command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+    result: dict[str, object] = {"command": command_line(),
                                  "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
                                  "min_seconds": args.min_seconds, "versions": versions()}
     with tempfile.TemporaryDirectory(prefix="iacn-bench-") as tmp:

@@ -33,7 +33,6 @@ import collections
 import json
 import math
 import re
-import shlex
 import shutil
 import statistics
 import sys
@@ -45,6 +44,7 @@ from typing import Any
 
 from iacn_torchrec.errors import UserError
 from iacn_torchrec.fileio import json_safe, release_lock, save_figure, try_lock, write_atomic
+from iacn_torchrec.runtime import command_line
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RAW = REPO / "data" / "amazon-beauty"
@@ -918,19 +918,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
 
 
-def _command_line() -> str:
-    argv = list(sys.argv)
-    prog = Path(argv[0]).name if argv else "iacn"
-    if prog in ("iacn", "cli.py", "__main__.py"):
-        return shlex.join(["iacn", *argv[1:]])
-    return shlex.join(["python", _rel(Path(argv[0])), *argv[1:]])
-
-
 def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    args.command_line = args.command_line or _command_line()
+    args.command_line = args.command_line or command_line()
     if args.seeds < 1:
         raise ReproduceError("--seeds must be >= 1")
     for m in list(args.models) + [args.sweep_model] + list(args.variant_models):

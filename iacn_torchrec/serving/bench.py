@@ -25,6 +25,7 @@ import torch
 
 from iacn_torchrec import versions
 from iacn_torchrec.errors import UserError
+from iacn_torchrec.runtime import command_line
 
 __all__ = ["time_interleaved", "bench_serve", "add_arguments", "run"]
 
@@ -139,7 +140,7 @@ def bench_serve(
         base = next(x for x in rows if x["variant"] == "eager" and x["batch_size"] == row["batch_size"])
         row["speedup_vs_eager"] = row["samples_per_s"] / base["samples_per_s"]
     return {
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": command_line(),
         "run": str(run_dir),
         "exported_model": None if tmp is not None else str(model_dir),  # None: exported to a temporary folder
         "exported_model_graph_sha256": art.manifest.get("graph_sha256"),

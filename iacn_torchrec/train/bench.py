@@ -60,6 +60,7 @@ from typing import Any
 
 from iacn_torchrec import versions
 from iacn_torchrec.fileio import check_output_path, save_figure, write_atomic
+from iacn_torchrec.runtime import command_line
 
 REPO = Path(__file__).resolve().parents[2]
 PEER_SCRIPT = REPO.parent / "shared" / "bench" / "peer_deepctr.py"
@@ -449,7 +450,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
     from iacn_torchrec.kernels import KERNELS, load_kernel
 
     res: dict[str, Any] = {"machine": _machine(), "versions": versions(), "threads": a.threads,
-                           "data": str(a.data), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+                           "data": str(a.data), "command": command_line(),
                            "settings": {"rounds": a.rounds, "block_samples": a.block_samples,
                                         "warmup": a.warmup, "peer_limit": a.peer_limit,
                                         "peer_data": None if a.no_peer else str(a.peer_data)},
